@@ -1,0 +1,76 @@
+"""Typed results returned by :func:`optimum_observer.export`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCheck:
+    """One observed call replayed through ONNX Runtime and compared with the torch outputs."""
+
+    index: int
+    max_abs_diff: float
+    ok: bool
+    error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationCheck:
+    """Greedy generation through the runtime class compared token by token with torch."""
+
+    prompt_lengths: tuple[int, ...]
+    torch_tokens: list[list[int]]
+    onnx_tokens: list[list[int]]
+
+    @property
+    def ok(self) -> bool:
+        return self.torch_tokens == self.onnx_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationReport:
+    atol: float
+    calls: list[CallCheck]
+    generation: list[GenerationCheck]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.calls) and all(g.ok for g in self.generation)
+
+    def table(self) -> str:
+        """A plain-text table of every check, for logs and error messages."""
+        lines = [f"{'check':<24} {'max |diff|':>12}  result"]
+        for c in self.calls:
+            verdict = "ok" if c.ok else f"FAIL {c.error}".strip()
+            lines.append(f"{'observed call ' + str(c.index):<24} {c.max_abs_diff:>12.3g}  {verdict}")
+        for i, g in enumerate(self.generation):
+            lines.append(f"{'greedy generation ' + str(i):<24} {'':>12}  {'ok' if g.ok else 'FAIL'}")
+            if not g.ok:
+                lines.append(f"    torch: {g.torch_tokens}")
+                lines.append(f"    onnx : {g.onnx_tokens}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What an observer export produced.
+
+    Attributes:
+        output_dir: the finished output directory.
+        model_type: `config.model_type` of the exported model.
+        task: the task the model was exported for.
+        onnx_files: the ONNX files written, relative to `output_dir`.
+        dynamic_axes: for each ONNX input and output, its symbolic axes (axis -> name).
+        validation: the validation report, or None when validation was skipped.
+        timings: wall time per stage, in seconds.
+    """
+
+    output_dir: Path
+    model_type: str
+    task: str
+    onnx_files: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    validation: ValidationReport | None
+    timings: dict[str, float]
