@@ -16,6 +16,7 @@ class TaskContract:
     auto_model_class: str
     runtime_class: str
     inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     with_past: bool
 
 
@@ -27,6 +28,7 @@ TASKS: dict[str, TaskContract] = {
             auto_model_class="AutoModelForCausalLM",
             runtime_class="ORTModelForCausalLM",
             inputs=("input_ids", "attention_mask", "position_ids", "past_key_values"),
+            outputs=("logits", "past_key_values"),
             with_past=True,
         ),
         TaskContract(
@@ -34,6 +36,7 @@ TASKS: dict[str, TaskContract] = {
             auto_model_class="AutoModelForCausalLM",
             runtime_class="ORTModelForCausalLM",
             inputs=("input_ids", "attention_mask", "position_ids"),
+            outputs=("logits",),
             with_past=False,
         ),
     )

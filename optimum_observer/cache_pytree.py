@@ -1,0 +1,130 @@
+"""Scoped pytree registration of transformers cache classes.
+
+Takes: nothing. Gives: a context manager, :func:`registered_caches`, inside which
+`DynamicCache` flattens to `[layer0.keys, layer0.values, layer1.keys, ...]` (initialised layers
+only, keys and values interleaved per layer, the order of Optimum's `past_key_values.{i}.key` /
+`.value` names), so `torch.onnx.InputObserver` can record it and `torch.export` can take it.
+
+Why: transformers 4.56+ no longer registers `DynamicCache` at import, and torch 2.13's observer
+then fails at the first `generate` call with `'DynamicCache' object has no attribute 'clone'`.
+transformers' own `register_dynamic_cache_export_support()` registers globally, forever, with
+all keys before all values; this module registers for one block and restores whatever
+registration (or absence of one) was there before, even when the block raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+from transformers.cache_utils import DynamicCache
+
+
+@dataclasses.dataclass(frozen=True)
+class _Saved:
+    node: Any
+    serialized: Any
+    fx_spec: Any
+    fx_exact: Any
+
+
+def _flatten_dynamic_cache(cache: DynamicCache) -> tuple[list[torch.Tensor], int]:
+    leaves: list[torch.Tensor] = []
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", layer.keys is not None) and layer.keys is not None:
+            leaves.extend((layer.keys, layer.values))
+    return leaves, len(leaves) // 2
+
+
+def _flatten_dynamic_cache_with_keys(cache: DynamicCache):
+    leaves, context = _flatten_dynamic_cache(cache)
+    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
+
+
+def _unflatten_dynamic_cache(leaves: Any, num_layers: int) -> DynamicCache:
+    leaves = list(leaves)
+    cache = DynamicCache()
+    for layer_idx in range(num_layers):
+        cache.update(leaves[2 * layer_idx], leaves[2 * layer_idx + 1], layer_idx)
+    return cache
+
+
+def _flatten_spec_dynamic_cache(cache: DynamicCache, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    return _flatten_dynamic_cache(cache)[0]
+
+
+_REGISTRATIONS = {
+    DynamicCache: dict(
+        flatten_fn=_flatten_dynamic_cache,
+        unflatten_fn=_unflatten_dynamic_cache,
+        flatten_with_keys_fn=_flatten_dynamic_cache_with_keys,
+        flatten_spec_fn=_flatten_spec_dynamic_cache,
+    ),
+}
+
+
+def _save(cls: type) -> _Saved:
+    return _Saved(
+        node=pytree.SUPPORTED_NODES.get(cls),
+        serialized=pytree.SUPPORTED_SERIALIZED_TYPES.get(cls),
+        fx_spec=fx_pytree.SUPPORTED_NODES.get(cls),
+        fx_exact=fx_pytree.SUPPORTED_NODES_EXACT_MATCH.get(cls, None),
+    )
+
+
+def _remove(cls: type) -> None:
+    if cls in pytree.SUPPORTED_NODES:
+        pytree._deregister_pytree_node(cls)
+    if cls in fx_pytree.SUPPORTED_NODES:
+        fx_pytree._deregister_pytree_flatten_spec(cls)
+
+
+def _restore(cls: type, saved: _Saved) -> None:
+    _remove(cls)
+    if saved.node is not None:
+        pytree.SUPPORTED_NODES[cls] = saved.node
+    if saved.serialized is not None:
+        pytree.SUPPORTED_SERIALIZED_TYPES[cls] = saved.serialized
+        pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE[saved.serialized.serialized_type_name] = cls
+    if saved.fx_spec is not None:
+        fx_pytree.SUPPORTED_NODES[cls] = saved.fx_spec
+        fx_pytree.SUPPORTED_NODES_EXACT_MATCH[cls] = saved.fx_exact
+
+
+def leaf_name(prefix: str, index: int) -> str:
+    """The Optimum name of flattened cache leaf `index`: `{prefix}.{layer}.key|value`."""
+    return f"{prefix}.{index // 2}.{'key' if index % 2 == 0 else 'value'}"
+
+
+def is_registered(cls: type) -> bool:
+    return cls in pytree.SUPPORTED_NODES
+
+
+def registered_cache_classes() -> tuple[type, ...]:
+    return tuple(_REGISTRATIONS)
+
+
+@contextlib.contextmanager
+def registered_caches() -> Iterator[None]:
+    """Registers the cache classes as pytree nodes for the duration of the block."""
+    saved = {cls: _save(cls) for cls in _REGISTRATIONS}
+    try:
+        for cls, fns in _REGISTRATIONS.items():
+            _remove(cls)
+            pytree._private_register_pytree_node(
+                cls,
+                fns["flatten_fn"],
+                fns["unflatten_fn"],
+                serialized_type_name=f"optimum_observer.{cls.__name__}",
+                flatten_with_keys_fn=fns["flatten_with_keys_fn"],
+            )
+            fx_pytree.register_pytree_flatten_spec(cls, fns["flatten_spec_fn"])
+        yield
+    finally:
+        for cls, previous in saved.items():
+            _restore(cls, previous)

@@ -1,0 +1,118 @@
+"""Load: the model, its tokenizer and its model type, from a path, a hub id or an object.
+
+Takes: what the user passed to :func:`optimum_observer.export`.
+Gives: a :class:`LoadedModel` in eval mode on the requested device and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+import transformers
+
+from .errors import ObserverExportError, Stage
+from .tasks import TaskContract
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Any
+    model_type: str
+    tokenizer: Any | None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype.")
+    return DTYPES[dtype]
+
+
+def _model_type_of(source: str, hub_kwargs: dict[str, Any]) -> str:
+    try:
+        return transformers.AutoConfig.from_pretrained(source, **hub_kwargs).model_type
+    except Exception as error:
+        exists = os.path.isdir(source)
+        raise ObserverExportError(
+            source,
+            Stage.LOAD,
+            f"could not read a model config from {source!r}"
+            + ("" if exists else " (no such local directory, and it could not be fetched as a hub id)")
+            + f": {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+            "pass the path of a directory holding config.json and the weights, or a hub model id "
+            "reachable from this machine.",
+        ) from error
+
+
+def load(
+    model: str | os.PathLike | Any,
+    contract: TaskContract,
+    *,
+    tokenizer: Any | None,
+    dtype: str | torch.dtype | None,
+    device: str,
+    trust_remote_code: bool,
+    model_kwargs: dict[str, Any] | None,
+    hub_kwargs: dict[str, Any],
+) -> LoadedModel:
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        model_type = _model_type_of(source, {**hub_kwargs, "trust_remote_code": trust_remote_code})
+        auto_class = getattr(transformers, contract.auto_model_class)
+        try:
+            loaded = auto_class.from_pretrained(
+                source,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                **hub_kwargs,
+                **(model_kwargs or {}),
+            )
+        except ValueError as error:
+            if "Unrecognized configuration class" in str(error):
+                raise ObserverExportError(
+                    model_type,
+                    Stage.LOAD,
+                    f"model type {model_type!r} has no {contract.auto_model_class} head, so it "
+                    f"cannot be exported for {contract.name!r}",
+                    "pick a task this architecture supports (for example feature-extraction for "
+                    "an encoder), or a checkpoint of a generative architecture.",
+                ) from error
+            raise ObserverExportError(
+                model_type, Stage.LOAD, f"{type(error).__name__}: {error}", "check the checkpoint files."
+            ) from error
+        except Exception as error:
+            raise ObserverExportError(
+                model_type,
+                Stage.LOAD,
+                f"from_pretrained failed: {type(error).__name__}: {error}",
+                "check the checkpoint files, or pass trust_remote_code=True for custom code.",
+            ) from error
+        if tokenizer is None:
+            tokenizer = _try_tokenizer(source, hub_kwargs, trust_remote_code)
+    else:
+        loaded = model.to(torch_dtype)
+        model_type = loaded.config.model_type
+    loaded = loaded.to(device).eval()
+    loaded.config.use_cache = contract.with_past
+    return LoadedModel(model=loaded, model_type=model_type, tokenizer=tokenizer)
+
+
+def _try_tokenizer(source: str, hub_kwargs: dict[str, Any], trust_remote_code: bool) -> Any | None:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs)
+    except Exception as error:
+        logger.info("no tokenizer loaded from %s (%s); capture uses random token ids", source, error)
+        return None
+    return tokenizer

@@ -1,0 +1,212 @@
+"""Example synthesis: one export-safe argument set built from the observations.
+
+Takes: a :class:`~optimum_observer.capture.Capture` (under the cache registration).
+Gives: an :class:`ExportExample`: example keyword arguments in which every dimension the
+observations showed to vary is at least 2 and independent dimensions have distinct sizes, the
+matching dynamic shapes with one symbol name per independent dimension, and one
+:class:`LeafSpec` per flattened graph input.
+
+Why: torch.export specialises any dimension whose example size is 0 or 1, and the observed calls
+have exactly those: the prefill call of generate() has an empty cache, and every decode step a
+sequence length of 1 ("export 0/1 specialized due to hint of 0/1").
+
+Dimensions are grouped into symbols by their observed sizes: two dynamic axes whose sizes agree
+on every observed call are one symbol, and an axis whose sizes are the sum of two symbols' sizes
+is that sum (the attention mask's `past_sequence_length + sequence_length`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .capture import Capture
+from .errors import ObserverExportError, Stage
+from .tasks import TaskContract
+
+#: Symbol names for axes whose meaning the task contract fixes; Optimum's runtime uses them.
+AXIS_NAMES: dict[tuple[str, int], str] = {
+    ("input_ids", 0): "batch_size",
+    ("input_ids", 1): "sequence_length",
+    ("past_key_values", 2): "past_sequence_length",
+}
+_SIZES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """One flattened tensor of one contract input: one ONNX graph input."""
+
+    input_name: str
+    index: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    dims: dict[int, str]
+
+
+@dataclasses.dataclass
+class ExportExample:
+    kwargs: dict[str, Any]
+    dynamic_shapes: dict[str, Any]
+    leaves: list[LeafSpec]
+    sizes: dict[str, int]
+
+
+@dataclasses.dataclass
+class _Symbol:
+    name: str | None
+    observed: list[int | None]
+    parts: tuple[str, str] | None = None
+
+
+def _compatible(a: list[int | None], b: list[int | None]) -> bool:
+    shared = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    return bool(shared) and all(x == y for x, y in shared)
+
+
+def _merge(a: list[int | None], b: list[int | None]) -> list[int | None]:
+    return [x if x is not None else y for x, y in zip(a, b)]
+
+
+def _reconcile_error(model_type: str, reason: str) -> ObserverExportError:
+    return ObserverExportError(
+        model_type,
+        Stage.SYNTHESIS,
+        f"the observed calls cannot be reconciled into one graph signature: {reason}",
+        "make every call of the `run` callable pass the same set of inputs with the same nesting "
+        "(for example always a cache of every layer after the first step).",
+    )
+
+
+def synthesize(capture: Capture, contract: TaskContract, model_type: str) -> ExportExample:
+    calls = capture.calls
+    flat = [{name: pytree.tree_flatten(value) for name, value in call.inputs.items()} for call in calls]
+    names = [name for name in contract.inputs if any(name in call for call in flat)]
+
+    templates: dict[str, tuple[list[torch.Tensor], pytree.TreeSpec]] = {}
+    for name in names:
+        counts = {len(call[name][0]) for call in flat if name in call}
+        if len(counts) != 1:
+            raise _reconcile_error(model_type, f"{name!r} was seen with {sorted(counts)} tensors")
+        templates[name] = next(call[name] for call in flat if name in call)
+
+    try:
+        observed_dynamic = capture.observer.infer_dynamic_shapes(set_batch_dimension_for=True)
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        raise _reconcile_error(model_type, str(error)) from error
+
+    symbols: list[_Symbol] = []
+    axis_symbol: dict[tuple[str, int, int], _Symbol] = {}
+    for name in names:
+        per_leaf = observed_dynamic.get(name) or {}
+        per_leaf = per_leaf if isinstance(per_leaf, (list, tuple)) else [per_leaf]
+        template_leaves = templates[name][0]
+        for index, leaf in enumerate(template_leaves):
+            shapes = [call[name][0][index].shape if name in call else None for call in flat]
+            if any(shape is not None and len(shape) != leaf.ndim for shape in shapes):
+                raise _reconcile_error(model_type, f"{name!r} was seen with different ranks")
+            axes = per_leaf[index] if index < len(per_leaf) and per_leaf[index] else {}
+            for axis in sorted(axes):
+                observed = [None if shape is None else shape[axis] for shape in shapes]
+                known = AXIS_NAMES.get((name, axis))
+                symbol = next(
+                    (
+                        s
+                        for s in symbols
+                        if (known is not None and s.name == known)
+                        or (known is None or s.name is None) and _compatible(s.observed, observed)
+                    ),
+                    None,
+                )
+                if symbol is None:
+                    symbol = _Symbol(name=known, observed=observed)
+                    symbols.append(symbol)
+                else:
+                    symbol.observed = _merge(symbol.observed, observed)
+                    symbol.name = symbol.name or known
+                axis_symbol[(name, index, axis)] = symbol
+
+    _find_sums(symbols)
+    for symbol in symbols:
+        if symbol.name is None and symbol.parts is None:
+            name, index, axis = next(k for k, v in axis_symbol.items() if v is symbol)
+            symbol.name = f"{name}_dim_{axis}"
+    sizes: dict[str, int] = {}
+    independent = [s for s in symbols if s.parts is None]
+    if len(independent) > len(_SIZES):
+        raise _reconcile_error(model_type, f"{len(independent)} independent dynamic dimensions")
+    for symbol, size in zip(independent, _SIZES):
+        sizes[symbol.name] = size
+    for symbol in symbols:
+        if symbol.parts is not None:
+            symbol.name = " + ".join(symbol.parts)
+            sizes[symbol.name] = sum(sizes[p] for p in symbol.parts)
+
+    kwargs: dict[str, Any] = {}
+    dynamic_shapes: dict[str, Any] = {}
+    leaves: list[LeafSpec] = []
+    generator = torch.Generator().manual_seed(0)
+    for name in names:
+        template_leaves, spec = templates[name]
+        new_leaves, leaf_shapes = [], []
+        for index, leaf in enumerate(template_leaves):
+            dims = {axis: s.name for (n, i, axis), s in axis_symbol.items() if n == name and i == index}
+            shape = tuple(sizes[dims[a]] if a in dims else leaf.shape[a] for a in range(leaf.ndim))
+            observed_values = [call[name][0][index] for call in flat if name in call]
+            new_leaves.append(_example_tensor(name, shape, dims, observed_values, sizes, generator))
+            leaf_shapes.append(dims)
+            leaves.append(LeafSpec(name, index, leaf.dtype, tuple(leaf.shape), dims))
+        if spec.is_leaf():
+            kwargs[name] = new_leaves[0]
+            dynamic_shapes[name] = leaf_shapes[0]
+        else:
+            kwargs[name] = pytree.tree_unflatten(new_leaves, spec)
+            dynamic_shapes[name] = leaf_shapes
+    return ExportExample(kwargs=kwargs, dynamic_shapes=dynamic_shapes, leaves=leaves, sizes=sizes)
+
+
+def _find_sums(symbols: list[_Symbol]) -> None:
+    for symbol in symbols:
+        if symbol.name is not None:
+            continue
+        for a, b in itertools.combinations([s for s in symbols if s is not symbol and s.parts is None], 2):
+            triples = [
+                (x, y, z)
+                for x, y, z in zip(symbol.observed, a.observed, b.observed)
+                if x is not None and y is not None and z is not None
+            ]
+            if len(triples) >= 2 and all(x == y + z for x, y, z in triples):
+                # Order the parts as the symbols were first seen: past before new tokens when the
+                # cache axis was named first, as Optimum writes it.
+                first, second = sorted((a, b), key=lambda s: _NAME_ORDER.get(s.name, 99))
+                symbol.parts = (first.name, second.name)
+                break
+
+
+_NAME_ORDER = {"past_sequence_length": 0, "sequence_length": 1}
+
+
+def _example_tensor(
+    name: str,
+    shape: tuple[int, ...],
+    dims: dict[int, str],
+    observed: list[torch.Tensor],
+    sizes: dict[str, int],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    dtype = observed[0].dtype
+    if name == "attention_mask" or dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype)
+    if name == "position_ids":
+        offset = sizes.get("past_sequence_length", 0)
+        positions = torch.arange(offset, offset + shape[-1], dtype=dtype)
+        return positions.expand(shape).contiguous()
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    low = min(int(t.min()) for t in observed if t.numel())
+    high = max(int(t.max()) for t in observed if t.numel())
+    return torch.randint(low, high + 1, shape, generator=generator, dtype=dtype)

@@ -1,0 +1,168 @@
+"""Validation: the exported file against what torch did.
+
+Takes: the staged ONNX file, the capture, the export example and the runtime class.
+Gives: a :class:`~optimum_observer.result.ValidationReport` with
+
+* every observed call replayed through ONNX Runtime and compared with the outputs torch
+  returned during capture (max |diff| per call, fp32 default atol 1e-4). generate() asks torch
+  for the last position's logits only, so logits are compared on the positions torch returned;
+* greedy generation through the runtime class (by default the unchanged
+  `optimum.onnxruntime.ORTModelForCausalLM`, imported lazily: its public API only), token for
+  token against `model.generate`, for prompts of different lengths, batch 2 with left padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.utils._pytree as pytree
+
+from .cache_pytree import registered_caches
+from .capture import DEFAULT_PROMPTS, Capture, ObservedCall, left_padding_copy
+from .result import CallCheck, GenerationCheck
+from .synthesis import ExportExample
+from .tasks import TaskContract
+
+logger = logging.getLogger(__name__)
+
+GENERATION_NEW_TOKENS = 8
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    return pytree.tree_flatten(value)[0]
+
+
+def _feeds(call: ObservedCall, example: ExportExample, names: list[str]) -> dict[str, np.ndarray]:
+    """The call's tensors by graph input name; an input the call lacked (the prefill call's
+    cache) is fed empty, its unknown dimensions 0, as Optimum's runtime feeds it."""
+    call_leaves = {name: _leaves(value) for name, value in call.inputs.items()}
+    sizes: dict[str, int] = {}
+    for leaf in example.leaves:
+        if leaf.input_name in call_leaves:
+            tensor = call_leaves[leaf.input_name][leaf.index]
+            sizes.update({symbol: tensor.shape[axis] for axis, symbol in leaf.dims.items()})
+    feeds = {}
+    for leaf, name in zip(example.leaves, names):
+        if leaf.input_name in call_leaves:
+            tensor = call_leaves[leaf.input_name][leaf.index]
+        else:
+            shape = [sizes.get(leaf.dims[a], 0) if a in leaf.dims else n for a, n in enumerate(leaf.shape)]
+            tensor = torch.zeros(shape, dtype=leaf.dtype)
+        feeds[name] = tensor.detach().cpu().numpy()
+    return feeds
+
+
+def _max_visible_diff(want: torch.Tensor, have: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Max |diff| over the positions the attention mask lets through.
+
+    A left-padded position attends to nothing; what a fully masked attention row yields is
+    implementation-defined (torch and ONNX Runtime differ), and the cache carries it into later
+    layers. The mask hides those positions from every later step, so they are not compared.
+    """
+    if not want.numel():
+        return 0.0
+    diff = (have.float() - want.float()).abs()
+    if mask is not None and diff.dim() == 4 and diff.shape[0] == mask.shape[0] and diff.shape[2] == mask.shape[1]:
+        diff = diff * mask.to(diff.dtype)[:, None, :, None]
+    return diff.max().item()
+
+
+def _expected(call: ObservedCall, contract: TaskContract) -> list[torch.Tensor]:
+    expected = []
+    for field in contract.outputs:
+        expected.extend(_leaves(call.outputs[field]))
+    return expected
+
+
+def replay_calls(
+    onnx_path: Path,
+    capture: Capture,
+    example: ExportExample,
+    contract: TaskContract,
+    input_names: list[str],
+    atol: float,
+) -> list[CallCheck]:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    checks = []
+    with registered_caches():
+        for index, call in enumerate(capture.calls):
+            try:
+                got = session.run(None, _feeds(call, example, input_names))
+            except Exception as error:
+                checks.append(CallCheck(index, float("inf"), False, f"{type(error).__name__}: {error}"))
+                continue
+            expected = _expected(call, contract)
+            worst, error = 0.0, ""
+            if len(got) != len(expected):
+                error = f"{len(got)} outputs, torch returned {len(expected)}"
+            mask = call.inputs.get("attention_mask")
+            for want, have in zip(expected, got):
+                have = torch.from_numpy(have)
+                if want.dim() == 3 and have.dim() == 3 and want.shape[1] < have.shape[1]:
+                    have = have[:, -want.shape[1] :]
+                if have.shape != want.shape:
+                    error = f"shape {tuple(have.shape)} != torch {tuple(want.shape)}"
+                    break
+                worst = max(worst, _max_visible_diff(want, have, mask))
+            checks.append(CallCheck(index, worst, not error and worst <= atol, error))
+    return checks
+
+
+def generation_inputs(model: Any, tokenizer: Any | None) -> list[dict[str, torch.Tensor]]:
+    """Two batches: two prompts of different lengths left padded, and one prompt alone."""
+    padding_tokenizer = left_padding_copy(tokenizer)
+    if padding_tokenizer is not None:
+        batches = [list(DEFAULT_PROMPTS[1::-1]), [DEFAULT_PROMPTS[2]]]
+        encoded = [padding_tokenizer(b, return_tensors="pt", padding=True) for b in batches]
+        return [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in encoded]
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, vocab, (2, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    single = torch.randint(3, vocab, (1, 5), generator=generator)
+    return [
+        {"input_ids": input_ids, "attention_mask": attention_mask},
+        {"input_ids": single, "attention_mask": torch.ones_like(single)},
+    ]
+
+
+def check_generation(
+    directory: Path, model: Any, tokenizer: Any | None, runtime_class: Any, pad_token_id: int
+) -> list[GenerationCheck]:
+    onnx_model = runtime_class.from_pretrained(directory)
+    checks = []
+    for inputs in generation_inputs(model, tokenizer):
+        settings = dict(
+            max_new_tokens=GENERATION_NEW_TOKENS,
+            min_new_tokens=GENERATION_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
+        with torch.no_grad():
+            expected = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **settings)
+        got = onnx_model.generate(**inputs, **settings)
+        prompt_length = inputs["input_ids"].shape[1]
+        checks.append(
+            GenerationCheck(
+                prompt_lengths=tuple(int(n) for n in inputs["attention_mask"].sum(-1)),
+                torch_tokens=expected[:, prompt_length:].tolist(),
+                onnx_tokens=got[:, prompt_length:].tolist(),
+            )
+        )
+    return checks
+
+
+def default_runtime_class(contract: TaskContract) -> Any:
+    """The unchanged optimum runtime class for the task, or None when optimum is not installed."""
+    try:
+        import optimum.onnxruntime as optimum_runtime
+    except ImportError:
+        logger.warning("optimum.onnxruntime is not installed: generation parity is not checked")
+        return None
+    return getattr(optimum_runtime, contract.runtime_class)
