@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -44,6 +45,85 @@ def _lazy_initialization_from_key_states(self: cache_utils.DynamicLayer, key_sta
     self.is_initialized = True
 
 
+def _softmax_top_k_routing(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mixtral / Qwen-MoE routing: softmax, top-k, renormalised unless `norm_topk_prob` is False."""
+    router_logits = self.gate(x)
+    probabilities = torch.softmax(router_logits, dim=1, dtype=torch.float)
+    weights, experts = torch.topk(probabilities, self.top_k, dim=-1)
+    if getattr(self, "norm_topk_prob", True):
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return router_logits, weights, experts
+
+
+def _ernie_statics_routing(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Ernie 4.5 routing: experts picked on bias-corrected scores, weighted by the raw ones."""
+    router_logits = self.gate(x.float())
+    probabilities = torch.softmax(router_logits, dim=1, dtype=torch.float)
+    _, experts = torch.topk(self.moe_statics(probabilities), self.top_k, dim=-1)
+    weights = torch.gather(probabilities, dim=-1, index=experts)
+    weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
+    return router_logits, weights, experts
+
+
+def _shared_experts(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    if getattr(self, "shared_expert", None) is not None:  # qwen2_moe: gated shared expert
+        return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+    if getattr(self, "shared_experts", None) is not None:  # ernie4_5_moe
+        return self.shared_experts(x)
+    return None
+
+
+def _dense_moe_forward(routing: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., Any]:
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every expert runs on every token and is weighted by its routing weight (0 when not in
+        # the token's top k): the same sum as the sparse loop, without the loop over the
+        # data-dependent set of experts hit.
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden_dim)
+        router_logits, weights, experts = routing(self, x)
+        dense_weights = torch.zeros_like(router_logits, dtype=weights.dtype).scatter(1, experts, weights)
+        dense_weights = dense_weights.to(x.dtype)
+        output = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            output = output + expert(x) * dense_weights[:, index, None]
+        shared = _shared_experts(self, x)
+        if shared is not None:
+            output = output + shared
+        return output.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+    return forward
+
+
+_MOE_DATA_DEPENDENT = (
+    "GuardOnDataDependentSymNode: Could not guard on data-dependent expression Eq(u0, 0) "
+    "(`for expert_idx in expert_hit:` iterates over the experts the data selected)"
+)
+
+#: Sparse MoE blocks with the data-dependent expert loop: (module, class, routing).
+_SPARSE_MOE_BLOCKS = (
+    ("mixtral", "MixtralSparseMoeBlock", _softmax_top_k_routing),
+    ("qwen2_moe", "Qwen2MoeSparseMoeBlock", _softmax_top_k_routing),
+    ("qwen3_moe", "Qwen3MoeSparseMoeBlock", _softmax_top_k_routing),
+    ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", _ernie_statics_routing),
+)
+
+
+def _moe_patches() -> tuple[Patch, ...]:
+    patches = []
+    for module_name, class_name, routing in _SPARSE_MOE_BLOCKS:
+        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+        patches.append(
+            Patch(
+                name=f"dense_{module_name}_moe",
+                owner=getattr(module, class_name),
+                attribute="forward",
+                replacement=_dense_moe_forward(routing),
+                fixes=_MOE_DATA_DEPENDENT,
+            )
+        )
+    return tuple(patches)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="dynamic_layer_lazy_initialization",
@@ -53,6 +133,7 @@ PATCHES: tuple[Patch, ...] = (
         fixes="Constant tensor lifted_tensor_N is not in the constants dictionary "
         "(DynamicLayer.lazy_initialization creates torch.tensor([]) inside the graph)",
     ),
+    *_moe_patches(),
 )
 
 

@@ -1,0 +1,91 @@
+"""Command line: `optimum-observer export ...` (also `python -m optimum_observer export ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .demo import DEMO_MODEL_TYPE, save_tiny_causal_lm
+from .errors import ObserverExportError
+from .tasks import supported_tasks
+
+logger = logging.getLogger("optimum_observer")
+
+
+def _export_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export a model to ONNX by observing a run of it")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-m", "--model", help="model id or local directory")
+    source.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"export a tiny random {DEMO_MODEL_TYPE} built on the fly (no hub access needed)",
+    )
+    parser.add_argument("output", type=Path, help="output directory")
+    parser.add_argument("--task", default="text-generation-with-past", choices=supported_tasks())
+    parser.add_argument("--opset", type=int, default=None)
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--no-validate", action="store_true", help="skip replay and generation checks")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--local-files-only", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimum-observer", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _export_parser(subparsers)
+    return parser
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .pipeline import export
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model
+        if args.demo:
+            model = save_tiny_causal_lm(DEMO_MODEL_TYPE, Path(scratch) / "demo-model")
+            logger.info("demo: tiny random %s written to %s", DEMO_MODEL_TYPE, model)
+        result = export(
+            model,
+            args.output,
+            task=args.task,
+            opset=args.opset,
+            dtype=args.dtype,
+            device=args.device,
+            atol=args.atol,
+            validate=not args.no_validate,
+            trust_remote_code=args.trust_remote_code,
+            local_files_only=args.local_files_only,
+        )
+    print(f"exported {result.model_type} for {result.task} to {result.output_dir}: {', '.join(result.onnx_files)}")
+    if result.validation is not None:
+        print(result.validation.table())
+    print("stage timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("onnx_ir", "onnxscript", "torch"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return _run_export(args)
+    except ObserverExportError as error:
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The embedded default: a tiny random causal LM and a small BPE tokenizer, built on the fly.
+
+Needs no hub access, so `optimum-observer export --demo OUT` works on a fresh machine. Tests
+build their tiny models with the same functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+SENTENCES = (
+    "Hello, my dog is cute",
+    "The capital of France is Paris, and the capital of Germany is",
+    "Once upon a time there was a small model that wanted to run everywhere",
+    "ONNX Runtime executes graphs exported by PyTorch",
+    "A quick brown fox jumps over the lazy dog",
+)
+DEMO_MODEL_TYPE = "starcoder2"
+
+#: Sizes every decoder-only tiny model shares. Key/value heads equal attention heads and
+#: head_dim is hidden_size // heads: the unchanged optimum runtime sizes its first-step cache that
+#: way for most model types (see README, "Limits").
+DECODER_SIZES: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def build_tokenizer(directory: Path | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, saved to `directory` if given."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tokenizer.train_from_iterator(list(SENTENCES) * 4, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    if directory is not None:
+        fast.save_pretrained(directory)
+    return fast
+
+
+def save_tiny_causal_lm(
+    model_type: str, directory: Path, with_tokenizer: bool = True, seed: int = 0, **config_overrides: Any
+) -> Path:
+    """Builds a tiny random `AutoModelForCausalLM` of `model_type` and saves it to `directory`."""
+    config = transformers.AutoConfig.for_model(model_type, **{**DECODER_SIZES, **config_overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(directory)
+    if with_tokenizer:
+        build_tokenizer(directory)
+    return Path(directory)

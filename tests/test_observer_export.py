@@ -1,0 +1,81 @@
+"""End-to-end: tiny random causal LMs exported by observation, validated against torch.
+
+Each export replays every observed call through ONNX Runtime and checks greedy generation
+through the unchanged `optimum.onnxruntime.ORTModelForCausalLM` (8 new tokens, batch 2 with
+left padding and prompts of different lengths, then a single prompt); validation raises on any
+mismatch, and the tests check the report too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import onnx
+import optimum.exporters.onnx.model_configs  # noqa: F401  (fills TasksManager's onnx registry)
+from optimum.exporters.tasks import TasksManager
+from parameterized import parameterized
+
+import optimum_observer
+from tiny_models import save_causal_lm
+
+LEGACY_SUPPORTED = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"]
+LEGACY_UNSUPPORTED = [
+    "mixtral",
+    "qwen2_moe",
+    "starcoder2",
+    "olmoe",
+    "glm4",
+    "granitemoe",
+    "cohere2",
+    "ministral",
+    "ernie4_5",
+    "seed_oss",
+]
+
+
+def legacy_tasks(model_type: str) -> set[str]:
+    try:
+        return set(TasksManager.get_supported_tasks_for_model_type(model_type, exporter="onnx", library_name="transformers"))
+    except KeyError:
+        return set()
+
+
+class TestLegacyCoverage(unittest.TestCase):
+    @parameterized.expand([(t,) for t in LEGACY_UNSUPPORTED])
+    def test_type_is_not_exportable_by_the_legacy_exporter(self, model_type):
+        self.assertNotIn("text-generation-with-past", legacy_tasks(model_type))
+
+    @parameterized.expand([(t,) for t in LEGACY_SUPPORTED])
+    def test_type_is_exportable_by_the_legacy_exporter(self, model_type):
+        self.assertIn("text-generation-with-past", legacy_tasks(model_type))
+
+
+class TestObserverExport(unittest.TestCase):
+    @parameterized.expand([(t,) for t in LEGACY_SUPPORTED + LEGACY_UNSUPPORTED])
+    def test_export_matches_torch(self, model_type):
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch = Path(scratch)
+            result = optimum_observer.export(save_causal_lm(model_type, scratch / "model"), scratch / "onnx")
+
+            report = result.validation
+            self.assertTrue(report.ok, report.table())
+            self.assertGreaterEqual(len(report.calls), 6)
+            self.assertTrue(all(c.max_abs_diff <= 1e-4 for c in report.calls), report.table())
+            batched = report.generation[0]
+            self.assertEqual(len(batched.torch_tokens), 2)
+            self.assertEqual(len(set(batched.prompt_lengths)), 2)
+            self.assertTrue(all(len(t) >= 8 for g in report.generation for t in g.onnx_tokens))
+
+            graph = onnx.load(scratch / "onnx" / "model.onnx").graph
+            inputs = [i.name for i in graph.input]
+            outputs = [o.name for o in graph.output]
+            self.assertEqual(inputs[:2], ["input_ids", "attention_mask"])
+            self.assertIn("past_key_values.1.value", inputs)
+            self.assertEqual(outputs[0], "logits")
+            self.assertIn("present.1.value", outputs)
+            self.assertEqual(result.dynamic_axes["present.0.key"][2], "past_sequence_length + sequence_length")
+            self.assertEqual(result.dynamic_axes["past_key_values.0.key"], {0: "batch_size", 2: "past_sequence_length"})
+            for name in ("config.json", "generation_config.json", "tokenizer.json"):
+                self.assertTrue((scratch / "onnx" / name).is_file(), name)
