@@ -61,7 +61,8 @@ def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any
     padding_tokenizer = left_padding_copy(tokenizer)
 
     def run(model: Any) -> list[torch.Tensor]:
-        batches = [list(DEFAULT_PROMPTS[:2]), list(DEFAULT_PROMPTS)]
+        # Two short prompts, then all three: the batches differ in size and in padded length.
+        batches = [[DEFAULT_PROMPTS[0], DEFAULT_PROMPTS[2]], list(DEFAULT_PROMPTS)]
         vocab = model.config.get_text_config().vocab_size
         generator = torch.Generator().manual_seed(0)
         results = []

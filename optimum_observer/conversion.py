@@ -6,19 +6,20 @@ order and whose outputs are the contract's output fields, flattened (logits, the
 
 The model is wrapped in a module whose `forward` takes exactly the contract's inputs by name
 and returns the contract's output fields as a tuple, so graph inputs and outputs come in a
-known order for the naming stage. The export runs inside :func:`patches.export_patches`.
+known order for the naming stage. The export runs inside the patches of :mod:`optimum_observer.patches`.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .errors import ObserverExportError, Stage
-from .patches import export_patches
+from .patches import PATCHES, Patch, applied
 from .synthesis import ExportExample
 from .tasks import TaskContract
 
@@ -40,7 +41,7 @@ class ContractModule(torch.nn.Module):
 
 
 def contract_module(model: torch.nn.Module, contract: TaskContract, input_names: list[str]) -> ContractModule:
-    module = ContractModule(model, contract)
+    module = ContractModule(model, contract).eval()
     # torch.export maps keyword arguments and dynamic shapes through forward's signature.
     signature = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in input_names]
@@ -60,10 +61,11 @@ def convert(
     example: ExportExample,
     model_type: str,
     opset: int | None = None,
+    patches: Sequence[Patch] = PATCHES,
 ) -> torch.onnx.ONNXProgram:
     module = contract_module(model, contract, list(example.kwargs))
     try:
-        with export_patches(), torch.no_grad():
+        with applied(patches), torch.no_grad():
             return torch.onnx.export(
                 module,
                 (),

@@ -1,7 +1,7 @@
 """Scoped patches for the known torch.export blockers of transformers 4.56-4.57.
 
-Takes: nothing. Gives: :func:`export_patches`, a context manager that applies every patch in
-:data:`PATCHES` and restores the original attributes on exit, also when the block raises.
+Takes: nothing. Gives: :data:`PATCHES` and :func:`applied`, a context manager that applies
+patches and restores the original attributes on exit, also when the block raises.
 
 Each patch is one small function plus a :class:`Patch` record naming the failure it removes;
 tests/test_patches.py shows each failure happening without its patch.
@@ -155,6 +155,3 @@ def applied(patches: Sequence[Patch]) -> Iterator[None]:
             else:
                 setattr(patch.owner, patch.attribute, original)
 
-
-def export_patches() -> contextlib.AbstractContextManager[None]:
-    return applied(PATCHES)

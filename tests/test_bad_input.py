@@ -1,0 +1,107 @@
+"""Bad input: a clear error naming the model type, the stage and what to try; no output left."""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+import optimum_observer
+from optimum_observer import ObserverExportError, Stage
+from optimum_observer.cache_pytree import is_registered
+from optimum_observer.patches import PATCHES
+from tiny_models import save_causal_lm
+
+
+class DataDependentLlama(transformers.LlamaForCausalLM):
+    """A causal LM whose forward branches on tensor values, which torch.export rejects."""
+
+    def forward(self, input_ids=None, **kwargs):
+        outputs = super().forward(input_ids=input_ids, **kwargs)
+        if outputs.logits.sum() > 0:
+            outputs.logits = outputs.logits * 2
+        return outputs
+
+
+class TestBadInput(unittest.TestCase):
+    def setUp(self):
+        self._scratch = tempfile.TemporaryDirectory()
+        self.scratch = Path(self._scratch.name)
+        self.output = self.scratch / "out"
+        self.originals = {p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}
+
+    def tearDown(self):
+        self._scratch.cleanup()
+
+    def assertFailsCleanly(self, error: ObserverExportError, model_type: str, stage: Stage) -> None:
+        self.assertEqual(error.model_type, model_type)
+        self.assertEqual(error.stage, stage)
+        self.assertIn(model_type, str(error))
+        self.assertIn(stage.value, str(error))
+        self.assertIn("Next steps:", str(error))
+        self.assertFalse(self.output.exists())
+        self.assertEqual([p.name for p in self.scratch.iterdir() if ".partial" in p.name], [])
+        self.assertFalse(is_registered(DynamicCache))
+        self.assertEqual({p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}, self.originals)
+
+    def export_error(self, model, **kwargs) -> ObserverExportError:
+        with self.assertRaises(ObserverExportError) as caught:
+            optimum_observer.export(model, self.output, **kwargs)
+        return caught.exception
+
+    def test_path_that_does_not_exist(self):
+        missing = str(self.scratch / "no-such-model")
+        error = self.export_error(missing, local_files_only=True)
+        self.assertFailsCleanly(error, missing, Stage.LOAD)
+        self.assertIn("no such local directory", str(error))
+
+    def test_model_type_without_a_causal_lm_head(self):
+        source = self.scratch / "distilbert"
+        transformers.DistilBertModel(
+            transformers.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=2)
+        ).save_pretrained(source)
+        error = self.export_error(source)
+        self.assertFailsCleanly(error, "distilbert", Stage.LOAD)
+        self.assertIn("no AutoModelForCausalLM head", str(error))
+
+    def test_run_that_never_calls_the_model(self):
+        source = save_causal_lm("llama", self.scratch / "llama", with_tokenizer=False)
+        error = self.export_error(source, run=lambda model: None)
+        self.assertFailsCleanly(error, "llama", Stage.CAPTURE)
+        self.assertIn("never called", str(error))
+
+    def test_calls_whose_structures_cannot_be_reconciled(self):
+        source = save_causal_lm("llama", self.scratch / "llama", with_tokenizer=False)
+
+        def run(model):
+            ids = torch.randint(3, 100, (2, 4))
+            for layers in (1, 2):
+                cache = DynamicCache()
+                for layer in range(layers):
+                    cache.update(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16), layer)
+                mask = torch.ones(2, 7, dtype=torch.long)
+                model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+        error = self.export_error(source, run=run)
+        self.assertFailsCleanly(error, "llama", Stage.SYNTHESIS)
+        self.assertIn("cannot be reconciled", str(error))
+
+    def test_export_that_torch_export_rejects(self):
+        source = save_causal_lm("llama", self.scratch / "llama", with_tokenizer=False)
+        model = DataDependentLlama.from_pretrained(source)
+        error = self.export_error(model)
+        self.assertFailsCleanly(error, "llama", Stage.EXPORT)
+        self.assertIsNotNone(error.__cause__)
+
+    def test_a_failed_export_leaves_an_existing_output_untouched(self):
+        self.output.mkdir()
+        (self.output / "keep.txt").write_text("mine")
+        source = save_causal_lm("llama", self.scratch / "llama", with_tokenizer=False)
+        with self.assertRaises(ObserverExportError):
+            optimum_observer.export(source, self.output, run=lambda model: None)
+        self.assertEqual([p.name for p in self.output.iterdir()], ["keep.txt"])
