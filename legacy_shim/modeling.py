@@ -1,0 +1,96 @@
+"""`optimum.onnxruntime` model classes whose `export=True` goes through the router.
+
+Each class subclasses its `optimum.onnxruntime` namesake and overrides the minimum:
+
+- `_export`: upstream's own `_export` runs unchanged, except that its module-level
+  `main_export` is swapped for the routed :func:`legacy_shim.main_export` during the call.
+  Without the swap, `from_pretrained(path, export=True)` raises optimum-onnx's "custom or
+  unsupported architecture" error for every type it has no OnnxConfig for. The extra
+  `from_pretrained(..., exporter="auto"|"legacy"|"observer")` keyword picks the route.
+- `_dynamic_axis_inference`: parsed, never `eval`-ed (see :mod:`legacy_shim.runtime_fixes`).
+- the empty first-step cache of decoders is shaped from the session's input shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+from optimum import onnxruntime as ort
+from optimum.onnxruntime import modeling_seq2seq
+
+from .export import main_export
+from .patching import swapped_attribute
+from .runtime_fixes import cache_dims_from_session, evaluate_axis_expression
+
+
+class SafeAxisInference:
+    """Mixin for `ORTSessionMixin` subclasses: symbolic output dims are parsed, not `eval`-ed."""
+
+    def _dynamic_axis_inference(self, axis_name: str, known_axes_values: dict[str, int]) -> int:
+        return evaluate_axis_expression(axis_name, known_axes_values)
+
+
+class RoutedExport:
+    """Mixin for `ORTModel` subclasses: `export=True` goes through the router."""
+
+    @classmethod
+    def _export(cls, model_id, config, exporter: str = "auto", **kwargs: Any):
+        upstream = next(k for k in cls.__mro__ if "_export" in vars(k) and k.__module__.startswith("optimum."))
+        module = sys.modules[upstream.__module__]
+        with swapped_attribute(module, "main_export", functools.partial(main_export, exporter=exporter)):
+            return super()._export(model_id, config, **kwargs)
+
+
+class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausalLM):
+    __doc__ = ort.ORTModelForCausalLM.__doc__
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        dims = cache_dims_from_session(self.input_shapes, self.key_value_input_names)
+        if dims is None or self.old_bloom_modeling or self.old_gpt_bigcode_modeling:
+            return
+        self.num_key_value_heads = dims.num_heads
+        if self.config.model_type == "deepseek_v3":
+            # upstream keeps separate key and value head sizes for this type only
+            self.qk_head_dim, self.v_head_dim = dims.key_head_size, dims.value_head_size
+        elif dims.key_head_size == dims.value_head_size:
+            self.embed_size_per_head = dims.key_head_size
+
+
+class ORTModelForFeatureExtraction(RoutedExport, SafeAxisInference, ort.ORTModelForFeatureExtraction):
+    __doc__ = ort.ORTModelForFeatureExtraction.__doc__
+
+
+class ORTModelForSequenceClassification(RoutedExport, SafeAxisInference, ort.ORTModelForSequenceClassification):
+    __doc__ = ort.ORTModelForSequenceClassification.__doc__
+
+
+class ORTDecoderForSeq2Seq(SafeAxisInference, modeling_seq2seq.ORTDecoderForSeq2Seq):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        dims = cache_dims_from_session(self.input_shapes, self.key_value_input_names)
+        if dims is not None and dims.key_head_size == dims.value_head_size:
+            self.num_attention_heads = dims.num_heads
+            self.embed_size_per_head = dims.key_head_size
+
+
+class ORTEncoder(SafeAxisInference, modeling_seq2seq.ORTEncoder):
+    pass
+
+
+class ORTEncoderForSpeech(SafeAxisInference, modeling_seq2seq.ORTEncoderForSpeech):
+    pass
+
+
+class ORTModelForSeq2SeqLM(RoutedExport, SafeAxisInference, ort.ORTModelForSeq2SeqLM):
+    __doc__ = ort.ORTModelForSeq2SeqLM.__doc__
+    _ort_encoder_class = ORTEncoder
+    _ort_decoder_class = ORTDecoderForSeq2Seq
+
+
+class ORTModelForSpeechSeq2Seq(RoutedExport, SafeAxisInference, ort.ORTModelForSpeechSeq2Seq):
+    __doc__ = ort.ORTModelForSpeechSeq2Seq.__doc__
+    _ort_encoder_class = ORTEncoderForSpeech
+    _ort_decoder_class = ORTDecoderForSeq2Seq
