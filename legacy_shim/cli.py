@@ -28,9 +28,8 @@ from .router import Exporter
 logger = logging.getLogger(__name__)
 
 EXPORTER_HELP = (
-    "Which exporter to use: 'auto' (default) uses optimum-onnx when it has an OnnxConfig for the model type and task "
-    "and the type is not migrated, else the observer exporter; 'legacy' always uses optimum-onnx; 'observer' always "
-    "uses optimum-observer (torch.onnx.InputObserver + torch.onnx.export(dynamo=True))."
+    "auto: optimum-onnx if it supports the model type and task (and the type is not migrated), else optimum-observer; "
+    "legacy: always optimum-onnx; observer: always optimum-observer."
 )
 
 

@@ -1,0 +1,106 @@
+"""Helpers for the legacy_shim tests: tiny legacy-supported models, ONNX inspection, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import transformers
+
+from tiny_models import build_tokenizer, save_causal_lm
+
+__all__ = [
+    "UNSUPPORTED_TYPE",
+    "graph_io",
+    "run_cli",
+    "run_onnx",
+    "run_python",
+    "save_causal_lm",
+    "save_encoder",
+    "torch_greedy",
+]
+
+#: A causal-LM type optimum-onnx 0.1.0 has no OnnxConfig for (see test_observer_export.py).
+UNSUPPORTED_TYPE = "starcoder2"
+
+PROMPT = "The capital of France is"
+
+
+def save_encoder(model_type: str, directory: Path) -> Path:
+    """A tiny random `AutoModel` encoder (feature-extraction) with a tokenizer."""
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(config).save_pretrained(directory)
+    build_tokenizer(directory)
+    return Path(directory)
+
+
+def graph_io(path: Path) -> tuple[list[tuple[str, list]], list[tuple[str, list]]]:
+    """(name, dims) of every graph input and output; dims are ints or dim_param names."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    return [(v.name, dims(v)) for v in graph.input], [(v.name, dims(v)) for v in graph.output]
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def torch_greedy(model_dir: Path, prompt: str = PROMPT, new_tokens: int = 8) -> list[int]:
+    """Greedy tokens of the torch model, the reference for every ONNX generation."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0].tolist()
+
+
+def ort_greedy(model, model_dir: Path, prompt: str = PROMPT, new_tokens: int = 8) -> list[int]:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0].tolist()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPTIMUM_OBSERVER_DISABLE", "OPTIMUM_OBSERVER_EXPORTER")}
+    env.update(extra, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    return env
+
+
+def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter of this environment (so its .pth files apply)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=300
+    )
+
+
+def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`optimum-cli ...` in a fresh interpreter of this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "optimum.commands.optimum_cli", *args],
+        cwd=cwd,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
