@@ -19,7 +19,7 @@ from . import conversion, loading, naming, packaging, synthesis, validation
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
-from .tasks import get_task
+from .tasks import TaskContract, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,15 @@ def export(
     )
 
 
-def _validate(staging, loaded, captured, example, contract, atol, runtime_class) -> ValidationReport:
+def _validate(
+    staging: Path,
+    loaded: loading.LoadedModel,
+    captured: capture_stage.Capture,
+    example: synthesis.ExportExample,
+    contract: TaskContract,
+    atol: float,
+    runtime_class: Any,
+) -> ValidationReport:
     calls = validation.replay_calls(
         staging / packaging.ONNX_FILE, captured, example, contract, naming.input_names(example), atol
     )

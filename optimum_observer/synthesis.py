@@ -56,7 +56,7 @@ class ExportExample:
     sizes: dict[str, int]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # symbols are compared and hashed by identity
 class _Symbol:
     name: str | None
     observed: list[int | None]
@@ -82,29 +82,43 @@ def _reconcile_error(model_type: str, reason: str) -> ObserverExportError:
     )
 
 
-def synthesize(capture: Capture, contract: TaskContract, model_type: str) -> ExportExample:
-    calls = capture.calls
-    flat = [{name: pytree.tree_flatten(value) for name, value in call.inputs.items()} for call in calls]
-    names = [name for name in contract.inputs if any(name in call for call in flat)]
+_Flat = dict[str, tuple[list[torch.Tensor], pytree.TreeSpec]]
+_Axis = tuple[str, int, int]  # (contract input, leaf index, axis)
 
-    templates: dict[str, tuple[list[torch.Tensor], pytree.TreeSpec]] = {}
+
+def synthesize(capture: Capture, contract: TaskContract, model_type: str) -> ExportExample:
+    flat = [{name: pytree.tree_flatten(value) for name, value in call.inputs.items()} for call in capture.calls]
+    names = [name for name in contract.inputs if any(name in call for call in flat)]
+    templates = _templates(flat, names, model_type)
+    try:
+        observed_dynamic = capture.observer.infer_dynamic_shapes(set_batch_dimension_for=True)
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        raise _reconcile_error(model_type, str(error)) from error
+    axis_symbol = _group_axes(flat, templates, observed_dynamic, model_type)
+    sizes = _size_symbols(list(dict.fromkeys(axis_symbol.values())), axis_symbol, model_type)
+    return _build_example(flat, templates, axis_symbol, sizes)
+
+
+def _templates(flat: list[_Flat], names: list[str], model_type: str) -> _Flat:
+    """The leaves and structure of each input, from a call that had it (all must agree)."""
+    templates: _Flat = {}
     for name in names:
         counts = {len(call[name][0]) for call in flat if name in call}
         if len(counts) != 1:
             raise _reconcile_error(model_type, f"{name!r} was seen with {sorted(counts)} tensors")
         templates[name] = next(call[name] for call in flat if name in call)
+    return templates
 
-    try:
-        observed_dynamic = capture.observer.infer_dynamic_shapes(set_batch_dimension_for=True)
-    except (RuntimeError, NotImplementedError, ValueError) as error:
-        raise _reconcile_error(model_type, str(error)) from error
 
+def _group_axes(
+    flat: list[_Flat], templates: _Flat, observed_dynamic: dict[str, Any], model_type: str
+) -> dict[_Axis, _Symbol]:
+    """One symbol per set of dynamic axes whose observed sizes agree on every call."""
     symbols: list[_Symbol] = []
-    axis_symbol: dict[tuple[str, int, int], _Symbol] = {}
-    for name in names:
+    axis_symbol: dict[_Axis, _Symbol] = {}
+    for name, (template_leaves, _) in templates.items():
         per_leaf = observed_dynamic.get(name) or {}
         per_leaf = per_leaf if isinstance(per_leaf, (list, tuple)) else [per_leaf]
-        template_leaves = templates[name][0]
         for index, leaf in enumerate(template_leaves):
             shapes = [call[name][0][index].shape if name in call else None for call in flat]
             if any(shape is not None and len(shape) != leaf.ndim for shape in shapes):
@@ -129,35 +143,41 @@ def synthesize(capture: Capture, contract: TaskContract, model_type: str) -> Exp
                     symbol.observed = _merge(symbol.observed, observed)
                     symbol.name = symbol.name or known
                 axis_symbol[(name, index, axis)] = symbol
+    return axis_symbol
 
+
+def _size_symbols(symbols: list[_Symbol], axis_symbol: dict[_Axis, _Symbol], model_type: str) -> dict[str, int]:
+    """Names every symbol and gives independent ones distinct sizes >= 2, sums their sum."""
     _find_sums(symbols)
     for symbol in symbols:
         if symbol.name is None and symbol.parts is None:
-            name, index, axis = next(k for k, v in axis_symbol.items() if v is symbol)
+            name, _, axis = next(k for k, v in axis_symbol.items() if v is symbol)
             symbol.name = f"{name}_dim_{axis}"
-    sizes: dict[str, int] = {}
     independent = [s for s in symbols if s.parts is None]
     if len(independent) > len(_SIZES):
         raise _reconcile_error(model_type, f"{len(independent)} independent dynamic dimensions")
-    for symbol, size in zip(independent, _SIZES):
-        sizes[symbol.name] = size
+    sizes = {symbol.name: size for symbol, size in zip(independent, _SIZES)}
     for symbol in symbols:
         if symbol.parts is not None:
             symbol.name = " + ".join(symbol.parts)
             sizes[symbol.name] = sum(sizes[p] for p in symbol.parts)
+    return sizes
 
+
+def _build_example(
+    flat: list[_Flat], templates: _Flat, axis_symbol: dict[_Axis, _Symbol], sizes: dict[str, int]
+) -> ExportExample:
     kwargs: dict[str, Any] = {}
     dynamic_shapes: dict[str, Any] = {}
     leaves: list[LeafSpec] = []
     generator = torch.Generator().manual_seed(0)
-    for name in names:
-        template_leaves, spec = templates[name]
+    for name, (template_leaves, spec) in templates.items():
         new_leaves, leaf_shapes = [], []
         for index, leaf in enumerate(template_leaves):
             dims = {axis: s.name for (n, i, axis), s in axis_symbol.items() if n == name and i == index}
             shape = tuple(sizes[dims[a]] if a in dims else leaf.shape[a] for a in range(leaf.ndim))
             observed_values = [call[name][0][index] for call in flat if name in call]
-            new_leaves.append(_example_tensor(name, shape, dims, observed_values, sizes, generator))
+            new_leaves.append(_example_tensor(name, shape, observed_values, sizes, generator))
             leaf_shapes.append(dims)
             leaves.append(LeafSpec(name, index, leaf.dtype, tuple(leaf.shape), dims))
         if spec.is_leaf():
@@ -193,7 +213,6 @@ _NAME_ORDER = {"past_sequence_length": 0, "sequence_length": 1}
 def _example_tensor(
     name: str,
     shape: tuple[int, ...],
-    dims: dict[int, str],
     observed: list[torch.Tensor],
     sizes: dict[str, int],
     generator: torch.Generator,
