@@ -1,0 +1,44 @@
+"""`python -m optimum_observer export`: the demo end to end, and a failure's exit status and message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "optimum_observer", *args], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+class TestCommandLine(unittest.TestCase):
+    def test_demo_exports_and_validates(self):
+        with tempfile.TemporaryDirectory() as scratch:
+            output = Path(scratch) / "demo-onnx"
+            done = run_cli("export", "--demo", str(output))
+            self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+            self.assertIn("exported starcoder2 for text-generation-with-past", done.stdout)
+            self.assertIn("greedy generation 0", done.stdout)
+            self.assertNotIn("FAIL", done.stdout)
+            self.assertTrue((output / "model.onnx").is_file())
+            self.assertEqual(json.loads((output / "config.json").read_text())["model_type"], "starcoder2")
+
+    def test_failure_exits_non_zero_with_one_message_and_no_output(self):
+        with tempfile.TemporaryDirectory() as scratch:
+            output = Path(scratch) / "out"
+            done = run_cli("export", "-m", str(Path(scratch) / "missing"), str(output), "--local-files-only")
+            self.assertEqual(done.returncode, 1)
+            self.assertIn("error: [", done.stderr)
+            self.assertIn("stage 1/7 (load)", done.stderr)
+            self.assertNotIn("Traceback", done.stderr)
+            self.assertFalse(output.exists())
+
+    def test_unknown_task_is_rejected_by_the_parser(self):
+        done = run_cli("export", "--demo", "out", "--task", "no-such-task")
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("invalid choice", done.stderr)
