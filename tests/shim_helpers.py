@@ -68,7 +68,7 @@ def torch_greedy(model_dir: Path, prompt: str = PROMPT, new_tokens: int = 8) -> 
     """Greedy tokens of the torch model, the reference for every ONNX generation."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return out[0].tolist()
@@ -76,7 +76,7 @@ def torch_greedy(model_dir: Path, prompt: str = PROMPT, new_tokens: int = 8) -> 
 
 def ort_greedy(model, model_dir: Path, prompt: str = PROMPT, new_tokens: int = 8) -> list[int]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
     out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return out[0].tolist()
 
@@ -104,3 +104,41 @@ def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+#: Sizes of every symbolic dimension when feeding an exported graph in a parity check.
+FEED_DIMS = {"batch_size": 2, "sequence_length": 5, "past_sequence_length": 3}
+
+
+def feeds_for(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for every graph input of `path`, symbolic dims sized by FEED_DIMS."""
+    from legacy_shim.runtime_fixes import evaluate_axis_expression
+
+    rng = np.random.default_rng(seed)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for value in session.get_inputs():
+        shape = [d if isinstance(d, int) else evaluate_axis_expression(d, FEED_DIMS) for d in value.shape]
+        if value.type == "tensor(int64)":
+            if value.name == "input_ids":
+                feeds[value.name] = rng.integers(3, 200, size=shape, dtype=np.int64)
+            elif value.name == "position_ids":
+                start = FEED_DIMS["past_sequence_length"]
+                feeds[value.name] = np.broadcast_to(np.arange(start, start + shape[1]), shape).copy()
+            elif value.name == "attention_mask":
+                feeds[value.name] = np.ones(shape, dtype=np.int64)
+            else:
+                feeds[value.name] = np.zeros(shape, dtype=np.int64)
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def assert_same_export(test, expected_dir: Path, actual_dir: Path, atol: float = 1e-5) -> None:
+    """Same files, same graph inputs/outputs (names and dims), same outputs on the same inputs."""
+    test.assertEqual(sorted(p.name for p in expected_dir.iterdir()), sorted(p.name for p in actual_dir.iterdir()))
+    expected_model, actual_model = expected_dir / "model.onnx", actual_dir / "model.onnx"
+    test.assertEqual(graph_io(expected_model), graph_io(actual_model))
+    feeds = feeds_for(expected_model)
+    for expected, actual in zip(run_onnx(expected_model, feeds), run_onnx(actual_model, feeds), strict=True):
+        np.testing.assert_allclose(actual, expected, atol=atol, rtol=0)

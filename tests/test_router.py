@@ -31,7 +31,7 @@ class TestDefaultRule(unittest.TestCase):
             ("starcoder2", WITH_PAST, Exporter.OBSERVER),
             ("ministral", "text-generation", Exporter.OBSERVER),
             # Neither exporter supports the pair: optimum-onnx keeps reporting its own error.
-            ("ministral", "text2text-generation", Exporter.LEGACY),
+            ("ministral", "multiple-choice", Exporter.LEGACY),
         ]
     )
     def test_default(self, model_type, task, expected):

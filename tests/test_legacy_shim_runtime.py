@@ -1,0 +1,154 @@
+"""Runtime fixes of the legacy_shim ORTModel classes, and that legacy results do not change."""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import onnx
+import optimum.onnxruntime as upstream
+import torch
+import transformers
+from onnx import TensorProto, helper
+from parameterized import parameterized
+
+import legacy_shim
+from legacy_shim.routes import upstream_main_export
+from legacy_shim.runtime_fixes import CacheDims, cache_dims_from_session, evaluate_axis_expression
+from shim_helpers import ort_greedy, save_causal_lm, torch_greedy
+
+WITH_PAST = "text-generation-with-past"
+KNOWN = {"batch_size": 2, "sequence_length": 5, "past_sequence_length": 3}
+
+
+class TestAxisExpressions(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ("batch_size", 2),
+            ("past_sequence_length + sequence_length", 8),
+            ("past_sequence_length+sequence_length", 8),
+            ("sequence_length * 2 - 1", 9),
+            ("(sequence_length + 1) // 2", 3),
+            ("sequence_length / 5", 1),
+            ("-batch_size + 4", 2),
+        ]
+    )
+    def test_integer_arithmetic_over_known_dims(self, expression, expected):
+        self.assertEqual(evaluate_axis_expression(expression, KNOWN), expected)
+
+    @parameterized.expand(
+        [
+            ("unknown_name", "encoder_sequence_length + 1"),
+            ("call", "__import__('os').getcwd()"),
+            ("attribute", "batch_size.__class__"),
+            ("float_constant", "sequence_length * 0.5"),
+            ("list", "[batch_size]"),
+            ("lambda", "(lambda: 1)()"),
+            ("not_python", "batch size"),
+            ("division_by_zero", "batch_size // 0"),
+        ]
+    )
+    def test_anything_else_is_refused(self, _, expression):
+        with self.assertRaisesRegex(ValueError, "only integer arithmetic over the known dimensions"):
+            evaluate_axis_expression(expression, KNOWN)
+
+
+def _model_with_code_in_a_dim_name(directory: Path, marker: Path) -> Path:
+    """A feature-extraction model whose output dim name is Python that creates `marker` if evaluated.
+
+    The name evaluates to the true size (sequence_length), so the unchanged runtime runs the
+    model to the end after running the code.
+    """
+    code = f"sequence_length + (__import__('pathlib').Path({str(marker)!r}).touch() or 0)"
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["last_hidden_state"], to=TensorProto.FLOAT)],
+        "crafted",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        ],
+        # A declared dim ONNX Runtime cannot infer differently, so the session reports the name as is.
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch_size", code])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    directory.mkdir()
+    onnx.save(model, directory / "model.onnx")
+    transformers.BertConfig(vocab_size=16, hidden_size=8, num_attention_heads=2, intermediate_size=8).save_pretrained(
+        directory
+    )
+    return directory
+
+
+class TestNoEvalOfDimNames(unittest.TestCase):
+    def test_dim_names_are_parsed_not_executed(self):
+        with tempfile.TemporaryDirectory() as scratch:
+            marker = Path(scratch) / "code_ran"
+            model_dir = _model_with_code_in_a_dim_name(Path(scratch) / "crafted", marker)
+            inputs = dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long))
+
+            model = legacy_shim.ORTModelForFeatureExtraction.from_pretrained(model_dir, use_io_binding=True)
+            with self.assertRaisesRegex(ValueError, "Cannot infer the size of the ONNX dimension"):
+                model(**inputs)
+            self.assertFalse(marker.exists())
+
+            # The failure this fixes: the unchanged runtime runs the code in the model file.
+            out = upstream.ORTModelForFeatureExtraction.from_pretrained(model_dir, use_io_binding=True)(**inputs)
+            self.assertTrue(marker.exists())
+            self.assertEqual(tuple(out.last_hidden_state.shape), (2, 3))
+
+    def test_without_io_binding_the_crafted_model_runs(self):
+        with tempfile.TemporaryDirectory() as scratch:
+            marker = Path(scratch) / "code_ran"
+            model_dir = _model_with_code_in_a_dim_name(Path(scratch) / "crafted", marker)
+            model = legacy_shim.ORTModelForFeatureExtraction.from_pretrained(model_dir, use_io_binding=False)
+            out = model(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long))
+            self.assertEqual(tuple(out.last_hidden_state.shape), (2, 3))
+            self.assertFalse(marker.exists())
+
+
+class TestCacheDimsFromSession(unittest.TestCase):
+    def test_reads_static_heads_and_head_size(self):
+        shapes = {
+            "past_key_values.0.key": ["batch_size", 2, "past_sequence_length", 32],
+            "past_key_values.0.value": ["batch_size", 2, "past_sequence_length", 32],
+        }
+        self.assertEqual(cache_dims_from_session(shapes, list(shapes)), CacheDims(2, 32, 32))
+
+    def test_symbolic_dims_keep_the_config_values(self):
+        shapes = {
+            "past_key_values.0.key": ["batch_size", "heads", "past_sequence_length", 32],
+            "past_key_values.0.value": ["batch_size", "heads", "past_sequence_length", 32],
+        }
+        self.assertIsNone(cache_dims_from_session(shapes, list(shapes)))
+
+    # Measured with the unchanged runtime: "index: 3 Got: 16 Expected: 32" for llama, and the
+    # key/value head count for phi3 (which upstream takes to be num_attention_heads).
+    @parameterized.expand([("llama", dict(head_dim=32)), ("phi3", dict(num_key_value_heads=2))])
+    def test_first_step_cache_matches_the_graph(self, model_type, overrides):
+        with tempfile.TemporaryDirectory() as scratch:
+            model = save_causal_lm(model_type, Path(scratch) / "model", **overrides)
+            output = Path(scratch) / "onnx"
+            upstream_main_export()(str(model), output, task=WITH_PAST, do_validation=False)
+
+            ours = legacy_shim.ORTModelForCausalLM.from_pretrained(output)
+            self.assertEqual(ort_greedy(ours, output), torch_greedy(model))
+
+            unchanged = upstream.ORTModelForCausalLM.from_pretrained(output)
+            with self.assertRaisesRegex(Exception, "Got invalid dimensions for input: past_key_values"):
+                ort_greedy(unchanged, output)
+
+
+class TestLegacyResultsUnchanged(unittest.TestCase):
+    @parameterized.expand([("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)])
+    def test_same_logits_and_tokens_as_the_unchanged_runtime(self, model_type, use_io_binding):
+        with tempfile.TemporaryDirectory() as scratch:
+            model = save_causal_lm(model_type, Path(scratch) / "model")
+            output = Path(scratch) / "onnx"
+            upstream_main_export()(str(model), output, task=WITH_PAST, do_validation=False)
+            ours = legacy_shim.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
+            unchanged = upstream.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
+            self.assertEqual(ort_greedy(ours, output), ort_greedy(unchanged, output))
+            inputs = dict(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), attention_mask=torch.ones(2, 4, dtype=torch.long))
+            np.testing.assert_array_equal(ours(**inputs).logits, unchanged(**inputs).logits)
