@@ -83,10 +83,14 @@ def decision_logging() -> Iterator[None]:
         shim_logger.setLevel(previous_level)
 
 
-def _error_message(error: BaseException) -> str:
+def _error_message(error: BaseException, model: str) -> str:
     # KeyError's str() is the repr of its argument; show the text itself.
     text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    return f"{type(error).__name__}: {text}"
+    message = f"{type(error).__name__}: {text}"
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        # Upstream only says the string is not a valid Hub repo id.
+        message = f"the model directory {model} does not exist ({message})"
+    return message
 
 
 def _run_routed(self, upstream_run) -> None:
@@ -103,7 +107,7 @@ def _run_routed(self, upstream_run) -> None:
     except Exception as e:
         if self.args.verbose:
             raise
-        print(f"optimum-cli export onnx: error: {_error_message(e)}", file=sys.stderr)
+        print(f"optimum-cli export onnx: error: {_error_message(e, self.args.model)}", file=sys.stderr)
         print("(run again with --verbose for the full traceback)", file=sys.stderr)
         sys.exit(1)
 
