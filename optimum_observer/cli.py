@@ -37,10 +37,21 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
 
 
+def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .sweep import add_sweep_arguments
+
+    parser = subparsers.add_parser(
+        "sweep", help="export a tiny model of every model type of a task both ways and record coverage"
+    )
+    add_sweep_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-observer", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _export_parser(subparsers)
+    _sweep_parser(subparsers)
     return parser
 
 
@@ -78,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("onnx_ir", "onnxscript", "torch"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if args.command == "sweep":
+        from .sweep import run_from_args
+
+        return run_from_args(args)
     try:
         return _run_export(args)
     except ObserverExportError as error:

@@ -1,0 +1,250 @@
+"""Tiny random models of any transformers model type, for coverage sweeps and tests.
+
+Takes: a `model_type` (a key of transformers' `CONFIG_MAPPING`) and an auto-model class name.
+Gives: :func:`tiny_config`, the type's default config shrunk so that the model has a few
+hundred thousand parameters, and :func:`save_tiny_model`, that model with random weights
+saved to a directory.
+
+The shrink is generic: every size attribute that appears in the config (at any depth, so nested
+`text_config` / `vision_config` / `decoder` configs shrink too) is set by the tables below, and
+every per-layer list (`layer_types`, `layers_block_type`, ...) is cut to the new layer count.
+Per-type overrides exist only where the generic shrink cannot work; each says why.
+
+Key/value heads and head size: every tiny model has `num_key_value_heads == num_attention_heads`
+and `head_dim == hidden_size // num_attention_heads`. The unchanged
+`optimum.onnxruntime.ORTModelForCausalLM`, which the sweep validates generation with, sizes its
+empty first-step cache from the config: key/value heads only for a hard-coded list of types and
+head size as `hidden_size // num_attention_heads` for most. With these sizes its guess is right
+for every type, so a failure measures the exporter, not that runtime limit. Grouped-query
+attention and an explicit different `head_dim` are covered by the end-to-end tests instead
+(tests/tiny_models.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+LAYERS = 2
+HIDDEN = 64
+HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
+INTERMEDIATE = 128
+VOCAB = 256
+POSITIONS = 512
+
+#: Size attributes and their tiny value, wherever they appear in a config.
+SIZES: dict[str, int] = {
+    **dict.fromkeys(
+        (
+            "num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers",
+            "num_decoder_layers", "num_encoder_layers", "num_blocks",
+        ),
+        LAYERS,
+    ),
+    **dict.fromkeys(
+        (
+            "hidden_size", "n_embd", "d_model", "embedding_dim", "embedding_size", "word_embed_proj_dim",
+            "emb_dim", "d_embed", "attention_hidden_size", "lru_width", "hidden_size_global",
+            "input_embedding_size", "output_embedding_size",
+        ),
+        HIDDEN,
+    ),
+    **dict.fromkeys(
+        (
+            "num_attention_heads", "n_head", "n_heads", "num_heads", "num_key_value_heads",
+            "decoder_attention_heads", "encoder_attention_heads", "attention_heads",
+            "num_decoder_attention_heads", "num_encoder_attention_heads", "linear_num_key_heads",
+            "linear_num_value_heads",
+        ),
+        HEADS,
+    ),
+    **dict.fromkeys(
+        (
+            "head_dim", "attention_head_size", "d_head", "kv_channels", "attention_head_dim",
+            "linear_key_head_dim", "linear_value_head_dim", "qk_rope_head_dim", "qk_nope_head_dim",
+            "v_head_dim",
+        ),
+        HEAD_DIM,
+    ),
+    # qk_nope_head_dim + qk_rope_head_dim; configs that store it pass it back explicitly.
+    "qk_head_dim": 2 * HEAD_DIM,
+    **dict.fromkeys(
+        (
+            "intermediate_size", "n_inner", "ffn_dim", "decoder_ffn_dim", "encoder_ffn_dim", "ffn_hidden_size",
+            "feed_forward_size", "d_inner", "intermediate_size_mlp", "expert_ffn_hidden_size", "nffn_hidden_size",
+        ),
+        INTERMEDIATE,
+    ),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), INTERMEDIATE // 4),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk"), 2),
+    # DeepSeek group-limited routing: groups must divide the (now 4) experts.
+    **dict.fromkeys(("n_group", "topk_group"), 1),
+    **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 32),
+    # dots1 leaves it unset by default, yet multiplies by it.
+    "n_shared_experts": 1,
+    **dict.fromkeys(("vocab_size", "decoder_vocab_size", "vocab_size_per_layer_input"), VOCAB),
+    **dict.fromkeys(
+        ("max_position_embeddings", "n_positions", "max_target_positions", "max_seq_len", "context_length"),
+        POSITIONS,
+    ),
+    # MoE from the first layer on, so the tiny model has experts at all.
+    "first_k_dense_replace": 1,
+    "num_kv_shared_layers": 0,
+    # State-space blocks: expand 1 and heads x head size == hidden size keep the SSM shapes consistent.
+    **dict.fromkeys(("expand", "mamba_expand"), 1),
+    "mamba_n_heads": HEADS,
+    "mamba_d_head": HEAD_DIM,
+    "mamba_d_ssm": HIDDEN,
+    **dict.fromkeys(("state_size", "mamba_d_state"), 16),
+    **dict.fromkeys(("time_step_rank", "mamba_dt_rank"), 8),
+    **dict.fromkeys(("chunk_size", "mamba_chunk_size"), 16),
+}
+
+#: Attributes capped at a tiny value (kept when already smaller).
+CAPS: dict[str, int] = {"sliding_window": POSITIONS, "attention_window_size": POSITIONS}
+
+#: Size attributes left as they are when unset (None): None switches the feature off.
+_NONE_MEANS_OFF = frozenset({"q_lora_rank", "sliding_window", "attention_window_size"})
+
+#: Per-type config values, applied to the default config before the generic shrink, only
+#: where the shrink alone cannot work.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # attention_layers is derived from attention_types (24 layers by default), so cutting the
+    # per-layer list is undone when the config is rebuilt.
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": LAYERS},
+    # The adaptive softmax cutoffs (20000, 40000, 200000) must lie inside the vocabulary.
+    "transfo-xl": {"cutoffs": [64, 128], "div_val": 1},
+    # The default leaves the vision and audio configs unset, but the model always builds both
+    # towers; an empty dict gives their defaults, which the shrink then makes tiny.
+    "phi4_multimodal": {"vision_config": {}, "audio_config": {}},
+    # The default leaves layers_block_type unset, but every decoder layer indexes it.
+    "granitemoehybrid": {"layers_block_type": ["mamba", "attention"]},
+    # The default text config leaves rope_scaling unset, but the rotary embedding indexes it.
+    "mllama": {"rope_scaling": {"rope_type": "default"}},
+    # Axial position embeddings: the factors must multiply to the positions and sum to hidden.
+    "reformer": {"axial_pos_shape": [16, 32], "axial_pos_embds_dim": [32, 32]},
+}
+
+#: What a causal-LM head needs whatever the type: encoder architectures (bert, roberta,
+#: reformer...) behave as causal LMs only as decoders, as their LM-head classes warn or assert.
+_CAUSAL_LM = {"is_decoder": True}
+
+_SPECIAL_TOKEN_SUFFIXES = ("_token_id", "_token_index")
+
+
+def _layer_count(config: dict[str, Any]) -> int | None:
+    for key in SIZES:
+        if SIZES[key] == LAYERS and isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _shrink(config: dict[str, Any], nested: bool = False) -> dict[str, Any]:
+    """A shrunk copy of one level of a config dict, and of every nested config in it.
+
+    A nested config keeps only what differs from `PretrainedConfig`'s defaults: some sub-config
+    classes (dbrx's attn_config...) reject the common attributes as unknown keyword arguments.
+    """
+    original_layers = _layer_count(config)
+    common = _common_defaults() if nested else {}
+    shrunk: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in common and common[key] == value:
+            continue
+        if isinstance(value, dict) and key not in ("id2label", "label2id", "pruned_heads", "rope_scaling"):
+            value = _shrink(value, nested=True)
+        elif key in SIZES and (
+            (isinstance(value, int) and not isinstance(value, bool)) or (value is None and key not in _NONE_MEANS_OFF)
+        ):
+            value = SIZES[key]
+        elif key in CAPS and isinstance(value, int):
+            value = min(value, CAPS[key])
+        elif isinstance(value, (list, tuple)) and original_layers and len(value) == original_layers > LAYERS:
+            # A per-layer list (layer_types, layers_block_type, ...): keep the first layers.
+            value = type(value)(value[:LAYERS])
+        shrunk[key] = value
+    vocab = shrunk.get("vocab_size")
+    if isinstance(vocab, int):
+        _bring_special_tokens_into_vocab(shrunk, vocab)
+    return shrunk
+
+
+def _common_defaults() -> dict[str, Any]:
+    return transformers.PretrainedConfig().to_dict()
+
+
+def _bring_special_tokens_into_vocab(config: dict[str, Any], vocab: int) -> None:
+    # Ids past the tiny vocabulary (gpt2's eos 50256, image tokens...) would index out of range;
+    # they move to distinct ids at the top of the vocabulary.
+    spare = iter(range(vocab - 1, 2, -1))
+    remapped: dict[int, int] = {}
+
+    def remap(token: Any) -> Any:
+        if isinstance(token, int) and token >= vocab:
+            if token not in remapped:
+                remapped[token] = next(spare)
+            return remapped[token]
+        if isinstance(token, list):
+            return [remap(t) for t in token]
+        return token
+
+    for key in sorted(config):
+        if key.endswith(_SPECIAL_TOKEN_SUFFIXES):
+            config[key] = remap(config[key])
+
+
+def model_class(model_type: str, auto_model_class: str) -> type:
+    """The class `auto_model_class` maps `model_type` to."""
+    mapping = getattr(transformers, auto_model_class)._model_mapping
+    return mapping[transformers.CONFIG_MAPPING[model_type]]
+
+
+def tiny_config(model_type: str, auto_model_class: str, **overrides: Any) -> transformers.PretrainedConfig:
+    """The default config of `model_type`'s `auto_model_class` head, shrunk; `overrides` win.
+
+    The config class is the head class's own: a few heads (emu3, llama4, mllama, musicgen...)
+    take only the text part of their type's composite config.
+    """
+    config_class = model_class(model_type, auto_model_class).config_class
+    defaults = {**OVERRIDES.get(model_type, {}), **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {})}
+    values = _shrink(config_class(**defaults).to_dict())
+    values.update(overrides)
+    values.pop("model_type", None)
+    values.pop("transformers_version", None)
+    return config_class(**values)
+
+
+def build_tiny_model(model_type: str, auto_model_class: str, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny random model of `model_type` under `auto_model_class` (e.g. "AutoModelForCausalLM")."""
+    config = tiny_config(model_type, auto_model_class, **overrides)
+    torch.manual_seed(seed)
+    model = model_class(model_type, auto_model_class)(config)
+    if model.can_generate() and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = _pad_token_id(config)
+    logger.info("tiny %s: %d parameters", model_type, sum(p.numel() for p in model.parameters()))
+    return model
+
+
+def _pad_token_id(config: transformers.PretrainedConfig) -> int:
+    text_config = config.get_text_config()
+    for candidate in (text_config.pad_token_id, text_config.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+        if isinstance(candidate, list) and candidate:
+            return candidate[0]
+    return 0
+
+
+def save_tiny_model(model_type: str, auto_model_class: str, directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Builds :func:`build_tiny_model` and saves it (config, generation config, weights) to `directory`."""
+    model = build_tiny_model(model_type, auto_model_class, seed, **overrides)
+    model.save_pretrained(directory)
+    return Path(directory)
