@@ -28,8 +28,8 @@ from .router import Exporter
 logger = logging.getLogger(__name__)
 
 EXPORTER_HELP = (
-    "auto: optimum-onnx if it supports the model type and task (and the type is not migrated), else optimum-observer; "
-    "legacy: always optimum-onnx; observer: always optimum-observer."
+    "auto: optimum-onnx if it supports the model type and task (and the type is not migrated), "
+    "else optimum-observer; legacy: always optimum-onnx; observer: always optimum-observer."
 )
 
 

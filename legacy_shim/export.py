@@ -105,7 +105,9 @@ def run_export(
         task=resolution.task,
         library_name=resolution.library_name,
         legacy_only_arguments=tuple(name for name in _LEGACY_ONLY_WHEN_SET if arguments[name] is not None),
-        unresolved="" if resolution.error is None else f"{type(resolution.error).__name__}: {resolution.error}",
+        unresolved=""
+        if resolution.error is None
+        else f"{type(resolution.error).__name__}: {resolution.error}",
     )
     decision: Decision = decide(request, argument=argument, cli_flag=cli_flag)
     logger.info("optimum-observer router: %s", decision.explain())

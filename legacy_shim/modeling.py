@@ -37,7 +37,9 @@ class RoutedExport:
 
     @classmethod
     def _export(cls, model_id, config, exporter: str = "auto", **kwargs: Any):
-        upstream = next(k for k in cls.__mro__ if "_export" in vars(k) and k.__module__.startswith("optimum."))
+        upstream = next(
+            k for k in cls.__mro__ if "_export" in vars(k) and k.__module__.startswith("optimum.")
+        )
         module = sys.modules[upstream.__module__]
         with swapped_attribute(module, "main_export", functools.partial(main_export, exporter=exporter)):
             return super()._export(model_id, config, **kwargs)
@@ -63,7 +65,9 @@ class ORTModelForFeatureExtraction(RoutedExport, SafeAxisInference, ort.ORTModel
     __doc__ = ort.ORTModelForFeatureExtraction.__doc__
 
 
-class ORTModelForSequenceClassification(RoutedExport, SafeAxisInference, ort.ORTModelForSequenceClassification):
+class ORTModelForSequenceClassification(
+    RoutedExport, SafeAxisInference, ort.ORTModelForSequenceClassification
+):
     __doc__ = ort.ORTModelForSequenceClassification.__doc__
 
 

@@ -34,7 +34,9 @@ LEGACY_ONLY_ARGUMENTS = (
         "`optimum-cli onnxruntime optimize` (or ORTOptimizer) on the output",
     ),
     LegacyOnlyArgument("monolith", (False,), "the observer always writes one model.onnx; drop the argument"),
-    LegacyOnlyArgument("pad_token_id", (None,), "it is only used by optimum-onnx's text-classification export"),
+    LegacyOnlyArgument(
+        "pad_token_id", (None,), "it is only used by optimum-onnx's text-classification export"
+    ),
     LegacyOnlyArgument(
         "force_download", (False,), "the observer loads from the cache as is; delete the cached files instead"
     ),
@@ -44,18 +46,26 @@ LEGACY_ONLY_ARGUMENTS = (
         "the observer derives inputs and outputs from an observed run, not from an OnnxConfig",
     ),
     LegacyOnlyArgument(
-        "fn_get_submodels", (None,), "the observer exports the model the task names, without submodel splitting"
+        "fn_get_submodels",
+        (None,),
+        "the observer exports the model the task names, without submodel splitting",
     ),
     LegacyOnlyArgument("_variant", ("default",), "OnnxConfig variants do not exist for observer exports"),
     LegacyOnlyArgument(
-        "no_dynamic_axes", (False,), "observer exports keep dynamic every dimension the observed run showed to vary"
+        "no_dynamic_axes",
+        (False,),
+        "observer exports keep dynamic every dimension the observed run showed to vary",
     ),
     LegacyOnlyArgument(
         "do_constant_folding", (True,), "the dynamo exporter always folds constants; it cannot be turned off"
     ),
-    LegacyOnlyArgument("slim", (False,), "onnxslim is not run on observer exports; run it on the output instead"),
+    LegacyOnlyArgument(
+        "slim", (False,), "onnxslim is not run on observer exports; run it on the output instead"
+    ),
     LegacyOnlyArgument("framework", ("pt", None), "the observer exports PyTorch models only"),
-    LegacyOnlyArgument("library_name", (None, "transformers"), "the observer exports transformers models only"),
+    LegacyOnlyArgument(
+        "library_name", (None, "transformers"), "the observer exports transformers models only"
+    ),
 )
 
 # Arguments that change nothing for an observer export: the request is already satisfied.

@@ -48,7 +48,12 @@ class MigrationEntry:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"model_type": self.model_type, "tasks": list(self.tasks), "since": self.since, "evidence": self.evidence}
+            {
+                "model_type": self.model_type,
+                "tasks": list(self.tasks),
+                "since": self.since,
+                "evidence": self.evidence,
+            }
         )
 
 
@@ -88,11 +93,17 @@ def _entry_from_dict(
     missing = [f for f in _FIELDS if f not in raw]
     unknown = sorted(set(raw) - set(_FIELDS))
     if missing or unknown:
-        raise RegistryError(f"{where}: missing fields {missing}, unknown fields {unknown}; expected exactly {_FIELDS}.")
+        raise RegistryError(
+            f"{where}: missing fields {missing}, unknown fields {unknown}; expected exactly {_FIELDS}."
+        )
     model_type, entry_tasks, since, evidence = (raw[f] for f in _FIELDS)
     if not isinstance(model_type, str) or model_type not in model_types:
         raise RegistryError(f"{where}: unknown model_type {model_type!r} (not a transformers model type).")
-    if not isinstance(entry_tasks, list) or not entry_tasks or not all(isinstance(t, str) for t in entry_tasks):
+    if (
+        not isinstance(entry_tasks, list)
+        or not entry_tasks
+        or not all(isinstance(t, str) for t in entry_tasks)
+    ):
         raise RegistryError(f"{where}: 'tasks' must be a non-empty list of task names, got {entry_tasks!r}.")
     bad_tasks = [t for t in entry_tasks if t not in tasks]
     if bad_tasks:

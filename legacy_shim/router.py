@@ -92,7 +92,9 @@ def legacy_supports(model_type: str, task: str, library_name: str = "transformer
     if model_type not in TasksManager._SUPPORTED_MODEL_TYPE:
         return False
     try:
-        supported = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name=library_name)
+        supported = TasksManager.get_supported_tasks_for_model_type(
+            model_type, "onnx", library_name=library_name
+        )
     except KeyError:
         return False
     return task in supported
@@ -116,7 +118,10 @@ def _default(request: RouteRequest) -> Decision:
     if request.legacy_only_arguments:
         args = ", ".join(request.legacy_only_arguments)
         return Decision(
-            request, Exporter.LEGACY, DecisionSource.DEFAULT, f"the caller passed {args}, which only optimum-onnx uses"
+            request,
+            Exporter.LEGACY,
+            DecisionSource.DEFAULT,
+            f"the caller passed {args}, which only optimum-onnx uses",
         )
     if legacy_supports(request.model_type, request.task, request.library_name):
         return Decision(

@@ -63,9 +63,9 @@ def evaluate_axis_expression(axis_name: str, known_axes_values: Mapping[str, int
         return int(value(tree))
     except (ValueError, ZeroDivisionError):
         raise ValueError(
-            f"Cannot infer the size of the ONNX dimension {axis_name!r}: only integer arithmetic over the known "
-            f"dimensions {sorted(known_axes_values)} is evaluated. Re-export the model, or run it without IO "
-            "binding (use_io_binding=False)."
+            f"Cannot infer the size of the ONNX dimension {axis_name!r}: only integer arithmetic over "
+            f"the known dimensions {sorted(known_axes_values)} is evaluated. Re-export the model, or run "
+            "it without IO binding (use_io_binding=False)."
         ) from None
 
 

@@ -82,7 +82,11 @@ def ort_greedy(model, model_dir: Path, prompt: str = PROMPT, new_tokens: int = 8
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPTIMUM_OBSERVER_DISABLE", "OPTIMUM_OBSERVER_EXPORTER")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPTIMUM_OBSERVER_DISABLE", "OPTIMUM_OBSERVER_EXPORTER")
+    }
     env.update(extra, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     return env
 
@@ -136,7 +140,9 @@ def feeds_for(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
 
 def assert_same_export(test, expected_dir: Path, actual_dir: Path, atol: float = 1e-5) -> None:
     """Same files, same graph inputs/outputs (names and dims), same outputs on the same inputs."""
-    test.assertEqual(sorted(p.name for p in expected_dir.iterdir()), sorted(p.name for p in actual_dir.iterdir()))
+    test.assertEqual(
+        sorted(p.name for p in expected_dir.iterdir()), sorted(p.name for p in actual_dir.iterdir())
+    )
     expected_model, actual_model = expected_dir / "model.onnx", actual_dir / "model.onnx"
     test.assertEqual(graph_io(expected_model), graph_io(actual_model))
     feeds = feeds_for(expected_model)

@@ -35,9 +35,9 @@ class TestCli(unittest.TestCase):
         cls.gpt2 = save_causal_lm("gpt2", cls.root / "gpt2")
         cls.unsupported = save_causal_lm(UNSUPPORTED_TYPE, cls.root / UNSUPPORTED_TYPE)
         # A model type without a causal-LM head: the observer fails at its load stage.
-        transformers.AutoConfig.for_model("t5", vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2).save_pretrained(
-            cls.root / "t5"
-        )
+        transformers.AutoConfig.for_model(
+            "t5", vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2
+        ).save_pretrained(cls.root / "t5")
 
     @classmethod
     def tearDownClass(cls):
@@ -52,16 +52,34 @@ class TestCli(unittest.TestCase):
         help_text = " ".join(done.stdout.split())
         self.assertIn("--exporter {auto,legacy,observer}", help_text)
         self.assertIn("legacy: always optimum-onnx; observer: always optimum-observer", help_text)
-        for flag in ("--task", "--opset", "--device", "--dtype", "--optimize", "--monolith", "--no-post-process",
-                     "--framework", "--atol", "--trust-remote-code", "--library-name", "--model-kwargs",
-                     "--no-dynamic-axes", "--no-constant-folding", "--slim", "--batch_size", "--sequence_length"):
+        for flag in (
+            "--task",
+            "--opset",
+            "--device",
+            "--dtype",
+            "--optimize",
+            "--monolith",
+            "--no-post-process",
+            "--framework",
+            "--atol",
+            "--trust-remote-code",
+            "--library-name",
+            "--model-kwargs",
+            "--no-dynamic-axes",
+            "--no-constant-folding",
+            "--slim",
+            "--batch_size",
+            "--sequence_length",
+        ):
             self.assertIn(flag, help_text)
 
     def test_auto_sends_an_unsupported_type_to_the_observer(self):
         output = self.root / "auto_unsupported"
         done = self.export("-m", str(self.unsupported), "--task", WITH_PAST, str(output))
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-        self.assertIn(f"{UNSUPPORTED_TYPE} / {WITH_PAST} -> observer: optimum-onnx has no OnnxConfig", done.stderr)
+        self.assertIn(
+            f"{UNSUPPORTED_TYPE} / {WITH_PAST} -> observer: optimum-onnx has no OnnxConfig", done.stderr
+        )
         model = legacy_shim.ORTModelForCausalLM.from_pretrained(output)
         self.assertEqual(ort_greedy(model, output), torch_greedy(self.unsupported))
 
@@ -75,8 +93,18 @@ class TestCli(unittest.TestCase):
 
     @parameterized.expand(
         [
-            ("unknown_model_path", ["-m", "/no/such/model", "--task", WITH_PAST], 1, "error: the model directory /no/such/model does not exist"),
-            ("unknown_task", ["-m", "{gpt2}", "--task", "not-a-task"], 1, "error: ValueError: Asked to export a gpt2 model for the task not-a-task"),
+            (
+                "unknown_model_path",
+                ["-m", "/no/such/model", "--task", WITH_PAST],
+                1,
+                "error: the model directory /no/such/model does not exist",
+            ),
+            (
+                "unknown_task",
+                ["-m", "{gpt2}", "--task", "not-a-task"],
+                1,
+                "error: ValueError: Asked to export a gpt2 model for the task not-a-task",
+            ),
             ("unknown_exporter", ["-m", "{gpt2}", "--exporter", "dynamo"], 2, "invalid choice: 'dynamo'"),
             (
                 "observer_failure",
@@ -97,7 +125,16 @@ class TestCli(unittest.TestCase):
 
     def test_verbose_shows_the_traceback(self):
         output = self.root / "verbose"
-        done = self.export("-m", str(self.root / "t5"), "--task", WITH_PAST, "--exporter", "observer", "--verbose", str(output))
+        done = self.export(
+            "-m",
+            str(self.root / "t5"),
+            "--task",
+            WITH_PAST,
+            "--exporter",
+            "observer",
+            "--verbose",
+            str(output),
+        )
         self.assertNotEqual(done.returncode, 0)
         self.assertIn("Traceback", done.stderr)
         self.assertFalse(output.exists())

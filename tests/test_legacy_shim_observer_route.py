@@ -56,10 +56,22 @@ class TestObserverRoute(unittest.TestCase):
         output = Path(self.scratch.name) / "rejected"
         with self.assertRaises(ShimError) as caught:
             main_export(
-                str(self.model), output, task=WITH_PAST, exporter="observer", optimize="O1", slim=True, batch_size=4
+                str(self.model),
+                output,
+                task=WITH_PAST,
+                exporter="observer",
+                optimize="O1",
+                slim=True,
+                batch_size=4,
             )
         message = str(caught.exception)
-        for fragment in ("[starcoder2] argument mapping", "optimize='O1'", "slim=True", "batch_size=4", "Next steps"):
+        for fragment in (
+            "[starcoder2] argument mapping",
+            "optimize='O1'",
+            "slim=True",
+            "batch_size=4",
+            "Next steps",
+        ):
             self.assertIn(fragment, message)
         self.assertFalse(output.exists())
 
@@ -68,19 +80,45 @@ class TestObserverTaskSupport(unittest.TestCase):
     def test_observer_on_a_task_it_does_not_export_is_a_clear_error(self):
         with tempfile.TemporaryDirectory() as scratch:
             model = save_encoder("bert", Path(scratch) / "bert")
-            with self.assertRaisesRegex(ShimError, r"\[bert\] routing: the observer exporter does not export the task 'multiple-choice'"):
+            with self.assertRaisesRegex(
+                ShimError,
+                r"\[bert\] routing: the observer exporter does not export the task 'multiple-choice'",
+            ):
                 main_export(str(model), Path(scratch) / "out", task="multiple-choice", exporter="observer")
             self.assertFalse((Path(scratch) / "out").exists())
 
 
 def _legacy_call(**overrides):
     arguments = dict(
-        model_name_or_path="some/model", output="out", task="auto", opset=None, device="cpu", dtype=None,
-        optimize=None, monolith=False, no_post_process=False, framework="pt", atol=None, pad_token_id=None,
-        subfolder="", revision="main", force_download=False, local_files_only=False, trust_remote_code=False,
-        cache_dir="cache", token=None, do_validation=True, model_kwargs=None, custom_onnx_configs=None,
-        fn_get_submodels=None, use_subprocess=False, _variant="default", library_name=None,
-        no_dynamic_axes=False, do_constant_folding=True, slim=False,
+        model_name_or_path="some/model",
+        output="out",
+        task="auto",
+        opset=None,
+        device="cpu",
+        dtype=None,
+        optimize=None,
+        monolith=False,
+        no_post_process=False,
+        framework="pt",
+        atol=None,
+        pad_token_id=None,
+        subfolder="",
+        revision="main",
+        force_download=False,
+        local_files_only=False,
+        trust_remote_code=False,
+        cache_dir="cache",
+        token=None,
+        do_validation=True,
+        model_kwargs=None,
+        custom_onnx_configs=None,
+        fn_get_submodels=None,
+        use_subprocess=False,
+        _variant="default",
+        library_name=None,
+        no_dynamic_axes=False,
+        do_constant_folding=True,
+        slim=False,
     )
     arguments.update(overrides)
     return arguments
@@ -89,7 +127,9 @@ def _legacy_call(**overrides):
 class TestObserverArguments(unittest.TestCase):
     def test_maps_the_arguments_that_make_sense(self):
         mapped = observer_arguments(
-            _legacy_call(opset=18, dtype="fp16", do_validation=False, atol=1e-3, trust_remote_code=True, token="t"),
+            _legacy_call(
+                opset=18, dtype="fp16", do_validation=False, atol=1e-3, trust_remote_code=True, token="t"
+            ),
             {},
             task=WITH_PAST,
             model_name="llama",
@@ -97,9 +137,21 @@ class TestObserverArguments(unittest.TestCase):
         self.assertEqual(
             mapped,
             dict(
-                model="some/model", output_dir="out", task=WITH_PAST, opset=18, dtype="fp16", device="cpu",
-                trust_remote_code=True, model_kwargs=None, validate=False, local_files_only=False,
-                cache_dir="cache", revision="main", token="t", subfolder="", atol=1e-3,
+                model="some/model",
+                output_dir="out",
+                task=WITH_PAST,
+                opset=18,
+                dtype="fp16",
+                device="cpu",
+                trust_remote_code=True,
+                model_kwargs=None,
+                validate=False,
+                local_files_only=False,
+                cache_dir="cache",
+                revision="main",
+                token="t",
+                subfolder="",
+                atol=1e-3,
             ),
         )
 
@@ -107,7 +159,9 @@ class TestObserverArguments(unittest.TestCase):
         from optimum.utils import DEFAULT_DUMMY_SHAPES
 
         mapped = observer_arguments(
-            _legacy_call(use_subprocess=True, no_post_process=True), dict(DEFAULT_DUMMY_SHAPES), task=WITH_PAST,
+            _legacy_call(use_subprocess=True, no_post_process=True),
+            dict(DEFAULT_DUMMY_SHAPES),
+            task=WITH_PAST,
             model_name="llama",
         )
         self.assertNotIn("atol", mapped)

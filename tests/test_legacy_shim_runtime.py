@@ -67,7 +67,9 @@ def _model_with_code_in_a_dim_name(directory: Path, marker: Path) -> Path:
         "crafted",
         [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info(
+                "attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"]
+            ),
         ],
         # A declared dim ONNX Runtime cannot infer differently, so the session reports the name as is.
         [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch_size", code])],
@@ -75,9 +77,9 @@ def _model_with_code_in_a_dim_name(directory: Path, marker: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     directory.mkdir()
     onnx.save(model, directory / "model.onnx")
-    transformers.BertConfig(vocab_size=16, hidden_size=8, num_attention_heads=2, intermediate_size=8).save_pretrained(
-        directory
-    )
+    transformers.BertConfig(
+        vocab_size=16, hidden_size=8, num_attention_heads=2, intermediate_size=8
+    ).save_pretrained(directory)
     return directory
 
 
@@ -86,7 +88,10 @@ class TestNoEvalOfDimNames(unittest.TestCase):
         with tempfile.TemporaryDirectory() as scratch:
             marker = Path(scratch) / "code_ran"
             model_dir = _model_with_code_in_a_dim_name(Path(scratch) / "crafted", marker)
-            inputs = dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long))
+            inputs = dict(
+                input_ids=torch.ones(2, 3, dtype=torch.long),
+                attention_mask=torch.ones(2, 3, dtype=torch.long),
+            )
 
             model = legacy_shim.ORTModelForFeatureExtraction.from_pretrained(model_dir, use_io_binding=True)
             with self.assertRaisesRegex(ValueError, "Cannot infer the size of the ONNX dimension"):
@@ -94,7 +99,9 @@ class TestNoEvalOfDimNames(unittest.TestCase):
             self.assertFalse(marker.exists())
 
             # The failure this fixes: the unchanged runtime runs the code in the model file.
-            out = upstream.ORTModelForFeatureExtraction.from_pretrained(model_dir, use_io_binding=True)(**inputs)
+            out = upstream.ORTModelForFeatureExtraction.from_pretrained(model_dir, use_io_binding=True)(
+                **inputs
+            )
             self.assertTrue(marker.exists())
             self.assertEqual(tuple(out.last_hidden_state.shape), (2, 3))
 
@@ -103,7 +110,10 @@ class TestNoEvalOfDimNames(unittest.TestCase):
             marker = Path(scratch) / "code_ran"
             model_dir = _model_with_code_in_a_dim_name(Path(scratch) / "crafted", marker)
             model = legacy_shim.ORTModelForFeatureExtraction.from_pretrained(model_dir, use_io_binding=False)
-            out = model(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long))
+            out = model(
+                input_ids=torch.ones(2, 3, dtype=torch.long),
+                attention_mask=torch.ones(2, 3, dtype=torch.long),
+            )
             self.assertEqual(tuple(out.last_hidden_state.shape), (2, 3))
             self.assertFalse(marker.exists())
 
@@ -150,5 +160,8 @@ class TestLegacyResultsUnchanged(unittest.TestCase):
             ours = legacy_shim.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
             unchanged = upstream.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
             self.assertEqual(ort_greedy(ours, output), ort_greedy(unchanged, output))
-            inputs = dict(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), attention_mask=torch.ones(2, 4, dtype=torch.long))
+            inputs = dict(
+                input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]),
+                attention_mask=torch.ones(2, 4, dtype=torch.long),
+            )
             np.testing.assert_array_equal(ours(**inputs).logits, unchanged(**inputs).logits)

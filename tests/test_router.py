@@ -10,7 +10,13 @@ from pathlib import Path
 from parameterized import parameterized
 
 from legacy_shim import registry as registry_module
-from legacy_shim.registry import MigrationEntry, MigrationRegistry, RegistryError, add_migration, load_registry
+from legacy_shim.registry import (
+    MigrationEntry,
+    MigrationRegistry,
+    RegistryError,
+    add_migration,
+    load_registry,
+)
 from legacy_shim.router import EXPORTER_ENV_VAR, DecisionSource, Exporter, RouteRequest, decide, explain
 
 WITH_PAST = "text-generation-with-past"
@@ -61,25 +67,55 @@ class TestPrecedence(unittest.TestCase):
 
     @parameterized.expand(
         [
-            ("argument_beats_all", "observer", "legacy", "legacy", LLAMA_MIGRATED, Exporter.OBSERVER, "ARGUMENT"),
-            ("argument_legacy_beats_registry", "legacy", None, None, LLAMA_MIGRATED, Exporter.LEGACY, "ARGUMENT"),
+            (
+                "argument_beats_all",
+                "observer",
+                "legacy",
+                "legacy",
+                LLAMA_MIGRATED,
+                Exporter.OBSERVER,
+                "ARGUMENT",
+            ),
+            (
+                "argument_legacy_beats_registry",
+                "legacy",
+                None,
+                None,
+                LLAMA_MIGRATED,
+                Exporter.LEGACY,
+                "ARGUMENT",
+            ),
             ("cli_beats_env", None, "observer", "legacy", EMPTY, Exporter.OBSERVER, "CLI"),
             ("auto_argument_defers_to_cli", "auto", "observer", None, EMPTY, Exporter.OBSERVER, "CLI"),
             ("env_beats_registry", None, None, "legacy", LLAMA_MIGRATED, Exporter.LEGACY, "ENVIRONMENT"),
             ("auto_cli_defers_to_env", None, "auto", "observer", EMPTY, Exporter.OBSERVER, "ENVIRONMENT"),
             ("registry_beats_default", None, None, None, LLAMA_MIGRATED, Exporter.OBSERVER, "REGISTRY"),
-            ("auto_env_defers_to_registry", "auto", "auto", "auto", LLAMA_MIGRATED, Exporter.OBSERVER, "REGISTRY"),
+            (
+                "auto_env_defers_to_registry",
+                "auto",
+                "auto",
+                "auto",
+                LLAMA_MIGRATED,
+                Exporter.OBSERVER,
+                "REGISTRY",
+            ),
             ("default", None, None, None, EMPTY, Exporter.LEGACY, "DEFAULT"),
         ]
     )
     def test_precedence(self, _, argument, cli_flag, env, registry, expected, source):
         environ = {} if env is None else {EXPORTER_ENV_VAR: env}
         decision = decide(
-            RouteRequest("llama", WITH_PAST), argument=argument, cli_flag=cli_flag, environ=environ, registry=registry
+            RouteRequest("llama", WITH_PAST),
+            argument=argument,
+            cli_flag=cli_flag,
+            environ=environ,
+            registry=registry,
         )
         self.assertEqual((decision.exporter, decision.source), (expected, DecisionSource[source]))
 
-    @parameterized.expand([("argument", dict(argument="onnx")), ("env", dict(environ={EXPORTER_ENV_VAR: "dynamo"}))])
+    @parameterized.expand(
+        [("argument", dict(argument="onnx")), ("env", dict(environ={EXPORTER_ENV_VAR: "dynamo"}))]
+    )
     def test_unknown_exporter_value_is_an_error(self, _, overrides):
         overrides.setdefault("environ", {})
         with self.assertRaisesRegex(ValueError, "Unknown exporter .* choose one of: auto, legacy, observer"):
@@ -123,7 +159,13 @@ class TestExplanations(unittest.TestCase):
 
 
 def _entry(**overrides):
-    return {"model_type": "llama", "tasks": [WITH_PAST], "since": "0.2.0", "evidence": "parity run", **overrides}
+    return {
+        "model_type": "llama",
+        "tasks": [WITH_PAST],
+        "since": "0.2.0",
+        "evidence": "parity run",
+        **overrides,
+    }
 
 
 class TestRegistry(unittest.TestCase):
@@ -146,14 +188,22 @@ class TestRegistry(unittest.TestCase):
     @parameterized.expand(
         [
             ("unknown_model_type", [_entry(model_type="llamma")], "unknown model_type 'llamma'"),
-            ("duplicate_entries", [_entry(), _entry(since="0.3.0")], "duplicate entry for llama / text-generation"),
+            (
+                "duplicate_entries",
+                [_entry(), _entry(since="0.3.0")],
+                "duplicate entry for llama / text-generation",
+            ),
             ("task_listed_twice", [_entry(tasks=[WITH_PAST, WITH_PAST])], "lists a task twice"),
-            ("task_not_observer", [_entry(tasks=["fill-mask"])], r"tasks \['fill-mask'\] are not exported"),
+            ("task_not_observer", [_entry(tasks=["not-a-task"])], r"tasks \['not-a-task'\] are not exported"),
             ("empty_tasks", [_entry(tasks=[])], "'tasks' must be a non-empty list"),
             ("tasks_not_list", [_entry(tasks=WITH_PAST)], "'tasks' must be a non-empty list"),
             ("bad_version", [_entry(since="soon")], "'since' must be a version"),
             ("empty_evidence", [_entry(evidence="  ")], "'evidence' must say what showed parity"),
-            ("missing_field", [{"model_type": "llama", "tasks": [WITH_PAST], "since": "0.2.0"}], r"missing fields \['evidence'\]"),
+            (
+                "missing_field",
+                [{"model_type": "llama", "tasks": [WITH_PAST], "since": "0.2.0"}],
+                r"missing fields \['evidence'\]",
+            ),
             ("unknown_field", [_entry(reviewer="me")], r"unknown fields \['reviewer'\]"),
             ("entry_not_object", [["llama"]], "expected an object"),
             ("not_a_list", {"llama": _entry()}, "must be a JSON list"),
