@@ -61,8 +61,9 @@ class RouteRequest:
         library_name: the library optimum inferred for the checkpoint.
         legacy_only_arguments: names of arguments the caller set that only the legacy exporter
             understands (e.g. `custom_onnx_configs`); they keep `auto` on the legacy exporter.
-        unresolved: why the config could not be read, when it could not; `auto` then keeps the
-            call on the legacy exporter so that optimum-onnx reports the problem as it always has.
+        unresolved: why the model type or task could not be resolved, when they could not; `auto`
+            then keeps the call on the legacy exporter so that optimum-onnx reports the problem as it
+            always has.
     """
 
     model_type: str
@@ -113,7 +114,8 @@ def _default(request: RouteRequest) -> Decision:
             request,
             Exporter.LEGACY,
             DecisionSource.DEFAULT,
-            f"the config could not be read ({request.unresolved}); optimum-onnx reports the error",
+            f"the model type and task could not be resolved ({request.unresolved}); "
+            "optimum-onnx reports the error",
         )
     if request.legacy_only_arguments:
         args = ", ".join(request.legacy_only_arguments)
