@@ -47,11 +47,37 @@ def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
 
 
+#: Subcommands that need the legacy exporter, run by `legacy_shim.migration` in a child process:
+#: optimum_observer never imports legacy_shim or optimum-onnx's exporter.
+MIGRATION_COMMANDS = {
+    "compare": "export one model type with both exporters and report side by side",
+    "migrate": "move a model type to the observer in legacy_shim's migration registry when compare shows parity",
+}
+MIGRATION_MODULE = "legacy_shim.migration"
+
+
+def _migration_parsers(subparsers: argparse._SubParsersAction) -> None:
+    # Listed for --help only: main() forwards these commands with their arguments untouched.
+    for name, help_text in MIGRATION_COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+
+
+def _run_migration_command(command: str, arguments: Sequence[str]) -> int:
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec(MIGRATION_MODULE.split(".")[0]) is None:
+        print(f"error: `{command}` needs the legacy_shim package, which is not installed", file=sys.stderr)
+        return 1
+    return subprocess.run([sys.executable, "-m", MIGRATION_MODULE, command, *arguments]).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-observer", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _export_parser(subparsers)
     _sweep_parser(subparsers)
+    _migration_parsers(subparsers)
     return parser
 
 
@@ -83,6 +109,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MIGRATION_COMMANDS:
+        return _run_migration_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
