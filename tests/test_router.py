@@ -1,15 +1,20 @@
-"""The router: default rule, precedence of overrides, explanations, and the migration registry."""
+"""The router: default rule, precedence, explanations, registry, and how calls are resolved for it."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
 import unittest
 from pathlib import Path
 
 from parameterized import parameterized
+from transformers import AutoConfig
 
+import legacy_shim
+from legacy_shim import main_export
 from legacy_shim import registry as registry_module
+from legacy_shim.export import Resolution, _with_past_default, bind_arguments, resolve
 from legacy_shim.registry import (
     MigrationEntry,
     MigrationRegistry,
@@ -18,6 +23,7 @@ from legacy_shim.registry import (
     load_registry,
 )
 from legacy_shim.router import EXPORTER_ENV_VAR, DecisionSource, Exporter, RouteRequest, decide, explain
+from legacy_shim.routes import upstream_main_export
 
 WITH_PAST = "text-generation-with-past"
 EMPTY = MigrationRegistry(Path("empty.json"), ())
@@ -239,3 +245,71 @@ class TestRegistry(unittest.TestCase):
         with self.assertRaisesRegex(RegistryError, "unknown model_type"):
             add_migration("not_a_model", [WITH_PAST], "0.3.0", "parity", path=self.path)
         self.assertEqual(self.path.read_text(), before)
+
+
+class TestResolution(unittest.TestCase):
+    """How `main_export`'s model and task become the router's (model_type, task)."""
+
+    def setUp(self):
+        self.directory = tempfile.TemporaryDirectory()
+        self.model = Path(self.directory.name) / "starcoder2"
+        AutoConfig.for_model("starcoder2", hidden_size=16, num_attention_heads=2).save_pretrained(self.model)
+
+    def tearDown(self):
+        self.directory.cleanup()
+
+    def arguments(self, **overrides):
+        values, _, _ = bind_arguments((str(self.model), "out"), overrides)
+        return values
+
+    @parameterized.expand(
+        [(WITH_PAST, WITH_PAST), ("causal-lm", "text-generation"), ("causal-lm-with-past", WITH_PAST)]
+    )
+    def test_task_synonyms_are_mapped(self, task, expected):
+        self.assertEqual(
+            resolve(self.arguments(task=task)), Resolution("starcoder2", expected, "transformers")
+        )
+
+    def test_auto_on_a_local_directory_is_left_to_optimum_onnx(self):
+        # optimum-onnx cannot infer the task of a local directory; the call stays on it to say so.
+        resolution = resolve(self.arguments())
+        self.assertIsNone(resolution.model_type)
+        self.assertIn("Cannot infer the task from a local directory", str(resolution.error))
+
+    @parameterized.expand(
+        [
+            ("llama", "text-generation", False, WITH_PAST),
+            ("starcoder2", "text-generation", False, WITH_PAST),
+            ("bert", "feature-extraction", False, "feature-extraction"),
+            ("llama", "text-generation", True, "text-generation"),
+        ]
+    )
+    def test_inferred_tasks_get_with_past_like_optimum_onnx(self, model_type, task, monolith, expected):
+        self.assertEqual(_with_past_default(model_type, task, monolith=monolith), expected)
+
+
+class TestSignature(unittest.TestCase):
+    def test_main_export_is_optimum_onnx_plus_exporter(self):
+        upstream = inspect.signature(upstream_main_export()).parameters
+        ours = dict(inspect.signature(main_export).parameters)
+        exporter = ours.pop("exporter")
+        self.assertEqual((exporter.default, exporter.kind), ("auto", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        self.assertEqual(list(ours), list(upstream))
+        for name, parameter in upstream.items():
+            self.assertEqual((ours[name].kind, ours[name].default), (parameter.kind, parameter.default), name)
+
+    @parameterized.expand(
+        [
+            ("ORTModelForCausalLM",),
+            ("ORTModelForFeatureExtraction",),
+            ("ORTModelForSequenceClassification",),
+            ("ORTModelForSeq2SeqLM",),
+            ("ORTModelForSpeechSeq2Seq",),
+        ]
+    )
+    def test_model_classes_keep_from_pretrained(self, name):
+        import optimum.onnxruntime
+
+        ours, upstream = getattr(legacy_shim, name), getattr(optimum.onnxruntime, name)
+        self.assertTrue(issubclass(ours, upstream))
+        self.assertEqual(inspect.signature(ours.from_pretrained), inspect.signature(upstream.from_pretrained))
