@@ -73,6 +73,12 @@ class TestCli(unittest.TestCase):
         ):
             self.assertIn(flag, help_text)
 
+    def test_off_switch_removes_the_flag(self):
+        done = run_cli("export", "onnx", "--help", cwd=self.root, OPTIMUM_OBSERVER_DISABLE="1")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("--exporter", done.stdout)
+        self.assertIn("--task", done.stdout)
+
     def test_auto_sends_an_unsupported_type_to_the_observer(self):
         output = self.root / "auto_unsupported"
         done = self.export("-m", str(self.unsupported), "--task", WITH_PAST, str(output))
