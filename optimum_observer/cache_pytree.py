@@ -3,7 +3,10 @@
 Takes: nothing. Gives: a context manager, :func:`registered_caches`, inside which
 `DynamicCache` flattens to `[layer0.keys, layer0.values, layer1.keys, ...]` (initialised layers
 only, keys and values interleaved per layer, the order of Optimum's `past_key_values.{i}.key` /
-`.value` names), so `torch.onnx.InputObserver` can record it and `torch.export` can take it.
+`.value` names), and `EncoderDecoderCache` to `[layer0.self.keys, layer0.self.values,
+layer0.cross.keys, layer0.cross.values, layer1...]` (Optimum's `past_key_values.{i}.decoder.key`,
+`.decoder.value`, `.encoder.key`, `.encoder.value`), so `torch.onnx.InputObserver` can record
+them and `torch.export` can take them.
 
 Why: transformers 4.56+ no longer registers `DynamicCache` at import, and torch 2.13's observer
 then fails at the first `generate` call with `'DynamicCache' object has no attribute 'clone'`.
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,37 @@ def _flatten_spec_dynamic_cache(cache: DynamicCache, spec: pytree.TreeSpec) -> l
     return _flatten_dynamic_cache(cache)[0]
 
 
+def _flatten_encoder_decoder_cache(cache: EncoderDecoderCache) -> tuple[list[torch.Tensor], int]:
+    self_leaves, num_layers = _flatten_dynamic_cache(cache.self_attention_cache)
+    cross_leaves, num_cross_layers = _flatten_dynamic_cache(cache.cross_attention_cache)
+    if num_cross_layers != num_layers:
+        # The first generate step before the cross-attention cache is filled: nothing to export.
+        return [], 0
+    leaves: list[torch.Tensor] = []
+    for layer in range(num_layers):
+        leaves.extend(self_leaves[2 * layer : 2 * layer + 2] + cross_leaves[2 * layer : 2 * layer + 2])
+    return leaves, num_layers
+
+
+def _flatten_encoder_decoder_cache_with_keys(cache: EncoderDecoderCache):
+    leaves, context = _flatten_encoder_decoder_cache(cache)
+    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
+
+
+def _unflatten_encoder_decoder_cache(leaves: Any, num_layers: int) -> EncoderDecoderCache:
+    leaves = list(leaves)
+    self_attention, cross_attention = DynamicCache(), DynamicCache()
+    for layer in range(num_layers):
+        self_attention.update(leaves[4 * layer], leaves[4 * layer + 1], layer)
+        cross_attention.update(leaves[4 * layer + 2], leaves[4 * layer + 3], layer)
+    # Built from filled caches, so the cross-attention layers count as computed (`is_updated`).
+    return EncoderDecoderCache(self_attention, cross_attention)
+
+
+def _flatten_spec_encoder_decoder_cache(cache: EncoderDecoderCache, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    return _flatten_encoder_decoder_cache(cache)[0]
+
+
 _REGISTRATIONS = {
     DynamicCache: dict(
         flatten_fn=_flatten_dynamic_cache,
@@ -65,6 +99,18 @@ _REGISTRATIONS = {
         flatten_with_keys_fn=_flatten_dynamic_cache_with_keys,
         flatten_spec_fn=_flatten_spec_dynamic_cache,
     ),
+    EncoderDecoderCache: dict(
+        flatten_fn=_flatten_encoder_decoder_cache,
+        unflatten_fn=_unflatten_encoder_decoder_cache,
+        flatten_with_keys_fn=_flatten_encoder_decoder_cache_with_keys,
+        flatten_spec_fn=_flatten_spec_encoder_decoder_cache,
+    ),
+}
+
+#: The Optimum name suffix of each leaf of one layer, in flattened order.
+LEAF_SUFFIXES: dict[type, tuple[str, ...]] = {
+    DynamicCache: ("key", "value"),
+    EncoderDecoderCache: ("decoder.key", "decoder.value", "encoder.key", "encoder.value"),
 }
 
 
@@ -96,9 +142,10 @@ def _restore(cls: type, saved: _Saved) -> None:
         fx_pytree.SUPPORTED_NODES_EXACT_MATCH[cls] = saved.fx_exact
 
 
-def leaf_name(prefix: str, index: int) -> str:
-    """The Optimum name of flattened cache leaf `index`: `{prefix}.{layer}.key|value`."""
-    return f"{prefix}.{index // 2}.{'key' if index % 2 == 0 else 'value'}"
+def leaf_name(prefix: str, index: int, suffixes: tuple[str, ...] = LEAF_SUFFIXES[DynamicCache]) -> str:
+    """The Optimum name of flattened cache leaf `index`: `{prefix}.{layer}.{suffix}`, with
+    `suffixes` the names of one layer's leaves (`key`, `value` for a `DynamicCache`)."""
+    return f"{prefix}.{index // len(suffixes)}.{suffixes[index % len(suffixes)]}"
 
 
 def is_registered(cls: type) -> bool:

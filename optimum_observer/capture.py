@@ -1,10 +1,12 @@
 """Capture: run the model the way a user would, under `torch.onnx.InputObserver`.
 
-Takes: a loaded model, the task contract, an optional user `run` callable and tokenizer.
-Gives: a :class:`Capture`, the observed calls projected onto the task contract (only the inputs
-the runtime feeds; an empty cache counts as absent), each with the outputs torch returned, and
-a second observer fed with those projected calls, whose `infer_dynamic_shapes` the next stage
-uses.
+Takes: a loaded model, the task contract, an optional user `run` callable, tokenizer and
+feature extractor.
+Gives: one :class:`Capture` per graph of the contract: the observed calls of the graph's module
+(the model, or its encoder) that belong to the graph (all, or the generate steps without or with
+a cache), projected onto the graph's inputs (only the inputs the runtime feeds; an empty cache
+counts as absent), each with the outputs torch returned, and a second observer fed with those
+projected calls, whose `infer_dynamic_shapes` the next stage uses.
 
 Observing does not change what the run returns: the observer stores clones and hands the
 model's own outputs back unchanged.
@@ -12,10 +14,12 @@ model's own outputs back unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,22 +27,34 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import ObserverExportError, Stage
-from .tasks import TaskContract
+from .tasks import Calls, Family, GraphContract, TaskContract
 
 logger = logging.getLogger(__name__)
 
-#: calls stored at most; generate() makes one call per new token.
+#: calls stored at most per observed module; generate() makes one call per new token.
 MAX_STORED_CALLS = 64
 DEFAULT_PROMPTS = (
     "Hello, my dog is cute",
     "The capital of France is Paris, and the capital of Germany is",
     "Once upon a time",
 )
+#: Durations (seconds) of the synthetic waveforms of the default speech run.
+DEFAULT_AUDIO_SECONDS = (0.7, 1.6, 1.1)
+#: Run hints for the error raised when the run itself fails, per task family.
+_RUN_HINTS = {
+    Family.DECODER: "model.generate on a batch of token ids",
+    Family.SEQ2SEQ: "model.generate on a batch of token ids",
+    Family.SPEECH_SEQ2SEQ: (
+        "model.generate on input_features made by the model's feature extractor from audio at its "
+        "sampling rate (feature_extractor.sampling_rate), of the length the encoder expects"
+    ),
+    Family.ENCODER: "model(**tokenizer(sentences, padding=True, return_tensors='pt'))",
+}
 
 
 @dataclasses.dataclass
 class ObservedCall:
-    """One call to `forward`, restricted to the task contract's inputs."""
+    """One call to `forward`, restricted to the graph contract's inputs."""
 
     inputs: dict[str, Any]
     outputs: Any
@@ -46,6 +62,9 @@ class ObservedCall:
 
 @dataclasses.dataclass
 class Capture:
+    """The observed calls of one graph."""
+
+    graph: GraphContract
     calls: list[ObservedCall]
     observer: torch.onnx.InputObserver
     return_value: Any
@@ -53,6 +72,26 @@ class Capture:
 
 def _num_leaves(value: Any) -> int:
     return len(pytree.tree_flatten(value)[0])
+
+
+def _vocab_size(model: Any) -> int:
+    # Character-level models (canine) have no vocabulary size; any code point is an id.
+    return getattr(model.config.get_text_config(), "vocab_size", None) or 256
+
+
+def random_token_batch(
+    model: Any, lengths: list[int], generator: torch.Generator, left_padding: bool
+) -> dict[str, torch.Tensor]:
+    """Random ids for prompts of `lengths` tokens, padded to the longest, with their mask."""
+    longest = max(lengths)
+    input_ids = torch.randint(3, _vocab_size(model), (len(lengths), longest), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    for row, length in enumerate(lengths):
+        if left_padding:
+            attention_mask[row, : longest - length] = 0
+        else:
+            attention_mask[row, length:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any]:
@@ -63,23 +102,17 @@ def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any
     def run(model: Any) -> list[torch.Tensor]:
         # Two short prompts, then all three: the batches differ in size and in padded length.
         batches = [[DEFAULT_PROMPTS[0], DEFAULT_PROMPTS[2]], list(DEFAULT_PROMPTS)]
-        vocab = model.config.get_text_config().vocab_size
         generator = torch.Generator().manual_seed(0)
         results = []
         for prompts in batches:
             if padding_tokenizer is not None:
                 encoded = padding_tokenizer(prompts, return_tensors="pt", padding=True)
-                input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+                inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
             else:
-                lengths = [4 + 2 * i for i in range(len(prompts))]
-                input_ids = torch.randint(3, vocab, (len(prompts), max(lengths)), generator=generator)
-                attention_mask = torch.ones_like(input_ids)
-                for row, length in enumerate(lengths):
-                    attention_mask[row, : max(lengths) - length] = 0
+                inputs = random_token_batch(model, [4 + 2 * i for i in range(len(prompts))], generator, True)
             results.append(
                 model.generate(
-                    input_ids=input_ids.to(model.device),
-                    attention_mask=attention_mask.to(model.device),
+                    **{k: v.to(model.device) for k, v in inputs.items()},
                     max_new_tokens=3,
                     min_new_tokens=3,
                     do_sample=False,
@@ -89,6 +122,90 @@ def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any
         return results
 
     return run
+
+
+def text_batches(model: Any, tokenizer: Any | None) -> list[dict[str, torch.Tensor]]:
+    """Batches of 2 and 3 texts of different lengths, right padded, as an encoder is fed:
+    tokenized when a tokenizer is given (keeping only what `forward` takes), else random ids."""
+    batches = [[DEFAULT_PROMPTS[0], DEFAULT_PROMPTS[2]], list(DEFAULT_PROMPTS)]
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        return [random_token_batch(model, [5 + 3 * i for i in range(len(b))], generator, False) for b in batches]
+    accepted = set(inspect.signature(model.forward).parameters)
+    encoded = [tokenizer(b, return_tensors="pt", padding=True) for b in batches]
+    return [{k: v for k, v in e.items() if k in accepted} for e in encoded]
+
+
+def synthetic_waveforms(sampling_rate: int, seconds: tuple[float, ...]) -> list[Any]:
+    """Sine sweeps of the given durations: real-looking audio without a data set."""
+    import numpy as np
+
+    waves = []
+    for index, duration in enumerate(seconds):
+        t = np.arange(int(duration * sampling_rate)) / sampling_rate
+        waves.append((0.5 * np.sin(2 * math.pi * (220 + 110 * index) * t * (1 + t))).astype(np.float32))
+    return waves
+
+
+def speech_batches(model: Any, feature_extractor: Any | None) -> list[dict[str, torch.Tensor]]:
+    """Batches of 2 and 3 waveforms of different durations through the feature extractor, or
+    random features of the length the encoder expects when there is none."""
+    batches = [DEFAULT_AUDIO_SECONDS[:2], DEFAULT_AUDIO_SECONDS]
+    if feature_extractor is not None:
+        rate = feature_extractor.sampling_rate
+        return [
+            {"input_features": feature_extractor(synthetic_waveforms(rate, b), sampling_rate=rate, return_tensors="pt")[
+                "input_features"
+            ]}
+            for b in batches
+        ]
+    config = model.config
+    frames = 2 * config.max_source_positions
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_features": torch.randn(len(b), config.num_mel_bins, frames, generator=generator)} for b in batches]
+
+
+def default_seq2seq_run(
+    model: Any, family: Family, tokenizer: Any | None = None, feature_extractor: Any | None = None
+) -> Callable[[Any], Any]:
+    """`generate` with batch 2 then 3 over texts (or waveforms) of different lengths."""
+
+    def run(model: Any) -> list[torch.Tensor]:
+        if family is Family.SPEECH_SEQ2SEQ:
+            batches = speech_batches(model, feature_extractor)
+        else:
+            batches = text_batches(model, tokenizer)
+        return [
+            model.generate(
+                **{k: v.to(model.device) for k, v in inputs.items()},
+                max_new_tokens=3,
+                min_new_tokens=3,
+                do_sample=False,
+            )
+            for inputs in batches
+        ]
+
+    return run
+
+
+def default_encoder_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any]:
+    """A plain forward over batches of 2 and 3 texts of different lengths."""
+
+    def run(model: Any) -> list[Any]:
+        with torch.no_grad():
+            return [model(**{k: v.to(model.device) for k, v in b.items()}) for b in text_batches(model, tokenizer)]
+
+    return run
+
+
+def default_run_for(
+    model: Any, contract: TaskContract, tokenizer: Any | None, feature_extractor: Any | None
+) -> Callable[[Any], Any]:
+    if contract.family is Family.DECODER:
+        return default_run(model, tokenizer)
+    if contract.family is Family.ENCODER:
+        return default_encoder_run(model, tokenizer)
+    return default_seq2seq_run(model, contract.family, tokenizer, feature_extractor)
 
 
 def left_padding_copy(tokenizer: Any | None) -> Any | None:
@@ -113,24 +230,39 @@ def pad_token_id(model: Any, tokenizer: Any | None) -> int:
     return 0
 
 
-def _project(
-    args: tuple[Any, ...], kwargs: dict[str, Any], signature_names: list[str], contract: TaskContract
-) -> dict[str, Any]:
-    named = {**dict(zip(signature_names, args)), **kwargs}
+def observed_module(model: Any, module: str) -> torch.nn.Module:
+    """The module a graph is observed on: the model, or its encoder."""
+    return model if module == "model" else model.get_encoder()
+
+
+def _named(args: tuple[Any, ...], kwargs: dict[str, Any], signature_names: list[str]) -> dict[str, Any]:
+    return {**dict(zip(signature_names, args)), **kwargs}
+
+
+def _belongs(named: dict[str, Any], graph: GraphContract) -> bool:
+    if graph.calls is Calls.ALL:
+        return True
+    has_past = _num_leaves(named.get("past_key_values")) > 0
+    return has_past == (graph.calls is Calls.WITH_PAST)
+
+
+def _project(named: dict[str, Any], graph: GraphContract) -> dict[str, Any]:
     projected = {}
-    for name in contract.inputs:
-        value = named.get(name)
+    for contract_input in graph.inputs:
+        value = named.get(contract_input.source)
+        if value is not None and contract_input.first_of:
+            value = value[0]
         if value is None:
             continue
         if not isinstance(value, torch.Tensor) and _num_leaves(value) == 0:
             # A cache whose layers are not initialised yet: the prefill call of generate().
             continue
-        projected[name] = value
+        projected[contract_input.name] = value
     return projected
 
 
-def _contract_replay(contract: TaskContract) -> torch.nn.Module:
-    """A module whose `forward` has exactly the contract's inputs as keyword parameters, so a
+def _contract_replay(graph: GraphContract) -> torch.nn.Module:
+    """A module whose `forward` has exactly the graph's inputs as keyword parameters, so a
     second observer records the projected calls under the signature the export will use."""
 
     def forward(self: torch.nn.Module, **kwargs: Any) -> None:
@@ -138,9 +270,37 @@ def _contract_replay(contract: TaskContract) -> torch.nn.Module:
 
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in contract.inputs]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in graph.input_names]
     )
     return type("ContractReplay", (torch.nn.Module,), {"forward": forward})()
+
+
+def _graph_capture(
+    graph: GraphContract, observer: torch.onnx.InputObserver, return_value: Any, model_type: str
+) -> Capture:
+    info = observer.info
+    calls = []
+    for candidate, outputs, spec in zip(info.inputs, info.flat_outputs, info.outputs_specs):
+        named = _named(candidate.args, candidate.kwargs, info.signature_names)
+        if _belongs(named, graph):
+            calls.append(ObservedCall(_project(named, graph), pytree.tree_unflatten(outputs, spec)))
+    if not calls:
+        raise ObserverExportError(
+            model_type,
+            Stage.CAPTURE,
+            f"the run called the {graph.module} but never in the way {graph.file_name} is exported from "
+            f"(calls {graph.calls.value}), so that graph has nothing to export",
+            "run the whole model the way it is used, for example model.generate(...) for a "
+            "generation task, which calls the encoder once and the decoder once per new token "
+            "(at least 2 new tokens).",
+        )
+    contract_observer = torch.onnx.InputObserver()
+    replay = _contract_replay(graph)
+    with contract_observer(replay, store_n_calls=len(calls)):
+        for call in calls:
+            replay(**call.inputs)
+    logger.info("captured %d calls for %s", len(calls), graph.file_name)
+    return Capture(graph=graph, calls=calls, observer=contract_observer, return_value=return_value)
 
 
 def capture(
@@ -149,11 +309,15 @@ def capture(
     model_type: str,
     run: Callable[[Any], Any] | None = None,
     tokenizer: Any | None = None,
-) -> Capture:
-    run = run or default_run(model, tokenizer)
-    observer = torch.onnx.InputObserver()
+    feature_extractor: Any | None = None,
+) -> list[Capture]:
+    """Runs `run(model)` with one observer per observed module; one :class:`Capture` per graph."""
+    run = run or default_run_for(model, contract, tokenizer, feature_extractor)
+    observers = {name: torch.onnx.InputObserver() for name in contract.observed_modules}
     try:
-        with observer(model, store_n_calls=MAX_STORED_CALLS):
+        with contextlib.ExitStack() as stack:
+            for name, observer in observers.items():
+                stack.enter_context(observer(observed_module(model, name), store_n_calls=MAX_STORED_CALLS))
             return_value = run(model)
     except Exception as error:
         raise ObserverExportError(
@@ -161,30 +325,17 @@ def capture(
             Stage.CAPTURE,
             f"running the model under the observer raised {type(error).__name__}: {error}",
             "check that the model runs in plain PyTorch with the same `run` callable "
-            "(for the default run: model.generate on a batch of token ids).",
+            f"(for the default run: {_RUN_HINTS[contract.family]}).",
         ) from error
 
-    if observer.num_obs() == 0:
-        raise ObserverExportError(
-            model_type,
-            Stage.CAPTURE,
-            "the run never called the model's forward, so there is nothing to export",
-            "pass a `run` callable that calls the model it receives (for example model.generate(...) "
-            "or model(**inputs)).",
-        )
-
-    info = observer.info
-    calls = [
-        ObservedCall(
-            _project(candidate.args, candidate.kwargs, info.signature_names, contract),
-            pytree.tree_unflatten(outputs, spec),
-        )
-        for candidate, outputs, spec in zip(info.inputs, info.flat_outputs, info.outputs_specs)
-    ]
-    contract_observer = torch.onnx.InputObserver()
-    replay = _contract_replay(contract)
-    with contract_observer(replay, store_n_calls=len(calls)):
-        for call in calls:
-            replay(**call.inputs)
-    logger.info("captured %d calls to forward", len(calls))
-    return Capture(calls=calls, observer=contract_observer, return_value=return_value)
+    for name, observer in observers.items():
+        if observer.num_obs() == 0:
+            what = "forward" if name == "model" else f"{name}'s forward"
+            raise ObserverExportError(
+                model_type,
+                Stage.CAPTURE,
+                f"the run never called the model's {what}, so there is nothing to export",
+                "pass a `run` callable that calls the model it receives the way it is used (for "
+                "example model.generate(...) or model(**inputs)).",
+            )
+    return [_graph_capture(graph, observers[graph.module], return_value, model_type) for graph in contract.graphs]

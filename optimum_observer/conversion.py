@@ -1,12 +1,13 @@
 """Export: `torch.onnx.export(..., dynamo=True)` of the model under the task contract.
 
-Takes: the loaded model, the task contract and an :class:`~optimum_observer.synthesis.ExportExample`.
+Takes: the loaded model, one graph contract and an :class:`~optimum_observer.synthesis.ExportExample`.
 Gives: a `torch.onnx.ONNXProgram` whose inputs are the example's flattened leaves in contract
-order and whose outputs are the contract's output fields, flattened (logits, then the cache).
+order and whose outputs are the contract's outputs, flattened (logits, then the cache).
 
-The model is wrapped in a module whose `forward` takes exactly the contract's inputs by name
-and returns the contract's output fields as a tuple, so graph inputs and outputs come in a
-known order for the naming stage. The export runs inside the patches of :mod:`optimum_observer.patches`.
+The graph's module (the model, or its encoder) is wrapped in a module whose `forward` takes
+exactly the graph's inputs by name, passes each as the `forward` argument it was observed in,
+and returns the contract's outputs as a tuple, so graph inputs and outputs come in a known
+order for the naming stage. The export runs inside the patches of :mod:`optimum_observer.patches`.
 """
 
 from __future__ import annotations
@@ -20,28 +21,35 @@ import torch
 
 from .errors import ObserverExportError, Stage
 from .patches import PATCHES, Patch, applied
+from .capture import observed_module
 from .synthesis import ExportExample
-from .tasks import TaskContract
+from .tasks import GraphContract
 
 logger = logging.getLogger(__name__)
 
 
 class ContractModule(torch.nn.Module):
-    """Calls `model(**inputs)` and returns the contract's output fields as a tuple."""
+    """Calls the graph's module with the contract's inputs and returns its outputs as a tuple."""
 
-    def __init__(self, model: torch.nn.Module, contract: TaskContract):
+    def __init__(self, model: torch.nn.Module, graph: GraphContract):
         super().__init__()
         self.model = model
-        self.contract = contract
+        self.graph = graph
 
     def forward(self, **inputs: Any) -> tuple[Any, ...]:
-        extra = {"use_cache": True} if self.contract.with_past else {"use_cache": False}
-        outputs = self.model(**inputs, **extra, return_dict=True)
-        return tuple(outputs[name] for name in self.contract.outputs)
+        arguments = {}
+        for contract_input in self.graph.inputs:
+            if contract_input.name in inputs:
+                value = inputs[contract_input.name]
+                arguments[contract_input.source] = (value,) if contract_input.first_of else value
+        if self.graph.use_cache is not None:
+            arguments["use_cache"] = self.graph.use_cache
+        outputs = self.model(**arguments, return_dict=True)
+        return tuple(output.read(outputs) for output in self.graph.outputs)
 
 
-def contract_module(model: torch.nn.Module, contract: TaskContract, input_names: list[str]) -> ContractModule:
-    module = ContractModule(model, contract).eval()
+def contract_module(model: torch.nn.Module, graph: GraphContract, input_names: list[str]) -> ContractModule:
+    module = ContractModule(observed_module(model, graph.module), graph).eval()
     # torch.export maps keyword arguments and dynamic shapes through forward's signature.
     signature = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in input_names]
@@ -57,13 +65,13 @@ def contract_module(model: torch.nn.Module, contract: TaskContract, input_names:
 
 def convert(
     model: torch.nn.Module,
-    contract: TaskContract,
+    graph: GraphContract,
     example: ExportExample,
     model_type: str,
     opset: int | None = None,
     patches: Sequence[Patch] = PATCHES,
 ) -> torch.onnx.ONNXProgram:
-    module = contract_module(model, contract, list(example.kwargs))
+    module = contract_module(model, graph, list(example.kwargs))
     try:
         with applied(patches), torch.no_grad():
             return torch.onnx.export(

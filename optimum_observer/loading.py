@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from .errors import ObserverExportError, Stage
-from .tasks import TaskContract
+from .tasks import Family, TaskContract
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class LoadedModel:
     model: Any
     model_type: str
     tokenizer: Any | None
+    feature_extractor: Any | None = None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -61,6 +62,7 @@ def load(
     *,
     tokenizer: Any | None,
     dtype: str | torch.dtype | None,
+    feature_extractor: Any | None = None,
     device: str,
     trust_remote_code: bool,
     model_kwargs: dict[str, Any] | None,
@@ -101,12 +103,42 @@ def load(
             ) from error
         if tokenizer is None:
             tokenizer = _try_tokenizer(source, hub_kwargs, trust_remote_code)
+        if feature_extractor is None and contract.family is Family.SPEECH_SEQ2SEQ:
+            feature_extractor = _try_feature_extractor(source, hub_kwargs, trust_remote_code)
     else:
         loaded = model.to(torch_dtype)
         model_type = loaded.config.model_type
+    _check_architecture(loaded, model_type, contract)
     loaded = loaded.to(device).eval()
     loaded.config.use_cache = contract.with_past
-    return LoadedModel(model=loaded, model_type=model_type, tokenizer=tokenizer)
+    return LoadedModel(model=loaded, model_type=model_type, tokenizer=tokenizer, feature_extractor=feature_extractor)
+
+
+def _check_architecture(model: Any, model_type: str, contract: TaskContract) -> None:
+    """An encoder-decoder model for an encoder-decoder task, and a decoder-only one otherwise."""
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    wants_encoder_decoder = contract.family in (Family.SEQ2SEQ, Family.SPEECH_SEQ2SEQ)
+    if contract.family is Family.ENCODER or is_encoder_decoder == wants_encoder_decoder:
+        return
+    kind = "an encoder-decoder" if is_encoder_decoder else "a decoder-only"
+    tasks = "text2text-generation-with-past or automatic-speech-recognition-with-past"
+    raise ObserverExportError(
+        model_type,
+        Stage.LOAD,
+        f"{kind} model cannot be exported for {contract.name!r}, which needs "
+        + ("an encoder-decoder model" if wants_encoder_decoder else "a decoder-only model"),
+        f"export it for {tasks if is_encoder_decoder else 'text-generation-with-past'} instead.",
+    )
+
+
+def _try_feature_extractor(source: str, hub_kwargs: dict[str, Any], trust_remote_code: bool) -> Any | None:
+    try:
+        return transformers.AutoFeatureExtractor.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **hub_kwargs
+        )
+    except Exception as error:
+        logger.info("no feature extractor loaded from %s (%s); capture uses random features", source, error)
+        return None
 
 
 def _try_tokenizer(source: str, hub_kwargs: dict[str, Any], trust_remote_code: bool) -> Any | None:

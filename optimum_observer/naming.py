@@ -1,13 +1,17 @@
 """Naming: give the exported graph Optimum's input, output and dimension names.
 
-Takes: the `torch.onnx.ONNXProgram`, the task contract and the export example.
+Takes: the `torch.onnx.ONNXProgram`, the graph's capture and the export example.
 Gives: the program renamed in place (through `onnx_ir`, no protobuf surgery) and the dynamic
 axes of every graph input and output.
 
-Inputs: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key|value`.
-Outputs: `logits`, `present.{i}.key|value`. Dimensions: the example's symbols (`batch_size`,
-`sequence_length`, `past_sequence_length`), with a sum written as the example names it
-(`past_sequence_length + sequence_length`) whichever order of terms torch produced.
+Inputs: the example's leaf names (`input_ids`, `attention_mask`, `position_ids`,
+`encoder_hidden_states`, `past_key_values.{i}.key|value` or
+`past_key_values.{i}.decoder|encoder.key|value`). Outputs: the contract's names (`logits`,
+`last_hidden_state`, ...), and a cache as `present.{i}.{suffix}` with the suffixes of the cache
+class torch returned (or the contract's own). Dimensions: the example's symbols (`batch_size`,
+`sequence_length`, `past_sequence_length`, `encoder_sequence_length`), with a sum written as the
+example names it (`past_sequence_length + sequence_length`) whichever order of terms torch
+produced.
 """
 
 from __future__ import annotations
@@ -15,29 +19,30 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 
-from .cache_pytree import leaf_name
+from .cache_pytree import LEAF_SUFFIXES, leaf_name
+from .capture import Capture
 from .errors import ObserverExportError, Stage
 from .synthesis import ExportExample
-from .tasks import TaskContract
-
-OUTPUT_CACHE_PREFIX = {"past_key_values": "present"}
 
 
 def input_names(example: ExportExample) -> list[str]:
-    names = []
-    for leaf in example.leaves:
-        is_cache = sum(1 for other in example.leaves if other.input_name == leaf.input_name) > 1
-        names.append(leaf_name(leaf.input_name, leaf.index) if is_cache else leaf.input_name)
-    return names
+    return [leaf.onnx_name for leaf in example.leaves]
 
 
-def output_names(contract: TaskContract, num_outputs: int) -> list[str]:
-    tensor_fields = [f for f in contract.outputs if f not in OUTPUT_CACHE_PREFIX]
-    cache_fields = [f for f in contract.outputs if f in OUTPUT_CACHE_PREFIX]
-    names = list(tensor_fields)
-    if cache_fields:
-        (field,) = cache_fields
-        names += [leaf_name(OUTPUT_CACHE_PREFIX[field], i) for i in range(num_outputs - len(names))]
+def output_names(capture: Capture, num_outputs: int) -> list[str]:
+    """Tensor outputs by their contract name; the one cache output (whose type the first
+    observed call shows) takes the remaining outputs, named per layer."""
+    returned = capture.calls[0].outputs
+    values = [(output, output.read(returned)) for output in capture.graph.outputs]
+    tensors = [output.name for output, value in values if isinstance(value, torch.Tensor)]
+    names = list(tensors)
+    caches = [(output, value) for output, value in values if not isinstance(value, torch.Tensor)]
+    if caches:
+        (output, value), = caches
+        suffixes = output.leaf_suffixes or LEAF_SUFFIXES[type(value)]
+        position = [o for o, _ in values].index(output)
+        cache_names = [leaf_name(output.name, i, suffixes) for i in range(num_outputs - len(tensors))]
+        names[position:position] = cache_names
     return names
 
 
@@ -59,11 +64,11 @@ def _rename_dims(value: ir.Value, sums: dict[frozenset[str], str]) -> dict[int, 
 
 
 def apply_names(
-    program: torch.onnx.ONNXProgram, contract: TaskContract, example: ExportExample, model_type: str
+    program: torch.onnx.ONNXProgram, capture: Capture, example: ExportExample, model_type: str
 ) -> dict[str, dict[int, str]]:
     graph = program.model.graph
     wanted_inputs = input_names(example)
-    wanted_outputs = output_names(contract, len(graph.outputs))
+    wanted_outputs = output_names(capture, len(graph.outputs))
     if len(graph.inputs) != len(wanted_inputs) or len(graph.outputs) != len(wanted_outputs):
         raise ObserverExportError(
             model_type,

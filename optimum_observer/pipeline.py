@@ -1,8 +1,13 @@
-"""The observer export, stage by stage: load, capture, synthesize, export, name, package, validate."""
+"""The observer export, stage by stage: load, capture, synthesize, export, name, package, validate.
+
+A task may have several graphs (an encoder-decoder model: encoder, decoder, decoder with past):
+every stage runs for each graph in turn, from one observed run of the whole model.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -19,7 +24,7 @@ from . import conversion, loading, naming, packaging, synthesis, validation
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
-from .tasks import TaskContract, get_task
+from .tasks import Family, TaskContract, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ def export(
     subfolder: str = "",
     show_progress: bool | None = None,
     runtime_class: Any = None,
+    feature_extractor: Any = None,
 ) -> ExportResult:
     """Exports `model` to ONNX in `output_dir` by observing a typical run of it.
 
@@ -86,8 +92,10 @@ def export(
             through the runtime class; a mismatch raises.
         atol: absolute tolerance of the replay.
         show_progress: progress bar over the stages; defaults to "stderr is a terminal".
-        runtime_class: class whose `from_pretrained(dir)` loads the export for the generation
+        runtime_class: class whose `from_pretrained(dir)` loads the export for the runtime
             check; defaults to the unchanged `optimum.onnxruntime` class of the task.
+        feature_extractor: for speech tasks, the feature extractor the default run feeds
+            synthetic waveforms through (and saves); loaded from `model` when it holds one.
 
     Raises:
         ObserverExportError: naming the model type, the stage and what to try next.
@@ -109,27 +117,38 @@ def export(
                 trust_remote_code=trust_remote_code,
                 model_kwargs=model_kwargs,
                 hub_kwargs=hub_kwargs,
+                feature_extractor=feature_extractor,
             )
         model_type = loaded.model_type
         with registered_caches():
             with progress.stage(Stage.CAPTURE):
-                captured = capture_stage.capture(loaded.model, contract, model_type, run, loaded.tokenizer)
+                captures = capture_stage.capture(
+                    loaded.model, contract, model_type, run, loaded.tokenizer, loaded.feature_extractor
+                )
             with progress.stage(Stage.SYNTHESIS):
-                example = synthesis.synthesize(captured, contract, model_type)
+                graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
             with progress.stage(Stage.EXPORT):
-                program = conversion.convert(loaded.model, contract, example, model_type, opset)
+                for graph in graphs:
+                    graph.program = conversion.convert(
+                        loaded.model, graph.capture.graph, graph.example, model_type, opset
+                    )
+        dynamic_axes: dict[str, dict[int, str]] = {}
         with progress.stage(Stage.NAMING):
-            dynamic_axes = naming.apply_names(program, contract, example, model_type)
+            for graph in graphs:
+                axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
+                # Several files may share value names (each decoder has `input_ids`): qualify them.
+                prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
+                dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
         with packaging.staged_output(output_dir) as staging:
             with progress.stage(Stage.PACKAGING):
-                onnx_files = packaging.write_model(program, staging)
-                packaging.write_configs(loaded.model, loaded.tokenizer, staging)
+                onnx_files = [
+                    name
+                    for graph in graphs
+                    for name in packaging.write_model(graph.program, staging, graph.capture.graph.file_name)
+                ]
+                packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
             with progress.stage(Stage.VALIDATION):
-                report = (
-                    _validate(staging, loaded, captured, example, contract, atol, runtime_class)
-                    if validate
-                    else None
-                )
+                report = _validate(staging, loaded, graphs, contract, atol, runtime_class) if validate else None
     finally:
         progress.close()
     return ExportResult(
@@ -143,40 +162,65 @@ def export(
     )
 
 
+@dataclasses.dataclass
+class _GraphExport:
+    """One graph of the task as it goes through the stages."""
+
+    capture: capture_stage.Capture
+    example: synthesis.ExportExample
+    program: torch.onnx.ONNXProgram | None = None
+
+
 def _validate(
     staging: Path,
     loaded: loading.LoadedModel,
-    captured: capture_stage.Capture,
-    example: synthesis.ExportExample,
+    graphs: list[_GraphExport],
     contract: TaskContract,
     atol: float,
     runtime_class: Any,
 ) -> ValidationReport:
-    calls = validation.replay_calls(
-        staging / packaging.ONNX_FILE, captured, example, contract, naming.input_names(example), atol
-    )
+    calls = [
+        check
+        for graph in graphs
+        for check in validation.replay_calls(
+            staging / graph.capture.graph.file_name,
+            graph.capture,
+            graph.example,
+            naming.input_names(graph.example),
+            atol,
+        )
+    ]
     runtime_class = runtime_class or validation.default_runtime_class(contract)
-    generation = []
+    generation, runtime = [], []
     if runtime_class is not None:
         try:
-            generation = validation.check_generation(
-                staging,
-                loaded.model,
-                loaded.tokenizer,
-                runtime_class,
-                capture_stage.pad_token_id(loaded.model, loaded.tokenizer),
-            )
+            if contract.family is Family.DECODER:
+                generation = validation.check_generation(
+                    staging,
+                    loaded.model,
+                    loaded.tokenizer,
+                    runtime_class,
+                    capture_stage.pad_token_id(loaded.model, loaded.tokenizer),
+                )
+            elif contract.generates:
+                generation = validation.check_seq2seq_generation(
+                    staging, loaded.model, contract, loaded.tokenizer, loaded.feature_extractor, runtime_class
+                )
+            else:
+                runtime = validation.check_runtime_outputs(
+                    staging, loaded.model, contract, loaded.tokenizer, runtime_class, atol
+                )
         except Exception as error:
             raise ObserverExportError(
                 loaded.model_type,
                 Stage.VALIDATION,
-                f"{runtime_class.__name__} could not generate with the exported model: "
+                f"{runtime_class.__name__} could not run the exported model: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                 "if the error is about past_key_values dimensions, the runtime sized its first-step "
                 "cache from the config: load the export with legacy_shim.ORTModelForCausalLM, which "
                 "reads it from the graph; pass validate=False to keep the file anyway.",
             ) from error
-    report = ValidationReport(atol=atol, calls=calls, generation=generation)
+    report = ValidationReport(atol=atol, calls=calls, generation=generation, runtime=runtime)
     logger.info("validation:\n%s", report.table())
     if not report.ok:
         raise ObserverExportError(

@@ -14,6 +14,8 @@ class CallCheck:
     max_abs_diff: float
     ok: bool
     error: str = ""
+    #: the ONNX file the call was replayed through.
+    graph: str = "model.onnx"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,23 +32,41 @@ class GenerationCheck:
 
 
 @dataclasses.dataclass(frozen=True)
+class RuntimeCheck:
+    """One output of the runtime class on one batch compared with the torch model's."""
+
+    index: int
+    output: str
+    max_abs_diff: float
+    ok: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class ValidationReport:
     atol: float
     calls: list[CallCheck]
     generation: list[GenerationCheck]
+    runtime: list[RuntimeCheck] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.calls) and all(g.ok for g in self.generation)
+        return (
+            all(c.ok for c in self.calls)
+            and all(g.ok for g in self.generation)
+            and all(r.ok for r in self.runtime)
+        )
 
     def table(self) -> str:
         """A plain-text table of every check, for logs and error messages."""
-        lines = [f"{'check':<24} {'max |diff|':>12}  result"]
+        lines = [f"{'check':<48} {'max |diff|':>12}  result"]
         for c in self.calls:
             verdict = "ok" if c.ok else f"FAIL {c.error}".strip()
-            lines.append(f"{'observed call ' + str(c.index):<24} {c.max_abs_diff:>12.3g}  {verdict}")
+            lines.append(f"{f'observed call {c.index} ({c.graph})':<48} {c.max_abs_diff:>12.3g}  {verdict}")
+        for r in self.runtime:
+            verdict = "ok" if r.ok else "FAIL"
+            lines.append(f"{f'runtime class, batch {r.index}: {r.output}':<48} {r.max_abs_diff:>12.3g}  {verdict}")
         for i, g in enumerate(self.generation):
-            lines.append(f"{'greedy generation ' + str(i):<24} {'':>12}  {'ok' if g.ok else 'FAIL'}")
+            lines.append(f"{'greedy generation ' + str(i):<48} {'':>12}  {'ok' if g.ok else 'FAIL'}")
             if not g.ok:
                 lines.append(f"    torch: {g.torch_tokens}")
                 lines.append(f"    onnx : {g.onnx_tokens}")
@@ -62,7 +82,8 @@ class ExportResult:
         model_type: `config.model_type` of the exported model.
         task: the task the model was exported for.
         onnx_files: the ONNX files written, relative to `output_dir`.
-        dynamic_axes: for each ONNX input and output, its symbolic axes (axis -> name).
+        dynamic_axes: for each ONNX input and output, its symbolic axes (axis -> name); when
+            the task has several files, keyed `"{file}:{name}"` (`"decoder_model.onnx:logits"`).
         validation: the validation report, or None when validation was skipped.
         timings: wall time per stage, in seconds.
     """

@@ -1,10 +1,10 @@
 """Example synthesis: one export-safe argument set built from the observations.
 
-Takes: a :class:`~optimum_observer.capture.Capture` (under the cache registration).
+Takes: a :class:`~optimum_observer.capture.Capture` of one graph (under the cache registration).
 Gives: an :class:`ExportExample`: example keyword arguments in which every dimension the
 observations showed to vary is at least 2 and independent dimensions have distinct sizes, the
 matching dynamic shapes with one symbol name per independent dimension, and one
-:class:`LeafSpec` per flattened graph input.
+:class:`LeafSpec` per flattened graph input, carrying its Optimum name.
 
 Why: torch.export specialises any dimension whose example size is 0 or 1, and the observed calls
 have exactly those: the prefill call of generate() has an empty cache, and every decode step a
@@ -18,22 +18,28 @@ is that sum (the attention mask's `past_sequence_length + sequence_length`).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
+from .cache_pytree import LEAF_SUFFIXES, leaf_name
 from .capture import Capture
 from .errors import ObserverExportError, Stage
-from .tasks import TaskContract
 
-#: Symbol names for axes whose meaning the task contract fixes; Optimum's runtime uses them.
-AXIS_NAMES: dict[tuple[str, int], str] = {
-    ("input_ids", 0): "batch_size",
-    ("input_ids", 1): "sequence_length",
-    ("past_key_values", 2): "past_sequence_length",
-}
+#: Symbol names for axes whose meaning Optimum's naming fixes, as (graph input name pattern,
+#: axis, name); the first match wins. Axes of the same name are one dimension.
+AXIS_NAMES: tuple[tuple[str, int, str], ...] = (
+    ("input_ids", 0, "batch_size"),
+    ("input_features", 0, "batch_size"),
+    ("input_ids", 1, "sequence_length"),
+    ("past_key_values.*.encoder.*", 2, "encoder_sequence_length"),
+    ("past_key_values.*", 2, "past_sequence_length"),
+    ("encoder_hidden_states", 1, "encoder_sequence_length"),
+    ("encoder_attention_mask", 1, "encoder_sequence_length"),
+)
 _SIZES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29)
 
 
@@ -43,6 +49,7 @@ class LeafSpec:
 
     input_name: str
     index: int
+    onnx_name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     dims: dict[int, str]
@@ -86,9 +93,22 @@ _Flat = dict[str, tuple[list[torch.Tensor], pytree.TreeSpec]]
 _Axis = tuple[str, int, int]  # (contract input, leaf index, axis)
 
 
-def synthesize(capture: Capture, contract: TaskContract, model_type: str) -> ExportExample:
+def known_axis_name(onnx_name: str, axis: int) -> str | None:
+    return next((n for pattern, a, n in AXIS_NAMES if a == axis and fnmatch.fnmatchcase(onnx_name, pattern)), None)
+
+
+def onnx_leaf_names(name: str, spec: pytree.TreeSpec, count: int) -> list[str]:
+    """Optimum names of the flattened tensors of input `name`: the name itself for a tensor,
+    `{name}.{layer}.{suffix}` for a registered cache."""
+    if spec.is_leaf():
+        return [name]
+    suffixes = LEAF_SUFFIXES.get(spec.type, LEAF_SUFFIXES[next(iter(LEAF_SUFFIXES))])
+    return [leaf_name(name, index, suffixes) for index in range(count)]
+
+
+def synthesize(capture: Capture, model_type: str) -> ExportExample:
     flat = [{name: pytree.tree_flatten(value) for name, value in call.inputs.items()} for call in capture.calls]
-    names = [name for name in contract.inputs if any(name in call for call in flat)]
+    names = [name for name in capture.graph.input_names if any(name in call for call in flat)]
     templates = _templates(flat, names, model_type)
     try:
         observed_dynamic = capture.observer.infer_dynamic_shapes(set_batch_dimension_for=True)
@@ -116,9 +136,10 @@ def _group_axes(
     """One symbol per set of dynamic axes whose observed sizes agree on every call."""
     symbols: list[_Symbol] = []
     axis_symbol: dict[_Axis, _Symbol] = {}
-    for name, (template_leaves, _) in templates.items():
+    for name, (template_leaves, spec) in templates.items():
         per_leaf = observed_dynamic.get(name) or {}
         per_leaf = per_leaf if isinstance(per_leaf, (list, tuple)) else [per_leaf]
+        onnx_names = onnx_leaf_names(name, spec, len(template_leaves))
         for index, leaf in enumerate(template_leaves):
             shapes = [call[name][0][index].shape if name in call else None for call in flat]
             if any(shape is not None and len(shape) != leaf.ndim for shape in shapes):
@@ -126,7 +147,7 @@ def _group_axes(
             axes = per_leaf[index] if index < len(per_leaf) and per_leaf[index] else {}
             for axis in sorted(axes):
                 observed = [None if shape is None else shape[axis] for shape in shapes]
-                known = AXIS_NAMES.get((name, axis))
+                known = known_axis_name(onnx_names[index], axis)
                 symbol = next(
                     (
                         s
@@ -173,13 +194,14 @@ def _build_example(
     generator = torch.Generator().manual_seed(0)
     for name, (template_leaves, spec) in templates.items():
         new_leaves, leaf_shapes = [], []
+        onnx_names = onnx_leaf_names(name, spec, len(template_leaves))
         for index, leaf in enumerate(template_leaves):
             dims = {axis: s.name for (n, i, axis), s in axis_symbol.items() if n == name and i == index}
             shape = tuple(sizes[dims[a]] if a in dims else leaf.shape[a] for a in range(leaf.ndim))
             observed_values = [call[name][0][index] for call in flat if name in call]
             new_leaves.append(_example_tensor(name, shape, observed_values, sizes, generator))
             leaf_shapes.append(dims)
-            leaves.append(LeafSpec(name, index, leaf.dtype, tuple(leaf.shape), dims))
+            leaves.append(LeafSpec(name, index, onnx_names[index], leaf.dtype, tuple(leaf.shape), dims))
         if spec.is_leaf():
             kwargs[name] = new_leaves[0]
             dynamic_shapes[name] = leaf_shapes[0]

@@ -1,13 +1,105 @@
 """The tasks the observer stack exports, as data: what the runtime feeds and reads back.
 
-A task contract names the graph inputs the matching `optimum.onnxruntime` class feeds, in
-order, and the outputs it reads. Observed `forward` arguments outside the contract (for example
-`cache_position`, which the runtime never feeds) are left for the model to compute itself.
+A task contract describes one or more graphs (one ONNX file each). A graph contract names the
+graph inputs the matching `optimum.onnxruntime` class feeds, the `forward` argument each one is
+observed in, the outputs the runtime reads, which module of the model is observed (the model
+itself, or its encoder), and which of the observed calls belong to it (a decoder without past
+is the first step of generate, a decoder with past every later one). Observed `forward`
+arguments outside the contract (for example `cache_position`, which the runtime never feeds)
+are left for the model to compute itself.
+
+Encoder-decoder models are exported as `encoder_model.onnx`, `decoder_model.onnx` and
+`decoder_with_past_model.onnx`, not as one `decoder_model_merged.onnx`.
+`ORTModelForConditionalGeneration._from_pretrained` looks for a merged decoder first and, when
+there is none, loads exactly these two decoders (use_cache=True by default), so both layouts
+load by default. The separate layout is chosen because each file is one observed kind of call
+(the first generate step, whose cross-attention cache is computed from the encoder output, and
+the later steps, which read it back), exported by the same stages as every other graph; a merged
+file needs an `If` over two graphs that no observed call runs as one, and its first step is fed
+zero-length past tensors that the runtime sizes from `hidden_size // num_attention_heads`, which
+is wrong for models whose head size differs (T5's `d_kv`, for example).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+from typing import Any
+
+
+class Calls(str, enum.Enum):
+    """Which observed calls of a module one graph is exported from."""
+
+    ALL = "all"
+    WITHOUT_PAST = "without past"
+    WITH_PAST = "with past"
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractInput:
+    """One graph input, observed in the `forward` argument `argument` (default: its own name).
+
+    `first_of`: the argument is a tuple or ModelOutput and the input is its first element (the
+    decoder's `encoder_hidden_states` arrive as `encoder_outputs[0]`).
+    """
+
+    name: str
+    argument: str | None = None
+    first_of: bool = False
+
+    @property
+    def source(self) -> str:
+        return self.argument or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractOutput:
+    """One graph output (a tensor, or a cache flattened into one output per leaf).
+
+    `field`: the model output field it is read from (default: its own name); `attribute`: an
+    attribute of that field (`self_attention_cache` of an `EncoderDecoderCache`); for a cache,
+    `name` is the prefix of the per-layer names and `leaf_suffixes` overrides the cache class's
+    own suffixes.
+    """
+
+    name: str
+    field: str | None = None
+    attribute: str | None = None
+    leaf_suffixes: tuple[str, ...] | None = None
+
+    @property
+    def source(self) -> str:
+        return self.field or self.name
+
+    def read(self, outputs: Any) -> Any:
+        """This output, read from what the model's forward returned."""
+        value = outputs[self.source]
+        return getattr(value, self.attribute) if self.attribute else value
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphContract:
+    file_name: str
+    inputs: tuple[ContractInput, ...]
+    outputs: tuple[ContractOutput, ...]
+    #: "model" (the model's own forward) or "encoder" (`model.get_encoder()`).
+    module: str = "model"
+    calls: Calls = Calls.ALL
+    #: `use_cache` passed to forward at export; None for modules that do not take it.
+    use_cache: bool | None = False
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+
+class Family(str, enum.Enum):
+    """How a task is run by default and checked through its runtime class."""
+
+    DECODER = "decoder-only generation"
+    SEQ2SEQ = "encoder-decoder generation"
+    SPEECH_SEQ2SEQ = "speech encoder-decoder generation"
+    ENCODER = "encoder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,30 +107,127 @@ class TaskContract:
     name: str
     auto_model_class: str
     runtime_class: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    graphs: tuple[GraphContract, ...]
+    family: Family
     with_past: bool
+
+    @property
+    def generates(self) -> bool:
+        return self.family is not Family.ENCODER
+
+    @property
+    def observed_modules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(g.module for g in self.graphs))
+
+
+def _inputs(*names: str) -> tuple[ContractInput, ...]:
+    return tuple(ContractInput(name) for name in names)
+
+
+def _outputs(*names: str) -> tuple[ContractOutput, ...]:
+    return tuple(ContractOutput(name) for name in names)
+
+
+def _decoder_only(name: str, with_past: bool) -> TaskContract:
+    inputs = ("input_ids", "attention_mask", "position_ids") + (("past_key_values",) if with_past else ())
+    outputs = (ContractOutput("logits"),) + ((ContractOutput("present", "past_key_values"),) if with_past else ())
+    return TaskContract(
+        name=name,
+        auto_model_class="AutoModelForCausalLM",
+        runtime_class="ORTModelForCausalLM",
+        graphs=(GraphContract("model.onnx", _inputs(*inputs), outputs, use_cache=with_past),),
+        family=Family.DECODER,
+        with_past=with_past,
+    )
+
+
+def _encoder_task(name: str, auto_model_class: str, runtime_class: str, *outputs: str) -> TaskContract:
+    # The runtime feeds token_type_ids only when the graph has it; the graph has it only when
+    # the observed run passed it (the tokenizer returns it and forward takes it).
+    graph = GraphContract(
+        "model.onnx", _inputs("input_ids", "attention_mask", "token_type_ids"), _outputs(*outputs), use_cache=None
+    )
+    return TaskContract(name, auto_model_class, runtime_class, (graph,), Family.ENCODER, with_past=False)
+
+
+def _seq2seq(name: str, auto_model_class: str, runtime_class: str, encoder_input: str, family: Family) -> TaskContract:
+    decoder_inputs = (
+        ContractInput("input_ids", "decoder_input_ids"),
+        ContractInput("encoder_attention_mask", "attention_mask"),
+        ContractInput("encoder_hidden_states", "encoder_outputs", first_of=True),
+    )
+    return TaskContract(
+        name=name,
+        auto_model_class=auto_model_class,
+        runtime_class=runtime_class,
+        graphs=(
+            GraphContract(
+                "encoder_model.onnx",
+                _inputs(encoder_input, "attention_mask"),
+                _outputs("last_hidden_state"),
+                module="encoder",
+                use_cache=None,
+            ),
+            GraphContract(
+                "decoder_model.onnx",
+                decoder_inputs,
+                (ContractOutput("logits"), ContractOutput("present", "past_key_values")),
+                calls=Calls.WITHOUT_PAST,
+                use_cache=True,
+            ),
+            GraphContract(
+                "decoder_with_past_model.onnx",
+                decoder_inputs + (ContractInput("past_key_values"),),
+                (
+                    ContractOutput("logits"),
+                    # The cross-attention cache only passes through; the runtime keeps its own.
+                    ContractOutput(
+                        "present", "past_key_values", "self_attention_cache", ("decoder.key", "decoder.value")
+                    ),
+                ),
+                calls=Calls.WITH_PAST,
+                use_cache=True,
+            ),
+        ),
+        family=family,
+        with_past=True,
+    )
 
 
 TASKS: dict[str, TaskContract] = {
     contract.name: contract
     for contract in (
-        TaskContract(
-            name="text-generation-with-past",
-            auto_model_class="AutoModelForCausalLM",
-            runtime_class="ORTModelForCausalLM",
-            inputs=("input_ids", "attention_mask", "position_ids", "past_key_values"),
-            outputs=("logits", "past_key_values"),
-            with_past=True,
+        _decoder_only("text-generation-with-past", with_past=True),
+        _decoder_only("text-generation", with_past=False),
+        _seq2seq(
+            "text2text-generation-with-past",
+            "AutoModelForSeq2SeqLM",
+            "ORTModelForSeq2SeqLM",
+            "input_ids",
+            Family.SEQ2SEQ,
         ),
-        TaskContract(
-            name="text-generation",
-            auto_model_class="AutoModelForCausalLM",
-            runtime_class="ORTModelForCausalLM",
-            inputs=("input_ids", "attention_mask", "position_ids"),
-            outputs=("logits",),
-            with_past=False,
+        _seq2seq(
+            "automatic-speech-recognition-with-past",
+            "AutoModelForSpeechSeq2Seq",
+            "ORTModelForSpeechSeq2Seq",
+            "input_features",
+            Family.SPEECH_SEQ2SEQ,
         ),
+        _encoder_task("feature-extraction", "AutoModel", "ORTModelForFeatureExtraction", "last_hidden_state"),
+        _encoder_task(
+            "text-classification", "AutoModelForSequenceClassification", "ORTModelForSequenceClassification", "logits"
+        ),
+        _encoder_task(
+            "token-classification", "AutoModelForTokenClassification", "ORTModelForTokenClassification", "logits"
+        ),
+        _encoder_task(
+            "question-answering",
+            "AutoModelForQuestionAnswering",
+            "ORTModelForQuestionAnswering",
+            "start_logits",
+            "end_logits",
+        ),
+        _encoder_task("fill-mask", "AutoModelForMaskedLM", "ORTModelForMaskedLM", "logits"),
     )
 }
 

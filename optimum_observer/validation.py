@@ -1,14 +1,17 @@
 """Validation: the exported file against what torch did.
 
-Takes: the staged ONNX file, the capture, the export example and the runtime class.
+Takes: the staged ONNX files, the captures, the export examples and the runtime class.
 Gives: a :class:`~optimum_observer.result.ValidationReport` with
 
-* every observed call replayed through ONNX Runtime and compared with the outputs torch
-  returned during capture (max |diff| per call, fp32 default atol 1e-4). generate() asks torch
-  for the last position's logits only, so logits are compared on the positions torch returned;
-* greedy generation through the runtime class (by default the unchanged
-  `optimum.onnxruntime.ORTModelForCausalLM`, imported lazily: its public API only), token for
-  token against `model.generate`, for prompts of different lengths, batch 2 with left padding.
+* every observed call replayed through ONNX Runtime (through the graph it was exported into)
+  and compared with the outputs torch returned during capture (max |diff| per call, fp32
+  default atol 1e-4). generate() asks torch for the last position's logits only, so logits are
+  compared on the positions torch returned;
+* through the runtime class (by default the unchanged `optimum.onnxruntime` class of the task,
+  imported lazily: its public API only): for generation tasks, greedy generation token for token
+  against `model.generate`, batch 2 with inputs of different lengths (left padded for a decoder
+  only model); for encoder tasks, every output on batches of 2 and 3 texts of different lengths
+  against the torch model's, within atol.
 """
 
 from __future__ import annotations
@@ -23,10 +26,19 @@ import torch
 import torch.utils._pytree as pytree
 
 from .cache_pytree import registered_caches
-from .capture import DEFAULT_PROMPTS, Capture, ObservedCall, left_padding_copy
-from .result import CallCheck, GenerationCheck
+from .capture import (
+    DEFAULT_AUDIO_SECONDS,
+    DEFAULT_PROMPTS,
+    Capture,
+    ObservedCall,
+    left_padding_copy,
+    random_token_batch,
+    speech_batches,
+    text_batches,
+)
+from .result import CallCheck, GenerationCheck, RuntimeCheck
 from .synthesis import ExportExample
-from .tasks import TaskContract
+from .tasks import Family, GraphContract, TaskContract
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +84,10 @@ def _max_visible_diff(want: torch.Tensor, have: torch.Tensor, mask: torch.Tensor
     return diff.max().item()
 
 
-def _expected(call: ObservedCall, contract: TaskContract) -> list[torch.Tensor]:
+def _expected(call: ObservedCall, graph: GraphContract) -> list[torch.Tensor]:
     expected = []
-    for field in contract.outputs:
-        expected.extend(_leaves(call.outputs[field]))
+    for output in graph.outputs:
+        expected.extend(_leaves(output.read(call.outputs)))
     return expected
 
 
@@ -83,7 +95,6 @@ def replay_calls(
     onnx_path: Path,
     capture: Capture,
     example: ExportExample,
-    contract: TaskContract,
     input_names: list[str],
     atol: float,
 ) -> list[CallCheck]:
@@ -94,9 +105,11 @@ def replay_calls(
             try:
                 got = session.run(None, _feeds(call, example, input_names))
             except Exception as error:
-                checks.append(CallCheck(index, float("inf"), False, f"{type(error).__name__}: {error}"))
+                checks.append(
+                    CallCheck(index, float("inf"), False, f"{type(error).__name__}: {error}", onnx_path.name)
+                )
                 continue
-            expected = _expected(call, contract)
+            expected = _expected(call, capture.graph)
             worst, error = 0.0, ""
             if len(got) != len(expected):
                 error = f"{len(got)} outputs, torch returned {len(expected)}"
@@ -109,7 +122,7 @@ def replay_calls(
                     error = f"shape {tuple(have.shape)} != torch {tuple(want.shape)}"
                     break
                 worst = max(worst, _max_visible_diff(want, have, mask))
-            checks.append(CallCheck(index, worst, not error and worst <= atol, error))
+            checks.append(CallCheck(index, worst, not error and worst <= atol, error, onnx_path.name))
     return checks
 
 
@@ -120,15 +133,10 @@ def generation_inputs(model: Any, tokenizer: Any | None) -> list[dict[str, torch
         batches = [list(DEFAULT_PROMPTS[1::-1]), [DEFAULT_PROMPTS[2]]]
         encoded = [padding_tokenizer(b, return_tensors="pt", padding=True) for b in batches]
         return [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in encoded]
-    vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, vocab, (2, 9), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0
-    single = torch.randint(3, vocab, (1, 5), generator=generator)
     return [
-        {"input_ids": input_ids, "attention_mask": attention_mask},
-        {"input_ids": single, "attention_mask": torch.ones_like(single)},
+        random_token_batch(model, [9, 5], generator, left_padding=True),
+        random_token_batch(model, [5], generator, left_padding=True),
     ]
 
 
@@ -166,3 +174,48 @@ def default_runtime_class(contract: TaskContract) -> Any:
         logger.warning("optimum.onnxruntime is not installed: generation parity is not checked")
         return None
     return getattr(optimum_runtime, contract.runtime_class)
+
+
+def check_seq2seq_generation(
+    directory: Path,
+    model: Any,
+    contract: TaskContract,
+    tokenizer: Any | None,
+    feature_extractor: Any | None,
+    runtime_class: Any,
+) -> list[GenerationCheck]:
+    """Greedy generate through the runtime class against torch: the first default batch (two
+    texts or waveforms of different lengths)."""
+    onnx_model = runtime_class.from_pretrained(directory)
+    if contract.family is Family.SPEECH_SEQ2SEQ:
+        inputs = speech_batches(model, feature_extractor)[0]
+        # The waveforms' lengths in milliseconds: the features are all padded to one length.
+        lengths = tuple(int(1000 * seconds) for seconds in DEFAULT_AUDIO_SECONDS[:2])
+    else:
+        inputs = text_batches(model, tokenizer)[0]
+        lengths = tuple(int(n) for n in inputs["attention_mask"].sum(-1))
+    settings = dict(
+        max_new_tokens=GENERATION_NEW_TOKENS, min_new_tokens=GENERATION_NEW_TOKENS, do_sample=False
+    )
+    with torch.no_grad():
+        expected = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **settings)
+    got = onnx_model.generate(**inputs, **settings)
+    return [GenerationCheck(prompt_lengths=lengths, torch_tokens=expected.tolist(), onnx_tokens=got.tolist())]
+
+
+def check_runtime_outputs(
+    directory: Path, model: Any, contract: TaskContract, tokenizer: Any | None, runtime_class: Any, atol: float
+) -> list[RuntimeCheck]:
+    """Every output of the runtime class against the torch model's, batch by batch."""
+    onnx_model = runtime_class.from_pretrained(directory)
+    (graph,) = contract.graphs
+    checks = []
+    for index, inputs in enumerate(text_batches(model, tokenizer)):
+        with torch.no_grad():
+            expected = model(**{k: v.to(model.device) for k, v in inputs.items()})
+        got = onnx_model(**inputs)
+        for output in graph.outputs:
+            want, have = output.read(expected), torch.as_tensor(getattr(got, output.name))
+            diff = (have.float() - want.float()).abs().max().item() if want.shape == have.shape else float("inf")
+            checks.append(RuntimeCheck(index, output.name, diff, diff <= atol))
+    return checks

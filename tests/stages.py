@@ -28,6 +28,6 @@ def load_tiny(model_type: str, directory: Path, **overrides: Any) -> loading.Loa
 
 def capture_and_synthesize(loaded: loading.LoadedModel, run=None):
     with registered_caches():
-        captured = capture.capture(loaded.model, CONTRACT, loaded.model_type, run, loaded.tokenizer)
-        example = synthesis.synthesize(captured, CONTRACT, loaded.model_type)
+        (captured,) = capture.capture(loaded.model, CONTRACT, loaded.model_type, run, loaded.tokenizer)
+        example = synthesis.synthesize(captured, loaded.model_type)
     return captured, example

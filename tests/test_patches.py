@@ -27,7 +27,7 @@ def _export_error(model_type: str, patches) -> ObserverExportError:
     _, example = capture_and_synthesize(loaded)
     with registered_caches():
         try:
-            conversion.convert(loaded.model, CONTRACT, example, model_type, patches=patches)
+            conversion.convert(loaded.model, CONTRACT.graphs[0], example, model_type, patches=patches)
         except ObserverExportError as error:
             return error
     raise AssertionError(f"{model_type} exported without the patch")
