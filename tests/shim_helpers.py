@@ -23,6 +23,7 @@ __all__ = [
     "run_python",
     "save_causal_lm",
     "save_encoder",
+    "save_seq2seq",
     "torch_greedy",
 ]
 
@@ -45,6 +46,18 @@ def save_encoder(model_type: str, directory: Path) -> Path:
     )
     torch.manual_seed(0)
     transformers.AutoModel.from_config(config).save_pretrained(directory)
+    build_tokenizer(directory)
+    return Path(directory)
+
+
+def save_seq2seq(directory: Path, **overrides) -> Path:
+    """A tiny random t5 (`AutoModelForSeq2SeqLM`) with a tokenizer."""
+    sizes = dict(vocab_size=256, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
+    config = transformers.AutoConfig.for_model(
+        "t5", **{**sizes, **overrides}, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(directory)
     build_tokenizer(directory)
     return Path(directory)
 

@@ -17,9 +17,13 @@ from parameterized import parameterized
 import legacy_shim
 from legacy_shim.routes import upstream_main_export
 from legacy_shim.runtime_fixes import CacheDims, cache_dims_from_session, evaluate_axis_expression
-from shim_helpers import ort_greedy, save_causal_lm, torch_greedy
+from shim_helpers import ort_greedy, save_causal_lm, save_seq2seq, torch_greedy
 
 WITH_PAST = "text-generation-with-past"
+SEQ2SEQ_WITH_PAST = "text2text-generation-with-past"
+SEQ2SEQ_INPUTS = dict(
+    input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), attention_mask=torch.ones(2, 4, dtype=torch.long)
+)
 KNOWN = {"batch_size": 2, "sequence_length": 5, "past_sequence_length": 3}
 
 
@@ -149,6 +153,22 @@ class TestCacheDimsFromSession(unittest.TestCase):
             with self.assertRaisesRegex(Exception, "Got invalid dimensions for input: past_key_values"):
                 ort_greedy(unchanged, output)
 
+    def test_seq2seq_first_step_cache_matches_the_graph(self):
+        # t5 with d_kv=16 while d_model // num_heads = 8: upstream sizes the empty cache with 8.
+        with tempfile.TemporaryDirectory() as scratch:
+            model = save_seq2seq(Path(scratch) / "model", d_kv=16)
+            output = Path(scratch) / "onnx"
+            upstream_main_export()(str(model), output, task=SEQ2SEQ_WITH_PAST, do_validation=False)
+            generate = dict(**SEQ2SEQ_INPUTS, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+            expected = transformers.AutoModelForSeq2SeqLM.from_pretrained(model).generate(**generate)
+            ours = legacy_shim.ORTModelForSeq2SeqLM.from_pretrained(output)
+            self.assertEqual(ours.generate(**generate).tolist(), expected.tolist())
+
+            unchanged = upstream.ORTModelForSeq2SeqLM.from_pretrained(output)
+            with self.assertRaisesRegex(Exception, "Got invalid dimensions for input: past_key_values"):
+                unchanged.generate(**generate)
+
 
 class TestLegacyResultsUnchanged(unittest.TestCase):
     @parameterized.expand([("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)])
@@ -165,3 +185,14 @@ class TestLegacyResultsUnchanged(unittest.TestCase):
                 attention_mask=torch.ones(2, 4, dtype=torch.long),
             )
             np.testing.assert_array_equal(ours(**inputs).logits, unchanged(**inputs).logits)
+
+    @parameterized.expand([(False,), (True,)])
+    def test_seq2seq_same_tokens_as_the_unchanged_runtime(self, use_io_binding):
+        with tempfile.TemporaryDirectory() as scratch:
+            model = save_seq2seq(Path(scratch) / "model")
+            output = Path(scratch) / "onnx"
+            upstream_main_export()(str(model), output, task=SEQ2SEQ_WITH_PAST, do_validation=False)
+            generate = dict(**SEQ2SEQ_INPUTS, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            ours = legacy_shim.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
+            unchanged = upstream.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
+            self.assertEqual(ours.generate(**generate).tolist(), unchanged.generate(**generate).tolist())
