@@ -31,6 +31,8 @@ class _PatchAfterExec:
         self._loader = loader
 
     def __getattr__(self, name):
+        if name == "_loader":  # not set yet (copy/pickle build the object without __init__)
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
     def create_module(self, spec):
