@@ -112,7 +112,17 @@ class ObserverRoute(ExportRoute):
                 "this model and task, or pick one of the tasks above.",
             )
         kwargs = observer_arguments(call.arguments, call.kwargs_shapes, task=task, model_name=call.model_name)
-        return optimum_observer.export(**kwargs)
+        return optimum_observer.export(**kwargs, runtime_class=_runtime_class(task))
+
+
+def _runtime_class(task: str) -> type:
+    """The shim's runtime class for the task, so that validation feeds the first-step cache the
+    way users of this package load the export (sized from the graph, not from the config)."""
+    from optimum_observer.tasks import get_task
+
+    from . import modeling
+
+    return getattr(modeling, get_task(task).runtime_class)
 
 
 ROUTES: dict[Exporter, ExportRoute] = {route.exporter: route for route in (LegacyRoute(), ObserverRoute())}
