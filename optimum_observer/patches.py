@@ -37,11 +37,13 @@ class Patch:
 
 
 def _lazy_initialization_from_key_states(self: cache_utils.DynamicLayer, key_states: torch.Tensor) -> None:
-    # An empty slice of the incoming states instead of `torch.tensor([])`: the latter is a
-    # constant created inside the traced graph, which torch.export lifts and then loses.
+    # An empty tensor made from the incoming states instead of `torch.tensor([])`: the latter is
+    # a constant created inside the traced graph, which torch.export lifts and then loses. It
+    # stays 1-d like upstream's, which `torch.cat` skips, so values whose head size differs from
+    # the keys' (DeepSeek's multi-head latent attention) still concatenate.
     self.dtype, self.device = key_states.dtype, key_states.device
-    self.keys = key_states[..., :0, :]
-    self.values = key_states[..., :0, :]
+    self.keys = key_states.new_zeros((0,))
+    self.values = key_states.new_zeros((0,))
     self.is_initialized = True
 
 
@@ -62,6 +64,15 @@ def _ernie_statics_routing(self: torch.nn.Module, x: torch.Tensor) -> tuple[torc
     _, experts = torch.topk(self.moe_statics(probabilities), self.top_k, dim=-1)
     weights = torch.gather(probabilities, dim=-1, index=experts)
     weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
+    return router_logits, weights, experts
+
+
+def _phimoe_routing(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """PhiMoE routing: the model's own `sparsemixer`, in inference mode."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    router_logits = self.gate(x)
+    weights, experts = sparsemixer(router_logits, jitter_eps=self.router_jitter_noise, training=False)
     return router_logits, weights, experts
 
 
@@ -105,6 +116,55 @@ _SPARSE_MOE_BLOCKS = (
     ("qwen2_moe", "Qwen2MoeSparseMoeBlock", _softmax_top_k_routing),
     ("qwen3_moe", "Qwen3MoeSparseMoeBlock", _softmax_top_k_routing),
     ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", _ernie_statics_routing),
+    ("phimoe", "PhimoeSparseMoeBlock", _phimoe_routing),
+)
+
+
+def _dense_expert_mixture(
+    self: torch.nn.Module, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """DeepSeek-style `moe(hidden_states, topk_indices, topk_weights)`, every expert on every token.
+
+    The routing arrives as arguments, so one replacement serves every block of this shape: each
+    expert's output is weighted by its routing weight (0 when not among the token's top k).
+    """
+    dense_weights = torch.zeros(
+        hidden_states.shape[0], len(self.experts), dtype=topk_weights.dtype, device=hidden_states.device
+    ).scatter(1, topk_indices, topk_weights)
+    output = torch.zeros_like(hidden_states, dtype=topk_weights.dtype)
+    for index, expert in enumerate(self.experts):
+        output = output + expert(hidden_states) * dense_weights[:, index, None]
+    return output.type(hidden_states.dtype)
+
+
+def _dense_dbrx_experts(
+    self: torch.nn.Module, x: torch.Tensor, weights: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor
+) -> torch.Tensor:
+    """DBRX experts (one fused weight tensor per projection), every expert on every token."""
+    batch_size, sequence_length, hidden_size = x.shape
+    x = x.view(-1, hidden_size)
+    mlp = self.mlp
+    shape = (mlp.moe_num_experts, mlp.ffn_hidden_size, mlp.hidden_size)
+    w1, v1, w2 = (weight.view(shape) for weight in (mlp.w1, mlp.v1, mlp.w2))
+    dense_weights = torch.zeros_like(weights, dtype=top_weights.dtype).scatter(1, top_experts, top_weights)
+    output = torch.zeros_like(x)
+    for index in range(self.moe_num_experts):
+        output = output + mlp(x, w1[index], v1[index], w2[index]) * dense_weights[:, index, None]
+    return output.reshape(batch_size, sequence_length, hidden_size)
+
+
+_EXPERT_LOOP_DATA_DEPENDENT = (
+    "GuardOnDataDependentSymNode on `if token_indices.numel() > 0` / `for num_tokens in tokens_per_expert` "
+    "(the loop over experts branches on how many tokens the data routed to each)"
+)
+
+#: Blocks whose `moe(hidden_states, topk_indices, topk_weights)` loops over the experts the data hit.
+_EXPERT_MIXTURE_METHODS = (
+    ("deepseek_v2", "DeepseekV2MoE"),
+    ("deepseek_v3", "DeepseekV3MoE"),
+    ("dots1", "Dots1MoE"),
+    ("glm4_moe", "Glm4MoeMoE"),
+    ("longcat_flash", "LongcatFlashMoE"),
 )
 
 
@@ -121,6 +181,28 @@ def _moe_patches() -> tuple[Patch, ...]:
                 fixes=_MOE_DATA_DEPENDENT,
             )
         )
+    for module_name, class_name in _EXPERT_MIXTURE_METHODS:
+        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+        patches.append(
+            Patch(
+                name=f"dense_{module_name}_expert_mixture",
+                owner=getattr(module, class_name),
+                attribute="moe",
+                replacement=_dense_expert_mixture,
+                fixes=_EXPERT_LOOP_DATA_DEPENDENT,
+            )
+        )
+    from transformers.models.dbrx.modeling_dbrx import DbrxExperts
+
+    patches.append(
+        Patch(
+            name="dense_dbrx_experts",
+            owner=DbrxExperts,
+            attribute="forward",
+            replacement=_dense_dbrx_experts,
+            fixes="GuardOnDataDependentSymNode: Eq(u0, 0) at `if token_idx.shape[0] == 0: continue`",
+        )
+    )
     return tuple(patches)
 
 

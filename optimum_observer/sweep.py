@@ -20,12 +20,14 @@ interrupted sweep resumes where it stopped (`resume=True`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import enum
 import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -119,10 +121,24 @@ class TypeResult:
         return cls(model_type, PathResult.from_json(raw["observer"]), PathResult.from_json(raw["legacy"]), raw["seconds"])
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(error: BaseException | str) -> str:
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:300]
+    """The first non-empty line of a message, after the exception's type name."""
+    text = error if isinstance(error, str) else str(error)
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    if not isinstance(error, str):
+        line = f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line[:300]
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: torch's exporter wraps the real error twice."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def model_types_for(task: str) -> list[str]:
@@ -169,6 +185,8 @@ def classify_observer_error(error: BaseException) -> SweepStage:
 def _describe(error: BaseException) -> str:
     if not isinstance(error, ObserverExportError):
         return first_line(error)
+    if error.stage in (Stage.CAPTURE, Stage.EXPORT) and error.__cause__ is not None:
+        return first_line(root_cause(error))
     failed_rows = [line.strip() for line in error.reason.splitlines() if "FAIL" in line]
     return first_line(error.reason) + (f" [{failed_rows[0]}]" if failed_rows else "")
 
@@ -292,9 +310,11 @@ def run_sweep(
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     resume: bool = False,
     show_progress: bool | None = None,
+    jobs: int = 1,
 ) -> dict[str, TypeResult]:
-    """Sweeps `model_types` (default: the task's whole auto mapping); returns every result in
-    the coverage file, including those kept from an earlier run when resuming."""
+    """Sweeps `model_types` (default: the task's whole auto mapping), `jobs` types at a time;
+    returns every result in the coverage file, including those kept from an earlier run when
+    resuming."""
     out = Path(out)
     every_type = model_types_for(task)
     wanted = list(model_types) if model_types else every_type
@@ -306,11 +326,18 @@ def run_sweep(
     todo = [t for t in wanted if t not in results]
     legacy_types = legacy_supported_types(task, timeout) if todo else set()
     show = sys.stderr.isatty() if show_progress is None else show_progress
-    with tqdm(todo, desc=f"sweep {task}", unit="type", disable=not show) as bar:
-        for model_type in bar:
-            bar.set_postfix_str(model_type)
-            results[model_type] = sweep_one(model_type, task, timeout, legacy_types)
+    with (
+        tqdm(total=len(todo), desc=f"sweep {task}", unit="type", disable=not show) as bar,
+        concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool,
+    ):
+        # Each type runs in child processes; the threads only wait for them.
+        pending = {pool.submit(sweep_one, t, task, timeout, legacy_types): t for t in todo}
+        for future in concurrent.futures.as_completed(pending):
+            model_type = pending[future]
+            results[model_type] = future.result()
             write_results(path, task, results)
+            bar.set_postfix_str(model_type)
+            bar.update(1)
             logger.info("%s: observer %s, legacy %s", model_type, results[model_type].observer.status.value,
                         results[model_type].legacy.status.value)  # fmt: skip
     path.with_suffix(".md").write_text(markdown(task, results, versions()))
@@ -399,13 +426,14 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-types", help="comma-separated subset (default: the task's whole auto mapping)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per type and path")
     parser.add_argument("--resume", action="store_true", help="keep the results already in --out")
+    parser.add_argument("--jobs", type=int, default=1, help="model types run at the same time")
     parser.add_argument("--out", type=Path, default=Path("sweep-results"), help="directory of coverage-{task}.json/.md")
     parser.add_argument("--doc", type=Path, help="also write the combined document of every task in --out here")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     model_types = [t.strip() for t in args.model_types.split(",") if t.strip()] if args.model_types else None
-    results = run_sweep(args.task, args.out, model_types, args.timeout, args.resume)
+    results = run_sweep(args.task, args.out, model_types, args.timeout, args.resume, jobs=args.jobs)
     passed = sum(r.observer.status == Status.PASS for r in results.values())
     legacy = sum(r.legacy.status == Status.PASS for r in results.values())
     print(f"{args.task}: observer {passed}/{len(results)}, legacy {legacy}/{len(results)} -> {coverage_path(args.out, args.task)}")

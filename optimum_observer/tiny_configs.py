@@ -61,7 +61,7 @@ SIZES: dict[str, int] = {
             "num_attention_heads", "n_head", "n_heads", "num_heads", "num_key_value_heads",
             "decoder_attention_heads", "encoder_attention_heads", "attention_heads",
             "num_decoder_attention_heads", "num_encoder_attention_heads", "linear_num_key_heads",
-            "linear_num_value_heads",
+            "linear_num_value_heads", "kv_n_heads",
         ),
         HEADS,
     ),
@@ -73,6 +73,8 @@ SIZES: dict[str, int] = {
         ),
         HEAD_DIM,
     ),
+    # Rotary dims must fit in a head (codegen, gptj default to 64).
+    "rotary_dim": HEAD_DIM // 2,
     # qk_nope_head_dim + qk_rope_head_dim; configs that store it pass it back explicitly.
     "qk_head_dim": 2 * HEAD_DIM,
     **dict.fromkeys(
@@ -110,6 +112,10 @@ SIZES: dict[str, int] = {
 
 #: Attributes capped at a tiny value (kept when already smaller).
 CAPS: dict[str, int] = {"sliding_window": POSITIONS, "attention_window_size": POSITIONS}
+
+#: Switches set wherever they appear: the fused Mamba kernels exist only for CUDA, and a
+#: config asking for them refuses to run on CPU.
+SWITCHES: dict[str, Any] = {"use_mamba_kernels": False}
 
 #: Size attributes left as they are when unset (None): None switches the feature off.
 _NONE_MEANS_OFF = frozenset({"q_lora_rank", "sliding_window", "attention_window_size"})
@@ -165,6 +171,8 @@ def _shrink(config: dict[str, Any], nested: bool = False) -> dict[str, Any]:
             (isinstance(value, int) and not isinstance(value, bool)) or (value is None and key not in _NONE_MEANS_OFF)
         ):
             value = SIZES[key]
+        elif key in SWITCHES:
+            value = SWITCHES[key]
         elif key in CAPS and isinstance(value, int):
             value = min(value, CAPS[key])
         elif isinstance(value, (list, tuple)) and original_layers and len(value) == original_layers > LAYERS:

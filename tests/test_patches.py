@@ -6,9 +6,11 @@ import tempfile
 import unittest
 from pathlib import Path
 
+from parameterized import parameterized
 from transformers.cache_utils import DynamicLayer
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+import optimum_observer
 from optimum_observer import conversion
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.errors import ObserverExportError, Stage
@@ -60,3 +62,46 @@ class TestPatchesAreScoped(unittest.TestCase):
         for patch in PATCHES:
             self.assertTrue(patch.fixes.strip(), patch.name)
             self.assertTrue(callable(patch.owner.__dict__.get(patch.attribute)), patch.name)
+
+
+def _tiny_export_error(model_type: str, patches) -> ObserverExportError:
+    from optimum_observer import loading
+    from optimum_observer.tiny_configs import build_tiny_model
+
+    loaded = loading.load(
+        build_tiny_model(model_type, "AutoModelForCausalLM"), CONTRACT, tokenizer=None, dtype=None,
+        device="cpu", trust_remote_code=False, model_kwargs=None, hub_kwargs={},
+    )  # fmt: skip
+    _, example = capture_and_synthesize(loaded)
+    with registered_caches():
+        try:
+            conversion.convert(loaded.model, CONTRACT.graphs[0], example, model_type, patches=patches)
+        except ObserverExportError as error:
+            return error
+    raise AssertionError(f"{model_type} exported without the patch")
+
+
+class TestExpertLoopPatches(unittest.TestCase):
+    """Each dense-experts patch: the model type's data-dependent expert loop fails torch.export without it."""
+
+    @parameterized.expand(
+        [
+            ("deepseek_v3", "dense_deepseek_v3_expert_mixture"),
+            ("glm4_moe", "dense_glm4_moe_expert_mixture"),
+            ("dbrx", "dense_dbrx_experts"),
+            ("phimoe", "dense_phimoe_moe"),
+        ]
+    )
+    def test_fails_without_the_patch(self, model_type, patch_name):
+        error = _tiny_export_error(model_type, _without(patch_name))
+        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertIn("data-dependent", str(error.__cause__))
+
+    def test_keys_and_values_of_different_head_sizes_export(self):
+        # DeepSeek's multi-head latent attention caches keys of 32 and values of 16 per head:
+        # the first cache update must not shape the values like the keys.
+        with tempfile.TemporaryDirectory() as scratch:
+            from optimum_observer.tiny_configs import build_tiny_model
+
+            result = optimum_observer.export(build_tiny_model("deepseek_v3", "AutoModelForCausalLM"), Path(scratch) / "onnx")
+        self.assertTrue(result.validation.ok, result.validation.table())
