@@ -153,6 +153,26 @@ def _dense_dbrx_experts(
     return output.reshape(batch_size, sequence_length, hidden_size)
 
 
+def _dense_gpt_oss_experts(
+    self: torch.nn.Module, hidden_states: torch.Tensor, router_indices: Any = None, routing_weights: Any = None
+) -> torch.Tensor:
+    """GPT-OSS experts on the path upstream takes off CPU: every expert on every token (batched
+    matmuls), weighted by the dense routing weights. On CPU upstream loops over the experts hit."""
+    batch_size = hidden_states.shape[0]
+    num_experts = routing_weights.shape[1]
+    hidden_states = hidden_states.reshape(-1, self.hidden_size).repeat(num_experts, 1)
+    hidden_states = hidden_states.view(num_experts, -1, self.hidden_size)
+    gate_up = torch.bmm(hidden_states, self.gate_up_proj) + self.gate_up_proj_bias[..., None, :]
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=self.limit)
+    up = up.clamp(min=-self.limit, max=self.limit)
+    glu = gate * torch.sigmoid(gate * self.alpha)
+    next_states = torch.bmm((up + 1) * glu, self.down_proj) + self.down_proj_bias[..., None, :]
+    next_states = next_states.view(num_experts, batch_size, -1, self.hidden_size)
+    next_states = next_states * routing_weights.transpose(0, 1).view(num_experts, batch_size, -1)[..., None]
+    return next_states.sum(dim=0)
+
+
 _EXPERT_LOOP_DATA_DEPENDENT = (
     "GuardOnDataDependentSymNode on `if token_indices.numel() > 0` / `for num_tokens in tokens_per_expert` "
     "(the loop over experts branches on how many tokens the data routed to each)"
@@ -201,6 +221,17 @@ def _moe_patches() -> tuple[Patch, ...]:
             attribute="forward",
             replacement=_dense_dbrx_experts,
             fixes="GuardOnDataDependentSymNode: Eq(u0, 0) at `if token_idx.shape[0] == 0: continue`",
+        )
+    )
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    patches.append(
+        Patch(
+            name="dense_gpt_oss_experts",
+            owner=GptOssExperts,
+            attribute="forward",
+            replacement=_dense_gpt_oss_experts,
+            fixes=_MOE_DATA_DEPENDENT,
         )
     )
     return tuple(patches)

@@ -79,8 +79,15 @@ def _max_visible_diff(want: torch.Tensor, have: torch.Tensor, mask: torch.Tensor
     if not want.numel():
         return 0.0
     diff = (have.float() - want.float()).abs()
-    if mask is not None and diff.dim() == 4 and diff.shape[0] == mask.shape[0] and diff.shape[2] == mask.shape[1]:
-        diff = diff * mask.to(diff.dtype)[:, None, :, None]
+    if mask is None or diff.shape[0] != mask.shape[0]:
+        return diff.max().item()
+    mask = mask.to(diff.dtype)
+    if diff.dim() == 4 and diff.shape[2] == mask.shape[1]:  # (batch, heads, positions, head size)
+        diff = diff * mask[:, None, :, None]
+    elif diff.dim() == 3 and diff.shape[1] <= mask.shape[1]:
+        # (batch, positions, features): logits of every new token, for models that do not
+        # support `logits_to_keep`, are the mask's last positions.
+        diff = diff * mask[:, mask.shape[1] - diff.shape[1] :, None]
     return diff.max().item()
 
 

@@ -90,6 +90,7 @@ class TestExpertLoopPatches(unittest.TestCase):
             ("glm4_moe", "dense_glm4_moe_expert_mixture"),
             ("dbrx", "dense_dbrx_experts"),
             ("phimoe", "dense_phimoe_moe"),
+            ("gpt_oss", "dense_gpt_oss_experts"),
         ]
     )
     def test_fails_without_the_patch(self, model_type, patch_name):
