@@ -28,6 +28,9 @@ from .tasks import GraphContract
 logger = logging.getLogger(__name__)
 
 
+_AUXILIARY_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
+
+
 class ContractModule(torch.nn.Module):
     """Calls the graph's module with the contract's inputs and returns its outputs as a tuple."""
 
@@ -44,6 +47,11 @@ class ContractModule(torch.nn.Module):
                 arguments[contract_input.source] = (value,) if contract_input.first_of else value
         if self.graph.use_cache is not None:
             arguments["use_cache"] = self.graph.use_cache
+        # Outputs no graph reads are not asked for. Router logits in particular: switch
+        # transformers computes its auxiliary losses from them, reading the router logits of
+        # `encoder_outputs`, which the decoder graph receives as its hidden states only.
+        accepted = inspect.signature(self.model.forward).parameters
+        arguments.update({flag: False for flag in _AUXILIARY_OUTPUT_FLAGS if flag in accepted})
         outputs = self.model(**arguments, return_dict=True)
         return tuple(output.read(outputs) for output in self.graph.outputs)
 

@@ -237,6 +237,52 @@ def _moe_patches() -> tuple[Patch, ...]:
     return tuple(patches)
 
 
+def _switch_router_cast_if_needed(self: torch.nn.Module) -> None:
+    # The original reassigns `self.classifier = self.classifier.to(self.dtype)` on every call;
+    # tracing it swaps the parameter, which fails once an earlier export of the same model (the
+    # encoder, before the decoders) holds a weak reference to it. Cast only when needed.
+    if self.classifier.weight.dtype != self.dtype:
+        self.classifier = self.classifier.to(self.dtype)
+
+
+def _switch_dense_experts(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[Any, ...]:
+    """Switch Transformers' top-1 MLP with every expert run on every token, kept where routed.
+
+    Each expert is a per-token MLP, so running it on all tokens and keeping its output where the
+    router mask sends the token there is the original sum, without the loop over the
+    data-dependent list of experts hit (`torch.nonzero(...).tolist()`).
+    """
+    router_mask, router_probs, router_logits = self.router(hidden_states)
+    expert_index = torch.argmax(router_mask, dim=-1)
+    next_states = torch.zeros_like(hidden_states)
+    for index in range(router_mask.shape[-1]):
+        expert = getattr(self.experts, f"expert_{index}")
+        next_states = next_states + expert(hidden_states) * router_mask[..., index, None].to(hidden_states.dtype)
+    return router_probs * next_states, (router_logits, expert_index)
+
+
+def _switch_patches() -> tuple[Patch, ...]:
+    from transformers.models.switch_transformers import modeling_switch_transformers as switch
+
+    return (
+        Patch(
+            name="switch_router_cast_if_needed",
+            owner=switch.SwitchTransformersTop1Router,
+            attribute="_cast_classifier",
+            replacement=_switch_router_cast_if_needed,
+            fixes="RuntimeError: _apply(): Couldn't swap Linear.weight (the router re-casts its "
+            "classifier inside forward; fails from the second graph exported from one model on)",
+        ),
+        Patch(
+            name="dense_switch_transformers_experts",
+            owner=switch.SwitchTransformersSparseMLP,
+            attribute="forward",
+            replacement=_switch_dense_experts,
+            fixes="data-dependent loop `for idx in torch.nonzero(idx_mask).tolist()` over the experts hit",
+        ),
+    )
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="dynamic_layer_lazy_initialization",
@@ -247,6 +293,7 @@ PATCHES: tuple[Patch, ...] = (
         "(DynamicLayer.lazy_initialization creates torch.tensor([]) inside the graph)",
     ),
     *_moe_patches(),
+    *_switch_patches(),
 )
 
 

@@ -7,16 +7,21 @@ from typing import Any
 
 from optimum_observer import capture, loading, synthesis
 from optimum_observer.cache_pytree import registered_caches
-from optimum_observer.tasks import get_task
+from optimum_observer.tasks import TaskContract, get_task
 from tiny_models import save_causal_lm
 
 CONTRACT = get_task("text-generation-with-past")
 
 
 def load_tiny(model_type: str, directory: Path, **overrides: Any) -> loading.LoadedModel:
+    return load(save_causal_lm(model_type, directory, **overrides))
+
+
+def load(source: Path, contract: TaskContract = CONTRACT) -> loading.LoadedModel:
+    """Loads a saved model for `contract` as the pipeline does, on CPU in fp32."""
     return loading.load(
-        save_causal_lm(model_type, directory, **overrides),
-        CONTRACT,
+        source,
+        contract,
         tokenizer=None,
         dtype=None,
         device="cpu",

@@ -77,8 +77,9 @@ ENCODER_OVERRIDES: dict[str, dict[str, Any]] = {
     "luke": dict(entity_vocab_size=8, entity_emb_size=16),
 }
 
-#: Whisper's mel frames: 2 s chunks (hop 160 at 16 kHz) = 200 frames = 2 * max_source_positions.
-WHISPER_CHUNK_SECONDS = 2
+#: Whisper's mel frames: 30 s chunks (hop 160 at 16 kHz) = 3000 frames = 2 * max_source_positions,
+#: the length the legacy exporter's dummy inputs assume.
+WHISPER_CHUNK_SECONDS = 30
 
 
 def save_seq2seq_lm(model_type: str, directory: Path, with_tokenizer: bool = True, seed: int = 0) -> Path:
@@ -92,13 +93,12 @@ def save_seq2seq_lm(model_type: str, directory: Path, with_tokenizer: bool = Tru
 
 
 def whisper_feature_extractor(**overrides: Any) -> transformers.WhisperFeatureExtractor:
-    return transformers.WhisperFeatureExtractor(
-        feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=WHISPER_CHUNK_SECONDS, **overrides
-    )
+    settings = dict(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=WHISPER_CHUNK_SECONDS)
+    return transformers.WhisperFeatureExtractor(**{**settings, **overrides})
 
 
 def save_whisper(directory: Path, seed: int = 0) -> Path:
-    """A tiny random Whisper with its feature extractor (80 mel bins, 2 s chunks)."""
+    """A tiny random Whisper with its feature extractor (80 mel bins, 30 s chunks)."""
     frames = whisper_feature_extractor().nb_max_frames
     config = transformers.WhisperConfig(
         vocab_size=256,

@@ -1,0 +1,140 @@
+"""End-to-end: tiny random encoder-decoder and speech models exported by observation.
+
+Each export replays every observed encoder and decoder call through ONNX Runtime and checks
+greedy generation through the unchanged `optimum.onnxruntime.ORTModelForSeq2SeqLM` /
+`ORTModelForSpeechSeq2Seq` (8 new tokens, batch 2, inputs of different lengths); validation
+raises on any mismatch, and the tests check the report and the files too. For the types the
+legacy exporter also supports, its export generates the same tokens.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import transformers
+from optimum.exporters.onnx import main_export
+from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
+from parameterized import parameterized
+
+import optimum_observer
+from optimum_observer.capture import speech_batches, text_batches
+from legacy import legacy_tasks
+from tiny_families import save_seq2seq_lm, save_whisper
+
+TEXT2TEXT = "text2text-generation-with-past"
+SPEECH = "automatic-speech-recognition-with-past"
+LEGACY_SUPPORTED = ["t5", "bart"]
+LEGACY_UNSUPPORTED = ["umt5", "plbart"]
+LEGACY_UNSUPPORTED_SLOW = ["led", "switch_transformers", "pegasus_x"]
+FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+NEW_TOKENS = 8
+
+
+def greedy(model, inputs: dict[str, torch.Tensor]) -> list[list[int]]:
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad():
+        return model.generate(**inputs, **settings).tolist()
+
+
+class TestLegacyCoverage(unittest.TestCase):
+    @parameterized.expand([(t,) for t in LEGACY_UNSUPPORTED + LEGACY_UNSUPPORTED_SLOW])
+    def test_type_is_not_exportable_by_the_legacy_exporter(self, model_type):
+        self.assertNotIn(TEXT2TEXT, legacy_tasks(model_type))
+
+    @parameterized.expand([(t, TEXT2TEXT) for t in LEGACY_SUPPORTED] + [("whisper", SPEECH)])
+    def test_type_is_exportable_by_the_legacy_exporter(self, model_type, task):
+        self.assertIn(task, legacy_tasks(model_type))
+
+
+class Seq2SeqCase(unittest.TestCase):
+    def setUp(self):
+        self._scratch = tempfile.TemporaryDirectory()
+        self.scratch = Path(self._scratch.name)
+
+    def tearDown(self):
+        self._scratch.cleanup()
+
+    def assertExportMatchesTorch(self, result: optimum_observer.ExportResult) -> None:
+        report = result.validation
+        self.assertTrue(report.ok, report.table())
+        self.assertTrue(all(c.max_abs_diff <= 1e-4 for c in report.calls), report.table())
+        self.assertEqual({c.graph for c in report.calls}, set(FILES))
+        (generation,) = report.generation
+        self.assertEqual(len(generation.onnx_tokens), 2)
+        self.assertEqual(len(set(generation.prompt_lengths)), 2)
+        self.assertTrue(all(len(tokens) >= NEW_TOKENS for tokens in generation.onnx_tokens))
+        self.assertEqual(sorted(result.onnx_files), sorted(FILES))
+
+    def assertOptimumNames(self, output: Path, encoder_input: str) -> None:
+        encoder = onnx.load(output / "encoder_model.onnx").graph
+        self.assertEqual([i.name for i in encoder.input][0], encoder_input)
+        self.assertEqual([o.name for o in encoder.output], ["last_hidden_state"])
+        decoder = onnx.load(output / "decoder_model.onnx").graph
+        self.assertEqual(
+            {i.name for i in decoder.input} - {"encoder_attention_mask"}, {"input_ids", "encoder_hidden_states"}
+        )
+        outputs = [o.name for o in decoder.output]
+        self.assertEqual(outputs[:5], ["logits", "present.0.decoder.key", "present.0.decoder.value",
+                                       "present.0.encoder.key", "present.0.encoder.value"])
+        with_past = onnx.load(output / "decoder_with_past_model.onnx").graph
+        inputs = [i.name for i in with_past.input]
+        for name in ("past_key_values.1.decoder.key", "past_key_values.1.encoder.value"):
+            self.assertIn(name, inputs)
+        self.assertEqual([o.name for o in with_past.output][1:3], ["present.0.decoder.key", "present.0.decoder.value"])
+        self.assertFalse(any("encoder" in o.name for o in with_past.output))
+
+
+class TestText2TextExport(Seq2SeqCase):
+    def export(self, model_type: str) -> tuple[Path, optimum_observer.ExportResult]:
+        source = save_seq2seq_lm(model_type, self.scratch / "model")
+        return source, optimum_observer.export(source, self.scratch / "onnx", task=TEXT2TEXT)
+
+    @parameterized.expand([(t,) for t in LEGACY_UNSUPPORTED])
+    def test_export_matches_torch(self, model_type):
+        _, result = self.export(model_type)
+        self.assertExportMatchesTorch(result)
+        self.assertOptimumNames(self.scratch / "onnx", "input_ids")
+
+    @parameterized.expand([(t,) for t in LEGACY_UNSUPPORTED_SLOW])
+    @pytest.mark.slow
+    def test_export_matches_torch_slow(self, model_type):
+        _, result = self.export(model_type)
+        self.assertExportMatchesTorch(result)
+
+    @parameterized.expand([(t,) for t in LEGACY_SUPPORTED])
+    def test_observer_and_legacy_exports_generate_the_same_tokens(self, model_type):
+        source, result = self.export(model_type)
+        self.assertExportMatchesTorch(result)
+        self.assertOptimumNames(self.scratch / "onnx", "input_ids")
+        main_export(source, self.scratch / "legacy", task=TEXT2TEXT, library_name="transformers")
+
+        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        inputs = text_batches(model, tokenizer)[0]
+        expected = greedy(model, inputs)
+        self.assertEqual(greedy(ORTModelForSeq2SeqLM.from_pretrained(self.scratch / "onnx"), inputs), expected)
+        self.assertEqual(greedy(ORTModelForSeq2SeqLM.from_pretrained(self.scratch / "legacy"), inputs), expected)
+
+
+class TestSpeechExport(Seq2SeqCase):
+    def test_whisper_observer_and_legacy_exports_generate_the_same_tokens(self):
+        source = save_whisper(self.scratch / "model")
+        result = optimum_observer.export(source, self.scratch / "onnx", task=SPEECH)
+        self.assertExportMatchesTorch(result)
+        self.assertOptimumNames(self.scratch / "onnx", "input_features")
+        self.assertTrue((self.scratch / "onnx" / "preprocessor_config.json").is_file())
+        main_export(source, self.scratch / "legacy", task=SPEECH, library_name="transformers")
+
+        model = transformers.WhisperForConditionalGeneration.from_pretrained(source).eval()
+        feature_extractor = transformers.WhisperFeatureExtractor.from_pretrained(source)
+        # Synthetic waveforms of two durations, through the locally built feature extractor.
+        inputs = speech_batches(model, feature_extractor)[0]
+        self.assertEqual(inputs["input_features"].shape[0], 2)
+        expected = greedy(model, inputs)
+        self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "onnx"), inputs), expected)
+        self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "legacy"), inputs), expected)
