@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .errors import ObserverExportError, Stage
-from .tasks import get_task
+from .tasks import get_task, supported_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def run_observer_path(model_type: str, task: str, workdir: Path) -> PathResult:
         model.save_pretrained(workdir / "model")
     except Exception as error:
         return PathResult.failure(SweepStage.CONFIG_BUILD, error, task)
+    task = _task_for(model, task)
     start = time.perf_counter()
     try:
         result = export(model, workdir / "observer", task=task, show_progress=False)
@@ -211,6 +213,16 @@ def run_observer_path(model_type: str, task: str, workdir: Path) -> PathResult:
     seconds = sum(v for k, v in result.timings.items() if k != Stage.VALIDATION.value)
     logger.info("%s exported in %.1fs (validation %.1fs)", model_type, seconds, time.perf_counter() - start - seconds)
     return PathResult(Status.PASS, None, "", task, round(seconds, 2), onnx_bytes(result.output_dir, result.onnx_files))
+
+
+def _task_for(model: Any, task: str) -> str:
+    """`task`, or its variant without past when the model's forward takes no cache at all
+    (openai-gpt, ctrl...): such a model generates by recomputing the whole prefix each step."""
+    without_past = task.removesuffix("-with-past")
+    takes_cache = "past_key_values" in inspect.signature(model.forward).parameters
+    if get_task(task).with_past and not takes_cache and without_past in supported_tasks():
+        return without_past
+    return task
 
 
 def onnx_bytes(directory: Path, files: Sequence[str]) -> int:

@@ -120,8 +120,9 @@ SWITCHES: dict[str, Any] = {"use_mamba_kernels": False}
 #: Size attributes left as they are when unset (None): None switches the feature off.
 _NONE_MEANS_OFF = frozenset({"q_lora_rank", "sliding_window", "attention_window_size"})
 
-#: Per-type config values, applied to the default config before the generic shrink, only
-#: where the shrink alone cannot work.
+#: Per-type config values, only where the shrink alone cannot work. They are applied to the
+#: default config before the shrink (some defaults cannot even be built) and win over it after,
+#: except an empty dict, which asks for a sub-config's defaults so that the shrink makes them tiny.
 OVERRIDES: dict[str, dict[str, Any]] = {
     # attention_layers is derived from attention_types (24 layers by default), so cutting the
     # per-layer list is undone when the config is rebuilt.
@@ -135,6 +136,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "granitemoehybrid": {"layers_block_type": ["mamba", "attention"]},
     # The default text config leaves rope_scaling unset, but the rotary embedding indexes it.
     "mllama": {"rope_scaling": {"rope_type": "default"}},
+    # Mixture of attention heads: num_attention_heads is num_key_value_heads x num_experts_per_tok,
+    # so top-1 routing keeps as many heads as key/value heads (hidden size = heads x head_dim).
+    "jetmoe": {"num_experts_per_tok": 1},
+    # X-MOD picks a language adapter per call and refuses to run without a default language.
+    "xmod": {"default_language": "en_XX"},
     # Axial position embeddings: the factors must multiply to the positions and sum to hidden.
     "reformer": {"axial_pos_shape": [16, 32], "axial_pos_embds_dim": [32, 32]},
 }
@@ -224,6 +230,7 @@ def tiny_config(model_type: str, auto_model_class: str, **overrides: Any) -> tra
     config_class = model_class(model_type, auto_model_class).config_class
     defaults = {**OVERRIDES.get(model_type, {}), **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {})}
     values = _shrink(config_class(**defaults).to_dict())
+    values.update({k: v for k, v in OVERRIDES.get(model_type, {}).items() if v != {}})
     values.update(overrides)
     values.pop("model_type", None)
     values.pop("transformers_version", None)

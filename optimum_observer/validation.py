@@ -147,10 +147,18 @@ def generation_inputs(model: Any, tokenizer: Any | None) -> list[dict[str, torch
     ]
 
 
+def _has_past_inputs(directory: Path) -> bool:
+    session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    return any(i.name.startswith("past_key_values") for i in session.get_inputs())
+
+
 def check_generation(
     directory: Path, model: Any, tokenizer: Any | None, runtime_class: Any, pad_token_id: int
 ) -> list[GenerationCheck]:
-    onnx_model = runtime_class.from_pretrained(directory)
+    # The runtime defaults to use_cache=True and refuses a graph without past inputs (a model
+    # exported for `text-generation`); such a graph recomputes the whole prefix every step.
+    loading_kwargs = {} if _has_past_inputs(directory) else {"use_cache": False}
+    onnx_model = runtime_class.from_pretrained(directory, **loading_kwargs)
     checks = []
     for inputs in generation_inputs(model, tokenizer):
         settings = dict(
