@@ -66,15 +66,33 @@ def max_logits_diff(onnx_model: Any, torch_model: Any, inputs: dict[str, torch.T
 
 
 def validate_export(output: Path, torch_model: Any, task: str, atol: float = ATOL) -> PathResult | None:
-    """The failing check of an exported directory, or None when every check passed."""
-    from optimum_observer.capture import pad_token_id
-    from optimum_observer.validation import check_generation, generation_inputs
+    """The failing check of an exported directory, or None when every check passed.
 
+    The checks are the observer's own, run on the legacy file through the unchanged runtime
+    class: decoders compare logits on the same inputs then greedy tokens; encoder-decoders
+    greedy tokens; encoders every output of the runtime class.
+    """
+    from optimum_observer.tasks import Family
+
+    contract = get_task(task)
     runtime = runtime_class(task)
     try:
         onnx_model = runtime.from_pretrained(output)
     except Exception as error:
         return PathResult.failure(SweepStage.ORT_LOAD, error, task)
+    if contract.family is Family.DECODER:
+        return _validate_decoder(output, onnx_model, torch_model, runtime, task, atol)
+    if contract.family is Family.ENCODER:
+        return _validate_encoder(output, torch_model, runtime, task, atol)
+    return _validate_seq2seq(output, torch_model, runtime, task)
+
+
+def _validate_decoder(
+    output: Path, onnx_model: Any, torch_model: Any, runtime: type, task: str, atol: float
+) -> PathResult | None:
+    from optimum_observer.capture import pad_token_id
+    from optimum_observer.validation import check_generation, generation_inputs
+
     for inputs in generation_inputs(torch_model, None):
         try:
             diff = max_logits_diff(onnx_model, torch_model, inputs)
@@ -86,6 +104,35 @@ def validate_export(output: Path, torch_model: Any, task: str, atol: float = ATO
         checks = check_generation(output, torch_model, None, runtime, pad_token_id(torch_model, None))
     except Exception as error:
         return PathResult.failure(SweepStage.GENERATION_PARITY, error, task)
+    return _generation_failure(checks, task)
+
+
+def _validate_seq2seq(output: Path, torch_model: Any, runtime: type, task: str) -> PathResult | None:
+    from optimum_observer.validation import check_seq2seq_generation
+
+    try:
+        checks = check_seq2seq_generation(output, torch_model, get_task(task), None, None, runtime)
+    except Exception as error:
+        return PathResult.failure(SweepStage.GENERATION_PARITY, error, task)
+    return _generation_failure(checks, task)
+
+
+def _validate_encoder(output: Path, torch_model: Any, runtime: type, task: str, atol: float) -> PathResult | None:
+    from optimum_observer.validation import check_runtime_outputs
+
+    try:
+        checks = check_runtime_outputs(output, torch_model, get_task(task), None, runtime, atol)
+    except Exception as error:
+        return PathResult.failure(SweepStage.NUMERICAL_PARITY, error, task)
+    for check in checks:
+        if not check.ok:
+            return PathResult.failure(
+                SweepStage.NUMERICAL_PARITY, f"{check.output}: max |diff| {check.max_abs_diff:.3g} > atol {atol}", task
+            )
+    return None
+
+
+def _generation_failure(checks: list[Any], task: str) -> PathResult | None:
     for check in checks:
         if not check.ok:
             return PathResult.failure(

@@ -67,7 +67,7 @@ SIZES: dict[str, int] = {
     ),
     **dict.fromkeys(
         (
-            "head_dim", "attention_head_size", "d_head", "kv_channels", "attention_head_dim",
+            "head_dim", "d_kv", "attention_head_size", "d_head", "kv_channels", "attention_head_dim",
             "linear_key_head_dim", "linear_value_head_dim", "qk_rope_head_dim", "qk_nope_head_dim",
             "v_head_dim",
         ),
@@ -79,7 +79,7 @@ SIZES: dict[str, int] = {
     "qk_head_dim": 2 * HEAD_DIM,
     **dict.fromkeys(
         (
-            "intermediate_size", "n_inner", "ffn_dim", "decoder_ffn_dim", "encoder_ffn_dim", "ffn_hidden_size",
+            "intermediate_size", "d_ff", "n_inner", "ffn_dim", "decoder_ffn_dim", "encoder_ffn_dim", "ffn_hidden_size",
             "feed_forward_size", "d_inner", "intermediate_size_mlp", "expert_ffn_hidden_size", "nffn_hidden_size",
         ),
         INTERMEDIATE,
@@ -234,7 +234,11 @@ def tiny_config(model_type: str, auto_model_class: str, **overrides: Any) -> tra
     values.update(overrides)
     values.pop("model_type", None)
     values.pop("transformers_version", None)
-    return config_class(**values)
+    config = config_class(**values)
+    if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
+        # generate() needs it; checkpoints set it (t5's is its pad token), default configs don't.
+        config.decoder_start_token_id = _pad_token_id(config)
+    return config
 
 
 def build_tiny_model(model_type: str, auto_model_class: str, seed: int = 0, **overrides: Any) -> Any:

@@ -91,3 +91,8 @@ class TestShrinkRules(unittest.TestCase):
     def test_every_override_names_a_known_type(self):
         for model_type in tiny_configs.OVERRIDES:
             self.assertIn(model_type, transformers.CONFIG_MAPPING)
+
+    def test_encoder_decoder_configs_can_start_generating(self):
+        config = tiny_configs.tiny_config("t5", "AutoModelForSeq2SeqLM")
+        self.assertIsNotNone(config.decoder_start_token_id)
+        self.assertEqual(config.d_kv * config.num_heads, config.d_model)
