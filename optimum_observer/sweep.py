@@ -358,6 +358,29 @@ def run_sweep(
 
 # --- reports ----------------------------------------------------------------------------
 
+#: What a failure means, recognised by a fragment of its first error line, so that a reader of
+#: the coverage table can tell a limit of the approach (or of the runtime) from a bug.
+KNOWN_REASONS: tuple[tuple[str, str], ...] = (
+    ("object has no attribute 'clone'",
+     "stateful cache (SSM / hybrid / recurrent states) that is not a registered pytree: not exported yet"),
+    ("object has no attribute 'generate'", "deprecated model class without generate(): not a generative model here"),
+    ("ImportError", "needs an optional dependency that is not installed"),
+    ("The checkpoint you are trying to load has model type",
+     "the head's text config has a model type AutoConfig cannot load back, so the runtime class cannot load it"),
+    ("Got invalid dimensions for input: past_key_values",
+     "the unchanged runtime sizes its first-step cache from the config (legacy_shim.ORTModelForCausalLM reads "
+     "it from the graph)"),
+    ("object has no attribute 'hidden_size'", "the unchanged runtime reads hidden_size, which this config lacks"),
+    ("complex-valued input", "complex-valued rotary embedding: ONNX has no complex type"),
+    ("GuardOnDataDependentSymNode", "data-dependent control flow (expert routing, adapters) torch.export cannot trace"),
+    ("use_cache` is only supported for `decoder_input_ids` of length 1",
+     "the model takes a cache only with one new token, the export example needs several"),
+)  # fmt: skip
+
+
+def known_reason(error: str) -> str:
+    return next((reason for fragment, reason in KNOWN_REASONS if fragment in error), "")
+
 
 def _cell(result: PathResult) -> str:
     if result.status == Status.PASS:
@@ -402,7 +425,10 @@ def markdown(task: str, results: dict[str, TypeResult], measured_on: dict[str, s
     for model_type, r in sorted(results.items()):
         if r.observer.status == Status.FAIL:
             stage = r.observer.stage.value if r.observer.stage else "unknown"
-            failures.setdefault(stage, []).append(f"- `{model_type}`: {_escape(r.observer.error)}")
+            reason = known_reason(r.observer.error)
+            failures.setdefault(stage, []).append(
+                f"- `{model_type}`: {reason + ' - ' if reason else ''}`{_escape(r.observer.error)}`"
+            )
     if failures:
         lines += ["", f"### Observer failures by stage ({sum(map(len, failures.values()))})"]
         for stage in sorted(failures):
