@@ -29,8 +29,14 @@ from tiny_families import save_seq2seq_lm, save_whisper
 TEXT2TEXT = "text2text-generation-with-past"
 SPEECH = "automatic-speech-recognition-with-past"
 LEGACY_SUPPORTED = ["t5", "bart"]
-LEGACY_UNSUPPORTED = ["umt5", "plbart"]
-LEGACY_UNSUPPORTED_SLOW = ["led", "switch_transformers", "pegasus_x"]
+LEGACY_UNSUPPORTED = ["umt5", "plbart", "switch_transformers"]
+#: Types neither exporter handles yet, and the torch.export failure each hits (see README, Limits).
+KNOWN_EXPORT_FAILURES = {
+    # Longformer-style attention: `is_index_global_attn.nonzero()` sizes depend on the data.
+    "led": "data-dependent",
+    # Block-local attention with global tokens: a block count specialised during tracing.
+    "pegasus_x": "Expected size for first two dimensions of batch2 tensor",
+}
 FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
 NEW_TOKENS = 8
 
@@ -42,7 +48,7 @@ def greedy(model, inputs: dict[str, torch.Tensor]) -> list[list[int]]:
 
 
 class TestLegacyCoverage(unittest.TestCase):
-    @parameterized.expand([(t,) for t in LEGACY_UNSUPPORTED + LEGACY_UNSUPPORTED_SLOW])
+    @parameterized.expand([(t,) for t in LEGACY_UNSUPPORTED + list(KNOWN_EXPORT_FAILURES)])
     def test_type_is_not_exportable_by_the_legacy_exporter(self, model_type):
         self.assertNotIn(TEXT2TEXT, legacy_tasks(model_type))
 
@@ -100,11 +106,14 @@ class TestText2TextExport(Seq2SeqCase):
         self.assertExportMatchesTorch(result)
         self.assertOptimumNames(self.scratch / "onnx", "input_ids")
 
-    @parameterized.expand([(t,) for t in LEGACY_UNSUPPORTED_SLOW])
+    @parameterized.expand(list(KNOWN_EXPORT_FAILURES.items()))
     @pytest.mark.slow
-    def test_export_matches_torch_slow(self, model_type):
-        _, result = self.export(model_type)
-        self.assertExportMatchesTorch(result)
+    def test_known_export_failure_is_reported_cleanly(self, model_type, cause):
+        with self.assertRaises(optimum_observer.ObserverExportError) as caught:
+            self.export(model_type)
+        self.assertEqual(caught.exception.stage, optimum_observer.Stage.EXPORT)
+        self.assertIn(cause, str(caught.exception.__cause__))
+        self.assertFalse((self.scratch / "onnx").exists())
 
     @parameterized.expand([(t,) for t in LEGACY_SUPPORTED])
     def test_observer_and_legacy_exports_generate_the_same_tokens(self, model_type):
