@@ -283,6 +283,26 @@ def _switch_patches() -> tuple[Patch, ...]:
     )
 
 
+def _not_compiling() -> bool:
+    return False
+
+
+def _pegasus_x_patches() -> tuple[Patch, ...]:
+    from transformers.models.pegasus_x import modeling_pegasus_x
+
+    return (
+        Patch(
+            name="pegasus_x_decoder_mask_while_exporting",
+            owner=modeling_pegasus_x,
+            attribute="is_torchdynamo_compiling",
+            replacement=_not_compiling,
+            fixes="The size of tensor a (s + 1) must match the size of tensor b (s + 2) (while compiling, "
+            "the Pegasus-X decoder builds no all-ones mask, and its causal mask built without one is one "
+            "position longer than the keys)",
+        ),
+    )
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="dynamic_layer_lazy_initialization",
@@ -294,6 +314,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     *_moe_patches(),
     *_switch_patches(),
+    *_pegasus_x_patches(),
 )
 
 

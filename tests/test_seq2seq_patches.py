@@ -43,3 +43,11 @@ class TestSwitchTransformersPatches(unittest.TestCase):
         error = _export_error("switch_transformers", "dense_switch_transformers_experts")
         self.assertEqual(error.stage, Stage.EXPORT)
         self.assertRegex(str(error.__cause__), "data-dependent|data dependent|GuardOnDataDependent")
+
+
+class TestPegasusXPatches(unittest.TestCase):
+    def test_decoder_mask_patch(self):
+        error = _export_error("pegasus_x", "pegasus_x_decoder_mask_while_exporting")
+        self.assertEqual(error.stage, Stage.EXPORT)
+        # The causal mask, one position longer than the keys, broadcasts the attention weights.
+        self.assertRegex(str(error.__cause__), "Expected size for first two dimensions|must match the size")
