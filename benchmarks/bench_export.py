@@ -13,13 +13,8 @@ Prints one table with observer / legacy ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
+import functools
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +22,17 @@ import onnxruntime as ort
 import torch
 import transformers
 
+from measure import EXPORTERS, export_in_subprocess, onnx_size_mb, paired_latency_ms, print_table
 from optimum_observer.demo import DECODER_SIZES, build_tokenizer
+
+TASK = "text-generation-with-past"
+METRICS = [
+    ("seconds", "export wall time (s)"),
+    ("peak_rss_mb", "export peak RSS (MB)"),
+    ("size_mb", "ONNX size (MB)"),
+    ("prefill_ms", "ORT prefill 128 (ms)"),
+    ("decode_ms", "ORT decode @128 (ms)"),
+]
 
 MODELS = {
     "tiny": dict(DECODER_SIZES, num_key_value_heads=2),
@@ -43,40 +48,6 @@ MODELS = {
         max_position_embeddings=1024,
     ),
 }
-
-EXPORT_SCRIPT = """
-import json, resource, sys, time
-exporter, source, output = sys.argv[1:4]
-start = time.perf_counter()
-if exporter == "legacy":
-    from optimum.exporters.onnx import main_export
-    main_export(source, output, task="text-generation-with-past", do_validation=False)
-else:
-    import optimum_observer
-    optimum_observer.export(source, output, task="text-generation-with-past", validate=False)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
-def export_in_subprocess(exporter: str, source: Path, output: Path) -> dict[str, float]:
-    # The legacy figure is optimum-onnx alone: legacy_shim's import hook stays out of it.
-    env = {**os.environ, "OPTIMUM_OBSERVER_DISABLE": "1"} if exporter == "legacy" else None
-    done = subprocess.run(
-        [sys.executable, "-c", EXPORT_SCRIPT, exporter, str(source), str(output)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{exporter} export failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def onnx_size_mb(directory: Path) -> float:
-    return sum(p.stat().st_size for p in directory.glob("model.onnx*")) / 1e6
-
 
 def _feeds(session: ort.InferenceSession, batch: int, new: int, past: int) -> dict[str, np.ndarray]:
     feeds = {}
@@ -95,29 +66,7 @@ def _feeds(session: ort.InferenceSession, batch: int, new: int, past: int) -> di
     return feeds
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def paired_latency_ms(paths: dict[str, Path], new: int, past: int, repeat: int) -> dict[str, float]:
-    """Median latency per model; the runs alternate between the models so that a change in the
-    machine's load during the measurement falls on both alike."""
-    sessions = {name: _session(path) for name, path in paths.items()}
-    feeds = {name: _feeds(session, 1, new, past) for name, session in sessions.items()}
-    timings: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, session in sessions.items():
-        session.run(None, feeds[name])
-    for _ in range(repeat):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds[name])
-            timings[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in timings.items()}
-
-
-def bench(name: str, sizes: dict, scratch: Path, repeat: int) -> list[tuple[str, float, float]]:
+def bench(name: str, sizes: dict, scratch: Path, repeat: int) -> None:
     source = scratch / name
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
@@ -125,29 +74,18 @@ def bench(name: str, sizes: dict, scratch: Path, repeat: int) -> list[tuple[str,
     model.save_pretrained(source)
     build_tokenizer(source)
     del model
-    rows = []
     results: dict[str, dict[str, float]] = {}
-    outputs = {exporter: scratch / f"{name}-{exporter}" for exporter in ("legacy", "observer")}
+    outputs = {exporter: scratch / f"{name}-{exporter}" for exporter in EXPORTERS}
     for exporter, output in outputs.items():
-        results[exporter] = export_in_subprocess(exporter, source, output)
+        results[exporter] = export_in_subprocess(exporter, source, output, TASK)
         results[exporter]["size_mb"] = onnx_size_mb(output)
     paths = {exporter: output / "model.onnx" for exporter, output in outputs.items()}
     for metric, new, past, runs in (("prefill_ms", 128, 0, repeat), ("decode_ms", 1, 128, repeat * 4)):
-        for exporter, value in paired_latency_ms(paths, new, past, runs).items():
+        feeds_for = functools.partial(_feeds, batch=1, new=new, past=past)
+        for exporter, value in paired_latency_ms(paths, feeds_for, runs).items():
             results[exporter][metric] = value
     print(f"\n{name} ({params:.1f}M parameters)")
-    print(f"{'metric':<22} {'legacy':>10} {'observer':>10} {'observer/legacy':>16}")
-    for metric, label in [
-        ("seconds", "export wall time (s)"),
-        ("peak_rss_mb", "export peak RSS (MB)"),
-        ("size_mb", "ONNX size (MB)"),
-        ("prefill_ms", "ORT prefill 128 (ms)"),
-        ("decode_ms", "ORT decode @128 (ms)"),
-    ]:
-        legacy, observer = results["legacy"][metric], results["observer"][metric]
-        print(f"{label:<22} {legacy:>10.2f} {observer:>10.2f} {observer / legacy:>16.2f}")
-        rows.append((label, legacy, observer))
-    return rows
+    print_table(results, METRICS)
 
 
 def main() -> None:

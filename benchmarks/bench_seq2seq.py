@@ -15,13 +15,8 @@ its runtime would. Prints one table per model with observer / legacy ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
+import functools
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +24,7 @@ import onnxruntime as ort
 import torch
 import transformers
 
+from measure import EXPORTERS, export_in_subprocess, onnx_size_mb, paired_latency_ms, print_table
 from optimum_observer.demo import build_tokenizer
 
 TEXT2TEXT = "text2text-generation-with-past"
@@ -54,21 +50,6 @@ _WHISPER_TINY = dict(
 MODELS = {"t5-tiny": ("t5", _TINY_T5), "t5-60M": ("t5", _T5_SMALL), "whisper-tiny": ("whisper", _WHISPER_TINY)}
 _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
 
-EXPORT_SCRIPT = """
-import json, resource, sys, time
-exporter, source, output, task = sys.argv[1:5]
-start = time.perf_counter()
-if exporter == "legacy":
-    from optimum.exporters.onnx import main_export
-    main_export(source, output, task=task, library_name="transformers", do_validation=False)
-else:
-    import optimum_observer
-    optimum_observer.export(source, output, task=task, validate=False)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
 def save_model(kind: str, sizes: dict, source: Path) -> float:
     torch.manual_seed(0)
     if kind == "whisper":
@@ -82,27 +63,6 @@ def save_model(kind: str, sizes: dict, source: Path) -> float:
         build_tokenizer(source)
     model.save_pretrained(source)
     return sum(p.numel() for p in model.parameters()) / 1e6
-
-
-def export_in_subprocess(exporter: str, source: Path, output: Path, task: str) -> dict[str, float]:
-    # The legacy figure is optimum-onnx alone: legacy_shim's import hook stays out of it.
-    env = {**os.environ, "OPTIMUM_OBSERVER_DISABLE": "1"} if exporter == "legacy" else None
-    done = subprocess.run(
-        [sys.executable, "-c", EXPORT_SCRIPT, exporter, str(source), str(output), task],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{exporter} export failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _dim(value: ort.NodeArg, axis: int, default: int) -> int:
@@ -136,31 +96,16 @@ def _feeds(session: ort.InferenceSession, encoder_length: int, hidden: int) -> d
     return feeds
 
 
-def paired_latency_ms(paths: dict[str, Path], encoder_length: int, hidden: int, repeat: int) -> dict[str, float]:
-    """Median latency per file; the runs alternate between them so that a change in the
-    machine's load during the measurement falls on both alike."""
-    sessions = {name: _session(path) for name, path in paths.items()}
-    feeds = {name: _feeds(session, encoder_length, hidden) for name, session in sessions.items()}
-    timings: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, session in sessions.items():
-        session.run(None, feeds[name])
-    for _ in range(repeat):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds[name])
-            timings[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in timings.items()}
-
-
 def _latencies(paths: dict[str, Path], encoder_length: int, hidden: int, runs: int, metric: str) -> dict[str, float]:
     """Paired latencies; when one file does not take these synthetic feeds, the others alone."""
+    feeds_for = functools.partial(_feeds, encoder_length=encoder_length, hidden=hidden)
     try:
-        return paired_latency_ms(paths, encoder_length, hidden, runs)
+        return paired_latency_ms(paths, feeds_for, runs)
     except Exception:
         latencies = {}
         for name, path in paths.items():
             try:
-                latencies.update(paired_latency_ms({name: path}, encoder_length, hidden, runs))
+                latencies.update(paired_latency_ms({name: path}, feeds_for, runs))
             except Exception as error:
                 print(f"  {metric}, {name}: not measured ({str(error).splitlines()[0][:200]})")
                 latencies[name] = float("nan")
@@ -177,10 +122,10 @@ def bench(name: str, scratch: Path, repeat: int) -> None:
     task = SPEECH if kind == "whisper" else TEXT2TEXT
     source = scratch / name
     params = save_model(kind, sizes, source)
-    outputs = {exporter: scratch / f"{name}-{exporter}" for exporter in ("legacy", "observer")}
+    outputs = {exporter: scratch / f"{name}-{exporter}" for exporter in EXPORTERS}
     results = {exporter: export_in_subprocess(exporter, source, output, task) for exporter, output in outputs.items()}
     for exporter, output in outputs.items():
-        results[exporter]["size_mb"] = sum(p.stat().st_size for p in output.glob("*.onnx*")) / 1e6
+        results[exporter]["size_mb"] = onnx_size_mb(output)
         results[exporter]["files"] = sorted(p.name for p in output.glob("*.onnx"))
     encoder_length = sizes.get("max_source_positions", ENCODER_TOKENS)
     encoders = {e: o / "encoder_model.onnx" for e, o in outputs.items()}
@@ -191,16 +136,16 @@ def bench(name: str, scratch: Path, repeat: int) -> None:
     print(f"\n{name} ({params:.1f}M parameters, {task})")
     for exporter in outputs:
         print(f"  {exporter} files: {', '.join(results[exporter]['files'])}")
-    print(f"{'metric':<26} {'legacy':>10} {'observer':>10} {'observer/legacy':>16}")
-    for metric, label in [
-        ("seconds", "export wall time (s)"),
-        ("peak_rss_mb", "export peak RSS (MB)"),
-        ("size_mb", "ONNX size (MB)"),
-        ("encoder_ms", "ORT encoder (ms)"),
-        ("decoder_step_ms", f"ORT decoder step @{PAST} (ms)"),
-    ]:
-        legacy, observer = results["legacy"][metric], results["observer"][metric]
-        print(f"{label:<26} {legacy:>10.2f} {observer:>10.2f} {observer / legacy:>16.2f}")
+    print_table(
+        results,
+        [
+            ("seconds", "export wall time (s)"),
+            ("peak_rss_mb", "export peak RSS (MB)"),
+            ("size_mb", "ONNX size (MB)"),
+            ("encoder_ms", "ORT encoder (ms)"),
+            ("decoder_step_ms", f"ORT decoder step @{PAST} (ms)"),
+        ],
+    )
 
 
 def main() -> None:
