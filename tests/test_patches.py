@@ -106,3 +106,15 @@ class TestExpertLoopPatches(unittest.TestCase):
 
             result = optimum_observer.export(build_tiny_model("deepseek_v3", "AutoModelForCausalLM"), Path(scratch) / "onnx")
         self.assertTrue(result.validation.ok, result.validation.table())
+
+
+class TestRealRotaryPatches(unittest.TestCase):
+    """Rotary embeddings in complex numbers: the pair of patches (embedding + apply) is needed."""
+
+    @parameterized.expand([("llama4_text", "llama4"), ("deepseek_v2", "deepseek_v2")])
+    def test_fails_without_the_patches(self, model_type, module_name):
+        names = {f"real_{module_name}_rotary_embedding", f"real_{module_name}_apply_rotary_emb"}
+        self.assertTrue(names <= {p.name for p in PATCHES})
+        error = _tiny_export_error(model_type, [p for p in PATCHES if p.name not in names])
+        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertIn("complex", str(error.__cause__))
