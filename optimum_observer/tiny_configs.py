@@ -106,6 +106,8 @@ SIZES: dict[str, int] = {
     "mamba_d_head": HEAD_DIM,
     "mamba_d_ssm": HIDDEN,
     **dict.fromkeys(("state_size", "mamba_d_state"), 16),
+    # SSM head groups must divide the (now 4) SSM heads.
+    **dict.fromkeys(("n_groups", "mamba_n_groups", "mamba_ngroups"), 1),
     **dict.fromkeys(("time_step_rank", "mamba_dt_rank"), 8),
     **dict.fromkeys(("chunk_size", "mamba_chunk_size"), 16),
 }
