@@ -116,8 +116,9 @@ SIZES: dict[str, int] = {
 CAPS: dict[str, int] = {"sliding_window": POSITIONS, "attention_window_size": POSITIONS}
 
 #: Switches set wherever they appear: the fused Mamba kernels exist only for CUDA, and a
-#: config asking for them refuses to run on CPU.
-SWITCHES: dict[str, Any] = {"use_mamba_kernels": False}
+#: config asking for them refuses to run on CPU; a few default configs (mpt) turn the cache off,
+#: which checkpoints turn on.
+SWITCHES: dict[str, Any] = {"use_mamba_kernels": False, "use_cache": True}
 
 #: Size attributes left as they are when unset (None): None switches the feature off.
 _NONE_MEANS_OFF = frozenset({"q_lora_rank", "sliding_window", "attention_window_size"})
