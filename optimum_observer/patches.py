@@ -173,6 +173,22 @@ def _dense_gpt_oss_experts(
     return next_states.sum(dim=0)
 
 
+def _dense_hunyuan_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """HunYuan MoE: softmax top-k routing (renormalised), every expert on every token, plus the
+    shared MLP; one tensor out, as upstream returns."""
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    shared = self.shared_mlp(hidden_states)
+    router_logits = self.gate(hidden_states)
+    x = hidden_states.view(-1, hidden_dim)
+    weights, experts = torch.topk(torch.softmax(router_logits, dim=1, dtype=torch.float), self.top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    dense_weights = torch.zeros_like(router_logits, dtype=weights.dtype).scatter(1, experts, weights).to(x.dtype)
+    output = torch.zeros_like(x)
+    for index, expert in enumerate(self.experts):
+        output = output + expert(x) * dense_weights[:, index, None]
+    return output.reshape(batch_size, sequence_length, hidden_dim) + shared
+
+
 _EXPERT_LOOP_DATA_DEPENDENT = (
     "GuardOnDataDependentSymNode on `if token_indices.numel() > 0` / `for num_tokens in tokens_per_expert` "
     "(the loop over experts branches on how many tokens the data routed to each)"
@@ -221,6 +237,17 @@ def _moe_patches() -> tuple[Patch, ...]:
             attribute="forward",
             replacement=_dense_dbrx_experts,
             fixes="GuardOnDataDependentSymNode: Eq(u0, 0) at `if token_idx.shape[0] == 0: continue`",
+        )
+    )
+    from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1Moe
+
+    patches.append(
+        Patch(
+            name="dense_hunyuan_v1_moe",
+            owner=HunYuanMoEV1Moe,
+            attribute="forward",
+            replacement=_dense_hunyuan_moe_forward,
+            fixes=_MOE_DATA_DEPENDENT,
         )
     )
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts

@@ -91,6 +91,7 @@ class TestExpertLoopPatches(unittest.TestCase):
             ("dbrx", "dense_dbrx_experts"),
             ("phimoe", "dense_phimoe_moe"),
             ("gpt_oss", "dense_gpt_oss_experts"),
+            ("hunyuan_v1_moe", "dense_hunyuan_v1_moe"),
         ]
     )
     def test_fails_without_the_patch(self, model_type, patch_name):
