@@ -68,7 +68,16 @@ def apply_names(
 ) -> dict[str, dict[int, str]]:
     graph = program.model.graph
     wanted_inputs = input_names(example)
-    wanted_outputs = output_names(capture, len(graph.outputs))
+    try:
+        wanted_outputs = output_names(capture, len(graph.outputs))
+    except KeyError as error:
+        raise ObserverExportError(
+            model_type,
+            Stage.NAMING,
+            f"the observed calls returned no {error.args[0]!r}, which {capture.graph.file_name} must output",
+            "run the model the way the task needs it (for a task with past: calls with use_cache=True "
+            "that return a cache), or export for the task without past (for example text-generation).",
+        ) from error
     if len(graph.inputs) != len(wanted_inputs) or len(graph.outputs) != len(wanted_outputs):
         raise ObserverExportError(
             model_type,

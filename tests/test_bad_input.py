@@ -105,3 +105,15 @@ class TestBadInput(unittest.TestCase):
         with self.assertRaises(ObserverExportError):
             optimum_observer.export(source, self.output, run=lambda model: None)
         self.assertEqual([p.name for p in self.output.iterdir()], ["keep.txt"])
+
+    def test_run_that_never_returns_the_cache_the_task_needs(self):
+        source = save_causal_lm("llama", self.scratch / "llama", with_tokenizer=False)
+
+        def run(model):
+            for length in (4, 6):
+                ids = torch.randint(3, 100, (2, length))
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+        error = self.export_error(source, run=run)
+        self.assertFailsCleanly(error, "llama", Stage.NAMING)
+        self.assertIn("returned no 'past_key_values'", str(error))
