@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
-import unittest
-from pathlib import Path
-
 import torch
 import transformers
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 import optimum_observer
+from failure_case import ExportFailureCase
 from optimum_observer import ObserverExportError, Stage
-from optimum_observer.cache_pytree import is_registered
-from optimum_observer.patches import PATCHES
 from tiny_models import save_causal_lm
 
 
@@ -28,32 +22,7 @@ class DataDependentLlama(transformers.LlamaForCausalLM):
         return outputs
 
 
-class TestBadInput(unittest.TestCase):
-    def setUp(self):
-        self._scratch = tempfile.TemporaryDirectory()
-        self.scratch = Path(self._scratch.name)
-        self.output = self.scratch / "out"
-        self.originals = {p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}
-
-    def tearDown(self):
-        self._scratch.cleanup()
-
-    def assertFailsCleanly(self, error: ObserverExportError, model_type: str, stage: Stage) -> None:
-        self.assertEqual(error.model_type, model_type)
-        self.assertEqual(error.stage, stage)
-        self.assertIn(model_type, str(error))
-        self.assertIn(stage.value, str(error))
-        self.assertIn("Next steps:", str(error))
-        self.assertFalse(self.output.exists())
-        self.assertEqual([p.name for p in self.scratch.iterdir() if ".partial" in p.name], [])
-        self.assertFalse(is_registered(DynamicCache))
-        self.assertEqual({p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}, self.originals)
-
-    def export_error(self, model, **kwargs) -> ObserverExportError:
-        with self.assertRaises(ObserverExportError) as caught:
-            optimum_observer.export(model, self.output, **kwargs)
-        return caught.exception
-
+class TestBadInput(ExportFailureCase):
     def test_path_that_does_not_exist(self):
         missing = str(self.scratch / "no-such-model")
         error = self.export_error(missing, local_files_only=True)

@@ -11,10 +11,11 @@ from transformers.cache_utils import DynamicLayer
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import optimum_observer
-from optimum_observer import conversion
+from optimum_observer import conversion, loading
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.patches import PATCHES, applied
+from optimum_observer.tiny_configs import build_tiny_model
 from stages import CONTRACT, capture_and_synthesize, load_tiny
 
 
@@ -23,16 +24,19 @@ def _without(name: str):
     return [p for p in PATCHES if p.name != name]
 
 
-def _export_error(model_type: str, patches) -> ObserverExportError:
-    with tempfile.TemporaryDirectory() as scratch:
-        loaded = load_tiny(model_type, Path(scratch), with_tokenizer=False)
+def _conversion_error(loaded: loading.LoadedModel, patches) -> ObserverExportError:
     _, example = capture_and_synthesize(loaded)
     with registered_caches():
         try:
-            conversion.convert(loaded.model, CONTRACT.graphs[0], example, model_type, patches=patches)
+            conversion.convert(loaded.model, CONTRACT.graphs[0], example, loaded.model_type, patches=patches)
         except ObserverExportError as error:
             return error
-    raise AssertionError(f"{model_type} exported without the patch")
+    raise AssertionError(f"{loaded.model_type} exported without the patch")
+
+
+def _export_error(model_type: str, patches) -> ObserverExportError:
+    with tempfile.TemporaryDirectory() as scratch:
+        return _conversion_error(load_tiny(model_type, Path(scratch), with_tokenizer=False), patches)
 
 
 class TestPatchesFixTheirFailure(unittest.TestCase):
@@ -65,20 +69,11 @@ class TestPatchesAreScoped(unittest.TestCase):
 
 
 def _tiny_export_error(model_type: str, patches) -> ObserverExportError:
-    from optimum_observer import loading
-    from optimum_observer.tiny_configs import build_tiny_model
-
     loaded = loading.load(
         build_tiny_model(model_type, "AutoModelForCausalLM"), CONTRACT, tokenizer=None, dtype=None,
         device="cpu", trust_remote_code=False, model_kwargs=None, hub_kwargs={},
     )  # fmt: skip
-    _, example = capture_and_synthesize(loaded)
-    with registered_caches():
-        try:
-            conversion.convert(loaded.model, CONTRACT.graphs[0], example, model_type, patches=patches)
-        except ObserverExportError as error:
-            return error
-    raise AssertionError(f"{model_type} exported without the patch")
+    return _conversion_error(loaded, patches)
 
 
 class TestExpertLoopPatches(unittest.TestCase):

@@ -3,19 +3,13 @@ stage and what to try; no finished-looking output; every registration and patch 
 
 from __future__ import annotations
 
-import tempfile
-import unittest
-from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, EncoderDecoderCache
 
-import optimum_observer
-from optimum_observer import ObserverExportError, Stage
-from optimum_observer.cache_pytree import is_registered
+from optimum_observer import Stage
 from optimum_observer.capture import synthetic_waveforms
-from optimum_observer.patches import PATCHES
+from failure_case import ExportFailureCase
 from tiny_families import save_seq2seq_lm, save_whisper, whisper_feature_extractor
 from tiny_models import save_causal_lm
 
@@ -23,31 +17,8 @@ TEXT2TEXT = "text2text-generation-with-past"
 SPEECH = "automatic-speech-recognition-with-past"
 
 
-class TestSeq2SeqBadInput(unittest.TestCase):
-    def setUp(self):
-        self._scratch = tempfile.TemporaryDirectory()
-        self.scratch = Path(self._scratch.name)
-        self.output = self.scratch / "out"
-        self.originals = {p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}
-
-    def tearDown(self):
-        self._scratch.cleanup()
-
-    def export_error(self, model, **kwargs) -> ObserverExportError:
-        with self.assertRaises(ObserverExportError) as caught:
-            optimum_observer.export(model, self.output, validate=False, **kwargs)
-        return caught.exception
-
-    def assertFailsCleanly(self, error: ObserverExportError, model_type: str, stage: Stage) -> None:
-        self.assertEqual((error.model_type, error.stage), (model_type, stage))
-        for part in (model_type, stage.value, "Next steps:"):
-            self.assertIn(part, str(error))
-        self.assertTrue(error.remedy.strip())
-        self.assertFalse(self.output.exists())
-        self.assertEqual([p.name for p in self.scratch.iterdir() if ".partial" in p.name], [])
-        self.assertFalse(is_registered(DynamicCache))
-        self.assertFalse(is_registered(EncoderDecoderCache))
-        self.assertEqual({p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}, self.originals)
+class TestSeq2SeqBadInput(ExportFailureCase):
+    export_kwargs = {"validate": False}
 
     def test_encoder_decoder_checkpoint_for_a_decoder_only_task(self):
         error = self.export_error(save_seq2seq_lm("t5", self.scratch / "t5", with_tokenizer=False))
