@@ -221,7 +221,7 @@ def _validate(
                 "reads it from the graph; pass validate=False to keep the file anyway.",
             ) from error
     report = ValidationReport(atol=atol, calls=calls, generation=generation, runtime=runtime)
-    logger.info("validation:\n%s", report.table())
+    logger.debug("validation:\n%s", report.table())
     if not report.ok:
         raise ObserverExportError(
             loaded.model_type,
