@@ -9,6 +9,8 @@ Each class subclasses its `optimum.onnxruntime` namesake and overrides the minim
   `from_pretrained(..., exporter="auto"|"legacy"|"observer")` keyword picks the route.
 - `_dynamic_axis_inference`: parsed, never `eval`-ed (see :mod:`legacy_shim.runtime_fixes`).
 - the empty first-step cache of decoders is shaped from the session's input shapes.
+- decoders whose cache holds states (state-space models) generate through
+  :mod:`legacy_shim.state_runtime`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import functools
 import sys
 from typing import Any
 
+import torch
 from optimum import onnxruntime as ort
 from optimum.onnxruntime import modeling_seq2seq
 
+from . import state_runtime
 from .export import main_export
 from .patching import swapped_attribute
 from .runtime_fixes import cache_dims_from_session, evaluate_axis_expression
@@ -49,7 +53,19 @@ class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausal
     __doc__ = ort.ORTModelForCausalLM.__doc__
 
     def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except AttributeError:
+            # Upstream's last step sizes the empty cache from config attributes that state-space
+            # configs lack (`num_attention_heads`); a graph with state inputs does not need them.
+            if not (hasattr(self, "old_gpt_bigcode_modeling") and state_runtime.has_state_inputs(self.input_names)):
+                raise
+        self.has_states = state_runtime.has_state_inputs(self.input_names)
+        if self.has_states:
+            self.key_value_input_names = state_runtime.cache_input_names(self.input_names)
+            self.key_value_output_names = [state_runtime.present_name(n) for n in self.key_value_input_names]
+            self.can_use_cache = True
+            return
         dims = cache_dims_from_session(self.input_shapes, self.key_value_input_names)
         if dims is None or self.old_bloom_modeling or self.old_gpt_bigcode_modeling:
             return
@@ -59,6 +75,20 @@ class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausal
             self.qk_head_dim, self.v_head_dim = dims.key_head_size, dims.value_head_size
         elif dims.key_head_size == dims.value_head_size:
             self.embed_size_per_head = dims.key_head_size
+
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not self.has_states:
+            return super().forward(input_ids, attention_mask, past_key_values, position_ids, use_cache, **kwargs)
+        return state_runtime.forward_with_states(self, input_ids, attention_mask, past_key_values, position_ids)
 
 
 class ORTModelForFeatureExtraction(RoutedExport, SafeAxisInference, ort.ORTModelForFeatureExtraction):

@@ -5,8 +5,10 @@ Takes: nothing. Gives: a context manager, :func:`registered_caches`, inside whic
 only, keys and values interleaved per layer, the order of Optimum's `past_key_values.{i}.key` /
 `.value` names), and `EncoderDecoderCache` to `[layer0.self.keys, layer0.self.values,
 layer0.cross.keys, layer0.cross.values, layer1...]` (Optimum's `past_key_values.{i}.decoder.key`,
-`.decoder.value`, `.encoder.key`, `.encoder.value`), so `torch.onnx.InputObserver` can record
-them and `torch.export` can take them.
+`.decoder.value`, `.encoder.key`, `.encoder.value`), and the state-space caches (`MambaCache`,
+`FalconMambaCache`, `Mamba2Cache`) to `[layer0.conv_state, layer0.ssm_state, layer1...]`
+(`past_key_values.{i}.conv_state`, `.ssm_state`: fixed-size states, only the batch varies), so
+`torch.onnx.InputObserver` can record them and `torch.export` can take them.
 
 Why: transformers 4.56+ no longer registers `DynamicCache` at import, and torch 2.13's observer
 then fails at the first `generate` call with `'DynamicCache' object has no attribute 'clone'`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,6 +95,72 @@ def _flatten_spec_encoder_decoder_cache(cache: EncoderDecoderCache, spec: pytree
     return _flatten_encoder_decoder_cache(cache)[0]
 
 
+def _state_cache_attributes(cache: Any) -> tuple[tuple[str, Any], ...]:
+    # Everything but the states themselves (sizes, dtype), so the cache is rebuilt as it was.
+    return tuple(sorted((k, v) for k, v in vars(cache).items() if k not in _STATE_FIELDS))
+
+
+#: Not part of the context: the states, and the batch size, which differs between calls.
+_STATE_FIELDS = ("conv_states", "ssm_states", "max_batch_size")
+
+
+def _flatten_state_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
+    # Per layer: its convolution window, then its SSM state. Mamba2Cache stacks the layers in
+    # one tensor, the others keep a list; indexing reads both the same way.
+    conv_states, ssm_states = cache.conv_states, cache.ssm_states
+    leaves: list[torch.Tensor] = []
+    for layer in range(len(conv_states)):
+        leaves.extend((conv_states[layer], ssm_states[layer]))
+    return leaves, (type(cache), _state_cache_attributes(cache))
+
+
+def _flatten_state_cache_with_keys(cache: Any):
+    leaves, context = _flatten_state_cache(cache)
+    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
+
+
+def _unflatten_state_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
+    cls, attributes = context
+    leaves = list(leaves)
+    cache = cls.__new__(cls)
+    vars(cache).update(dict(attributes))
+    # Lists, whatever the original layout: the exported mixers assign each layer's new states.
+    cache.conv_states, cache.ssm_states = leaves[0::2], leaves[1::2]
+    cache.max_batch_size = leaves[0].shape[0]
+    return cache
+
+
+def _flatten_spec_state_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    return _flatten_state_cache(cache)[0]
+
+
+#: Caches of state-space models: per layer a convolution window and an SSM state of fixed size
+#: (batch, ...), as (module under transformers.models, class).
+STATE_CACHES = (
+    ("mamba.modeling_mamba", "MambaCache"),
+    ("falcon_mamba.modeling_falcon_mamba", "FalconMambaCache"),
+    ("mamba2.modeling_mamba2", "Mamba2Cache"),
+)
+STATE_LEAF_SUFFIXES = ("conv_state", "ssm_state")
+
+
+def _state_cache_classes() -> tuple[type, ...]:
+    classes = []
+    for module, name in STATE_CACHES:
+        try:
+            classes.append(getattr(importlib.import_module(f"transformers.models.{module}"), name))
+        except (ImportError, AttributeError):  # an older or newer transformers without it
+            continue
+    return tuple(classes)
+
+
+_STATE_CACHE_REGISTRATION = dict(
+    flatten_fn=_flatten_state_cache,
+    unflatten_fn=_unflatten_state_cache,
+    flatten_with_keys_fn=_flatten_state_cache_with_keys,
+    flatten_spec_fn=_flatten_spec_state_cache,
+)
+
 _REGISTRATIONS = {
     DynamicCache: dict(
         flatten_fn=_flatten_dynamic_cache,
@@ -105,12 +174,14 @@ _REGISTRATIONS = {
         flatten_with_keys_fn=_flatten_encoder_decoder_cache_with_keys,
         flatten_spec_fn=_flatten_spec_encoder_decoder_cache,
     ),
+    **{cls: _STATE_CACHE_REGISTRATION for cls in _state_cache_classes()},
 }
 
 #: The Optimum name suffix of each leaf of one layer, in flattened order.
 LEAF_SUFFIXES: dict[type, tuple[str, ...]] = {
     DynamicCache: ("key", "value"),
     EncoderDecoderCache: ("decoder.key", "decoder.value", "encoder.key", "encoder.value"),
+    **{cls: STATE_LEAF_SUFFIXES for cls in _state_cache_classes()},
 }
 
 

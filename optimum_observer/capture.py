@@ -249,7 +249,7 @@ def _belongs(named: dict[str, Any], graph: GraphContract) -> bool:
 def _project(named: dict[str, Any], graph: GraphContract) -> dict[str, Any]:
     projected = {}
     for contract_input in graph.inputs:
-        value = named.get(contract_input.source)
+        value = next((named[s] for s in contract_input.sources if named.get(s) is not None), None)
         if value is not None and contract_input.first_of:
             value = value[0]
         if value is None:

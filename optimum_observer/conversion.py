@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ObserverExportError, Stage
-from .patches import PATCHES, Patch, applied
+from .patches import PATCHES, Patch, applied, plain_tensor_buffers
 from .capture import observed_module
 from .synthesis import ExportExample
 from .tasks import GraphContract
@@ -40,17 +40,17 @@ class ContractModule(torch.nn.Module):
         self.graph = graph
 
     def forward(self, **inputs: Any) -> tuple[Any, ...]:
+        accepted = inspect.signature(self.model.forward).parameters
         arguments = {}
         for contract_input in self.graph.inputs:
             if contract_input.name in inputs:
                 value = inputs[contract_input.name]
-                arguments[contract_input.source] = (value,) if contract_input.first_of else value
+                arguments[contract_input.argument_for(accepted)] = (value,) if contract_input.first_of else value
         if self.graph.use_cache is not None:
             arguments["use_cache"] = self.graph.use_cache
         # Outputs no graph reads are not asked for. Router logits in particular: switch
         # transformers computes its auxiliary losses from them, reading the router logits of
         # `encoder_outputs`, which the decoder graph receives as its hidden states only.
-        accepted = inspect.signature(self.model.forward).parameters
         arguments.update({flag: False for flag in _AUXILIARY_OUTPUT_FLAGS if flag in accepted})
         outputs = self.model(**arguments, return_dict=True)
         return tuple(output.read(outputs) for output in self.graph.outputs)
@@ -81,7 +81,7 @@ def convert(
 ) -> torch.onnx.ONNXProgram:
     module = contract_module(model, graph, list(example.kwargs))
     try:
-        with applied(patches), torch.no_grad():
+        with applied(patches), plain_tensor_buffers(module), torch.no_grad():
             return torch.onnx.export(
                 module,
                 (),

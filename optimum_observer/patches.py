@@ -396,6 +396,13 @@ def _real_rotary_patches() -> tuple[Patch, ...]:
     return tuple(patches)
 
 
+def _state_space_patches() -> tuple[Patch, ...]:
+    # Their own module (it imports `Patch` from this one).
+    from .state_space_patches import state_space_patches
+
+    return state_space_patches()
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="dynamic_layer_lazy_initialization",
@@ -409,6 +416,7 @@ PATCHES: tuple[Patch, ...] = (
     *_switch_patches(),
     *_pegasus_x_patches(),
     *_real_rotary_patches(),
+    *_state_space_patches(),
 )
 
 
@@ -430,3 +438,25 @@ def applied(patches: Sequence[Patch]) -> Iterator[None]:
             else:
                 setattr(patch.owner, patch.attribute, original)
 
+
+
+@contextlib.contextmanager
+def plain_tensor_buffers(model: torch.nn.Module) -> Iterator[None]:
+    """Buffers registered as `nn.Parameter` objects are plain tensors for the block.
+
+    Fixes: `KeyError: "attribute 'b_c_rms' already exists"` when torch.onnx.export unlifts the
+    exported program (falcon_mamba registers `nn.Parameter(..., requires_grad=False)` objects
+    with `register_buffer`, which torch re-registers as a parameter and then as a buffer).
+    The module's own buffer objects are put back on exit, also when the block raises.
+    """
+    replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for module in model.modules():
+            for name, buffer in list(module._buffers.items()):
+                if isinstance(buffer, torch.nn.Parameter):
+                    replaced.append((module, name, buffer))
+                    module._buffers[name] = buffer.data
+        yield
+    finally:
+        for module, name, buffer in replaced:
+            module._buffers[name] = buffer

@@ -219,7 +219,8 @@ def _task_for(model: Any, task: str) -> str:
     """`task`, or its variant without past when the model's forward takes no cache at all
     (openai-gpt, ctrl...): such a model generates by recomputing the whole prefix each step."""
     without_past = task.removesuffix("-with-past")
-    takes_cache = "past_key_values" in inspect.signature(model.forward).parameters
+    parameters = inspect.signature(model.forward).parameters
+    takes_cache = "past_key_values" in parameters or "cache_params" in parameters
     if get_task(task).with_past and not takes_cache and without_past in supported_tasks():
         return without_past
     return task

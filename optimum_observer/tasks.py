@@ -46,10 +46,21 @@ class ContractInput:
     name: str
     argument: str | None = None
     first_of: bool = False
+    #: other `forward` argument names that carry the same input in some architectures (the
+    #: state-space models take their cache as `cache_params`).
+    alternatives: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
         return self.argument or self.name
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source, *self.alternatives)
+
+    def argument_for(self, accepted: Any) -> str:
+        """The `forward` argument this input is passed as, among the `accepted` names."""
+        return next((s for s in self.sources if s in accepted), self.source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +77,8 @@ class ContractOutput:
     field: str | None = None
     attribute: str | None = None
     leaf_suffixes: tuple[str, ...] | None = None
+    #: other output fields that carry it in some architectures (`cache_params`).
+    alternatives: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -73,7 +86,8 @@ class ContractOutput:
 
     def read(self, outputs: Any) -> Any:
         """This output, read from what the model's forward returned."""
-        value = outputs[self.source]
+        field = next((f for f in (self.source, *self.alternatives) if outputs.get(f) is not None), self.source)
+        value = outputs[field]
         return getattr(value, self.attribute) if self.attribute else value
 
 
@@ -129,13 +143,18 @@ def _outputs(*names: str) -> tuple[ContractOutput, ...]:
 
 
 def _decoder_only(name: str, with_past: bool) -> TaskContract:
-    inputs = ("input_ids", "attention_mask", "position_ids") + (("past_key_values",) if with_past else ())
-    outputs = (ContractOutput("logits"),) + ((ContractOutput("present", "past_key_values"),) if with_past else ())
+    inputs = _inputs("input_ids", "attention_mask", "position_ids")
+    outputs: tuple[ContractOutput, ...] = (ContractOutput("logits"),)
+    if with_past:
+        # State-space models (mamba...) pass their states as `cache_params`; they are exported
+        # under the same names, one `.conv_state` and one `.ssm_state` per layer.
+        inputs += (ContractInput("past_key_values", alternatives=("cache_params",)),)
+        outputs += (ContractOutput("present", "past_key_values", alternatives=("cache_params",)),)
     return TaskContract(
         name=name,
         auto_model_class="AutoModelForCausalLM",
         runtime_class="ORTModelForCausalLM",
-        graphs=(GraphContract("model.onnx", _inputs(*inputs), outputs, use_cache=with_past),),
+        graphs=(GraphContract("model.onnx", inputs, outputs, use_cache=with_past),),
         family=Family.DECODER,
         with_past=with_past,
     )

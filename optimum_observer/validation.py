@@ -51,7 +51,8 @@ def _leaves(value: Any) -> list[torch.Tensor]:
 
 def _feeds(call: ObservedCall, example: ExportExample, names: list[str]) -> dict[str, np.ndarray]:
     """The call's tensors by graph input name; an input the call lacked (the prefill call's
-    cache) is fed empty, its unknown dimensions 0, as Optimum's runtime feeds it."""
+    cache) is fed empty, its unknown dimensions 0, as Optimum's runtime feeds it, except an
+    absent attention mask (a Mamba decode step gets none), which means no masking: ones."""
     call_leaves = {name: _leaves(value) for name, value in call.inputs.items()}
     sizes: dict[str, int] = {}
     for leaf in example.leaves:
@@ -64,7 +65,8 @@ def _feeds(call: ObservedCall, example: ExportExample, names: list[str]) -> dict
             tensor = call_leaves[leaf.input_name][leaf.index]
         else:
             shape = [sizes.get(leaf.dims[a], 0) if a in leaf.dims else n for a, n in enumerate(leaf.shape)]
-            tensor = torch.zeros(shape, dtype=leaf.dtype)
+            fill = torch.ones if leaf.input_name == "attention_mask" else torch.zeros
+            tensor = fill(shape, dtype=leaf.dtype)
         feeds[name] = tensor.detach().cpu().numpy()
     return feeds
 

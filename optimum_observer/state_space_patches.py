@@ -1,0 +1,227 @@
+"""Scoped patches that make state-space (Mamba) mixers exportable with their states.
+
+Takes: nothing. Gives: :func:`state_space_patches`, :class:`~optimum_observer.patches.Patch`
+records that :data:`optimum_observer.patches.PATCHES` applies during export.
+
+Why: transformers' Mamba mixers run two different programs, picked in Python: a prefill that
+convolves the whole prompt and a decode step that rolls a one-token convolution window, chosen
+by `cache_position.shape[0] == conv_kernel_size`, and a Python loop over the sequence for the
+selective scan. torch.export bakes in the branch of its example and unrolls the loop to the
+example's length, so the exported graph is only right for one sequence length and one phase.
+
+The replacement is one program for both phases, exactly equal to each:
+
+- the convolution runs over the cached window (its last `kernel - 1` inputs; zeros before the
+  first call, as `MambaCache` starts) followed by the new inputs, without padding, and the new
+  window is the last `kernel` inputs: the prefill's left zero padding and the decode step's
+  roll are both this;
+- the selective scan is `torch.ops.higher_order.scan` over the sequence, starting from the
+  cached SSM state (zeros before the first call), which exports to one ONNX `Scan` (Mamba2's
+  prefill computes the same states with its chunked algorithm, its decode step with exactly
+  this recurrence);
+- the attention mask the runtime feeds covers past and new tokens; the new tokens' part is its
+  last `sequence_length` columns (generate itself passes the prompt's mask at prefill, and no
+  mask, meaning all ones, at decode). An empty mask means all ones.
+
+The new states are written back into the cache object as the step's outputs
+(`present.{i}.conv_state`, `present.{i}.ssm_state`). `cache_position` is not read.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._higher_order_ops.scan import scan
+
+from .patches import Patch
+
+_BRANCH_AND_LOOP = (
+    "a graph right for one phase and one length only: the mixer picks prefill or decode with "
+    "`cache_position.shape[0] == conv_kernel_size` and unrolls `for i in range(seq_len)` "
+    "(ONNX Runtime: 'Got invalid dimensions' or wrong states on the other phase)"
+)
+_CACHE_POSITION_REQUIRED = (
+    "ValueError: You have to specify the `cache_position` manually when `use_cache=True` and "
+    "`cache_params` is passed (the runtime feeds the states, not cache positions)"
+)
+
+
+def _new_tokens_mask(attention_mask: torch.Tensor | None, batch_size: int, length: int) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    ones = attention_mask.new_ones((batch_size, length))
+    return torch.cat([ones, attention_mask], dim=1)[:, -length:]
+
+
+def _selective_scan(
+    ssm_state: torch.Tensor, discrete_a: torch.Tensor, delta_b_u: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = A_t * h_{t-1} + (dt B u)_t, y_t = h_t C_t, over axis 2 of `discrete_a` (batch,
+    channels, sequence, state); returns the last state and y (batch, channels, sequence)."""
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        a_t, b_u_t, c_t = xs
+        state = a_t * state + b_u_t
+        y_t = torch.matmul(state.to(dtype), c_t.unsqueeze(-1))[..., 0]
+        return state, y_t
+
+    last_state, ys = scan(step, ssm_state, (discrete_a.movedim(2, 0), delta_b_u.movedim(2, 0), c.movedim(1, 0)))
+    return last_state, ys.movedim(0, -1)
+
+
+def _mamba_mixer_forward(
+    self: torch.nn.Module,
+    input_states: torch.Tensor,
+    cache_params: Any = None,
+    cache_position: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`MambaMixer.slow_forward` / `FalconMambaMixer.slow_forward` as one program for prefill
+    and decode (see the module docstring)."""
+    batch_size, seq_len, _ = input_states.shape
+    dtype = input_states.dtype
+    hidden_states, gate = self.in_proj(input_states).transpose(1, 2).chunk(2, dim=1)
+    mask = _new_tokens_mask(attention_mask, batch_size, seq_len)
+    if mask is not None:
+        hidden_states = hidden_states * mask.unsqueeze(1)
+
+    if cache_params is not None:
+        conv_state = cache_params.conv_states[self.layer_idx]
+        ssm_state = cache_params.ssm_states[self.layer_idx].clone()
+    else:
+        conv_state = hidden_states.new_zeros((batch_size, self.intermediate_size, self.conv_kernel_size))
+        ssm_state = hidden_states.new_zeros((batch_size, self.intermediate_size, self.ssm_state_size))
+    window = torch.cat([conv_state[..., 1:].to(hidden_states.dtype), hidden_states], dim=-1)
+    hidden_states = torch.nn.functional.conv1d(
+        window, self.conv1d.weight, self.conv1d.bias, groups=self.conv1d.groups
+    )  # [batch, intermediate_size, seq_len]
+    hidden_states = self.act(hidden_states)
+    if mask is not None:
+        hidden_states = hidden_states * mask.unsqueeze(1)
+
+    ssm_parameters = self.x_proj(hidden_states.transpose(1, 2))
+    time_step, B, C = torch.split(
+        ssm_parameters, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+    )
+    if hasattr(self, "rms_eps"):  # falcon_mamba normalises them
+        from transformers.models.falcon_mamba.modeling_falcon_mamba import rms_forward
+
+        B = rms_forward(B, variance_epsilon=self.rms_eps)
+        C = rms_forward(C, variance_epsilon=self.rms_eps)
+        time_step = rms_forward(time_step, variance_epsilon=self.rms_eps)
+    discrete_time_step = torch.nn.functional.softplus(self.dt_proj(time_step)).transpose(1, 2)
+    A = -torch.exp(self.A_log.float())
+    discrete_A = torch.exp(A[None, :, None, :] * discrete_time_step[:, :, :, None])
+    discrete_B = discrete_time_step[:, :, :, None] * B[:, None, :, :].float()
+    delta_b_u = discrete_B * hidden_states[:, :, :, None].float()
+    ssm_state, scan_output = _selective_scan(ssm_state, discrete_A, delta_b_u, C, dtype)
+    scan_output = scan_output + hidden_states * self.D[None, :, None]
+    scan_output = scan_output * self.act(gate)
+
+    if cache_params is not None:
+        cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
+        cache_params.ssm_states[self.layer_idx] = ssm_state.to(cache_params.ssm_states[self.layer_idx].dtype)
+    return self.out_proj(scan_output.transpose(1, 2))
+
+
+def _mamba2_mixer_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    cache_params: Any = None,
+    cache_position: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`Mamba2Mixer.torch_forward` as one program for prefill and decode: the decode step's
+    recurrence, scanned over the sequence (the prefill's chunked algorithm computes the same
+    states from zeros)."""
+    batch_size, seq_len, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    mask = _new_tokens_mask(attention_mask, batch_size, seq_len)
+    if mask is not None:
+        hidden_states = (hidden_states * mask[:, :, None]).to(dtype)
+    projected_states = self.in_proj(hidden_states)
+    groups_state = self.n_groups * self.ssm_state_size
+    d_mlp = (projected_states.shape[-1] - 2 * self.intermediate_size - 2 * groups_state - self.num_heads) // 2
+    _, _, gate, hidden_states_B_C, dt = projected_states.split(
+        [d_mlp, d_mlp, self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
+    )
+
+    if cache_params is not None:
+        conv_state = cache_params.conv_states[self.layer_idx]
+        ssm_state = cache_params.ssm_states[self.layer_idx]
+    else:
+        conv_state = hidden_states.new_zeros((batch_size, self.conv_dim, self.conv_kernel_size))
+        ssm_state = hidden_states.new_zeros((batch_size, self.num_heads, self.head_dim, self.ssm_state_size))
+    window = torch.cat([conv_state[..., 1:].to(dtype), hidden_states_B_C.transpose(1, 2)], dim=-1)
+    hidden_states_B_C = self.act(
+        torch.nn.functional.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv1d.groups)
+    ).transpose(1, 2)
+    if mask is not None:
+        hidden_states_B_C = (hidden_states_B_C * mask[:, :, None]).to(dtype)
+    x, B, C = torch.split(hidden_states_B_C, [self.intermediate_size, groups_state, groups_state], dim=-1)
+
+    A = -torch.exp(self.A_log.float())  # [num_heads]
+    dt = torch.nn.functional.softplus(dt + self.dt_bias)
+    dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])  # [batch, seq_len, num_heads]
+    x = x.reshape(batch_size, seq_len, self.num_heads, self.head_dim).float()
+    heads_per_group = self.num_heads // self.n_groups
+    B = B.reshape(batch_size, seq_len, self.n_groups, self.ssm_state_size).float()
+    C = C.reshape(batch_size, seq_len, self.n_groups, self.ssm_state_size).float()
+    B = B.repeat_interleave(heads_per_group, dim=2, output_size=self.num_heads)
+    C = C.repeat_interleave(heads_per_group, dim=2, output_size=self.num_heads)
+    decay = torch.exp(dt * A)  # [batch, seq_len, num_heads]
+    dBx = (dt[..., None] * x)[..., None] * B[:, :, :, None, :]  # [batch, seq_len, heads, head_dim, state]
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        decay_t, dBx_t, C_t = xs
+        state = state * decay_t[..., None, None] + dBx_t
+        return state, torch.matmul(state, C_t[..., None])[..., 0]
+
+    new_ssm_state, ys = scan(step, ssm_state.float(), (decay.movedim(1, 0), dBx.movedim(1, 0), C.movedim(1, 0)))
+    y = ys.movedim(0, 1) + x * self.D[:, None]  # [batch, seq_len, num_heads, head_dim]
+    scan_output = self.norm(y.reshape(batch_size, seq_len, -1), gate)
+
+    if cache_params is not None:
+        cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
+        cache_params.ssm_states[self.layer_idx] = new_ssm_state.to(ssm_state.dtype)
+    return self.out_proj(scan_output.to(dtype))
+
+
+def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if cache_position is None and kwargs.get("cache_params") is not None:
+            # The model only insists on one; the exported mixers never read it.
+            cache_position = torch.zeros(1, dtype=torch.long)
+        return original(self, *args, cache_position=cache_position, **kwargs)
+
+    return forward
+
+
+#: (module under transformers.models, mixer class, its unified forward, model class)
+_MIXERS = (
+    ("mamba.modeling_mamba", "MambaMixer", _mamba_mixer_forward, "MambaModel"),
+    ("falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer", _mamba_mixer_forward, "FalconMambaModel"),
+    ("mamba2.modeling_mamba2", "Mamba2Mixer", _mamba2_mixer_forward, "Mamba2Model"),
+)
+
+
+def state_space_patches() -> tuple[Patch, ...]:
+    patches = []
+    for module_name, mixer, forward, model in _MIXERS:
+        module = importlib.import_module(f"transformers.models.{module_name}")
+        short = module_name.split(".")[0]
+        model_class = getattr(module, model)
+        patches += [
+            Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP),
+            Patch(
+                f"{short}_cache_position_optional",
+                model_class,
+                "forward",
+                _without_cache_position_check(model_class.forward),
+                _CACHE_POSITION_REQUIRED,
+            ),
+        ]
+    return tuple(patches)

@@ -1,0 +1,162 @@
+"""State-space models (mamba, falcon_mamba, mamba2): their convolution and SSM states exported
+as cache inputs and outputs of one graph for prefill and decode, generating through
+legacy_shim's ORTModelForCausalLM, which feeds every `present.*` back by name."""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from parameterized import parameterized
+
+import optimum_observer
+from legacy_shim import state_runtime
+from legacy_shim.modeling import ORTModelForCausalLM
+from optimum_observer.cache_pytree import registered_caches
+from optimum_observer.capture import random_token_batch
+from optimum_observer import conversion
+from optimum_observer.errors import ObserverExportError, Stage
+from optimum_observer.patches import PATCHES, applied, plain_tensor_buffers
+from optimum_observer.tiny_configs import build_tiny_model
+from stages import CONTRACT, capture_and_synthesize, load
+
+MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
+STATE_SPACE_PATCHES = [p for p in PATCHES if p.name.endswith(("_unified_mixer", "_cache_position_optional"))]
+
+
+def _prompts(model, seed: int = 0) -> dict[str, torch.Tensor]:
+    return random_token_batch(model, [7, 4], torch.Generator().manual_seed(seed), left_padding=True)
+
+
+def _generate_logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=0,
+        )  # fmt: skip
+    return torch.stack(out.logits)
+
+
+class TestUnifiedMixers(unittest.TestCase):
+    @parameterized.expand(MODEL_TYPES)
+    def test_one_program_matches_prefill_and_decode_of_eager(self, model_type):
+        # The patched mixer replaces two programs (prefill, decode) by one: generate with it
+        # must give the same logits at every step, left padding included.
+        model = build_tiny_model(model_type, "AutoModelForCausalLM").eval()
+        inputs = _prompts(model)
+        expected = _generate_logits(model, inputs)
+        with applied(STATE_SPACE_PATCHES):
+            got = _generate_logits(model, inputs)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+    def test_without_the_unified_mixer_torch_export_specialises_the_sequence(self):
+        # `for i in range(seq_len)` unrolls to the example's length.
+        with self.assertRaises(ObserverExportError) as caught:
+            _convert_without("mamba_unified_mixer")
+        self.assertEqual(caught.exception.stage, Stage.EXPORT)
+        self.assertIn("inferred a static shape", str(caught.exception.__cause__))
+
+    def test_without_the_cache_position_patch_torch_export_refuses(self):
+        with self.assertRaises(ObserverExportError) as caught:
+            _convert_without("mamba_cache_position_optional")
+        self.assertEqual(caught.exception.stage, Stage.EXPORT)
+        self.assertIn("cache_position", str(caught.exception.__cause__))
+
+
+def _convert_without(patch_name: str) -> None:
+    """Exports tiny mamba without one patch (raises the conversion stage's error)."""
+    kept = [p for p in PATCHES if p.name != patch_name]
+    assert len(kept) == len(PATCHES) - 1, patch_name
+    with tempfile.TemporaryDirectory() as scratch:
+        build_tiny_model("mamba", "AutoModelForCausalLM").save_pretrained(Path(scratch) / "model")
+        loaded = load(Path(scratch) / "model")
+        _, example = capture_and_synthesize(loaded)
+        with registered_caches():
+            conversion.convert(loaded.model, CONTRACT.graphs[0], example, "mamba", patches=kept)
+
+
+class TestStateSpaceExport(unittest.TestCase):
+    @parameterized.expand(MODEL_TYPES)
+    def test_export_names_states_and_generates_through_the_shim(self, model_type):
+        model = build_tiny_model(model_type, "AutoModelForCausalLM").eval()
+        with tempfile.TemporaryDirectory() as scratch:
+            out = Path(scratch) / "out"
+            result = optimum_observer.export(
+                model, out, task="text-generation-with-past", show_progress=False, runtime_class=ORTModelForCausalLM
+            )
+            self.assertTrue(result.validation.ok)
+            self.assertTrue(result.validation.generation)
+            session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+            inputs = {i.name: i.shape for i in session.get_inputs()}
+            outputs = [o.name for o in session.get_outputs()]
+            layers = model.config.num_hidden_layers
+            for layer in range(layers):
+                for state in ("conv_state", "ssm_state"):
+                    self.assertEqual(inputs[f"past_key_values.{layer}.{state}"][0], "batch_size")
+                    self.assertIn(f"present.{layer}.{state}", outputs)
+            self.assertEqual(len(inputs), 2 + 2 * layers)
+
+            # Step by step through the shim's runtime against torch: logits of the prefill and
+            # of every decode step, with the states fed back by name.
+            onnx_model = ORTModelForCausalLM.from_pretrained(out)
+            inputs = _prompts(model, seed=3)
+            expected = _generate_logits(model, inputs)
+            with torch.no_grad():
+                got = onnx_model.generate(
+                    **inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0,
+                )  # fmt: skip
+            torch.testing.assert_close(torch.stack(got.logits), expected, atol=1e-4, rtol=1e-4)
+
+
+class TestStateRuntime(unittest.TestCase):
+    def test_first_step_shapes(self):
+        self.assertEqual(state_runtime.first_step_shape(["batch_size", 128, 4], 3), (3, 128, 4))
+        self.assertEqual(state_runtime.first_step_shape(["batch_size", 4, "past_sequence_length", 16], 2), (2, 4, 0, 16))
+
+    def test_state_inputs_are_told_from_key_value_caches(self):
+        self.assertTrue(state_runtime.has_state_inputs(["input_ids", "past_key_values.0.conv_state"]))
+        self.assertFalse(state_runtime.has_state_inputs(["input_ids", "past_key_values.0.key", "past_key_values.0.value"]))
+        self.assertEqual(state_runtime.present_name("past_key_values.3.ssm_state"), "present.3.ssm_state")
+
+
+class _BufferParameter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.nn.Parameter(torch.ones(4), requires_grad=False), persistent=False)
+
+    def forward(self, x):
+        return x * 2
+
+
+class TestPlainTensorBuffers(unittest.TestCase):
+    def test_torch_export_fails_without_it_and_the_buffer_is_restored(self):
+        module = _BufferParameter()
+        x = torch.ones(2, 4)
+        with self.assertRaisesRegex(Exception, "already exists"):
+            torch.onnx.export(module, (x,), dynamo=True, verbose=False)
+        with plain_tensor_buffers(module):
+            program = torch.onnx.export(module, (x,), dynamo=True, verbose=False)
+        self.assertIsInstance(module._buffers["scale"], torch.nn.Parameter)
+        np.testing.assert_allclose(program(x)[0].numpy(), (x * 2).numpy())
+
+
+class TestStateCacheRegistration(unittest.TestCase):
+    def test_round_trip_and_restored(self):
+        import torch.utils._pytree as pytree
+        from transformers.models.mamba.modeling_mamba import MambaCache
+
+        model = build_tiny_model("mamba", "AutoModelForCausalLM")
+        cache = MambaCache(model.config, 2, dtype=torch.float32)
+        cache.conv_states[1] += 1
+        with registered_caches():
+            leaves, spec = pytree.tree_flatten(cache)
+            rebuilt = pytree.tree_unflatten(leaves, spec)
+        self.assertEqual(len(leaves), 2 * model.config.num_hidden_layers)
+        self.assertTrue(torch.equal(rebuilt.conv_states[1], cache.conv_states[1]))
+        self.assertEqual(rebuilt.conv_kernel_size, cache.conv_kernel_size)
+        self.assertNotIn(MambaCache, pytree.SUPPORTED_NODES)
