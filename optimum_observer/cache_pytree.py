@@ -144,15 +144,102 @@ STATE_CACHES = (
 STATE_LEAF_SUFFIXES = ("conv_state", "ssm_state")
 
 
-def _state_cache_classes() -> tuple[type, ...]:
+def _state_cache_classes(caches: tuple[tuple[str, str], ...] = STATE_CACHES) -> tuple[type, ...]:
     classes = []
-    for module, name in STATE_CACHES:
+    for module, name in caches:
         try:
             classes.append(getattr(importlib.import_module(f"transformers.models.{module}"), name))
         except (ImportError, AttributeError):  # an older or newer transformers without it
             continue
     return tuple(classes)
 
+
+def _is_placeholder(tensor: torch.Tensor) -> bool:
+    # Hybrid caches hold `torch.tensor([[]] * batch)` (batch, 0) where a layer has no such cache.
+    return tensor.dim() == 2 and tensor.shape[-1] == 0
+
+
+#: Per call, not per structure: flags and counters hybrid caches update as generation goes.
+_HYBRID_SKIPPED = ("has_previous_state", "seqlen_offset", "key_cache", "value_cache", "conv_states", "ssm_states")
+
+
+def _hybrid_layers(cache: Any) -> tuple[tuple[bool, bool], ...] | None:
+    """(has attention, has SSM states) per layer; None before the attention layers' first step."""
+    layers = []
+    for index in range(len(cache.key_cache)):
+        attention = index in cache.transformer_layers
+        if attention and _is_placeholder(cache.key_cache[index]):
+            return None
+        layers.append((attention, not _is_placeholder(cache.conv_states[index])))
+    return tuple(layers)
+
+
+def _flatten_hybrid_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
+    # Per layer: its keys and values if it attends, its conv window and SSM state if it has
+    # them. Before the first step the attention layers hold placeholders: like an empty
+    # DynamicCache, such a cache has nothing to export (the runtime feeds a 0-length past).
+    layers = _hybrid_layers(cache)
+    leaves: list[torch.Tensor] = []
+    for index, (attention, states) in enumerate(layers or ()):
+        if attention:
+            leaves.extend((cache.key_cache[index], cache.value_cache[index]))
+        if states:
+            leaves.extend((cache.conv_states[index], cache.ssm_states[index]))
+    attributes = tuple(
+        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(cache).items() if k not in _HYBRID_SKIPPED)
+    )
+    containers = (type(cache.conv_states), type(cache.ssm_states))
+    return leaves, (type(cache), layers, containers, attributes)
+
+
+def _flatten_hybrid_cache_with_keys(cache: Any):
+    leaves, context = _flatten_hybrid_cache(cache)
+    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
+
+
+def _unflatten_hybrid_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
+    cls, layers, (conv_container, ssm_container), attributes = context
+    leaves = iter(list(leaves))
+    cache = cls.__new__(cls)
+    vars(cache).update({k: list(v) if isinstance(v, tuple) else v for k, v in attributes})
+    cache.has_previous_state = True
+    keys, values, convs, ssms = [], [], [], []
+    first = None
+    for attention, states in layers or ():
+        key, value = (next(leaves), next(leaves)) if attention else (None, None)
+        conv, ssm = (next(leaves), next(leaves)) if states else (None, None)
+        first = first if first is not None else next(t for t in (key, conv) if t is not None)
+        keys.append(key), values.append(value), convs.append(conv), ssms.append(ssm)
+    # Placeholders made from a graph input, not `torch.tensor(...)` constants inside the graph.
+    placeholder = first.new_zeros((first.shape[0], 0)) if first is not None else None
+    fill = lambda items: [placeholder if t is None else t for t in items]  # noqa: E731
+    cache.key_cache, cache.value_cache = fill(keys), fill(values)
+    cache.conv_states = fill(convs) if conv_container is list else dict(enumerate(fill(convs)))
+    cache.ssm_states = fill(ssms) if ssm_container is list else dict(enumerate(fill(ssms)))
+    return cache
+
+
+def _flatten_spec_hybrid_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    return _flatten_hybrid_cache(cache)[0]
+
+
+#: Hybrid caches: attention layers' keys and values next to SSM layers' states, each layer
+#: holding placeholders for what it does not have.
+HYBRID_CACHES = (
+    ("bamba.modeling_bamba", "HybridMambaAttentionDynamicCache"),
+    ("granitemoehybrid.modeling_granitemoehybrid", "HybridMambaAttentionDynamicCache"),
+    ("jamba.modeling_jamba", "HybridMambaAttentionDynamicCache"),
+    ("falcon_h1.modeling_falcon_h1", "FalconHybridMambaAttentionDynamicCache"),
+    ("zamba.modeling_zamba", "ZambaHybridDynamicCache"),
+    ("zamba2.modeling_zamba2", "Zamba2HybridDynamicCache"),
+)
+
+_HYBRID_CACHE_REGISTRATION = dict(
+    flatten_fn=_flatten_hybrid_cache,
+    unflatten_fn=_unflatten_hybrid_cache,
+    flatten_with_keys_fn=_flatten_hybrid_cache_with_keys,
+    flatten_spec_fn=_flatten_spec_hybrid_cache,
+)
 
 _STATE_CACHE_REGISTRATION = dict(
     flatten_fn=_flatten_state_cache,
@@ -175,6 +262,7 @@ _REGISTRATIONS = {
         flatten_spec_fn=_flatten_spec_encoder_decoder_cache,
     ),
     **{cls: _STATE_CACHE_REGISTRATION for cls in _state_cache_classes()},
+    **{cls: _HYBRID_CACHE_REGISTRATION for cls in _state_cache_classes(HYBRID_CACHES)},
 }
 
 #: The Optimum name suffix of each leaf of one layer, in flattened order.
@@ -219,6 +307,28 @@ def leaf_name(prefix: str, index: int, suffixes: tuple[str, ...] = LEAF_SUFFIXES
     return f"{prefix}.{index // len(suffixes)}.{suffixes[index % len(suffixes)]}"
 
 
+def relative_leaf_names(cls: type, context: Any, count: int) -> list[str]:
+    """`{layer}.{suffix}` of each flattened leaf of a cache of type `cls` (with its pytree
+    context): fixed suffixes per layer, or for a hybrid cache what each layer holds."""
+    if _REGISTRATIONS.get(cls) is _HYBRID_CACHE_REGISTRATION:
+        names = []
+        for layer, (attention, states) in enumerate(context[1] or ()):
+            names += [f"{layer}.key", f"{layer}.value"] if attention else []
+            names += [f"{layer}.{s}" for s in STATE_LEAF_SUFFIXES] if states else []
+        return names
+    suffixes = LEAF_SUFFIXES.get(cls, LEAF_SUFFIXES[DynamicCache])
+    return [leaf_name("", index, suffixes)[1:] for index in range(count)]
+
+
+def cache_leaf_names(prefix: str, cache: Any, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """The graph names of a cache object's flattened leaves (`suffixes` overrides the class's)."""
+    registration = _REGISTRATIONS[type(cache)]
+    leaves, context = registration["flatten_fn"](cache)
+    if suffixes is not None:
+        return [leaf_name(prefix, index, suffixes) for index in range(len(leaves))]
+    return [f"{prefix}.{name}" for name in relative_leaf_names(type(cache), context, len(leaves))]
+
+
 def is_registered(cls: type) -> bool:
     return cls in pytree.SUPPORTED_NODES
 
@@ -238,7 +348,7 @@ def registered_caches() -> Iterator[None]:
                 cls,
                 fns["flatten_fn"],
                 fns["unflatten_fn"],
-                serialized_type_name=f"optimum_observer.{cls.__name__}",
+                serialized_type_name=f"optimum_observer.{cls.__module__}.{cls.__qualname__}",
                 flatten_with_keys_fn=fns["flatten_with_keys_fn"],
             )
             fx_pytree.register_pytree_flatten_spec(cls, fns["flatten_spec_fn"])

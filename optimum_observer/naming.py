@@ -19,7 +19,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 
-from .cache_pytree import LEAF_SUFFIXES, leaf_name
+from .cache_pytree import cache_leaf_names
 from .capture import Capture
 from .errors import ObserverExportError, Stage
 from .synthesis import ExportExample
@@ -39,10 +39,8 @@ def output_names(capture: Capture, num_outputs: int) -> list[str]:
     caches = [(output, value) for output, value in values if not isinstance(value, torch.Tensor)]
     if caches:
         (output, value), = caches
-        suffixes = output.leaf_suffixes or LEAF_SUFFIXES[type(value)]
         position = [o for o, _ in values].index(output)
-        cache_names = [leaf_name(output.name, i, suffixes) for i in range(num_outputs - len(tensors))]
-        names[position:position] = cache_names
+        names[position:position] = cache_leaf_names(output.name, value, output.leaf_suffixes)
     return names
 
 

@@ -76,6 +76,13 @@ def _phimoe_routing(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     return router_logits, weights, experts
 
 
+def _jamba_routing(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Jamba routing: softmax over its `router`, top-k, not renormalised."""
+    router_logits = self.router(x)
+    weights, experts = torch.topk(torch.softmax(router_logits, dim=1, dtype=torch.float), self.top_k, dim=-1)
+    return router_logits, weights.to(x.dtype), experts
+
+
 def _shared_experts(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if getattr(self, "shared_expert", None) is not None:  # qwen2_moe: gated shared expert
         return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -117,6 +124,7 @@ _SPARSE_MOE_BLOCKS = (
     ("qwen3_moe", "Qwen3MoeSparseMoeBlock", _softmax_top_k_routing),
     ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", _ernie_statics_routing),
     ("phimoe", "PhimoeSparseMoeBlock", _phimoe_routing),
+    ("jamba", "JambaSparseMoeBlock", _jamba_routing),
 )
 
 

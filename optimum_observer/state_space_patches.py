@@ -74,16 +74,16 @@ def _selective_scan(
 
 def _mamba_mixer_forward(
     self: torch.nn.Module,
-    input_states: torch.Tensor,
+    hidden_states: torch.Tensor,
     cache_params: Any = None,
     cache_position: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`MambaMixer.slow_forward` / `FalconMambaMixer.slow_forward` as one program for prefill
-    and decode (see the module docstring)."""
-    batch_size, seq_len, _ = input_states.shape
-    dtype = input_states.dtype
-    hidden_states, gate = self.in_proj(input_states).transpose(1, 2).chunk(2, dim=1)
+    """`slow_forward` of the Mamba (1) mixers (mamba, falcon_mamba, jamba) as one program for
+    prefill and decode (see the module docstring)."""
+    batch_size, seq_len, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    hidden_states, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
     mask = _new_tokens_mask(attention_mask, batch_size, seq_len)
     if mask is not None:
         hidden_states = hidden_states * mask.unsqueeze(1)
@@ -112,6 +112,8 @@ def _mamba_mixer_forward(
         B = rms_forward(B, variance_epsilon=self.rms_eps)
         C = rms_forward(C, variance_epsilon=self.rms_eps)
         time_step = rms_forward(time_step, variance_epsilon=self.rms_eps)
+    elif hasattr(self, "dt_layernorm"):  # jamba's learned norms
+        time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
     discrete_time_step = torch.nn.functional.softplus(self.dt_proj(time_step)).transpose(1, 2)
     A = -torch.exp(self.A_log.float())
     discrete_A = torch.exp(A[None, :, None, :] * discrete_time_step[:, :, :, None])
@@ -133,6 +135,7 @@ def _mamba2_mixer_forward(
     cache_params: Any = None,
     cache_position: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """`Mamba2Mixer.torch_forward` as one program for prefill and decode: the decode step's
     recurrence, scanned over the sequence (the prefill's chunked algorithm computes the same
@@ -200,11 +203,72 @@ def _without_cache_position_check(original: Callable[..., Any]) -> Callable[...,
     return forward
 
 
-#: (module under transformers.models, mixer class, its unified forward, model class)
+def _mamba_mask_as_given(self: torch.nn.Module, attention_mask: torch.Tensor | None, cache_position: Any) -> Any:
+    # Upstream drops the mask when `cache_position[0] > 0 or torch.all(attention_mask == 1)`,
+    # a data-dependent branch; the unified mixers read the new tokens' columns of any mask.
+    return attention_mask
+
+
+_MASK_DATA_DEPENDENT = (
+    "GuardOnDataDependentSymNode in `_update_mamba_mask` (`torch.all(attention_mask == 1)` decides "
+    "whether the SSM layers mask padding)"
+)
+
+def _cache_position_from_cache(original: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        if cache_position is None and cache is not None:
+            tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            past = cache.get_seq_length()
+            cache_position = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        return original(self, *args, cache_position=cache_position, **kwargs)
+
+    return forward
+
+
+def _jamba_causal_mask_from_mask_width(original: Callable[..., Any]) -> Callable[..., Any]:
+    def update_causal_mask(
+        self: torch.nn.Module, attention_mask: torch.Tensor | None, input_tensor: torch.Tensor, cache_position: Any
+    ) -> torch.Tensor:
+        if attention_mask is None or attention_mask.dim() != 2 or self.config._attn_implementation != "sdpa":
+            return original(self, attention_mask, input_tensor, cache_position)
+        # Upstream's mask, as wide as the 2-d mask (past and new tokens) instead of the value
+        # `cache_position[-1] + 1`: a key is hidden when it comes after the query or is padding.
+        key_positions = torch.arange(attention_mask.shape[-1], device=input_tensor.device)
+        hidden = (key_positions[None, :] > cache_position[:, None])[None, None] | (attention_mask[:, None, None, :] == 0)
+        zeros = torch.zeros(hidden.shape, dtype=input_tensor.dtype, device=input_tensor.device)
+        return zeros.masked_fill(hidden, torch.finfo(input_tensor.dtype).min)
+
+    return update_causal_mask
+
+
+_MASK_WIDTH_DATA_DEPENDENT = (
+    "GuardOnDataDependentSymNode: Eq(Min(8, u0), 8) (jamba sizes its causal mask by the value "
+    "`cache_position[-1] + 1`)"
+)
+
+_CACHE_POSITION_IGNORES_CACHE = (
+    "wrong logits after the first step: without `cache_position` (generate passes it, the runtime "
+    "does not) the hybrid model counts positions from 0 whatever the cache holds, so the causal "
+    "mask hides the cached tokens"
+)
+
+#: (module under transformers.models, mixer class, its unified forward, model class that
+#: insists on `cache_position` or None)
 _MIXERS = (
     ("mamba.modeling_mamba", "MambaMixer", _mamba_mixer_forward, "MambaModel"),
     ("falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer", _mamba_mixer_forward, "FalconMambaModel"),
     ("mamba2.modeling_mamba2", "Mamba2Mixer", _mamba2_mixer_forward, "Mamba2Model"),
+    ("bamba.modeling_bamba", "BambaMixer", _mamba2_mixer_forward, None),
+    ("granitemoehybrid.modeling_granitemoehybrid", "GraniteMoeHybridMambaLayer", _mamba2_mixer_forward, None),
+    ("jamba.modeling_jamba", "JambaMambaMixer", _mamba_mixer_forward, None),
+)
+#: Hybrid models (module, model class): `_update_mamba_mask` branches on the mask's values and
+#: `forward` counts positions from 0 without `cache_position`.
+_HYBRID_MODELS = (
+    ("bamba.modeling_bamba", "BambaModel"),
+    ("granitemoehybrid.modeling_granitemoehybrid", "GraniteMoeHybridModel"),
+    ("jamba.modeling_jamba", "JambaModel"),
 )
 
 
@@ -213,15 +277,31 @@ def state_space_patches() -> tuple[Patch, ...]:
     for module_name, mixer, forward, model in _MIXERS:
         module = importlib.import_module(f"transformers.models.{module_name}")
         short = module_name.split(".")[0]
+        patches.append(Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP))
+        if model is not None:
+            model_class = getattr(module, model)
+            patches.append(
+                Patch(
+                    f"{short}_cache_position_optional",
+                    model_class,
+                    "forward",
+                    _without_cache_position_check(model_class.forward),
+                    _CACHE_POSITION_REQUIRED,
+                )
+            )
+    for module_name, model in _HYBRID_MODELS:
+        module = importlib.import_module(f"transformers.models.{module_name}")
+        short = module_name.split(".")[0]
         model_class = getattr(module, model)
         patches += [
-            Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP),
-            Patch(
-                f"{short}_cache_position_optional",
-                model_class,
-                "forward",
-                _without_cache_position_check(model_class.forward),
-                _CACHE_POSITION_REQUIRED,
-            ),
-        ]
+            Patch(f"{short}_mamba_mask", model_class, "_update_mamba_mask", _mamba_mask_as_given, _MASK_DATA_DEPENDENT),
+            Patch(f"{short}_cache_position_from_cache", model_class, "forward",
+                  _cache_position_from_cache(model_class.forward), _CACHE_POSITION_IGNORES_CACHE),
+        ]  # fmt: skip
+    from transformers.models.jamba.modeling_jamba import JambaModel
+
+    patches.append(
+        Patch("jamba_causal_mask_width", JambaModel, "_update_causal_mask",
+              _jamba_causal_mask_from_mask_width(JambaModel._update_causal_mask), _MASK_WIDTH_DATA_DEPENDENT)  # fmt: skip
+    )
     return tuple(patches)

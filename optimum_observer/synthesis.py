@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .cache_pytree import LEAF_SUFFIXES, leaf_name
+from .cache_pytree import relative_leaf_names
 from .capture import Capture
 from .errors import ObserverExportError, Stage
 
@@ -102,8 +102,7 @@ def onnx_leaf_names(name: str, spec: pytree.TreeSpec, count: int) -> list[str]:
     `{name}.{layer}.{suffix}` for a registered cache."""
     if spec.is_leaf():
         return [name]
-    suffixes = LEAF_SUFFIXES.get(spec.type, LEAF_SUFFIXES[next(iter(LEAF_SUFFIXES))])
-    return [leaf_name(name, index, suffixes) for index in range(count)]
+    return [f"{name}.{leaf}" for leaf in relative_leaf_names(spec.type, spec.context, count)]
 
 
 def synthesize(capture: Capture, model_type: str) -> ExportExample:

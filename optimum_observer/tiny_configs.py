@@ -137,6 +137,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "phi4_multimodal": {"vision_config": {}, "audio_config": {}},
     # The default leaves layers_block_type unset, but every decoder layer indexes it.
     "granitemoehybrid": {"layers_block_type": ["mamba", "attention"]},
+    # The default has no attention layer (attn_layer_indices unset), and then the hybrid cache
+    # cannot tell a sequence length (IndexError in get_seq_length); checkpoints have some.
+    "bamba": {"attn_layer_indices": [1]},
+    # Attention every 8 layers from layer 4 by default: none among the tiny model's layers.
+    "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2},
     # The default text config leaves rope_scaling unset, but the rotary embedding indexes it.
     "mllama": {"rope_scaling": {"rope_type": "default"}},
     # Mixture of attention heads: num_attention_heads is num_key_value_heads x num_experts_per_tok,

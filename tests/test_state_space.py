@@ -1,6 +1,7 @@
-"""State-space models (mamba, falcon_mamba, mamba2): their convolution and SSM states exported
-as cache inputs and outputs of one graph for prefill and decode, generating through
-legacy_shim's ORTModelForCausalLM, which feeds every `present.*` back by name."""
+"""State-space and hybrid models (mamba, falcon_mamba, mamba2; bamba, granitemoehybrid, jamba):
+their convolution and SSM states exported as cache inputs and outputs of one graph for prefill
+and decode, next to the attention layers' keys and values, generating through legacy_shim's
+ORTModelForCausalLM, which feeds every `present.*` back by name."""
 
 from __future__ import annotations
 
@@ -24,8 +25,16 @@ from optimum_observer.patches import PATCHES, applied, plain_tensor_buffers
 from optimum_observer.tiny_configs import build_tiny_model
 from stages import CONTRACT, capture_and_synthesize, load
 
-MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
-STATE_SPACE_PATCHES = [p for p in PATCHES if p.name.endswith(("_unified_mixer", "_cache_position_optional"))]
+MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba", "granitemoehybrid", "jamba")
+
+
+def _patches_of(model_type: str):
+    return [p for p in PATCHES if p.name.startswith(f"{model_type}_")]
+
+
+def _ssm_layers(config) -> int:
+    kinds = getattr(config, "layers_block_type", None)
+    return kinds.count("mamba") if kinds else config.num_hidden_layers
 
 
 def _prompts(model, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,7 +58,9 @@ class TestUnifiedMixers(unittest.TestCase):
         model = build_tiny_model(model_type, "AutoModelForCausalLM").eval()
         inputs = _prompts(model)
         expected = _generate_logits(model, inputs)
-        with applied(STATE_SPACE_PATCHES):
+        patches = _patches_of(model_type)
+        self.assertTrue(any(p.name.endswith("_unified_mixer") for p in patches))
+        with applied(patches):
             got = _generate_logits(model, inputs)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
@@ -91,14 +102,16 @@ class TestStateSpaceExport(unittest.TestCase):
             self.assertTrue(result.validation.ok)
             self.assertTrue(result.validation.generation)
             session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-            inputs = {i.name: i.shape for i in session.get_inputs()}
-            outputs = [o.name for o in session.get_outputs()]
-            layers = model.config.num_hidden_layers
-            for layer in range(layers):
-                for state in ("conv_state", "ssm_state"):
-                    self.assertEqual(inputs[f"past_key_values.{layer}.{state}"][0], "batch_size")
-                    self.assertIn(f"present.{layer}.{state}", outputs)
-            self.assertEqual(len(inputs), 2 + 2 * layers)
+            shapes = {i.name: i.shape for i in session.get_inputs()}
+            past = [n for n in shapes if n.startswith("past_key_values.")]
+            presents = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
+            self.assertEqual([state_runtime.present_name(n) for n in past], presents)
+            states = [n for n in past if n.endswith((".conv_state", ".ssm_state"))]
+            self.assertEqual(len(states), 2 * _ssm_layers(model.config))
+            for name in states:  # only the batch varies
+                self.assertEqual(shapes[name][0], "batch_size")
+                self.assertTrue(all(isinstance(d, int) for d in shapes[name][1:]), shapes[name])
+            self.assertEqual(len(past) - len(states), 2 * (model.config.num_hidden_layers - _ssm_layers(model.config)))
 
             # Step by step through the shim's runtime against torch: logits of the prefill and
             # of every decode step, with the states fed back by name.
