@@ -160,7 +160,9 @@ def _is_placeholder(tensor: torch.Tensor) -> bool:
 
 
 #: Per call, not per structure: flags and counters hybrid caches update as generation goes.
-_HYBRID_SKIPPED = ("has_previous_state", "seqlen_offset", "key_cache", "value_cache", "conv_states", "ssm_states")
+_HYBRID_SKIPPED = (
+    "has_previous_state", "seqlen_offset", "key_cache", "value_cache", "conv_states", "ssm_states"
+)  # fmt: skip
 
 
 def _hybrid_layers(cache: Any) -> tuple[tuple[bool, bool], ...] | None:
@@ -185,9 +187,8 @@ def _flatten_hybrid_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ..
             leaves.extend((cache.key_cache[index], cache.value_cache[index]))
         if states:
             leaves.extend((cache.conv_states[index], cache.ssm_states[index]))
-    attributes = tuple(
-        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(cache).items() if k not in _HYBRID_SKIPPED)
-    )
+    kept = {k: v for k, v in vars(cache).items() if k not in _HYBRID_SKIPPED}
+    attributes = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kept.items()))
     containers = (type(cache.conv_states), type(cache.ssm_states))
     return leaves, (type(cache), layers, containers, attributes)
 

@@ -49,7 +49,9 @@ _CACHE_POSITION_REQUIRED = (
 )
 
 
-def _new_tokens_mask(attention_mask: torch.Tensor | None, batch_size: int, length: int) -> torch.Tensor | None:
+def _new_tokens_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, length: int
+) -> torch.Tensor | None:
     if attention_mask is None:
         return None
     ones = attention_mask.new_ones((batch_size, length))
@@ -57,18 +59,23 @@ def _new_tokens_mask(attention_mask: torch.Tensor | None, batch_size: int, lengt
 
 
 def _selective_scan(
-    ssm_state: torch.Tensor, discrete_a: torch.Tensor, delta_b_u: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
+    ssm_state: torch.Tensor,
+    discrete_a: torch.Tensor,
+    delta_b_u: torch.Tensor,
+    c: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = A_t * h_{t-1} + (dt B u)_t, y_t = h_t C_t, over axis 2 of `discrete_a` (batch,
     channels, sequence, state); returns the last state and y (batch, channels, sequence)."""
 
     def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         a_t, b_u_t, c_t = xs
-        state = a_t * state + b_u_t
+        state = (a_t * state + b_u_t).contiguous()
         y_t = torch.matmul(state.to(dtype), c_t.unsqueeze(-1))[..., 0]
         return state, y_t
 
-    last_state, ys = scan(step, ssm_state, (discrete_a.movedim(2, 0), delta_b_u.movedim(2, 0), c.movedim(1, 0)))
+    xs = (discrete_a.movedim(2, 0), delta_b_u.movedim(2, 0), c.movedim(1, 0))
+    last_state, ys = scan(step, ssm_state.contiguous(), xs)
     return last_state, ys.movedim(0, -1)
 
 
@@ -145,7 +152,11 @@ def _mamba2_mixer_forward(
     mask = _new_tokens_mask(attention_mask, batch_size, seq_len)
     if mask is not None:
         hidden_states = (hidden_states * mask[:, :, None]).to(dtype)
-    projected_states = self.in_proj(hidden_states)
+    if hasattr(self, "mup_vector"):  # falcon_h1's muP multipliers
+        hidden_states = hidden_states * self.ssm_in_multiplier
+        projected_states = self.in_proj(hidden_states) * self.mup_vector
+    else:
+        projected_states = self.in_proj(hidden_states)
     groups_state = self.n_groups * self.ssm_state_size
     d_mlp = (projected_states.shape[-1] - 2 * self.intermediate_size - 2 * groups_state - self.num_heads) // 2
     _, _, gate, hidden_states_B_C, dt = projected_states.split(
@@ -168,7 +179,8 @@ def _mamba2_mixer_forward(
 
     A = -torch.exp(self.A_log.float())  # [num_heads]
     dt = torch.nn.functional.softplus(dt + self.dt_bias)
-    dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])  # [batch, seq_len, num_heads]
+    if self.time_step_limit is not None:  # zamba2 leaves it unset and does not clamp
+        dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])  # [batch, seq_len, num_heads]
     x = x.reshape(batch_size, seq_len, self.num_heads, self.head_dim).float()
     heads_per_group = self.num_heads // self.n_groups
     B = B.reshape(batch_size, seq_len, self.n_groups, self.ssm_state_size).float()
@@ -180,12 +192,17 @@ def _mamba2_mixer_forward(
 
     def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         decay_t, dBx_t, C_t = xs
-        state = state * decay_t[..., None, None] + dBx_t
+        state = (state * decay_t[..., None, None] + dBx_t).contiguous()
         return state, torch.matmul(state, C_t[..., None])[..., 0]
 
-    new_ssm_state, ys = scan(step, ssm_state.float(), (decay.movedim(1, 0), dBx.movedim(1, 0), C.movedim(1, 0)))
+    xs = (decay.movedim(1, 0), dBx.movedim(1, 0), C.movedim(1, 0))
+    new_ssm_state, ys = scan(step, ssm_state.float().contiguous(), xs)
     y = ys.movedim(0, 1) + x * self.D[:, None]  # [batch, seq_len, num_heads, head_dim]
-    scan_output = self.norm(y.reshape(batch_size, seq_len, -1), gate)
+    y = y.reshape(batch_size, seq_len, -1)
+    if getattr(self, "mamba_rms_norm", True):
+        scan_output = self.norm(y, gate)
+    else:  # falcon_h1 without the gated norm
+        scan_output = y * torch.nn.functional.silu(gate)
 
     if cache_params is not None:
         cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
@@ -193,8 +210,71 @@ def _mamba2_mixer_forward(
     return self.out_proj(scan_output.to(dtype))
 
 
+def _zamba_mixer_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    cache_params: Any = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`ZambaMambaMixer.slow_forward` (Mamba 1 split into `n_mamba_heads` heads) as one program
+    for prefill and decode."""
+    batch_size, seq_len, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    heads, head_dim = self.n_mamba_heads, self.mamba_head_dim
+    projected_states = self.in_proj(hidden_states).transpose(1, 2)
+    hidden_states, gate = projected_states.view(batch_size, -1, 2, seq_len).chunk(2, dim=2)
+    hidden_states = hidden_states.squeeze(2)
+    gate = gate.squeeze(2).reshape(batch_size, heads, -1, seq_len).transpose(0, 1)
+    mask = _new_tokens_mask(attention_mask, batch_size, seq_len)
+    if mask is not None:
+        hidden_states = hidden_states * mask.unsqueeze(1)
+
+    if cache_params is not None:
+        conv_state = cache_params.conv_states[self.layer_idx]
+        ssm_state = cache_params.ssm_states[self.layer_idx]
+    else:
+        conv_state = hidden_states.new_zeros((batch_size, self.intermediate_size, self.conv_kernel_size))
+        ssm_state = hidden_states.new_zeros((batch_size, heads, head_dim, self.ssm_state_size))
+    window = torch.cat([conv_state[..., 1:].to(hidden_states.dtype), hidden_states], dim=-1)
+    hidden_states = self.act(
+        torch.nn.functional.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv1d.groups)
+    )
+    if mask is not None:
+        hidden_states = hidden_states * mask.unsqueeze(1)
+
+    hidden_states = hidden_states.reshape(-1, heads, head_dim, seq_len).transpose(
+        0, 1
+    )  # [heads, batch, hd, L]
+    ssm_parameters = (self.x_proj_weight[:, None, :, :] @ hidden_states).transpose(-1, -2)
+    time_step, B, C = torch.split(
+        ssm_parameters, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+    )
+    discrete_time_step = torch.nn.functional.softplus(
+        (self.dt_proj_weight[:, None] @ time_step.transpose(-1, -2)) + self.dt_proj_bias[:, None, :, None]
+    )
+    A = -torch.exp(self.A_log.float())
+    discrete_A = torch.exp(A[:, None, :, None, :] * discrete_time_step[:, :, :, :, None])
+    delta_b_u = discrete_time_step[..., None] * B[:, :, None, :, :].float() * hidden_states[..., None].float()
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        a_t, b_u_t, c_t = xs  # [batch, heads, hd, N], same, [heads, batch, N]
+        state = (a_t * state + b_u_t).contiguous()
+        return state, torch.matmul(state.transpose(0, 1).to(dtype), c_t.unsqueeze(-1))[..., 0]
+
+    xs = (discrete_A.permute(3, 1, 0, 2, 4), delta_b_u.permute(3, 1, 0, 2, 4), C.permute(2, 0, 1, 3))
+    ssm_state, ys = scan(step, ssm_state.contiguous(), xs)
+    scan_output = ys.movedim(0, -1) + hidden_states * self.D[:, None, :, None]
+    scan_output = scan_output * self.act(gate)
+    if cache_params is not None:
+        cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
+        cache_params.ssm_states[self.layer_idx] = ssm_state
+    return self.out_proj(scan_output.transpose(0, 1).reshape(batch_size, -1, seq_len).transpose(1, 2))
+
+
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
-    def forward(self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
         if cache_position is None and kwargs.get("cache_params") is not None:
             # The model only insists on one; the exported mixers never read it.
             cache_position = torch.zeros(1, dtype=torch.long)
@@ -203,7 +283,9 @@ def _without_cache_position_check(original: Callable[..., Any]) -> Callable[...,
     return forward
 
 
-def _mamba_mask_as_given(self: torch.nn.Module, attention_mask: torch.Tensor | None, cache_position: Any) -> Any:
+def _mamba_mask_as_given(
+    self: torch.nn.Module, attention_mask: torch.Tensor | None, cache_position: Any
+) -> Any:
     # Upstream drops the mask when `cache_position[0] > 0 or torch.all(attention_mask == 1)`,
     # a data-dependent branch; the unified mixers read the new tokens' columns of any mask.
     return attention_mask
@@ -214,8 +296,11 @@ _MASK_DATA_DEPENDENT = (
     "whether the SSM layers mask padding)"
 )
 
+
 def _cache_position_from_cache(original: Callable[..., Any]) -> Callable[..., Any]:
-    def forward(self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
         cache = kwargs.get("past_key_values")
         if cache_position is None and cache is not None:
             tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
@@ -226,16 +311,21 @@ def _cache_position_from_cache(original: Callable[..., Any]) -> Callable[..., An
     return forward
 
 
-def _jamba_causal_mask_from_mask_width(original: Callable[..., Any]) -> Callable[..., Any]:
+def _causal_mask_from_mask_width(original: Callable[..., Any]) -> Callable[..., Any]:
     def update_causal_mask(
-        self: torch.nn.Module, attention_mask: torch.Tensor | None, input_tensor: torch.Tensor, cache_position: Any
+        self: torch.nn.Module,
+        attention_mask: torch.Tensor | None,
+        input_tensor: torch.Tensor,
+        cache_position: Any,
     ) -> torch.Tensor:
         if attention_mask is None or attention_mask.dim() != 2 or self.config._attn_implementation != "sdpa":
             return original(self, attention_mask, input_tensor, cache_position)
         # Upstream's mask, as wide as the 2-d mask (past and new tokens) instead of the value
         # `cache_position[-1] + 1`: a key is hidden when it comes after the query or is padding.
         key_positions = torch.arange(attention_mask.shape[-1], device=input_tensor.device)
-        hidden = (key_positions[None, :] > cache_position[:, None])[None, None] | (attention_mask[:, None, None, :] == 0)
+        hidden = (key_positions[None, :] > cache_position[:, None])[None, None] | (
+            attention_mask[:, None, None, :] == 0
+        )
         zeros = torch.zeros(hidden.shape, dtype=input_tensor.dtype, device=input_tensor.device)
         return zeros.masked_fill(hidden, torch.finfo(input_tensor.dtype).min)
 
@@ -243,8 +333,14 @@ def _jamba_causal_mask_from_mask_width(original: Callable[..., Any]) -> Callable
 
 
 _MASK_WIDTH_DATA_DEPENDENT = (
-    "GuardOnDataDependentSymNode: Eq(Min(8, u0), 8) (jamba sizes its causal mask by the value "
-    "`cache_position[-1] + 1`)"
+    "GuardOnDataDependentSymNode: Eq(Min(8, u0), 8) (jamba's `_update_causal_mask`, copied by zamba "
+    "and zamba2, sizes the mask by the value `cache_position[-1] + 1`)"
+)
+#: Models with jamba's `_update_causal_mask`: (module, model class).
+_VALUE_SIZED_CAUSAL_MASKS = (
+    ("jamba.modeling_jamba", "JambaModel"),
+    ("zamba2.modeling_zamba2", "Zamba2Model"),
+    ("zamba.modeling_zamba", "ZambaModel"),
 )
 
 _CACHE_POSITION_IGNORES_CACHE = (
@@ -262,14 +358,19 @@ _MIXERS = (
     ("bamba.modeling_bamba", "BambaMixer", _mamba2_mixer_forward, None),
     ("granitemoehybrid.modeling_granitemoehybrid", "GraniteMoeHybridMambaLayer", _mamba2_mixer_forward, None),
     ("jamba.modeling_jamba", "JambaMambaMixer", _mamba_mixer_forward, None),
+    ("falcon_h1.modeling_falcon_h1", "FalconH1Mixer", _mamba2_mixer_forward, None),
+    ("zamba2.modeling_zamba2", "Zamba2MambaMixer", _mamba2_mixer_forward, None),
+    ("zamba.modeling_zamba", "ZambaMambaMixer", _zamba_mixer_forward, None),
 )
-#: Hybrid models (module, model class): `_update_mamba_mask` branches on the mask's values and
-#: `forward` counts positions from 0 without `cache_position`.
-_HYBRID_MODELS = (
+#: Hybrid models whose `_update_mamba_mask` branches on the mask's values: (module, model class).
+_MAMBA_MASKS = (
     ("bamba.modeling_bamba", "BambaModel"),
     ("granitemoehybrid.modeling_granitemoehybrid", "GraniteMoeHybridModel"),
     ("jamba.modeling_jamba", "JambaModel"),
+    ("falcon_h1.modeling_falcon_h1", "FalconH1Model"),
 )
+#: Hybrid models that count positions from 0 without `cache_position`: (module, model class).
+_POSITIONS_FROM_ZERO = _MAMBA_MASKS + (("zamba.modeling_zamba", "ZambaModel"),)
 
 
 def state_space_patches() -> tuple[Patch, ...]:
@@ -277,7 +378,9 @@ def state_space_patches() -> tuple[Patch, ...]:
     for module_name, mixer, forward, model in _MIXERS:
         module = importlib.import_module(f"transformers.models.{module_name}")
         short = module_name.split(".")[0]
-        patches.append(Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP))
+        patches.append(
+            Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP)
+        )
         if model is not None:
             model_class = getattr(module, model)
             patches.append(
@@ -289,19 +392,38 @@ def state_space_patches() -> tuple[Patch, ...]:
                     _CACHE_POSITION_REQUIRED,
                 )
             )
-    for module_name, model in _HYBRID_MODELS:
+    for module_name, model in _MAMBA_MASKS:
         module = importlib.import_module(f"transformers.models.{module_name}")
-        short = module_name.split(".")[0]
+        patches.append(
+            Patch(
+                f"{module_name.split('.')[0]}_mamba_mask",
+                getattr(module, model),
+                "_update_mamba_mask",
+                _mamba_mask_as_given,
+                _MASK_DATA_DEPENDENT,
+            )  # fmt: skip
+        )
+    for module_name, model in _POSITIONS_FROM_ZERO:
+        model_class = getattr(importlib.import_module(f"transformers.models.{module_name}"), model)
+        patches.append(
+            Patch(
+                f"{module_name.split('.')[0]}_cache_position_from_cache",
+                model_class,
+                "forward",
+                _cache_position_from_cache(model_class.forward),
+                _CACHE_POSITION_IGNORES_CACHE,
+            )  # fmt: skip
+        )
+    for module_name, model in _VALUE_SIZED_CAUSAL_MASKS:
+        module = importlib.import_module(f"transformers.models.{module_name}")
         model_class = getattr(module, model)
-        patches += [
-            Patch(f"{short}_mamba_mask", model_class, "_update_mamba_mask", _mamba_mask_as_given, _MASK_DATA_DEPENDENT),
-            Patch(f"{short}_cache_position_from_cache", model_class, "forward",
-                  _cache_position_from_cache(model_class.forward), _CACHE_POSITION_IGNORES_CACHE),
-        ]  # fmt: skip
-    from transformers.models.jamba.modeling_jamba import JambaModel
-
-    patches.append(
-        Patch("jamba_causal_mask_width", JambaModel, "_update_causal_mask",
-              _jamba_causal_mask_from_mask_width(JambaModel._update_causal_mask), _MASK_WIDTH_DATA_DEPENDENT)  # fmt: skip
-    )
+        patches.append(
+            Patch(
+                f"{module_name.split('.')[0]}_causal_mask_width",
+                model_class,
+                "_update_causal_mask",
+                _causal_mask_from_mask_width(model_class._update_causal_mask),
+                _MASK_WIDTH_DATA_DEPENDENT,
+            )  # fmt: skip
+        )
     return tuple(patches)

@@ -142,6 +142,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
     # Attention every 8 layers from layer 4 by default: none among the tiny model's layers.
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2},
+    # Likewise the first hybrid (mamba + shared attention) layer is layer 6 (zamba2); zamba's
+    # layout always starts mamba, mamba, hybrid.
+    "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"]},
+    # Its shared attention block reads [hidden, embeddings]: attention sizes derive from 2 x hidden.
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "mamba", "hybrid"],
+              "attention_hidden_size": None, "attention_head_dim": None},
     # The default text config leaves rope_scaling unset, but the rotary embedding indexes it.
     "mllama": {"rope_scaling": {"rope_type": "default"}},
     # Mixture of attention heads: num_attention_heads is num_key_value_heads x num_experts_per_tok,

@@ -25,16 +25,25 @@ from optimum_observer.patches import PATCHES, applied, plain_tensor_buffers
 from optimum_observer.tiny_configs import build_tiny_model
 from stages import CONTRACT, capture_and_synthesize, load
 
-MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba", "granitemoehybrid", "jamba")
+#: Per tiny model: (layers with SSM states, layers with attention keys/values). Jamba-style
+#: hybrids alternate the two; falcon_h1 runs both in every layer; zamba's hybrid layers add a
+#: shared attention block to their mamba mixer.
+LAYERS = {
+    "mamba": (2, 0),
+    "falcon_mamba": (2, 0),
+    "mamba2": (2, 0),
+    "bamba": (1, 1),
+    "granitemoehybrid": (1, 1),
+    "jamba": (1, 1),
+    "falcon_h1": (2, 2),
+    "zamba": (3, 1),
+    "zamba2": (2, 1),
+}
+MODEL_TYPES = tuple(LAYERS)
 
 
 def _patches_of(model_type: str):
     return [p for p in PATCHES if p.name.startswith(f"{model_type}_")]
-
-
-def _ssm_layers(config) -> int:
-    kinds = getattr(config, "layers_block_type", None)
-    return kinds.count("mamba") if kinds else config.num_hidden_layers
 
 
 def _prompts(model, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -97,7 +106,11 @@ class TestStateSpaceExport(unittest.TestCase):
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "out"
             result = optimum_observer.export(
-                model, out, task="text-generation-with-past", show_progress=False, runtime_class=ORTModelForCausalLM
+                model,
+                out,
+                task="text-generation-with-past",
+                show_progress=False,
+                runtime_class=ORTModelForCausalLM,
             )
             self.assertTrue(result.validation.ok)
             self.assertTrue(result.validation.generation)
@@ -107,11 +120,14 @@ class TestStateSpaceExport(unittest.TestCase):
             presents = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
             self.assertEqual([state_runtime.present_name(n) for n in past], presents)
             states = [n for n in past if n.endswith((".conv_state", ".ssm_state"))]
-            self.assertEqual(len(states), 2 * _ssm_layers(model.config))
+            ssm_layers, attention_layers = LAYERS[model_type]
+            self.assertEqual(len(states), 2 * ssm_layers)
             for name in states:  # only the batch varies
                 self.assertEqual(shapes[name][0], "batch_size")
                 self.assertTrue(all(isinstance(d, int) for d in shapes[name][1:]), shapes[name])
-            self.assertEqual(len(past) - len(states), 2 * (model.config.num_hidden_layers - _ssm_layers(model.config)))
+            keys_values = [n for n in past if n.endswith((".key", ".value"))]
+            self.assertEqual(len(keys_values), 2 * attention_layers)
+            self.assertEqual(len(past), len(states) + len(keys_values))
 
             # Step by step through the shim's runtime against torch: logits of the prefill and
             # of every decode step, with the states fed back by name.
@@ -129,18 +145,24 @@ class TestStateSpaceExport(unittest.TestCase):
 class TestStateRuntime(unittest.TestCase):
     def test_first_step_shapes(self):
         self.assertEqual(state_runtime.first_step_shape(["batch_size", 128, 4], 3), (3, 128, 4))
-        self.assertEqual(state_runtime.first_step_shape(["batch_size", 4, "past_sequence_length", 16], 2), (2, 4, 0, 16))
+        self.assertEqual(
+            state_runtime.first_step_shape(["batch_size", 4, "past_sequence_length", 16], 2), (2, 4, 0, 16)
+        )
 
     def test_state_inputs_are_told_from_key_value_caches(self):
         self.assertTrue(state_runtime.has_state_inputs(["input_ids", "past_key_values.0.conv_state"]))
-        self.assertFalse(state_runtime.has_state_inputs(["input_ids", "past_key_values.0.key", "past_key_values.0.value"]))
+        self.assertFalse(
+            state_runtime.has_state_inputs(["input_ids", "past_key_values.0.key", "past_key_values.0.value"])
+        )
         self.assertEqual(state_runtime.present_name("past_key_values.3.ssm_state"), "present.3.ssm_state")
 
 
 class _BufferParameter(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.register_buffer("scale", torch.nn.Parameter(torch.ones(4), requires_grad=False), persistent=False)
+        self.register_buffer(
+            "scale", torch.nn.Parameter(torch.ones(4), requires_grad=False), persistent=False
+        )
 
     def forward(self, x):
         return x * 2
