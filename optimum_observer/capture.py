@@ -68,6 +68,9 @@ class Capture:
     calls: list[ObservedCall]
     observer: torch.onnx.InputObserver
     return_value: Any
+    #: what the model's positions add to the runtime's (see :func:`position_offset`); the calls'
+    #: `position_ids` are the runtime's, and the export adds this back inside the graph.
+    position_offset: int = 0
 
 
 def _num_leaves(value: Any) -> int:
@@ -82,7 +85,8 @@ def _vocab_size(model: Any) -> int:
 def random_token_batch(
     model: Any, lengths: list[int], generator: torch.Generator, left_padding: bool
 ) -> dict[str, torch.Tensor]:
-    """Random ids for prompts of `lengths` tokens, padded to the longest, with their mask."""
+    """Random ids for prompts of `lengths` tokens, padded with the pad id to the longest (as a
+    tokenizer pads: models that find padding in the ids, RoBERTa's positions, see it), with their mask."""
     longest = max(lengths)
     input_ids = torch.randint(3, _vocab_size(model), (len(lengths), longest), generator=generator)
     attention_mask = torch.ones_like(input_ids)
@@ -91,6 +95,7 @@ def random_token_batch(
             attention_mask[row, : longest - length] = 0
         else:
             attention_mask[row, length:] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id(model, None))
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -261,6 +266,38 @@ def _project(named: dict[str, Any], graph: GraphContract) -> dict[str, Any]:
     return projected
 
 
+def runtime_position_ids(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The `position_ids` Optimum's ORTModelForCausalLM feeds: the attention mask counted from 0,
+    1 on padding, for the last `new_tokens` positions."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)[:, -new_tokens:]
+
+
+def position_offset(calls: list[ObservedCall]) -> int:
+    """The constant the model's `position_ids` add to the runtime's on every unpadded position
+    (RoBERTa-style models count from `padding_idx + 1`), or 0 when they are the runtime's or
+    differ by no single constant."""
+    offsets = set()
+    for call in calls:
+        positions, mask = call.inputs.get("position_ids"), call.inputs.get("attention_mask")
+        if not isinstance(positions, torch.Tensor) or not isinstance(mask, torch.Tensor):
+            continue
+        if positions.dim() != 2 or mask.dim() != 2 or positions.shape[0] != mask.shape[0]:
+            return 0
+        visible = mask[:, -positions.shape[1] :] != 0
+        difference = positions - runtime_position_ids(mask, positions.shape[1])
+        offsets.update(int(d) for d in difference[visible].unique())
+    return offsets.pop() if len(offsets) == 1 else 0
+
+
+def _with_runtime_positions(call: ObservedCall) -> ObservedCall:
+    positions, mask = call.inputs.get("position_ids"), call.inputs.get("attention_mask")
+    if positions is None or mask is None:
+        return call
+    runtime = runtime_position_ids(mask, positions.shape[1]).to(positions.dtype)
+    return ObservedCall({**call.inputs, "position_ids": runtime}, call.outputs)
+
+
 def _contract_replay(graph: GraphContract) -> torch.nn.Module:
     """A module whose `forward` has exactly the graph's inputs as keyword parameters, so a
     second observer records the projected calls under the signature the export will use."""
@@ -294,13 +331,17 @@ def _graph_capture(
             "generation task, which calls the encoder once and the decoder once per new token "
             "(at least 2 new tokens).",
         )
+    offset = position_offset(calls)
+    if offset:
+        logger.info("position_ids are the runtime's + %d: the graph takes the runtime's", offset)
+        calls = [_with_runtime_positions(call) for call in calls]
     contract_observer = torch.onnx.InputObserver()
     replay = _contract_replay(graph)
     with contract_observer(replay, store_n_calls=len(calls)):
         for call in calls:
             replay(**call.inputs)
     logger.info("captured %d calls for %s", len(calls), graph.file_name)
-    return Capture(graph=graph, calls=calls, observer=contract_observer, return_value=return_value)
+    return Capture(graph, calls, contract_observer, return_value, position_offset=offset)
 
 
 def capture(

@@ -6,7 +6,11 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import torch
+
+import optimum_observer
 from optimum_observer import conversion, loading, naming, validation
+from optimum_observer.capture import ObservedCall, position_offset, random_token_batch
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.patches import PATCHES
 from optimum_observer.result import CallCheck
@@ -48,6 +52,44 @@ class TestGitFirstStepMask(unittest.TestCase):
         # Calls 0 and 3 are generate's first steps (batch 2, then 3): empty cache, several tokens.
         self.assertEqual([c.index for c in checks if not c.ok], [0, 3])
         self.assertGreater(min(c.max_abs_diff for c in checks if not c.ok), 1e-3)
+
+
+def _call(position_ids: list[list[int]], attention_mask: list[list[int]]) -> ObservedCall:
+    return ObservedCall({"position_ids": torch.tensor(position_ids), "attention_mask": torch.tensor(attention_mask)}, None)
+
+
+class TestPositionOffset(unittest.TestCase):
+    """Positions counted from another origin than the runtime's are found and added back in the graph."""
+
+    def test_roberta_style_positions_are_the_runtime_positions_plus_padding_idx_plus_one(self):
+        # padding_idx 1: unpadded positions count from 2; padding holds padding_idx.
+        prefill = _call([[1, 1, 2, 3], [2, 3, 4, 5]], [[0, 0, 1, 1], [1, 1, 1, 1]])
+        step = _call([[4], [6]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        self.assertEqual(position_offset([prefill, step]), 2)
+
+    def test_runtime_positions_have_no_offset(self):
+        prefill = _call([[1, 1, 0, 1], [0, 1, 2, 3]], [[0, 0, 1, 1], [1, 1, 1, 1]])
+        self.assertEqual(position_offset([prefill]), 0)
+
+    def test_positions_that_ignore_the_padding_have_no_single_offset(self):
+        prefill = _call([[0, 1, 2, 3], [0, 1, 2, 3]], [[0, 0, 1, 1], [1, 1, 1, 1]])
+        self.assertEqual(position_offset([prefill]), 0)
+
+    def test_random_prompts_are_padded_with_the_pad_id(self):
+        model = build_tiny_model("xlm-roberta-xl", "AutoModelForCausalLM")
+        batch = random_token_batch(model, [2, 4], torch.Generator().manual_seed(0), left_padding=True)
+        self.assertEqual(batch["input_ids"][0, :2].tolist(), [model.generation_config.pad_token_id] * 2)
+        self.assertNotIn(model.generation_config.pad_token_id, batch["input_ids"][batch["attention_mask"] == 1].tolist())
+
+    def test_xlm_roberta_xl_generates_the_torch_tokens_through_the_runtime(self):
+        # Its generate passes RoBERTa positions (padding_idx + 1 + count); the runtime feeds the
+        # mask counted from 0.
+        with tempfile.TemporaryDirectory() as scratch:
+            result = optimum_observer.export(
+                build_tiny_model("xlm-roberta-xl", "AutoModelForCausalLM"), Path(scratch) / "onnx", show_progress=False
+            )
+        self.assertTrue(result.validation.ok, result.validation.table())
+        self.assertTrue(result.validation.generation)
 
 
 if __name__ == "__main__":
