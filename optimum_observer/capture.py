@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import ObserverExportError, Stage
+from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from .tasks import Calls, Family, GraphContract, TaskContract
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class ObservedCall:
 
     inputs: dict[str, Any]
     outputs: Any
+    #: tensors forward also received that are not graph inputs (`cache_position` aside, which
+    #: the model derives from the cache): the runtime never feeds them.
+    unfed: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -295,7 +298,12 @@ def _with_runtime_positions(call: ObservedCall) -> ObservedCall:
     if positions is None or mask is None:
         return call
     runtime = runtime_position_ids(mask, positions.shape[1]).to(positions.dtype)
-    return ObservedCall({**call.inputs, "position_ids": runtime}, call.outputs)
+    return dataclasses.replace(call, inputs={**call.inputs, "position_ids": runtime})
+
+
+def _unfed_tensors(named: dict[str, Any], graph: GraphContract) -> tuple[str, ...]:
+    sources = {i.source for i in graph.inputs} | {"cache_position"}
+    return tuple(k for k, v in named.items() if isinstance(v, torch.Tensor) and k not in sources)
 
 
 def _contract_replay(graph: GraphContract) -> torch.nn.Module:
@@ -320,7 +328,8 @@ def _graph_capture(
     for candidate, outputs, spec in zip(info.inputs, info.flat_outputs, info.outputs_specs):
         named = _named(candidate.args, candidate.kwargs, info.signature_names)
         if _belongs(named, graph):
-            calls.append(ObservedCall(_project(named, graph), pytree.tree_unflatten(outputs, spec)))
+            outputs = pytree.tree_unflatten(outputs, spec)
+            calls.append(ObservedCall(_project(named, graph), outputs, _unfed_tensors(named, graph)))
     if not calls:
         raise ObserverExportError(
             model_type,
@@ -344,6 +353,31 @@ def _graph_capture(
     return Capture(graph, calls, contract_observer, return_value, position_offset=offset)
 
 
+def _run_failure(
+    model: Any, run: Callable[[Any], Any], contract: TaskContract, model_type: str, error: Exception
+) -> ObserverExportError:
+    """The error of a run that raised under the observer; the run is tried once more without
+    it, to tell the model's own failure from the observer's."""
+    try:
+        run(model)
+    except Exception:
+        return ObserverExportError(
+            model_type,
+            Stage.CAPTURE,
+            f"{RUN_FAILS_WITHOUT_OBSERVER}: {type(error).__name__}: {error}",
+            "the run fails in plain PyTorch as well, so the observer is not the cause: check the run "
+            "and the model's code in the installed transformers version (for the default run: "
+            f"{_RUN_HINTS[contract.family]}).",
+        )
+    return ObserverExportError(
+        model_type,
+        Stage.CAPTURE,
+        f"running the model under the observer raised {type(error).__name__}: {error}",
+        "check that the model runs in plain PyTorch with the same `run` callable "
+        f"(for the default run: {_RUN_HINTS[contract.family]}).",
+    )
+
+
 def capture(
     model: Any,
     contract: TaskContract,
@@ -361,13 +395,7 @@ def capture(
                 stack.enter_context(observer(observed_module(model, name), store_n_calls=MAX_STORED_CALLS))
             return_value = run(model)
     except Exception as error:
-        raise ObserverExportError(
-            model_type,
-            Stage.CAPTURE,
-            f"running the model under the observer raised {type(error).__name__}: {error}",
-            "check that the model runs in plain PyTorch with the same `run` callable "
-            f"(for the default run: {_RUN_HINTS[contract.family]}).",
-        ) from error
+        raise _run_failure(model, run, contract, model_type, error) from error
 
     for name, observer in observers.items():
         if observer.num_obs() == 0:

@@ -39,7 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import ObserverExportError, Stage
+from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from .tasks import get_task, supported_tasks
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,8 @@ def _describe(error: BaseException) -> str:
     if not isinstance(error, ObserverExportError):
         return first_line(error)
     if error.stage in (Stage.CAPTURE, Stage.EXPORT) and error.__cause__ is not None:
-        return first_line(root_cause(error))
+        cause = first_line(root_cause(error))
+        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER) else cause
     failed_rows = [line.strip() for line in error.reason.splitlines() if "FAIL" in line]
     return first_line(error.reason) + (f" [{failed_rows[0]}]" if failed_rows else "")
 
@@ -375,6 +376,18 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("GuardOnDataDependentSymNode", "data-dependent control flow (expert routing, adapters) torch.export cannot trace"),
     ("use_cache` is only supported for `decoder_input_ids` of length 1",
      "the model takes a cache only with one new token, the export example needs several"),
+    (RUN_FAILS_WITHOUT_OBSERVER,
+     "the model's own generate fails in plain torch (cpmant: forward re-embeds the whole sequence and "
+     "slices off the cached part, but generate feeds only the new tokens once there is a cache)"),
+    ("which the runtime does not feed",
+     "generate feeds forward tensors the runtime class never feeds (xlnet: perm_mask and target_mapping "
+     "over a dummy token it appends), so the graph cannot compute what torch did"),
+    ("rewrites the prompt",
+     "generate appends tokens to the prompt before forward sees it (xlm: a mask token whose prediction "
+     "is the next token); the runtime class feeds the prompt as it is"),
+    ("generates other tokens without its cache",
+     "torch's own generate is not self-consistent (doge with sdpa: an unpadded prompt gets no causal mask, "
+     "and its dynamic mask then drops causality; with eager attention torch gives the export's tokens)"),
 )  # fmt: skip
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 import optimum_observer
-from optimum_observer import conversion, loading, naming, validation
+from optimum_observer import capture, conversion, loading, naming, sweep, validation
 from optimum_observer.capture import ObservedCall, position_offset, random_token_batch
+from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
+from optimum_observer.tasks import get_task
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.patches import PATCHES
 from optimum_observer.result import CallCheck
@@ -90,6 +92,76 @@ class TestPositionOffset(unittest.TestCase):
             )
         self.assertTrue(result.validation.ok, result.validation.table())
         self.assertTrue(result.validation.generation)
+
+
+_GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+def _caveat(model_type: str, inputs: dict[str, torch.Tensor]) -> str:
+    model = build_tiny_model(model_type, "AutoModelForCausalLM").eval()
+    with torch.no_grad():
+        expected = model.generate(**inputs, **_GREEDY)
+    return validation.torch_reference_caveat(model, inputs, _GREEDY, expected)
+
+
+def _prompt(length: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class TestTorchReferenceCaveats(unittest.TestCase):
+    """A failed generation check says when torch's own tokens are out of the runtime's reach."""
+
+    def test_a_generate_that_rewrites_the_prompt_is_named(self):
+        # XLM's prepare_inputs_for_generation appends a mask token and predicts it.
+        self.assertIn("rewrites the prompt", _caveat("xlm", _prompt(5)))
+
+    def test_a_generate_that_changes_without_its_cache_is_named(self):
+        # Doge under sdpa: no causal mask for an unpadded prompt, its dynamic mask drops causality.
+        self.assertIn("other tokens without its cache", _caveat("doge", _prompt(5)))
+
+    def test_a_consistent_model_has_no_caveat(self):
+        self.assertEqual(_caveat("llama", _prompt(5)), "")
+
+    def test_tensors_the_runtime_does_not_feed_are_recorded_per_call(self):
+        # XLNet's generate feeds a permutation mask and target mapping over a dummy token.
+        model = build_tiny_model("xlnet", "AutoModelForCausalLM").eval()
+        (captured,) = capture.capture(model, get_task("text-generation"), "xlnet")
+        self.assertEqual({c.unfed for c in captured.calls}, {("perm_mask", "target_mapping")})
+
+    def test_ordinary_calls_have_no_unfed_tensors(self):
+        model = build_tiny_model("llama", "AutoModelForCausalLM").eval()
+        with registered_caches():
+            (captured,) = capture.capture(model, CONTRACT, "llama")
+        self.assertEqual({c.unfed for c in captured.calls}, {()})
+
+
+class TestRunThatFailsWithoutTheObserver(unittest.TestCase):
+    def test_cpmant_generate_with_cache_fails_in_plain_torch_and_the_sweep_says_so(self):
+        # CPM-Ant's forward re-embeds the whole sequence and slices the cached part off; generate
+        # feeds only the new tokens once there is a cache.
+        model = build_tiny_model("cpmant", "AutoModelForCausalLM").eval()
+        with registered_caches(), self.assertRaises(ObserverExportError) as raised:
+            capture.capture(model, CONTRACT, "cpmant")
+        error = raised.exception
+        self.assertEqual(error.stage, Stage.CAPTURE)
+        self.assertTrue(error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER), error.reason)
+        described = sweep._describe(error)
+        self.assertIn("must match the size of tensor b", described)
+        self.assertIn("cpmant", sweep.known_reason(described))
+
+    def test_a_run_that_fails_only_under_the_observer_is_not_blamed_on_the_model(self):
+        model = build_tiny_model("llama", "AutoModelForCausalLM").eval()
+        runs = []
+
+        def run(model):
+            runs.append(1)
+            if len(runs) == 1:
+                raise RuntimeError("only the first time")
+
+        with registered_caches(), self.assertRaises(ObserverExportError) as raised:
+            capture.capture(model, CONTRACT, "llama", run=run)
+        self.assertIn("under the observer raised RuntimeError: only the first time", raised.exception.reason)
 
 
 if __name__ == "__main__":
