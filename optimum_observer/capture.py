@@ -102,8 +102,9 @@ def random_token_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any]:
-    """`generate` over prompts of different lengths with batch 2 then 3, left padded."""
+def default_run(model: Any, tokenizer: Any | None = None, use_cache: bool = True) -> Callable[[Any], Any]:
+    """`generate` over prompts of different lengths with batch 2 then 3, left padded; without a
+    cache (`use_cache=False`), every step recomputes the whole prefix, as the runtime then does."""
 
     padding_tokenizer = left_padding_copy(tokenizer)
 
@@ -125,6 +126,7 @@ def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any
                     min_new_tokens=3,
                     do_sample=False,
                     pad_token_id=pad_token_id(model, tokenizer),
+                    use_cache=use_cache,
                 )
             )
         return results
@@ -210,7 +212,7 @@ def default_run_for(
     model: Any, contract: TaskContract, tokenizer: Any | None, feature_extractor: Any | None
 ) -> Callable[[Any], Any]:
     if contract.family is Family.DECODER:
-        return default_run(model, tokenizer)
+        return default_run(model, tokenizer, use_cache=contract.with_past)
     if contract.family is Family.ENCODER:
         return default_encoder_run(model, tokenizer)
     return default_seq2seq_run(model, contract.family, tokenizer, feature_extractor)

@@ -164,5 +164,18 @@ class TestRunThatFailsWithoutTheObserver(unittest.TestCase):
         self.assertIn("under the observer raised RuntimeError: only the first time", raised.exception.reason)
 
 
+class TestTextGenerationWithoutPast(unittest.TestCase):
+    def test_a_model_with_a_cache_exported_without_past_replays_every_call(self):
+        # The runtime recomputes the whole prefix at each step: so must the observed run, or the
+        # decoding steps are observed with a cache the graph never gets.
+        with tempfile.TemporaryDirectory() as scratch:
+            result = optimum_observer.export(
+                build_tiny_model("llama", "AutoModelForCausalLM"), Path(scratch) / "onnx",
+                task="text-generation", show_progress=False,
+            )  # fmt: skip
+        self.assertTrue(result.validation.ok, result.validation.table())
+        self.assertGreater(len(result.validation.calls), 2)
+
+
 if __name__ == "__main__":
     unittest.main()
