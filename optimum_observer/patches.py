@@ -428,6 +428,38 @@ def _git_patches() -> tuple[Patch, ...]:
     )
 
 
+def _cpmant_attention_mask(
+    self: torch.nn.Module, input_ids: torch.Tensor, span: torch.Tensor, context: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    """CpmAntModel._prepare_attention_mask with the left-padding mask from `arange`, not from a
+    Python list of `seqlen` numbers (which makes the sequence length a constant)."""
+    batch, seqlen, device = input_ids.size(0), input_ids.size(1), input_ids.device
+    directional_mask_2d = torch.arange(seqlen, device=device) <= torch.arange(seqlen, device=device).view(-1, 1)
+    attention_mask = context[:, None, :] | (
+        context[:, :, None].logical_not() & directional_mask_2d.view(1, seqlen, seqlen)
+    )
+    attention_mask = attention_mask & (span[:, None, :] == span[:, :, None])
+    distance_to_end = torch.arange(seqlen - self.prompt_length, device=device).flip(0)
+    mask_1d = distance_to_end[None, :].repeat(batch, 1) < length[:, None]
+    mask_1d = torch.cat((torch.ones(batch, self.prompt_length, device=device).bool(), mask_1d), dim=1)
+    return mask_1d.view(batch, seqlen, 1) & mask_1d.view(batch, 1, seqlen) & attention_mask
+
+
+def _cpmant_patches() -> tuple[Patch, ...]:
+    from transformers.models.cpmant.modeling_cpmant import CpmAntModel
+
+    return (
+        Patch(
+            name="cpmant_attention_mask_from_arange",
+            owner=CpmAntModel,
+            attribute="_prepare_attention_mask",
+            replacement=_cpmant_attention_mask,
+            fixes="Received user-specified dim hint Dim.DYNAMIC, but tracing inferred a static shape for "
+            "inputs['input_ids'].shape[1] (`torch.tensor(list(range(seqlen - prompt_length))[::-1])`)",
+        ),
+    )
+
+
 def _real_rotary_forward(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     # Upstream returns `torch.polar(1, freqs) * scaling`, a complex tensor; this returns the same
     # numbers as real pairs (..., dim / 2, 2): (cos, sin) * scaling.
@@ -507,6 +539,7 @@ PATCHES: tuple[Patch, ...] = (
     *_switch_patches(),
     *_pegasus_x_patches(),
     *_git_patches(),
+    *_cpmant_patches(),
     *_real_rotary_patches(),
 )
 

@@ -207,7 +207,15 @@ def run_observer_path(model_type: str, task: str, workdir: Path) -> PathResult:
     task = _task_for(model, task)
     start = time.perf_counter()
     try:
-        result = export(model, workdir / "observer", task=task, show_progress=False)
+        try:
+            result = export(model, workdir / "observer", task=task, show_progress=False)
+        except ObserverExportError as error:
+            without_past = _without_past_after(error, task)
+            if without_past is None:
+                raise
+            logger.info("%s: generate fails with its cache in plain torch, exporting %s", model_type, without_past)
+            task = without_past
+            result = export(model, workdir / "observer", task=task, show_progress=False)
     except Exception as error:
         logger.debug("observer export of %s failed", model_type, exc_info=True)
         return PathResult(Status.FAIL, classify_observer_error(error), _describe(error), task)
@@ -224,6 +232,16 @@ def _task_for(model: Any, task: str) -> str:
     if get_task(task).with_past and not takes_cache and without_past in supported_tasks():
         return without_past
     return task
+
+
+def _without_past_after(error: ObserverExportError, task: str) -> str | None:
+    """The task without past, when `task` has a cache and the model's own run of it fails in
+    plain torch (cpmant's generate with a cache): that model generates by recomputing the prefix."""
+    without_past = task.removesuffix("-with-past")
+    failed_in_torch = error.stage == Stage.CAPTURE and error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER)
+    if failed_in_torch and get_task(task).with_past and without_past in supported_tasks():
+        return without_past
+    return None
 
 
 def onnx_bytes(directory: Path, files: Sequence[str]) -> int:

@@ -185,7 +185,7 @@ def torch_reference_caveat(
             f"{tuple(inputs['input_ids'].shape)}: its prepare_inputs_for_generation rewrites the prompt)"
         )
     with torch.no_grad():
-        without_cache = model.generate(**inputs, **settings, use_cache=False)
+        without_cache = model.generate(**inputs, **{**settings, "use_cache": False})
     if not torch.equal(without_cache.cpu(), expected.cpu()):
         return "(torch itself generates other tokens without its cache)"
     return ""
@@ -200,9 +200,10 @@ def check_generation(
     directory: Path, model: Any, tokenizer: Any | None, runtime_class: Any, pad_token_id: int
 ) -> list[GenerationCheck]:
     # The runtime defaults to use_cache=True and refuses a graph without past inputs (a model
-    # exported for `text-generation`); such a graph recomputes the whole prefix every step.
-    loading_kwargs = {} if _has_past_inputs(directory) else {"use_cache": False}
-    onnx_model = runtime_class.from_pretrained(directory, **loading_kwargs)
+    # exported for `text-generation`); such a graph recomputes the whole prefix every step, and
+    # torch is asked to do the same.
+    use_cache = _has_past_inputs(directory)
+    onnx_model = runtime_class.from_pretrained(directory, **({} if use_cache else {"use_cache": False}))
     checks = []
     for inputs in generation_inputs(model, tokenizer):
         settings = dict(
@@ -210,6 +211,7 @@ def check_generation(
             min_new_tokens=GENERATION_NEW_TOKENS,
             do_sample=False,
             pad_token_id=pad_token_id,
+            use_cache=use_cache,
         )
         with torch.no_grad():
             expected = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **settings)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import optimum_observer
-from optimum_observer import capture, conversion, loading, naming, sweep, validation
+from optimum_observer import capture, conversion, loading, naming, sweep, synthesis, validation
 from optimum_observer.capture import ObservedCall, position_offset, random_token_batch
 from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from optimum_observer.tasks import get_task
@@ -134,6 +134,26 @@ class TestTorchReferenceCaveats(unittest.TestCase):
         with registered_caches():
             (captured,) = capture.capture(model, CONTRACT, "llama")
         self.assertEqual({c.unfed for c in captured.calls}, {()})
+
+
+class TestCpmAnt(unittest.TestCase):
+    """CPM-Ant's generate with a cache fails in plain torch; without one it exports and validates."""
+
+    def test_sequence_axis_is_specialised_without_the_patch(self):
+        contract = get_task("text-generation")
+        model = _load_tiny("cpmant").model
+        (captured,) = capture.capture(model, contract, "cpmant")
+        example = synthesis.synthesize(captured, "cpmant")
+        patches = [p for p in PATCHES if p.name != "cpmant_attention_mask_from_arange"]
+        self.assertLess(len(patches), len(PATCHES))
+        with self.assertRaises(ObserverExportError) as raised:
+            conversion.convert(model, contract.graphs[0], example, "cpmant", patches=patches)
+        self.assertIn("static shape", str(sweep.root_cause(raised.exception)))
+
+    def test_the_sweep_exports_it_without_past(self):
+        with tempfile.TemporaryDirectory() as scratch:
+            result = sweep.run_observer_path("cpmant", "text-generation-with-past", Path(scratch))
+        self.assertEqual((result.status, result.task), (sweep.Status.PASS, "text-generation"), result.error)
 
 
 class TestRunThatFailsWithoutTheObserver(unittest.TestCase):
