@@ -188,13 +188,15 @@ def _describe(error: BaseException) -> str:
         return first_line(error)
     if error.stage in (Stage.CAPTURE, Stage.EXPORT) and error.__cause__ is not None:
         cause = first_line(root_cause(error))
-        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER) else cause
+        fails_in_torch = error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER)
+        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if fails_in_torch else cause
     failed_rows = [line.strip() for line in error.reason.splitlines() if "FAIL" in line]
     return first_line(error.reason) + (f" [{failed_rows[0]}]" if failed_rows else "")
 
 
 def run_observer_path(model_type: str, task: str, workdir: Path) -> PathResult:
-    """Builds the tiny model into `workdir/model`, then exports it to `workdir/observer`."""
+    """Builds the tiny model into `workdir/model`, then exports it to `workdir/observer`; a model
+    whose own generate fails in plain torch with its cache (cpmant) is exported without past."""
     from .pipeline import export
     from .tiny_configs import build_tiny_model
 
@@ -395,8 +397,8 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("use_cache` is only supported for `decoder_input_ids` of length 1",
      "the model takes a cache only with one new token, the export example needs several"),
     (RUN_FAILS_WITHOUT_OBSERVER,
-     "the model's own generate fails in plain torch (cpmant: forward re-embeds the whole sequence and "
-     "slices off the cached part, but generate feeds only the new tokens once there is a cache)"),
+     "the model's own generate fails in plain torch, without the cache too (with a cache only, as cpmant's "
+     "in transformers 4.57, the sweep exports the task without past)"),
     ("which the runtime does not feed",
      "generate feeds forward tensors the runtime class never feeds (xlnet: perm_mask and target_mapping "
      "over a dummy token it appends), so the graph cannot compute what torch did"),

@@ -153,7 +153,9 @@ def generation_inputs(model: Any, tokenizer: Any | None) -> list[dict[str, torch
     ]
 
 
-def _first_forward_input_ids(model: Any, inputs: dict[str, torch.Tensor], settings: dict[str, Any]) -> torch.Tensor | None:
+def _first_forward_input_ids(
+    model: Any, inputs: dict[str, torch.Tensor], settings: dict[str, Any]
+) -> torch.Tensor | None:
     """The `input_ids` generate's first call to forward received."""
     seen: list[torch.Tensor | None] = []
 

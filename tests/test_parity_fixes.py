@@ -57,7 +57,8 @@ class TestGitFirstStepMask(unittest.TestCase):
 
 
 def _call(position_ids: list[list[int]], attention_mask: list[list[int]]) -> ObservedCall:
-    return ObservedCall({"position_ids": torch.tensor(position_ids), "attention_mask": torch.tensor(attention_mask)}, None)
+    inputs = {"position_ids": torch.tensor(position_ids), "attention_mask": torch.tensor(attention_mask)}
+    return ObservedCall(inputs, None)
 
 
 class TestPositionOffset(unittest.TestCase):
@@ -81,7 +82,8 @@ class TestPositionOffset(unittest.TestCase):
         model = build_tiny_model("xlm-roberta-xl", "AutoModelForCausalLM")
         batch = random_token_batch(model, [2, 4], torch.Generator().manual_seed(0), left_padding=True)
         self.assertEqual(batch["input_ids"][0, :2].tolist(), [model.generation_config.pad_token_id] * 2)
-        self.assertNotIn(model.generation_config.pad_token_id, batch["input_ids"][batch["attention_mask"] == 1].tolist())
+        prompt_ids = batch["input_ids"][batch["attention_mask"] == 1].tolist()
+        self.assertNotIn(model.generation_config.pad_token_id, prompt_ids)
 
     def test_xlm_roberta_xl_generates_the_torch_tokens_through_the_runtime(self):
         # Its generate passes RoBERTa positions (padding_idx + 1 + count); the runtime feeds the
