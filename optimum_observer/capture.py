@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import ObserverExportError, Stage
+from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from .tasks import Calls, Family, GraphContract, TaskContract
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class ObservedCall:
 
     inputs: dict[str, Any]
     outputs: Any
+    #: tensors forward also received that are not graph inputs (`cache_position` aside, which
+    #: the model derives from the cache): the runtime never feeds them.
+    unfed: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -68,6 +71,9 @@ class Capture:
     calls: list[ObservedCall]
     observer: torch.onnx.InputObserver
     return_value: Any
+    #: what the model's positions add to the runtime's (see :func:`position_offset`); the calls'
+    #: `position_ids` are the runtime's, and the export adds this back inside the graph.
+    position_offset: int = 0
 
 
 def _num_leaves(value: Any) -> int:
@@ -82,7 +88,8 @@ def _vocab_size(model: Any) -> int:
 def random_token_batch(
     model: Any, lengths: list[int], generator: torch.Generator, left_padding: bool
 ) -> dict[str, torch.Tensor]:
-    """Random ids for prompts of `lengths` tokens, padded to the longest, with their mask."""
+    """Random ids for prompts of `lengths` tokens, padded with the pad id to the longest (as a
+    tokenizer pads: models that find padding in the ids, RoBERTa's positions, see it), with their mask."""
     longest = max(lengths)
     input_ids = torch.randint(3, _vocab_size(model), (len(lengths), longest), generator=generator)
     attention_mask = torch.ones_like(input_ids)
@@ -91,11 +98,13 @@ def random_token_batch(
             attention_mask[row, : longest - length] = 0
         else:
             attention_mask[row, length:] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id(model, None))
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any]:
-    """`generate` over prompts of different lengths with batch 2 then 3, left padded."""
+def default_run(model: Any, tokenizer: Any | None = None, use_cache: bool = True) -> Callable[[Any], Any]:
+    """`generate` over prompts of different lengths with batch 2 then 3, left padded; without a
+    cache (`use_cache=False`), every step recomputes the whole prefix, as the runtime then does."""
 
     padding_tokenizer = left_padding_copy(tokenizer)
 
@@ -117,6 +126,7 @@ def default_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any
                     min_new_tokens=3,
                     do_sample=False,
                     pad_token_id=pad_token_id(model, tokenizer),
+                    use_cache=use_cache,
                 )
             )
         return results
@@ -202,7 +212,7 @@ def default_run_for(
     model: Any, contract: TaskContract, tokenizer: Any | None, feature_extractor: Any | None
 ) -> Callable[[Any], Any]:
     if contract.family is Family.DECODER:
-        return default_run(model, tokenizer)
+        return default_run(model, tokenizer, use_cache=contract.with_past)
     if contract.family is Family.ENCODER:
         return default_encoder_run(model, tokenizer)
     return default_seq2seq_run(model, contract.family, tokenizer, feature_extractor)
@@ -261,6 +271,43 @@ def _project(named: dict[str, Any], graph: GraphContract) -> dict[str, Any]:
     return projected
 
 
+def runtime_position_ids(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The `position_ids` Optimum's ORTModelForCausalLM feeds: the attention mask counted from 0,
+    1 on padding, for the last `new_tokens` positions."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)[:, -new_tokens:]
+
+
+def position_offset(calls: list[ObservedCall]) -> int:
+    """The constant the model's `position_ids` add to the runtime's on every unpadded position
+    (RoBERTa-style models count from `padding_idx + 1`), or 0 when they are the runtime's or
+    differ by no single constant."""
+    offsets = set()
+    for call in calls:
+        positions, mask = call.inputs.get("position_ids"), call.inputs.get("attention_mask")
+        if not isinstance(positions, torch.Tensor) or not isinstance(mask, torch.Tensor):
+            continue
+        if positions.dim() != 2 or mask.dim() != 2 or positions.shape[0] != mask.shape[0]:
+            return 0
+        visible = mask[:, -positions.shape[1] :] != 0
+        difference = positions - runtime_position_ids(mask, positions.shape[1])
+        offsets.update(int(d) for d in difference[visible].unique())
+    return offsets.pop() if len(offsets) == 1 else 0
+
+
+def _with_runtime_positions(call: ObservedCall) -> ObservedCall:
+    positions, mask = call.inputs.get("position_ids"), call.inputs.get("attention_mask")
+    if positions is None or mask is None:
+        return call
+    runtime = runtime_position_ids(mask, positions.shape[1]).to(positions.dtype)
+    return dataclasses.replace(call, inputs={**call.inputs, "position_ids": runtime})
+
+
+def _unfed_tensors(named: dict[str, Any], graph: GraphContract) -> tuple[str, ...]:
+    sources = {i.source for i in graph.inputs} | {"cache_position"}
+    return tuple(k for k, v in named.items() if isinstance(v, torch.Tensor) and k not in sources)
+
+
 def _contract_replay(graph: GraphContract) -> torch.nn.Module:
     """A module whose `forward` has exactly the graph's inputs as keyword parameters, so a
     second observer records the projected calls under the signature the export will use."""
@@ -283,7 +330,8 @@ def _graph_capture(
     for candidate, outputs, spec in zip(info.inputs, info.flat_outputs, info.outputs_specs):
         named = _named(candidate.args, candidate.kwargs, info.signature_names)
         if _belongs(named, graph):
-            calls.append(ObservedCall(_project(named, graph), pytree.tree_unflatten(outputs, spec)))
+            outputs = pytree.tree_unflatten(outputs, spec)
+            calls.append(ObservedCall(_project(named, graph), outputs, _unfed_tensors(named, graph)))
     if not calls:
         raise ObserverExportError(
             model_type,
@@ -294,13 +342,42 @@ def _graph_capture(
             "generation task, which calls the encoder once and the decoder once per new token "
             "(at least 2 new tokens).",
         )
+    offset = position_offset(calls)
+    if offset:
+        logger.info("position_ids are the runtime's + %d: the graph takes the runtime's", offset)
+        calls = [_with_runtime_positions(call) for call in calls]
     contract_observer = torch.onnx.InputObserver()
     replay = _contract_replay(graph)
     with contract_observer(replay, store_n_calls=len(calls)):
         for call in calls:
             replay(**call.inputs)
     logger.info("captured %d calls for %s", len(calls), graph.file_name)
-    return Capture(graph=graph, calls=calls, observer=contract_observer, return_value=return_value)
+    return Capture(graph, calls, contract_observer, return_value, position_offset=offset)
+
+
+def _run_failure(
+    model: Any, run: Callable[[Any], Any], contract: TaskContract, model_type: str, error: Exception
+) -> ObserverExportError:
+    """The error of a run that raised under the observer; the run is tried once more without
+    it, to tell the model's own failure from the observer's."""
+    try:
+        run(model)
+    except Exception:
+        return ObserverExportError(
+            model_type,
+            Stage.CAPTURE,
+            f"{RUN_FAILS_WITHOUT_OBSERVER}: {type(error).__name__}: {error}",
+            "the run fails in plain PyTorch as well, so the observer is not the cause: check the run "
+            "and the model's code in the installed transformers version (for the default run: "
+            f"{_RUN_HINTS[contract.family]}).",
+        )
+    return ObserverExportError(
+        model_type,
+        Stage.CAPTURE,
+        f"running the model under the observer raised {type(error).__name__}: {error}",
+        "check that the model runs in plain PyTorch with the same `run` callable "
+        f"(for the default run: {_RUN_HINTS[contract.family]}).",
+    )
 
 
 def capture(
@@ -320,13 +397,7 @@ def capture(
                 stack.enter_context(observer(observed_module(model, name), store_n_calls=MAX_STORED_CALLS))
             return_value = run(model)
     except Exception as error:
-        raise ObserverExportError(
-            model_type,
-            Stage.CAPTURE,
-            f"running the model under the observer raised {type(error).__name__}: {error}",
-            "check that the model runs in plain PyTorch with the same `run` callable "
-            f"(for the default run: {_RUN_HINTS[contract.family]}).",
-        ) from error
+        raise _run_failure(model, run, contract, model_type, error) from error
 
     for name, observer in observers.items():
         if observer.num_obs() == 0:

@@ -34,10 +34,11 @@ _AUXILIARY_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_
 class ContractModule(torch.nn.Module):
     """Calls the graph's module with the contract's inputs and returns its outputs as a tuple."""
 
-    def __init__(self, model: torch.nn.Module, graph: GraphContract):
+    def __init__(self, model: torch.nn.Module, graph: GraphContract, position_offset: int = 0):
         super().__init__()
         self.model = model
         self.graph = graph
+        self.position_offset = position_offset
 
     def forward(self, **inputs: Any) -> tuple[Any, ...]:
         accepted = inspect.signature(self.model.forward).parameters
@@ -46,6 +47,9 @@ class ContractModule(torch.nn.Module):
             if contract_input.name in inputs:
                 value = inputs[contract_input.name]
                 arguments[contract_input.argument_for(accepted)] = (value,) if contract_input.first_of else value
+        if self.position_offset and arguments.get("position_ids") is not None:
+            # The graph takes the runtime's positions; the model counts from another origin.
+            arguments["position_ids"] = arguments["position_ids"] + self.position_offset
         if self.graph.use_cache is not None:
             arguments["use_cache"] = self.graph.use_cache
         # Outputs no graph reads are not asked for. Router logits in particular: switch
@@ -56,8 +60,10 @@ class ContractModule(torch.nn.Module):
         return tuple(output.read(outputs) for output in self.graph.outputs)
 
 
-def contract_module(model: torch.nn.Module, graph: GraphContract, input_names: list[str]) -> ContractModule:
-    module = ContractModule(observed_module(model, graph.module), graph).eval()
+def contract_module(
+    model: torch.nn.Module, graph: GraphContract, input_names: list[str], position_offset: int = 0
+) -> ContractModule:
+    module = ContractModule(observed_module(model, graph.module), graph, position_offset).eval()
     # torch.export maps keyword arguments and dynamic shapes through forward's signature.
     signature = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in input_names]
@@ -78,8 +84,11 @@ def convert(
     model_type: str,
     opset: int | None = None,
     patches: Sequence[Patch] = PATCHES,
+    position_offset: int = 0,
 ) -> torch.onnx.ONNXProgram:
-    module = contract_module(model, graph, list(example.kwargs))
+    """`position_offset`: added to the `position_ids` input inside the graph (see
+    :func:`optimum_observer.capture.position_offset`)."""
+    module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
         with applied(patches), plain_tensor_buffers(module), torch.no_grad():
             return torch.onnx.export(

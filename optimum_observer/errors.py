@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import enum
 
+#: How a capture failure starts when the model's own run fails, observer or not.
+RUN_FAILS_WITHOUT_OBSERVER = "the run raises without the observer too"
+
 
 class Stage(str, enum.Enum):
     """The stages of an observer export, in the order they run."""

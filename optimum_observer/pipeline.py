@@ -130,7 +130,12 @@ def export(
             with progress.stage(Stage.EXPORT):
                 for graph in graphs:
                     graph.program = conversion.convert(
-                        loaded.model, graph.capture.graph, graph.example, model_type, opset
+                        loaded.model,
+                        graph.capture.graph,
+                        graph.example,
+                        model_type,
+                        opset,
+                        position_offset=graph.capture.position_offset,
                     )
         dynamic_axes: dict[str, dict[int, str]] = {}
         with progress.stage(Stage.NAMING):

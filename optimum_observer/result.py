@@ -25,6 +25,9 @@ class GenerationCheck:
     prompt_lengths: tuple[int, ...]
     torch_tokens: list[list[int]]
     onnx_tokens: list[list[int]]
+    #: on a mismatch, why torch's tokens are not ones the runtime can give, when that is known
+    #: (see :func:`optimum_observer.validation.torch_reference_caveat`).
+    caveat: str = ""
 
     @property
     def ok(self) -> bool:
@@ -66,7 +69,8 @@ class ValidationReport:
             verdict = "ok" if r.ok else "FAIL"
             lines.append(f"{f'runtime class, batch {r.index}: {r.output}':<48} {r.max_abs_diff:>12.3g}  {verdict}")
         for i, g in enumerate(self.generation):
-            lines.append(f"{'greedy generation ' + str(i):<48} {'':>12}  {'ok' if g.ok else 'FAIL'}")
+            verdict = "ok" if g.ok else f"FAIL {g.caveat}".strip()
+            lines.append(f"{'greedy generation ' + str(i):<48} {'':>12}  {verdict}")
             if not g.ok:
                 lines.append(f"    torch: {g.torch_tokens}")
                 lines.append(f"    onnx : {g.onnx_tokens}")

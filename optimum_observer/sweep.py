@@ -39,7 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import ObserverExportError, Stage
+from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from .tasks import get_task, supported_tasks
 
 logger = logging.getLogger(__name__)
@@ -187,13 +187,16 @@ def _describe(error: BaseException) -> str:
     if not isinstance(error, ObserverExportError):
         return first_line(error)
     if error.stage in (Stage.CAPTURE, Stage.EXPORT) and error.__cause__ is not None:
-        return first_line(root_cause(error))
+        cause = first_line(root_cause(error))
+        fails_in_torch = error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER)
+        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if fails_in_torch else cause
     failed_rows = [line.strip() for line in error.reason.splitlines() if "FAIL" in line]
     return first_line(error.reason) + (f" [{failed_rows[0]}]" if failed_rows else "")
 
 
 def run_observer_path(model_type: str, task: str, workdir: Path) -> PathResult:
-    """Builds the tiny model into `workdir/model`, then exports it to `workdir/observer`."""
+    """Builds the tiny model into `workdir/model`, then exports it to `workdir/observer`; a model
+    whose own generate fails in plain torch with its cache (cpmant) is exported without past."""
     from .pipeline import export
     from .tiny_configs import build_tiny_model
 
@@ -206,7 +209,15 @@ def run_observer_path(model_type: str, task: str, workdir: Path) -> PathResult:
     task = _task_for(model, task)
     start = time.perf_counter()
     try:
-        result = export(model, workdir / "observer", task=task, show_progress=False)
+        try:
+            result = export(model, workdir / "observer", task=task, show_progress=False)
+        except ObserverExportError as error:
+            without_past = _without_past_after(error, task)
+            if without_past is None:
+                raise
+            logger.info("%s: generate fails with its cache in plain torch, exporting %s", model_type, without_past)
+            task = without_past
+            result = export(model, workdir / "observer", task=task, show_progress=False)
     except Exception as error:
         logger.debug("observer export of %s failed", model_type, exc_info=True)
         return PathResult(Status.FAIL, classify_observer_error(error), _describe(error), task)
@@ -224,6 +235,16 @@ def _task_for(model: Any, task: str) -> str:
     if get_task(task).with_past and not takes_cache and without_past in supported_tasks():
         return without_past
     return task
+
+
+def _without_past_after(error: ObserverExportError, task: str) -> str | None:
+    """The task without past, when `task` has a cache and the model's own run of it fails in
+    plain torch (cpmant's generate with a cache): that model generates by recomputing the prefix."""
+    without_past = task.removesuffix("-with-past")
+    failed_in_torch = error.stage == Stage.CAPTURE and error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER)
+    if failed_in_torch and get_task(task).with_past and without_past in supported_tasks():
+        return without_past
+    return None
 
 
 def onnx_bytes(directory: Path, files: Sequence[str]) -> int:
@@ -376,6 +397,18 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("GuardOnDataDependentSymNode", "data-dependent control flow (expert routing, adapters) torch.export cannot trace"),
     ("use_cache` is only supported for `decoder_input_ids` of length 1",
      "the model takes a cache only with one new token, the export example needs several"),
+    (RUN_FAILS_WITHOUT_OBSERVER,
+     "the model's own generate fails in plain torch, without the cache too (with a cache only, as cpmant's "
+     "in transformers 4.57, the sweep exports the task without past)"),
+    ("which the runtime does not feed",
+     "generate feeds forward tensors the runtime class never feeds (xlnet: perm_mask and target_mapping "
+     "over a dummy token it appends), so the graph cannot compute what torch did"),
+    ("rewrites the prompt",
+     "generate appends tokens to the prompt before forward sees it (xlm: a mask token whose prediction "
+     "is the next token); the runtime class feeds the prompt as it is"),
+    ("generates other tokens without its cache",
+     "torch's own generate is not self-consistent (doge with sdpa: an unpadded prompt gets no causal mask, "
+     "and its dynamic mask then drops causality; with eager attention torch gives the export's tokens)"),
 )  # fmt: skip
 
 

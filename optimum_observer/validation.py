@@ -10,12 +10,15 @@ Gives: a :class:`~optimum_observer.result.ValidationReport` with
 * through the runtime class (by default the unchanged `optimum.onnxruntime` class of the task,
   imported lazily: its public API only): for generation tasks, greedy generation token for token
   against `model.generate`, batch 2 with inputs of different lengths (left padded for a decoder
-  only model); for encoder tasks, every output on batches of 2 and 3 texts of different lengths
+  only model); on a mismatch, the check names what makes torch's tokens unreachable for the
+  runtime, when it sees it (a generate that rewrites the prompt, or whose tokens change without
+  its cache); for encoder tasks, every output on batches of 2 and 3 texts of different lengths
   against the torch model's, within atol.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -131,7 +134,10 @@ def replay_calls(
                     error = f"shape {tuple(have.shape)} != torch {tuple(want.shape)}"
                     break
                 worst = max(worst, _max_visible_diff(want, have, mask))
-            checks.append(CallCheck(index, worst, not error and worst <= atol, error, onnx_path.name))
+            ok = not error and worst <= atol
+            if not ok and call.unfed:
+                error = f"{error} (torch's forward also got {', '.join(call.unfed)}, which the runtime does not feed)"
+            checks.append(CallCheck(index, worst, ok, error.strip(), onnx_path.name))
     return checks
 
 
@@ -149,6 +155,46 @@ def generation_inputs(model: Any, tokenizer: Any | None) -> list[dict[str, torch
     ]
 
 
+def _first_forward_input_ids(
+    model: Any, inputs: dict[str, torch.Tensor], settings: dict[str, Any]
+) -> torch.Tensor | None:
+    """The `input_ids` generate's first call to forward received."""
+    seen: list[torch.Tensor | None] = []
+
+    def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not seen:
+            seen.append(kwargs.get("input_ids", args[0] if args else None))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, **settings)
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
+def torch_reference_caveat(
+    model: Any, inputs: dict[str, torch.Tensor], settings: dict[str, Any], expected: torch.Tensor
+) -> str:
+    """Why torch's greedy tokens are not tokens the runtime class can give, when that is
+    observable, or "": the runtime feeds forward the prompt, then one token at a time with the
+    cache, so it matches neither a generate that rewrites the prompt before forward sees it nor
+    one whose tokens change with and without its own cache."""
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    first = _first_forward_input_ids(model, inputs, settings)
+    if isinstance(first, torch.Tensor) and not torch.equal(first.cpu(), inputs["input_ids"].cpu()):
+        return (
+            f"(torch's generate fed forward input_ids of shape {tuple(first.shape)}, not the prompt's "
+            f"{tuple(inputs['input_ids'].shape)}: its prepare_inputs_for_generation rewrites the prompt)"
+        )
+    with torch.no_grad():
+        without_cache = model.generate(**inputs, **{**settings, "use_cache": False})
+    if not torch.equal(without_cache.cpu(), expected.cpu()):
+        return "(torch itself generates other tokens without its cache)"
+    return ""
+
+
 def _has_past_inputs(directory: Path) -> bool:
     session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
     return any(i.name.startswith("past_key_values") for i in session.get_inputs())
@@ -158,9 +204,10 @@ def check_generation(
     directory: Path, model: Any, tokenizer: Any | None, runtime_class: Any, pad_token_id: int
 ) -> list[GenerationCheck]:
     # The runtime defaults to use_cache=True and refuses a graph without past inputs (a model
-    # exported for `text-generation`); such a graph recomputes the whole prefix every step.
-    loading_kwargs = {} if _has_past_inputs(directory) else {"use_cache": False}
-    onnx_model = runtime_class.from_pretrained(directory, **loading_kwargs)
+    # exported for `text-generation`); such a graph recomputes the whole prefix every step, and
+    # torch is asked to do the same.
+    use_cache = _has_past_inputs(directory)
+    onnx_model = runtime_class.from_pretrained(directory, **({} if use_cache else {"use_cache": False}))
     checks = []
     for inputs in generation_inputs(model, tokenizer):
         settings = dict(
@@ -168,18 +215,20 @@ def check_generation(
             min_new_tokens=GENERATION_NEW_TOKENS,
             do_sample=False,
             pad_token_id=pad_token_id,
+            use_cache=use_cache,
         )
         with torch.no_grad():
             expected = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **settings)
         got = onnx_model.generate(**inputs, **settings)
         prompt_length = inputs["input_ids"].shape[1]
-        checks.append(
-            GenerationCheck(
-                prompt_lengths=tuple(int(n) for n in inputs["attention_mask"].sum(-1)),
-                torch_tokens=expected[:, prompt_length:].tolist(),
-                onnx_tokens=got[:, prompt_length:].tolist(),
-            )
+        check = GenerationCheck(
+            prompt_lengths=tuple(int(n) for n in inputs["attention_mask"].sum(-1)),
+            torch_tokens=expected[:, prompt_length:].tolist(),
+            onnx_tokens=got[:, prompt_length:].tolist(),
         )
+        if not check.ok:
+            check = dataclasses.replace(check, caveat=torch_reference_caveat(model, inputs, settings, expected))
+        checks.append(check)
     return checks
 
 
