@@ -304,7 +304,7 @@ def _with_runtime_positions(call: ObservedCall) -> ObservedCall:
 
 
 def _unfed_tensors(named: dict[str, Any], graph: GraphContract) -> tuple[str, ...]:
-    sources = {i.source for i in graph.inputs} | {"cache_position"}
+    sources = {s for i in graph.inputs for s in i.sources} | {"cache_position"}
     return tuple(k for k, v in named.items() if isinstance(v, torch.Tensor) and k not in sources)
 
 
