@@ -155,41 +155,92 @@ def _state_cache_classes(caches: tuple[tuple[str, str], ...] = STATE_CACHES) -> 
 
 
 def _is_placeholder(tensor: torch.Tensor) -> bool:
-    # Hybrid caches hold `torch.tensor([[]] * batch)` (batch, 0) where a layer has no such cache.
-    return tensor.dim() == 2 and tensor.shape[-1] == 0
+    # Hybrid caches hold `torch.tensor([[]] * batch)` (batch, 0) or `torch.tensor([])` where a
+    # layer has no such cache; real keys, values and states have 3 dimensions or more.
+    return tensor.dim() < 3 and tensor.shape[-1] == 0
 
 
-#: Per call, not per structure: flags and counters hybrid caches update as generation goes.
-_HYBRID_SKIPPED = (
-    "has_previous_state", "seqlen_offset", "key_cache", "value_cache", "conv_states", "ssm_states"
-)  # fmt: skip
+_KEY_VALUE = ("key", "value")
 
 
-def _hybrid_layers(cache: Any) -> tuple[tuple[bool, bool], ...] | None:
-    """(has attention, has SSM states) per layer; None before the attention layers' first step."""
+@dataclasses.dataclass(frozen=True)
+class _HybridLayout:
+    """Where a hybrid cache keeps each kind of per-layer tensor, and what each layer holds."""
+
+    #: leaf suffix -> the cache attribute holding that tensor per layer (a list or a dict)
+    fields: tuple[tuple[str, str], ...]
+    #: the suffixes each layer holds, or None before the attention layers' first step
+    layers: Any
+
+    def attribute(self, suffix: str) -> str:
+        return dict(self.fields)[suffix]
+
+
+def _mamba_hybrid_layers(cache: Any) -> tuple[tuple[str, ...], ...] | None:
     layers = []
     for index in range(len(cache.key_cache)):
         attention = index in cache.transformer_layers
         if attention and _is_placeholder(cache.key_cache[index]):
             return None
-        layers.append((attention, not _is_placeholder(cache.conv_states[index])))
+        states = not _is_placeholder(cache.conv_states[index])
+        layers.append((_KEY_VALUE if attention else ()) + (STATE_LEAF_SUFFIXES if states else ()))
     return tuple(layers)
 
 
+def _short_conv_hybrid_layers(cache: Any) -> tuple[tuple[str, ...], ...] | None:
+    # LFM2: attention layers hold keys and values, the others one convolution window.
+    attention = [kind == "full_attention" for kind in cache.layer_types]
+    if len(cache.key_cache) <= max(i for i, a in enumerate(attention) if a) or any(
+        a and _is_placeholder(cache.key_cache[i]) for i, a in enumerate(attention)
+    ):
+        return None
+    return tuple(_KEY_VALUE if a else ("conv_state",) for a in attention)
+
+
+_MAMBA_HYBRID = _HybridLayout(
+    fields=(("key", "key_cache"), ("value", "value_cache"), ("conv_state", "conv_states"), ("ssm_state", "ssm_states")),
+    layers=_mamba_hybrid_layers,
+)
+_SHORT_CONV_HYBRID = _HybridLayout(
+    fields=(("key", "key_cache"), ("value", "value_cache"), ("conv_state", "conv_cache")),
+    layers=_short_conv_hybrid_layers,
+)
+
+#: Hybrid caches: attention layers' keys and values next to SSM or convolution layers' states,
+#: each layer holding placeholders for what it does not have: (module, class, layout).
+HYBRID_CACHES = (
+    ("bamba.modeling_bamba", "HybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
+    ("granitemoehybrid.modeling_granitemoehybrid", "HybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
+    ("jamba.modeling_jamba", "HybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
+    ("falcon_h1.modeling_falcon_h1", "FalconHybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
+    ("zamba.modeling_zamba", "ZambaHybridDynamicCache", _MAMBA_HYBRID),
+    ("zamba2.modeling_zamba2", "Zamba2HybridDynamicCache", _MAMBA_HYBRID),
+    ("lfm2.modeling_lfm2", "Lfm2HybridConvCache", _SHORT_CONV_HYBRID),
+)
+
+#: Per call, not per structure: flags and counters hybrid caches update as generation goes.
+_PER_CALL = ("has_previous_state", "seqlen_offset")
+
+
+def _layout(cache: Any) -> _HybridLayout:
+    return _HYBRID_LAYOUTS[type(cache)]
+
+
 def _flatten_hybrid_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
-    # Per layer: its keys and values if it attends, its conv window and SSM state if it has
-    # them. Before the first step the attention layers hold placeholders: like an empty
-    # DynamicCache, such a cache has nothing to export (the runtime feeds a 0-length past).
-    layers = _hybrid_layers(cache)
-    leaves: list[torch.Tensor] = []
-    for index, (attention, states) in enumerate(layers or ()):
-        if attention:
-            leaves.extend((cache.key_cache[index], cache.value_cache[index]))
-        if states:
-            leaves.extend((cache.conv_states[index], cache.ssm_states[index]))
-    kept = {k: v for k, v in vars(cache).items() if k not in _HYBRID_SKIPPED}
+    # Per layer, what it holds (keys and values if it attends, its states if it has them).
+    # Before the first step the attention layers hold placeholders: like an empty DynamicCache,
+    # such a cache has nothing to export (the runtime feeds a 0-length past and zero states).
+    layout = _layout(cache)
+    layers = layout.layers(cache)
+    leaves = [
+        getattr(cache, layout.attribute(suffix))[index]
+        for index, suffixes in enumerate(layers or ())
+        for suffix in suffixes
+    ]
+    fields = {attribute for _, attribute in layout.fields}
+    kept = {k: v for k, v in vars(cache).items() if k not in fields and k not in _PER_CALL}
     attributes = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kept.items()))
-    containers = (type(cache.conv_states), type(cache.ssm_states))
+    containers = tuple((attribute, type(getattr(cache, attribute))) for attribute in sorted(fields))
     return leaves, (type(cache), layers, containers, attributes)
 
 
@@ -199,24 +250,21 @@ def _flatten_hybrid_cache_with_keys(cache: Any):
 
 
 def _unflatten_hybrid_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
-    cls, layers, (conv_container, ssm_container), attributes = context
-    leaves = iter(list(leaves))
+    cls, layers, containers, attributes = context
+    layout = _HYBRID_LAYOUTS[cls]
+    leaves = list(leaves)
     cache = cls.__new__(cls)
     vars(cache).update({k: list(v) if isinstance(v, tuple) else v for k, v in attributes})
     cache.has_previous_state = True
-    keys, values, convs, ssms = [], [], [], []
-    first = None
-    for attention, states in layers or ():
-        key, value = (next(leaves), next(leaves)) if attention else (None, None)
-        conv, ssm = (next(leaves), next(leaves)) if states else (None, None)
-        first = first if first is not None else next(t for t in (key, conv) if t is not None)
-        keys.append(key), values.append(value), convs.append(conv), ssms.append(ssm)
     # Placeholders made from a graph input, not `torch.tensor(...)` constants inside the graph.
-    placeholder = first.new_zeros((first.shape[0], 0)) if first is not None else None
-    fill = lambda items: [placeholder if t is None else t for t in items]  # noqa: E731
-    cache.key_cache, cache.value_cache = fill(keys), fill(values)
-    cache.conv_states = fill(convs) if conv_container is list else dict(enumerate(fill(convs)))
-    cache.ssm_states = fill(ssms) if ssm_container is list else dict(enumerate(fill(ssms)))
+    placeholder = leaves[0].new_zeros((0,)) if leaves else None
+    per_layer = {attribute: [placeholder] * len(layers or ()) for _, attribute in layout.fields}
+    position = iter(leaves)
+    for index, suffixes in enumerate(layers or ()):
+        for suffix in suffixes:
+            per_layer[layout.attribute(suffix)][index] = next(position)
+    for attribute, container in containers:
+        setattr(cache, attribute, per_layer[attribute] if container is list else dict(enumerate(per_layer[attribute])))
     return cache
 
 
@@ -224,23 +272,18 @@ def _flatten_spec_hybrid_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.
     return _flatten_hybrid_cache(cache)[0]
 
 
-#: Hybrid caches: attention layers' keys and values next to SSM layers' states, each layer
-#: holding placeholders for what it does not have.
-HYBRID_CACHES = (
-    ("bamba.modeling_bamba", "HybridMambaAttentionDynamicCache"),
-    ("granitemoehybrid.modeling_granitemoehybrid", "HybridMambaAttentionDynamicCache"),
-    ("jamba.modeling_jamba", "HybridMambaAttentionDynamicCache"),
-    ("falcon_h1.modeling_falcon_h1", "FalconHybridMambaAttentionDynamicCache"),
-    ("zamba.modeling_zamba", "ZambaHybridDynamicCache"),
-    ("zamba2.modeling_zamba2", "Zamba2HybridDynamicCache"),
-)
-
 _HYBRID_CACHE_REGISTRATION = dict(
     flatten_fn=_flatten_hybrid_cache,
     unflatten_fn=_unflatten_hybrid_cache,
     flatten_with_keys_fn=_flatten_hybrid_cache_with_keys,
     flatten_spec_fn=_flatten_spec_hybrid_cache,
 )
+
+_HYBRID_LAYOUTS: dict[type, _HybridLayout] = {
+    cls: layout
+    for module, name, layout in HYBRID_CACHES
+    for cls in _state_cache_classes(((module, name),))
+}
 
 _STATE_CACHE_REGISTRATION = dict(
     flatten_fn=_flatten_state_cache,
@@ -263,7 +306,7 @@ _REGISTRATIONS = {
         flatten_spec_fn=_flatten_spec_encoder_decoder_cache,
     ),
     **{cls: _STATE_CACHE_REGISTRATION for cls in _state_cache_classes()},
-    **{cls: _HYBRID_CACHE_REGISTRATION for cls in _state_cache_classes(HYBRID_CACHES)},
+    **{cls: _HYBRID_CACHE_REGISTRATION for cls in _HYBRID_LAYOUTS},
 }
 
 #: The Optimum name suffix of each leaf of one layer, in flattened order.
@@ -311,12 +354,8 @@ def leaf_name(prefix: str, index: int, suffixes: tuple[str, ...] = LEAF_SUFFIXES
 def relative_leaf_names(cls: type, context: Any, count: int) -> list[str]:
     """`{layer}.{suffix}` of each flattened leaf of a cache of type `cls` (with its pytree
     context): fixed suffixes per layer, or for a hybrid cache what each layer holds."""
-    if _REGISTRATIONS.get(cls) is _HYBRID_CACHE_REGISTRATION:
-        names = []
-        for layer, (attention, states) in enumerate(context[1] or ()):
-            names += [f"{layer}.key", f"{layer}.value"] if attention else []
-            names += [f"{layer}.{s}" for s in STATE_LEAF_SUFFIXES] if states else []
-        return names
+    if cls in _HYBRID_LAYOUTS:
+        return [f"{layer}.{suffix}" for layer, suffixes in enumerate(context[1] or ()) for suffix in suffixes]
     suffixes = LEAF_SUFFIXES.get(cls, LEAF_SUFFIXES[DynamicCache])
     return [leaf_name("", index, suffixes)[1:] for index in range(count)]
 

@@ -271,6 +271,31 @@ def _zamba_mixer_forward(
     return self.out_proj(scan_output.transpose(0, 1).reshape(batch_size, -1, seq_len).transpose(1, 2))
 
 
+def _short_conv_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    past_key_values: Any = None,
+    cache_position: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`Lfm2ShortConv.slow_forward` (a gated causal convolution) as one program for prefill and
+    decode: its window is the cached one followed by the new inputs."""
+    # No padding mask: the decoder layer passes the 4-d causal mask (or none), which upstream's
+    # `apply_mask_to_padding_states` leaves alone (it masks only with a 2-d mask).
+    batch_size = hidden_states.shape[0]
+    B, C, x = self.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)
+    Bx = B * x
+    if past_key_values is not None:
+        conv_state = past_key_values.conv_cache[self.layer_idx]
+    else:
+        conv_state = Bx.new_zeros((batch_size, Bx.shape[1], self.L_cache))
+    window = torch.cat([conv_state[..., 1:].to(Bx.dtype), Bx], dim=-1)
+    conv_out = torch.nn.functional.conv1d(window, self.conv.weight, self.conv.bias, groups=self.conv.groups)
+    if past_key_values is not None:
+        past_key_values.conv_cache[self.layer_idx] = window[..., -self.L_cache :]
+    return self.out_proj((C * conv_out).transpose(-1, -2).contiguous())
+
+
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(
         self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any
@@ -361,6 +386,7 @@ _MIXERS = (
     ("falcon_h1.modeling_falcon_h1", "FalconH1Mixer", _mamba2_mixer_forward, None),
     ("zamba2.modeling_zamba2", "Zamba2MambaMixer", _mamba2_mixer_forward, None),
     ("zamba.modeling_zamba", "ZambaMambaMixer", _zamba_mixer_forward, None),
+    ("lfm2.modeling_lfm2", "Lfm2ShortConv", _short_conv_forward, None),
 )
 #: Hybrid models whose `_update_mamba_mask` branches on the mask's values: (module, model class).
 _MAMBA_MASKS = (

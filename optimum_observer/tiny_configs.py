@@ -146,6 +146,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # Likewise the first hybrid (mamba + shared attention) layer is layer 6 (zamba2); zamba's
     # layout always starts mamba, mamba, hybrid.
     "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"]},
+    # Attention layers are listed by index (full_attn_idxs): the tiny model keeps one of each kind.
+    "lfm2": {"full_attn_idxs": [1], "layer_types": ["conv", "full_attention"]},
     # Its shared attention block reads [hidden, embeddings]: attention sizes derive from 2 x hidden.
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "mamba", "hybrid"],
               "attention_hidden_size": None, "attention_head_dim": None},

@@ -25,19 +25,21 @@ from optimum_observer.patches import PATCHES, applied, plain_tensor_buffers
 from optimum_observer.tiny_configs import build_tiny_model
 from stages import CONTRACT, capture_and_synthesize, load
 
-#: Per tiny model: (layers with SSM states, layers with attention keys/values). Jamba-style
-#: hybrids alternate the two; falcon_h1 runs both in every layer; zamba's hybrid layers add a
-#: shared attention block to their mamba mixer.
+#: Per tiny model: (state inputs, layers with attention keys/values). Mamba layers hold a conv
+#: window and an SSM state, LFM2's convolution layers a window only; jamba-style hybrids
+#: alternate layers; falcon_h1 runs both in every layer; zamba's hybrid layers add a shared
+#: attention block to their mamba mixer.
 LAYERS = {
-    "mamba": (2, 0),
-    "falcon_mamba": (2, 0),
-    "mamba2": (2, 0),
-    "bamba": (1, 1),
-    "granitemoehybrid": (1, 1),
-    "jamba": (1, 1),
-    "falcon_h1": (2, 2),
-    "zamba": (3, 1),
-    "zamba2": (2, 1),
+    "mamba": (4, 0),
+    "falcon_mamba": (4, 0),
+    "mamba2": (4, 0),
+    "bamba": (2, 1),
+    "granitemoehybrid": (2, 1),
+    "jamba": (2, 1),
+    "falcon_h1": (4, 2),
+    "zamba": (6, 1),
+    "zamba2": (4, 1),
+    "lfm2": (1, 1),
 }
 MODEL_TYPES = tuple(LAYERS)
 
@@ -120,8 +122,8 @@ class TestStateSpaceExport(unittest.TestCase):
             presents = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
             self.assertEqual([state_runtime.present_name(n) for n in past], presents)
             states = [n for n in past if n.endswith((".conv_state", ".ssm_state"))]
-            ssm_layers, attention_layers = LAYERS[model_type]
-            self.assertEqual(len(states), 2 * ssm_layers)
+            state_inputs, attention_layers = LAYERS[model_type]
+            self.assertEqual(len(states), state_inputs)
             for name in states:  # only the batch varies
                 self.assertEqual(shapes[name][0], "batch_size")
                 self.assertTrue(all(isinstance(d, int) for d in shapes[name][1:]), shapes[name])
