@@ -171,6 +171,8 @@ class _HybridLayout:
     fields: tuple[tuple[str, str], ...]
     #: the suffixes each layer holds, or None before the attention layers' first step
     layers: Any
+    #: what stands where a layer has no such tensor: an empty tensor, or None (qwen3_next)
+    none_placeholder: bool = False
 
     def attribute(self, suffix: str) -> str:
         return dict(self.fields)[suffix]
@@ -197,14 +199,39 @@ def _short_conv_hybrid_layers(cache: Any) -> tuple[tuple[str, ...], ...] | None:
     return tuple(_KEY_VALUE if a else ("conv_state",) for a in attention)
 
 
+def _gated_delta_hybrid_layers(cache: Any) -> tuple[tuple[str, ...], ...] | None:
+    # Qwen3-Next: attention layers hold keys and values, linear-attention (gated delta rule)
+    # layers a convolution window and a recurrent state; all None before the first step.
+    layers = []
+    for index, kind in enumerate(cache.layer_types):
+        attention = kind == "full_attention"
+        held = cache.key_cache[index] if attention else cache.conv_states[index]
+        if held is None:
+            return None
+        layers.append(_KEY_VALUE if attention else ("conv_state", "recurrent_state"))
+    return tuple(layers)
+
+
 _MAMBA_HYBRID = _HybridLayout(
-    fields=(("key", "key_cache"), ("value", "value_cache"), ("conv_state", "conv_states"), ("ssm_state", "ssm_states")),
+    fields=(
+        ("key", "key_cache"), ("value", "value_cache"),
+        ("conv_state", "conv_states"), ("ssm_state", "ssm_states"),
+    ),  # fmt: skip
     layers=_mamba_hybrid_layers,
 )
 _SHORT_CONV_HYBRID = _HybridLayout(
     fields=(("key", "key_cache"), ("value", "value_cache"), ("conv_state", "conv_cache")),
     layers=_short_conv_hybrid_layers,
 )
+
+_GATED_DELTA_HYBRID = _HybridLayout(
+    fields=(
+        ("key", "key_cache"), ("value", "value_cache"),
+        ("conv_state", "conv_states"), ("recurrent_state", "recurrent_states"),
+    ),
+    layers=_gated_delta_hybrid_layers,
+    none_placeholder=True,
+)  # fmt: skip
 
 #: Hybrid caches: attention layers' keys and values next to SSM or convolution layers' states,
 #: each layer holding placeholders for what it does not have: (module, class, layout).
@@ -216,6 +243,7 @@ HYBRID_CACHES = (
     ("zamba.modeling_zamba", "ZambaHybridDynamicCache", _MAMBA_HYBRID),
     ("zamba2.modeling_zamba2", "Zamba2HybridDynamicCache", _MAMBA_HYBRID),
     ("lfm2.modeling_lfm2", "Lfm2HybridConvCache", _SHORT_CONV_HYBRID),
+    ("qwen3_next.modeling_qwen3_next", "Qwen3NextDynamicCache", _GATED_DELTA_HYBRID),
 )
 
 #: Per call, not per structure: flags and counters hybrid caches update as generation goes.
@@ -255,22 +283,73 @@ def _unflatten_hybrid_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
     leaves = list(leaves)
     cache = cls.__new__(cls)
     vars(cache).update({k: list(v) if isinstance(v, tuple) else v for k, v in attributes})
-    cache.has_previous_state = True
+    if not isinstance(getattr(cls, "has_previous_state", None), property):
+        cache.has_previous_state = True
     # Placeholders made from a graph input, not `torch.tensor(...)` constants inside the graph.
-    placeholder = leaves[0].new_zeros((0,)) if leaves else None
+    placeholder = leaves[0].new_zeros((0,)) if leaves and not layout.none_placeholder else None
     per_layer = {attribute: [placeholder] * len(layers or ()) for _, attribute in layout.fields}
     position = iter(leaves)
     for index, suffixes in enumerate(layers or ()):
         for suffix in suffixes:
             per_layer[layout.attribute(suffix)][index] = next(position)
     for attribute, container in containers:
-        setattr(cache, attribute, per_layer[attribute] if container is list else dict(enumerate(per_layer[attribute])))
+        tensors = per_layer[attribute]
+        setattr(cache, attribute, tensors if container is list else dict(enumerate(tensors)))
     return cache
 
 
 def _flatten_spec_hybrid_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
     return _flatten_hybrid_cache(cache)[0]
 
+
+def _linear_attention_layers(cache: Any) -> tuple[tuple[str, ...], ...]:
+    # MiniMax: a DynamicCache whose linear-attention layers keep one state in `linear_cache`.
+    layers = []
+    for index in range(len(cache)):
+        linear = index < len(cache.linear_cache) and isinstance(cache.linear_cache[index], torch.Tensor)
+        attention = not linear and cache.layers[index].is_initialized
+        layers.append(("recurrent_state",) if linear else _KEY_VALUE if attention else ())
+    return tuple(layers)
+
+
+def _flatten_linear_attention_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
+    layers = _linear_attention_layers(cache)
+    leaves: list[torch.Tensor] = []
+    for index, suffixes in enumerate(layers):
+        if suffixes == _KEY_VALUE:
+            leaves.extend((cache.layers[index].keys, cache.layers[index].values))
+        elif suffixes:
+            leaves.append(cache.linear_cache[index])
+    return leaves, (type(cache), layers)
+
+
+def _flatten_linear_attention_cache_with_keys(cache: Any):
+    leaves, context = _flatten_linear_attention_cache(cache)
+    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
+
+
+def _unflatten_linear_attention_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
+    cls, layers = context
+    cache, position = cls(), iter(list(leaves))
+    for index, suffixes in enumerate(layers):
+        if suffixes == _KEY_VALUE:
+            cache.update(next(position), next(position), index)
+        elif suffixes:
+            cache.set_linear_cache(index, next(position))
+    return cache
+
+
+def _flatten_spec_linear_attention_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+    return _flatten_linear_attention_cache(cache)[0]
+
+
+_LINEAR_ATTENTION_CACHE_REGISTRATION = dict(
+    flatten_fn=_flatten_linear_attention_cache,
+    unflatten_fn=_unflatten_linear_attention_cache,
+    flatten_with_keys_fn=_flatten_linear_attention_cache_with_keys,
+    flatten_spec_fn=_flatten_spec_linear_attention_cache,
+)
+LINEAR_ATTENTION_CACHES = (("minimax.modeling_minimax", "MiniMaxCache"),)
 
 _HYBRID_CACHE_REGISTRATION = dict(
     flatten_fn=_flatten_hybrid_cache,
@@ -307,6 +386,7 @@ _REGISTRATIONS = {
     ),
     **{cls: _STATE_CACHE_REGISTRATION for cls in _state_cache_classes()},
     **{cls: _HYBRID_CACHE_REGISTRATION for cls in _HYBRID_LAYOUTS},
+    **{cls: _LINEAR_ATTENTION_CACHE_REGISTRATION for cls in _state_cache_classes(LINEAR_ATTENTION_CACHES)},
 }
 
 #: The Optimum name suffix of each leaf of one layer, in flattened order.
@@ -354,7 +434,7 @@ def leaf_name(prefix: str, index: int, suffixes: tuple[str, ...] = LEAF_SUFFIXES
 def relative_leaf_names(cls: type, context: Any, count: int) -> list[str]:
     """`{layer}.{suffix}` of each flattened leaf of a cache of type `cls` (with its pytree
     context): fixed suffixes per layer, or for a hybrid cache what each layer holds."""
-    if cls in _HYBRID_LAYOUTS:
+    if cls in _HYBRID_LAYOUTS or _REGISTRATIONS.get(cls) is _LINEAR_ATTENTION_CACHE_REGISTRATION:
         return [f"{layer}.{suffix}" for layer, suffixes in enumerate(context[1] or ()) for suffix in suffixes]
     suffixes = LEAF_SUFFIXES.get(cls, LEAF_SUFFIXES[DynamicCache])
     return [leaf_name("", index, suffixes)[1:] for index in range(count)]

@@ -128,6 +128,8 @@ _SPARSE_MOE_BLOCKS = (
     ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", _ernie_statics_routing),
     ("phimoe", "PhimoeSparseMoeBlock", _phimoe_routing),
     ("jamba", "JambaSparseMoeBlock", _jamba_routing),
+    ("qwen3_next", "Qwen3NextSparseMoeBlock", _softmax_top_k_routing),
+    ("minimax", "MiniMaxSparseMoeBlock", _softmax_top_k_routing),
 )
 
 

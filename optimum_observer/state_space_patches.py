@@ -296,6 +296,123 @@ def _short_conv_forward(
     return self.out_proj((C * conv_out).transpose(-1, -2).contiguous())
 
 
+def _gated_delta_net_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    cache_params: Any = None,
+    cache_position: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`Qwen3NextGatedDeltaNet.forward` as one program for prefill and decode: the causal
+    convolution over the cached window, then the gated delta rule's recurrence (upstream's decode
+    step; its prefill computes the same states in chunks) scanned over the sequence."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import l2norm
+
+    batch_size, seq_len, _ = hidden_states.shape
+    mask = _new_tokens_mask(attention_mask, batch_size, seq_len)
+    if mask is not None:
+        hidden_states = (hidden_states * mask[:, :, None]).to(hidden_states.dtype)
+    query, key, value, z, b, a = self.fix_query_key_value_ordering(
+        self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states)
+    )
+    query, key, value = (x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value))
+    mixed_qkv = torch.cat((query, key, value), dim=-1).transpose(1, 2)
+
+    conv_state = cache_params.conv_states[self.layer_idx] if cache_params is not None else None
+    recurrent_state = cache_params.recurrent_states[self.layer_idx] if cache_params is not None else None
+    if conv_state is None:
+        conv_state = mixed_qkv.new_zeros((batch_size, mixed_qkv.shape[1], self.conv_kernel_size))
+    window = torch.cat([conv_state[..., 1:].to(mixed_qkv.dtype), mixed_qkv], dim=-1)
+    mixed_qkv = torch.nn.functional.silu(
+        torch.nn.functional.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv1d.groups)
+    ).transpose(1, 2)
+    query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+    query = query.reshape(batch_size, seq_len, -1, self.head_k_dim)
+    key = key.reshape(batch_size, seq_len, -1, self.head_k_dim)
+    value = value.reshape(batch_size, seq_len, -1, self.head_v_dim)
+    beta = b.sigmoid()
+    g = -self.A_log.float().exp() * torch.nn.functional.softplus(a.float() + self.dt_bias)
+    if self.num_v_heads // self.num_k_heads > 1:
+        query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+        key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+
+    dtype = query.dtype
+    query, key = l2norm(query, dim=-1, eps=1e-6), l2norm(key, dim=-1, eps=1e-6)
+    query, key, value, beta, g = (
+        x.transpose(1, 2).contiguous().float() for x in (query, key, value, beta, g)
+    )
+    query = query / (query.shape[-1] ** 0.5)
+    if recurrent_state is None:
+        recurrent_state = value.new_zeros((batch_size, value.shape[1], key.shape[-1], value.shape[-1]))
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        q_t, k_t, v_t, g_t, beta_t = xs
+        state = state * g_t.exp()[..., None, None]
+        delta = (v_t - (state * k_t[..., None]).sum(dim=-2)) * beta_t[..., None]
+        state = (state + k_t[..., None] * delta[..., None, :]).contiguous()
+        return state, (state * q_t[..., None]).sum(dim=-2)
+
+    xs = tuple(x.movedim(2, 0) for x in (query, key, value, g, beta))
+    last_state, core_attn_out = scan(step, recurrent_state.float().contiguous(), xs)
+    core_attn_out = core_attn_out.movedim(0, 1).to(dtype)  # [batch, seq_len, heads, v_head_dim]
+
+    if cache_params is not None:
+        cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
+        cache_params.recurrent_states[self.layer_idx] = last_state
+    z_shape = z.shape
+    core_attn_out = self.norm(core_attn_out.reshape(-1, core_attn_out.shape[-1]), z.reshape(-1, z.shape[-1]))
+    return self.out_proj(core_attn_out.reshape(z_shape).reshape(batch_size, seq_len, -1))
+
+
+def _lightning_attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: Any,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Any = None,
+    cache_position: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`MiniMaxLightningAttention.forward` as one program for prefill and decode: upstream's
+    decode recurrence (state = decay * state + k^T v, output q state) scanned over the sequence
+    from the cached state; its prefill computes the same in blocks."""
+    batch_size, seq_len, _ = hidden_states.shape
+    qkv_states = self.act_fn(self.qkv_proj(hidden_states))
+    qkv_states = qkv_states.reshape(batch_size, seq_len, self.num_attention_heads, 3 * self.head_dim)
+    query_states, key_states, value_states = (
+        s.transpose(1, 2) for s in torch.split(qkv_states, self.head_dim, 3)
+    )
+    mask = _new_tokens_mask(attention_mask, batch_size, seq_len)
+    if mask is not None:  # padding contributes nothing to the state
+        value_states = value_states.masked_fill(~mask.to(torch.bool)[:, None, :, None], 0)
+    state = past_key_values.get_linear_cache(self.layer_idx) if past_key_values is not None else None
+    if state is None:
+        state = value_states.new_zeros((batch_size, self.num_attention_heads, self.head_dim, self.head_dim))
+    # The decay per step is a scanned input: a tensor the step function closes over is traced
+    # with its own symbolic sizes, which torch.export then cannot reconcile.
+    decay = torch.exp(-self.slope_rate)[None].expand(seq_len, -1, -1, -1)  # [seq_len, heads, 1, 1]
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        q_t, k_t, v_t, decay_t = xs  # [batch, heads, head_dim] x 3, [heads, 1, 1]
+        state = (decay_t * state + k_t[..., :, None] * v_t[..., None, :]).contiguous()
+        return state, torch.matmul(q_t[..., None, :], state)[..., 0, :]
+
+    xs = (*(x.movedim(2, 0) for x in (query_states, key_states, value_states)), decay)
+    state, attn_output = scan(step, state.contiguous(), xs)
+    attn_output = attn_output.movedim(0, 1).reshape(
+        batch_size, seq_len, self.num_attention_heads * self.head_dim
+    )
+    attn_output = torch.sigmoid(self.output_gate(hidden_states)) * self.norm(attn_output)
+    if past_key_values is not None:
+        past_key_values.set_linear_cache(self.layer_idx, state)
+    return self.out_proj(attn_output), state
+
+
+def _seq_length_of_attention_layers(self: Any, layer_idx: int | None = 0) -> int:
+    # Upstream reads layer 0, a linear-attention layer in MiniMax checkpoints (always 0 there).
+    return next((layer.get_seq_length() for layer in self.layers if layer.is_initialized), 0)
+
+
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(
         self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any
@@ -387,6 +504,7 @@ _MIXERS = (
     ("zamba2.modeling_zamba2", "Zamba2MambaMixer", _mamba2_mixer_forward, None),
     ("zamba.modeling_zamba", "ZambaMambaMixer", _zamba_mixer_forward, None),
     ("lfm2.modeling_lfm2", "Lfm2ShortConv", _short_conv_forward, None),
+    ("qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet", _gated_delta_net_forward, None),
 )
 #: Hybrid models whose `_update_mamba_mask` branches on the mask's values: (module, model class).
 _MAMBA_MASKS = (
@@ -440,6 +558,27 @@ def state_space_patches() -> tuple[Patch, ...]:
                 _CACHE_POSITION_IGNORES_CACHE,
             )  # fmt: skip
         )
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache, MiniMaxLightningAttention
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextModel
+
+    patches += [
+        Patch("minimax_unified_lightning_attention", MiniMaxLightningAttention, "forward",
+              _lightning_attention_forward, _BRANCH_AND_LOOP),
+        Patch("minimax_seq_length_of_attention_layers", MiniMaxCache, "get_seq_length",
+              _seq_length_of_attention_layers,
+              "wrong positions without `cache_position`: the cache length is read from layer 0, a "
+              "linear-attention layer whose DynamicLayer stays empty"),
+    ]  # fmt: skip
+
+    patches.append(
+        Patch(
+            "qwen3_next_linear_attention_mask",
+            Qwen3NextModel,
+            "_update_linear_attn_mask",
+            _mamba_mask_as_given,
+            _MASK_DATA_DEPENDENT,
+        )  # fmt: skip
+    )
     for module_name, model in _VALUE_SIZED_CAUSAL_MASKS:
         module = importlib.import_module(f"transformers.models.{module_name}")
         model_class = getattr(module, model)

@@ -148,6 +148,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"]},
     # Attention layers are listed by index (full_attn_idxs): the tiny model keeps one of each kind.
     "lfm2": {"full_attn_idxs": [1], "layer_types": ["conv", "full_attention"]},
+    # One full-attention layer every 4 (full_attention_interval): none among the tiny layers.
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": LAYERS},
     # Its shared attention block reads [hidden, embeddings]: attention sizes derive from 2 x hidden.
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "mamba", "hybrid"],
               "attention_hidden_size": None, "attention_head_dim": None},

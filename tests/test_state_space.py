@@ -26,9 +26,10 @@ from optimum_observer.tiny_configs import build_tiny_model
 from stages import CONTRACT, capture_and_synthesize, load
 
 #: Per tiny model: (state inputs, layers with attention keys/values). Mamba layers hold a conv
-#: window and an SSM state, LFM2's convolution layers a window only; jamba-style hybrids
-#: alternate layers; falcon_h1 runs both in every layer; zamba's hybrid layers add a shared
-#: attention block to their mamba mixer.
+#: window and an SSM state, LFM2's convolution layers a window only, Qwen3-Next's linear
+#: attention layers a window and a recurrent state, MiniMax's lightning attention a state only;
+#: jamba-style hybrids alternate layers; falcon_h1 runs both in every layer; zamba's hybrid
+#: layers add a shared attention block.
 LAYERS = {
     "mamba": (4, 0),
     "falcon_mamba": (4, 0),
@@ -40,6 +41,8 @@ LAYERS = {
     "zamba": (6, 1),
     "zamba2": (4, 1),
     "lfm2": (1, 1),
+    "qwen3_next": (2, 1),
+    "minimax": (1, 1),
 }
 MODEL_TYPES = tuple(LAYERS)
 
@@ -121,7 +124,7 @@ class TestStateSpaceExport(unittest.TestCase):
             past = [n for n in shapes if n.startswith("past_key_values.")]
             presents = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
             self.assertEqual([state_runtime.present_name(n) for n in past], presents)
-            states = [n for n in past if n.endswith((".conv_state", ".ssm_state"))]
+            states = [n for n in past if n.endswith((".conv_state", ".ssm_state", ".recurrent_state"))]
             state_inputs, attention_layers = LAYERS[model_type]
             self.assertEqual(len(states), state_inputs)
             for name in states:  # only the batch varies
