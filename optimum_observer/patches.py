@@ -166,6 +166,20 @@ def _dense_dbrx_experts(
     return output.reshape(batch_size, sequence_length, hidden_size)
 
 
+def _dense_aria_moe(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Aria's text MoE (grouped GEMMs over tokens sorted by expert), every expert on every token."""
+    shape = hidden_states.shape
+    x = hidden_states.view(-1, shape[-1])
+    logits = self.router(x)
+    top_logits, top_indices = torch.topk(logits, k=self.config.moe_topk, dim=1)
+    scores = torch.softmax(top_logits, dim=-1)
+    dense_weights = torch.zeros_like(logits, dtype=scores.dtype).scatter(1, top_indices, scores)
+    projection, gate = torch.einsum("th,ehi->tei", x, self.experts.fc1.weight).chunk(2, dim=-1)
+    expert_outputs = torch.einsum("tei,eih->teh", torch.nn.functional.silu(projection) * gate, self.experts.fc2.weight)
+    output = (expert_outputs * dense_weights[..., None].to(expert_outputs.dtype)).sum(dim=1).view(shape)
+    return output + self.shared_experts(hidden_states)
+
+
 def _dense_gpt_oss_experts(
     self: torch.nn.Module, hidden_states: torch.Tensor, router_indices: Any = None, routing_weights: Any = None
 ) -> torch.Tensor:
@@ -250,6 +264,17 @@ def _moe_patches() -> tuple[Patch, ...]:
             attribute="forward",
             replacement=_dense_dbrx_experts,
             fixes="GuardOnDataDependentSymNode: Eq(u0, 0) at `if token_idx.shape[0] == 0: continue`",
+        )
+    )
+    from transformers.models.aria.modeling_aria import AriaTextMoELayer
+
+    patches.append(
+        Patch(
+            name="dense_aria_text_moe",
+            owner=AriaTextMoELayer,
+            attribute="forward",
+            replacement=_dense_aria_moe,
+            fixes="GuardOnDataDependentSymNode: u0 (`tokens_per_expert` sizes the grouped GEMM's slices)",
         )
     )
     from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1Moe

@@ -87,6 +87,10 @@ class TestExpertLoopPatches(unittest.TestCase):
             ("phimoe", "dense_phimoe_moe"),
             ("gpt_oss", "dense_gpt_oss_experts"),
             ("hunyuan_v1_moe", "dense_hunyuan_v1_moe"),
+            ("aria_text", "dense_aria_text_moe"),
+            ("jamba", "dense_jamba_moe"),
+            ("qwen3_next", "dense_qwen3_next_moe"),
+            ("minimax", "dense_minimax_moe"),
         ]
     )
     def test_fails_without_the_patch(self, model_type, patch_name):

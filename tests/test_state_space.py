@@ -19,7 +19,7 @@ from legacy_shim import state_runtime
 from legacy_shim.modeling import ORTModelForCausalLM
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.capture import random_token_batch
-from optimum_observer import conversion
+from optimum_observer import conversion, naming, validation
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.patches import PATCHES, applied, plain_tensor_buffers
 from optimum_observer.tiny_configs import build_tiny_model
@@ -92,16 +92,43 @@ class TestUnifiedMixers(unittest.TestCase):
         self.assertIn("cache_position", str(caught.exception.__cause__))
 
 
-def _convert_without(patch_name: str) -> None:
-    """Exports tiny mamba without one patch (raises the conversion stage's error)."""
+def _convert_without(patch_name: str, model_type: str = "mamba") -> list:
+    """Exports the tiny model without one patch and replays the observed calls on the graph;
+    raises the conversion stage's error when torch.export refuses."""
     kept = [p for p in PATCHES if p.name != patch_name]
     assert len(kept) == len(PATCHES) - 1, patch_name
     with tempfile.TemporaryDirectory() as scratch:
-        build_tiny_model("mamba", "AutoModelForCausalLM").save_pretrained(Path(scratch) / "model")
+        build_tiny_model(model_type, "AutoModelForCausalLM").save_pretrained(Path(scratch) / "model")
         loaded = load(Path(scratch) / "model")
-        _, example = capture_and_synthesize(loaded)
+        captured, example = capture_and_synthesize(loaded)
         with registered_caches():
-            conversion.convert(loaded.model, CONTRACT.graphs[0], example, "mamba", patches=kept)
+            program = conversion.convert(loaded.model, CONTRACT.graphs[0], example, model_type, patches=kept)
+            naming.apply_names(program, captured, example, model_type)
+        path = Path(scratch) / "model.onnx"
+        program.save(str(path))
+        names = naming.input_names(example)
+        return validation.replay_calls(path, captured, example, names, atol=1e-4)
+
+
+#: Every state-space patch but the two mamba ones tested above, with the model type it is for.
+_OTHER_STATE_SPACE_PATCHES = [
+    (p.name, next(t for t in sorted(LAYERS, key=len, reverse=True) if p.name.startswith(f"{t}_")))
+    for p in PATCHES
+    if p.name.startswith(tuple(f"{t}_" for t in LAYERS))
+    and not p.name.startswith("dense_")
+    and p.name not in ("mamba_unified_mixer", "mamba_cache_position_optional")
+]
+
+
+class TestEveryStateSpacePatchIsNeeded(unittest.TestCase):
+    @parameterized.expand(_OTHER_STATE_SPACE_PATCHES)
+    def test_export_or_replay_fails_without_it(self, patch_name, model_type):
+        try:
+            checks = _convert_without(patch_name, model_type)
+        except ObserverExportError as error:
+            self.assertEqual(error.stage, Stage.EXPORT)
+            return
+        self.assertFalse(all(c.ok for c in checks), f"{model_type} replays right without {patch_name}")
 
 
 class TestStateSpaceExport(unittest.TestCase):
