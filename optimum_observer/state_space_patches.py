@@ -408,11 +408,6 @@ def _lightning_attention_forward(
     return self.out_proj(attn_output), state
 
 
-def _seq_length_of_attention_layers(self: Any, layer_idx: int | None = 0) -> int:
-    # Upstream reads layer 0, a linear-attention layer in MiniMax checkpoints (always 0 there).
-    return next((layer.get_seq_length() for layer in self.layers if layer.is_initialized), 0)
-
-
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(
         self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any
@@ -475,14 +470,13 @@ def _causal_mask_from_mask_width(original: Callable[..., Any]) -> Callable[..., 
 
 
 _MASK_WIDTH_DATA_DEPENDENT = (
-    "GuardOnDataDependentSymNode: Eq(Min(8, u0), 8) (jamba's `_update_causal_mask`, copied by zamba "
-    "and zamba2, sizes the mask by the value `cache_position[-1] + 1`)"
+    "GuardOnDataDependentSymNode: Eq(Min(8, u0), 8) (jamba's `_update_causal_mask`, copied by "
+    "zamba2, sizes the mask by the value `cache_position[-1] + 1`)"
 )
 #: Models with jamba's `_update_causal_mask`: (module, model class).
 _VALUE_SIZED_CAUSAL_MASKS = (
     ("jamba.modeling_jamba", "JambaModel"),
     ("zamba2.modeling_zamba2", "Zamba2Model"),
-    ("zamba.modeling_zamba", "ZambaModel"),
 )
 
 _CACHE_POSITION_IGNORES_CACHE = (
@@ -514,7 +508,12 @@ _MAMBA_MASKS = (
     ("falcon_h1.modeling_falcon_h1", "FalconH1Model"),
 )
 #: Hybrid models that count positions from 0 without `cache_position`: (module, model class).
-_POSITIONS_FROM_ZERO = _MAMBA_MASKS + (("zamba.modeling_zamba", "ZambaModel"),)
+_POSITIONS_FROM_ZERO = (
+    ("bamba.modeling_bamba", "BambaModel"),
+    ("jamba.modeling_jamba", "JambaModel"),
+    ("falcon_h1.modeling_falcon_h1", "FalconH1Model"),
+    ("zamba.modeling_zamba", "ZambaModel"),
+)
 
 
 def state_space_patches() -> tuple[Patch, ...]:
@@ -558,17 +557,13 @@ def state_space_patches() -> tuple[Patch, ...]:
                 _CACHE_POSITION_IGNORES_CACHE,
             )  # fmt: skip
         )
-    from transformers.models.minimax.modeling_minimax import MiniMaxCache, MiniMaxLightningAttention
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextModel
 
-    patches += [
+    patches.append(
         Patch("minimax_unified_lightning_attention", MiniMaxLightningAttention, "forward",
-              _lightning_attention_forward, _BRANCH_AND_LOOP),
-        Patch("minimax_seq_length_of_attention_layers", MiniMaxCache, "get_seq_length",
-              _seq_length_of_attention_layers,
-              "wrong positions without `cache_position`: the cache length is read from layer 0, a "
-              "linear-attention layer whose DynamicLayer stays empty"),
-    ]  # fmt: skip
+              _lightning_attention_forward, _BRANCH_AND_LOOP)  # fmt: skip
+    )
 
     patches.append(
         Patch(

@@ -150,8 +150,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2": {"full_attn_idxs": [1], "layer_types": ["conv", "full_attention"]},
     # One full-attention layer every 4 (full_attention_interval): none among the tiny layers.
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": LAYERS},
-    # Checkpoints start with linear-attention layers; the cut default starts with full attention.
-    "minimax": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": LAYERS},
     # Its shared attention block reads [hidden, embeddings]: attention sizes derive from 2 x hidden.
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "mamba", "hybrid"],
               "attention_hidden_size": None, "attention_head_dim": None},
