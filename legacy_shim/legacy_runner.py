@@ -10,6 +10,11 @@ the sweep runs it as a command,
 
     python -m legacy_shim.legacy_runner supported --task text-generation-with-past
     python -m legacy_shim.legacy_runner run MODEL_DIR --task T --output DIR --result FILE.json
+    python -m legacy_shim.legacy_runner observer MODEL_TYPE --task T --workdir DIR --result FILE.json
+
+`observer` is the sweep's observer path validated through legacy_shim's runtime class instead of
+the unchanged one: the sweep runs it when the unchanged runtime fails to load or generate with
+an export (state caches, cache sizes it reads from the config, configs it cannot load back).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 import torch
 
-from optimum_observer.sweep import PathResult, Status, SweepStage, onnx_bytes
+from optimum_observer.sweep import SHIM_RUNTIME, PathResult, Status, SweepStage, onnx_bytes, run_observer_path
 from optimum_observer.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -39,6 +44,13 @@ def supported_model_types(task: str) -> list[str]:
     from optimum.exporters.tasks import TasksManager
 
     return sorted(TasksManager.get_supported_model_type_for_task(task, exporter="onnx"))
+
+
+def shim_runtime_class(task: str) -> type:
+    """legacy_shim's runtime class of the task (optimum's, plus the runtime fixes)."""
+    from . import modeling
+
+    return getattr(modeling, get_task(task).runtime_class, None) or runtime_class(task)
 
 
 def runtime_class(task: str) -> type:
@@ -173,10 +185,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--task", required=True)
     run.add_argument("--output", type=Path, required=True)
     run.add_argument("--result", type=Path, required=True)
+    observer = commands.add_parser(
+        "observer", help="the observer path of the sweep, validated through legacy_shim's runtime class"
+    )
+    observer.add_argument("model_type")
+    observer.add_argument("--task", required=True)
+    observer.add_argument("--workdir", type=Path, required=True)
+    observer.add_argument("--result", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "supported":
         print(json.dumps(supported_model_types(args.task)))
+        return 0
+    if args.command == "observer":
+        result = run_observer_path(
+            args.model_type, args.task, args.workdir, runtime_class=shim_runtime_class(args.task), runtime=SHIM_RUNTIME
+        )
+        args.result.write_text(json.dumps(result.to_json()))
         return 0
     result = run_legacy_path(args.model_dir, args.task, args.output)
     args.result.write_text(json.dumps(result.to_json()))

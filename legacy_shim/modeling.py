@@ -9,8 +9,9 @@ Each class subclasses its `optimum.onnxruntime` namesake and overrides the minim
   `from_pretrained(..., exporter="auto"|"legacy"|"observer")` keyword picks the route.
 - `_dynamic_axis_inference`: parsed, never `eval`-ed (see :mod:`legacy_shim.runtime_fixes`).
 - the empty first-step cache of decoders is shaped from the session's input shapes.
-- decoders whose cache holds states (state-space models) generate through
-  :mod:`legacy_shim.state_runtime`.
+- decoders whose cache upstream cannot size or feed (states of state-space models, keys and
+  values of different head sizes outside deepseek_v3, configs without the attributes upstream
+  reads) generate through :mod:`legacy_shim.state_runtime`, which feeds every cache input by name.
 """
 
 from __future__ import annotations
@@ -53,29 +54,36 @@ class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausal
     __doc__ = ort.ORTModelForCausalLM.__doc__
 
     def __init__(self, *args: Any, **kwargs: Any):
+        sized_from_config = True
         try:
             super().__init__(*args, **kwargs)
         except AttributeError:
-            # Upstream's last step sizes the empty cache from config attributes that state-space
-            # configs lack (`num_attention_heads`); a graph with state inputs does not need them.
-            if not (hasattr(self, "old_gpt_bigcode_modeling") and state_runtime.has_state_inputs(self.input_names)):
+            # Upstream's last step sizes the empty cache from config attributes some configs
+            # lack (`num_attention_heads`: mamba; `hidden_size`: got_ocr2); the graph says them.
+            if not (hasattr(self, "old_gpt_bigcode_modeling") and state_runtime.cache_input_names(self.input_names)):
                 raise
-        self.has_states = state_runtime.has_state_inputs(self.input_names)
-        if self.has_states:
+            sized_from_config = False
+        dims = cache_dims_from_session(self.input_shapes, self.key_value_input_names)
+        # Keys and values of different head sizes: upstream feeds them only for deepseek_v3.
+        split_heads = dims is not None and dims.key_head_size != dims.value_head_size
+        self.cache_fed_by_name = (
+            not sized_from_config
+            or state_runtime.has_state_inputs(self.input_names)
+            or (split_heads and self.config.model_type != "deepseek_v3")
+        )
+        if self.cache_fed_by_name:
             self.key_value_input_names = state_runtime.cache_input_names(self.input_names)
             self.key_value_output_names = [state_runtime.present_name(n) for n in self.key_value_input_names]
             self.can_use_cache = True
             return
-        dims = cache_dims_from_session(self.input_shapes, self.key_value_input_names)
         if dims is None or self.old_bloom_modeling or self.old_gpt_bigcode_modeling:
             return
         self.num_key_value_heads = dims.num_heads
         if self.config.model_type == "deepseek_v3":
             # upstream keeps separate key and value head sizes for this type only
             self.qk_head_dim, self.v_head_dim = dims.key_head_size, dims.value_head_size
-        elif dims.key_head_size == dims.value_head_size:
+        else:
             self.embed_size_per_head = dims.key_head_size
-
 
     def forward(
         self,
@@ -86,9 +94,9 @@ class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausal
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        if not self.has_states:
+        if not self.cache_fed_by_name:
             return super().forward(input_ids, attention_mask, past_key_values, position_ids, use_cache, **kwargs)
-        return state_runtime.forward_with_states(self, input_ids, attention_mask, past_key_values, position_ids)
+        return state_runtime.forward_by_name(self, input_ids, attention_mask, past_key_values, position_ids)
 
 
 class ORTModelForFeatureExtraction(RoutedExport, SafeAxisInference, ort.ORTModelForFeatureExtraction):

@@ -4,7 +4,9 @@ Upstream `ORTModelForCausalLM` recognises a cache by `.key` / `.value` in the in
 sizes the first step's empty cache from config attributes (`num_attention_heads`...) and reads
 the past length off the cache. A state-space model's cache is neither: per layer a convolution
 window and an SSM state of fixed size (`past_key_values.{i}.conv_state`, `.ssm_state`), zeros
-before the first step. For a graph with such inputs, :func:`forward_with_states` feeds:
+before the first step. For a graph with such inputs (and for key/value graphs upstream cannot
+size: different key and value head sizes, configs without `num_attention_heads` /
+`hidden_size`), :func:`forward_by_name` feeds:
 
 - every `past_key_values.*` input: zeros before the first step, shaped from the graph (batch
   from `input_ids`, other symbolic dimensions, such as a key/value past length, 0, static
@@ -49,14 +51,14 @@ def first_step_shape(shape: Sequence[int | str | None], batch_size: int) -> tupl
     )
 
 
-def forward_with_states(
+def forward_by_name(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     past_key_values: Sequence[torch.Tensor] | None,
     position_ids: torch.Tensor | None,
 ) -> CausalLMOutputWithPast:
-    """One step of `model` (an `ORTModelForCausalLM` whose graph has state inputs)."""
+    """One step of `model`, an `ORTModelForCausalLM` whose cache is fed by name."""
     names = cache_input_names(model.input_names)
     batch_size, length = input_ids.shape
     if past_key_values is None:

@@ -14,9 +14,10 @@ from optimum_observer.sweep import PathResult, Status, SweepStage
 
 TASK = "text-generation-with-past"
 #: gpt2 passes both paths; bert passes the observer path only (optimum-onnx has no causal-LM
-#: config for it); qdqbert fails on purpose at the first stage: its model class needs
-#: pytorch-quantization, which is not installed.
-SAMPLE = ["gpt2", "bert", "qdqbert"]
+#: config for it); mamba passes the observer path only through legacy_shim's runtime class (the
+#: unchanged one cannot feed its states); qdqbert fails on purpose at the first stage: its model
+#: class needs pytorch-quantization, which is not installed.
+SAMPLE = ["gpt2", "bert", "mamba", "qdqbert"]
 
 
 class TestSweepSample(unittest.TestCase):
@@ -40,6 +41,13 @@ class TestSweepSample(unittest.TestCase):
             self.assertGreater(observer.export_seconds, 0)
             self.assertGreater(observer.onnx_bytes, 10_000)
 
+    def test_runtime_the_export_generates_through_is_recorded(self):
+        self.assertEqual(self.results["gpt2"].observer.runtime, sweep.UNCHANGED_RUNTIME)
+        mamba = self.results["mamba"].observer
+        self.assertEqual(mamba.status, Status.PASS, mamba.error)
+        self.assertEqual(mamba.runtime, sweep.SHIM_RUNTIME)
+        self.assertIn("unchanged runtime: ORTModelForCausalLM could not run the exported model", mamba.note)
+
     def test_legacy_path_runs_where_optimum_onnx_supports_the_type(self):
         self.assertEqual(self.results["gpt2"].legacy.status, Status.PASS, self.results["gpt2"].legacy.error)
         self.assertEqual(self.results["bert"].legacy.status, Status.UNSUPPORTED)
@@ -56,7 +64,9 @@ class TestSweepSample(unittest.TestCase):
         self.assertIn("transformers", raw["versions"])
         self.assertEqual(raw["results"]["qdqbert"]["observer"]["stage"], "config build")
         table = sweep.coverage_path(self.out, TASK).with_suffix(".md").read_text()
-        self.assertIn("observer export with validation passes: **2 / 3**", table)
+        self.assertIn("observer export with validation passes: **3 / 4** (2 generating through the unchanged", table)
+        self.assertIn("only through `legacy_shim`'s runtime class: mamba)", table)
+        self.assertIn("| mamba | pass (shim runtime) |", table)
         self.assertIn("| qdqbert | FAIL (config build) |", table)
         self.assertIn("#### config build (1)", table)
         self.assertIn(f"## {TASK}", sweep.coverage_document(self.out))
