@@ -11,12 +11,17 @@ Inputs: the example's leaf names (`input_ids`, `attention_mask`, `position_ids`,
 class torch returned (or the contract's own). Dimensions: the example's symbols (`batch_size`,
 `sequence_length`, `past_sequence_length`, `encoder_sequence_length`), with a sum written as the
 example names it (`past_sequence_length + sequence_length`) whichever order of terms torch
-produced.
+produced, and an expression torch left unsimplified (`((encoder_sequence_length*batch_size)//batch_size)`
+for a cross-attention cache reshaped through batch) simplified over positive integer symbols.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+
 import onnx_ir as ir
+import sympy
 import torch
 
 from .cache_pytree import cache_leaf_names
@@ -48,6 +53,21 @@ def _terms(dim_name: str) -> frozenset[str]:
     return frozenset(term.strip() for term in dim_name.split("+"))
 
 
+@functools.lru_cache(maxsize=None)
+def _simplified(dim_name: str) -> str:
+    """`((a*b)//b)` -> `a`: sizes are positive integers, so sympy may cancel through a floor
+    division. A name with no operator, or one sympy cannot read, is kept as it is."""
+    if not re.search(r"[*/()]", dim_name):
+        return dim_name
+    symbols = {name: sympy.Symbol(name, integer=True, positive=True)
+               for name in set(re.findall(r"[A-Za-z_]\w*", dim_name))}
+    try:
+        expression = sympy.simplify(sympy.sympify(dim_name, locals=symbols))
+    except (sympy.SympifyError, SyntaxError, TypeError):
+        return dim_name
+    return str(expression)
+
+
 def _rename_dims(value: ir.Value, sums: dict[frozenset[str], str]) -> dict[int, str]:
     axes = {}
     if value.shape is None:
@@ -55,7 +75,8 @@ def _rename_dims(value: ir.Value, sums: dict[frozenset[str], str]) -> dict[int, 
     dims = list(value.shape)
     for axis, dim in enumerate(dims):
         if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
-            dims[axis] = sums.get(_terms(dim.value), dim.value)
+            name = _simplified(dim.value)
+            dims[axis] = sums.get(_terms(name), name)
             axes[axis] = dims[axis]
     value.shape = ir.Shape(dims)
     return axes

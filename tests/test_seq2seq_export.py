@@ -85,6 +85,8 @@ class Seq2SeqCase(unittest.TestCase):
         outputs = [o.name for o in decoder.output]
         self.assertEqual(outputs[:5], ["logits", "present.0.decoder.key", "present.0.decoder.value",
                                        "present.0.encoder.key", "present.0.encoder.value"])
+        cross = next(o for o in decoder.output if o.name == "present.0.encoder.key")
+        self.assertEqual(cross.type.tensor_type.shape.dim[2].dim_param, "encoder_sequence_length")
         with_past = onnx.load(output / "decoder_with_past_model.onnx").graph
         inputs = [i.name for i in with_past.input]
         for name in ("past_key_values.1.decoder.key", "past_key_values.1.encoder.value"):
