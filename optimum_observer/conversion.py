@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ObserverExportError, Stage
-from .patches import PATCHES, Patch, applied, plain_tensor_buffers
+from .patches import PATCHES, Patch, applied, exact_no_op_constants, plain_tensor_buffers
 from .capture import observed_module
 from .synthesis import ExportExample
 from .tasks import GraphContract
@@ -90,7 +90,7 @@ def convert(
     :func:`optimum_observer.capture.position_offset`)."""
     module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
-        with applied(patches), plain_tensor_buffers(module), torch.no_grad():
+        with applied(patches), plain_tensor_buffers(module), exact_no_op_constants(), torch.no_grad():
             return torch.onnx.export(
                 module,
                 (),

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from onnxscript.rewriter._pattern_ir import Constant as _PatternConstant
+from onnxscript.rewriter.rules.common import _no_op
 from transformers import cache_utils
 
 logger = logging.getLogger(__name__)
@@ -627,3 +629,28 @@ def plain_tensor_buffers(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, name, buffer in replaced:
             module._buffers[name] = buffer
+
+
+@contextlib.contextmanager
+def exact_no_op_constants() -> Iterator[None]:
+    """onnxscript's no-op rewrites (`x + 0`, `x - 0`, `x * 1`, `x / 1` -> `x`) match only an
+    exact 0 or 1 for the block.
+
+    Fixes: NaN logits from Helium (`rms_norm_eps=1e-8`) after `torch.onnx.export(optimize=True)`:
+    the rules compare their constant with `math.isclose(..., abs_tol=1e-8)`, so the RMSNorm's
+    `variance + 1e-8` is rewritten to `variance`, and a zero hidden vector (the pad token's
+    embedding, present in every padded batch) gives `0 * rsqrt(0) = NaN`. The rules' own
+    tolerances are put back on exit.
+    """
+    saved: list[tuple[_PatternConstant, float, float]] = []
+    try:
+        for rule in _no_op.rules.rules:
+            for node in rule._target_pattern._nodes:
+                for pattern in node.inputs:
+                    if isinstance(pattern, _PatternConstant):
+                        saved.append((pattern, pattern._rel_tol, pattern._abs_tol))
+                        pattern._rel_tol = pattern._abs_tol = 0.0
+        yield
+    finally:
+        for pattern, rel_tol, abs_tol in saved:
+            pattern._rel_tol, pattern._abs_tol = rel_tol, abs_tol

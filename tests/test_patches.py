@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import unittest
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+import torch
 from parameterized import parameterized
 from transformers.cache_utils import DynamicLayer
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -14,7 +18,7 @@ import optimum_observer
 from optimum_observer import conversion, loading
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.errors import ObserverExportError, Stage
-from optimum_observer.patches import PATCHES, applied
+from optimum_observer.patches import PATCHES, applied, exact_no_op_constants
 from optimum_observer.tiny_configs import build_tiny_model
 from stages import CONTRACT, capture_and_synthesize, load_tiny
 
@@ -118,3 +122,41 @@ class TestRealRotaryPatches(unittest.TestCase):
         error = _tiny_export_error(model_type, [p for p in PATCHES if p.name not in names])
         self.assertEqual(error.stage, Stage.EXPORT)
         self.assertIn("complex", str(error.__cause__))
+
+
+class _RMSNorm(torch.nn.Module):
+    """HeliumRMSNorm's arithmetic with its checkpoint epsilon (1e-8)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-8)
+
+
+def _rms_norm_of_zeros(exact_constants: bool) -> np.ndarray:
+    context = exact_no_op_constants() if exact_constants else contextlib.nullcontext()
+    with context:
+        program = torch.onnx.export(_RMSNorm(), (torch.randn(2, 8),), dynamo=True, optimize=True)
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    return session.run(None, {session.get_inputs()[0].name: np.zeros((2, 8), dtype=np.float32)})[0]
+
+
+class TestExactNoOpConstants(unittest.TestCase):
+    def test_a_tiny_epsilon_survives_optimisation(self):
+        np.testing.assert_array_equal(_rms_norm_of_zeros(exact_constants=True), np.zeros((2, 8)))
+
+    def test_without_it_the_epsilon_is_rewritten_away(self):
+        self.assertTrue(np.isnan(_rms_norm_of_zeros(exact_constants=False)).all())
+
+    def test_tolerances_restored_after_an_exception(self):
+        from onnxscript.rewriter.rules.common import _no_op
+
+        def tolerances():
+            return [(c._rel_tol, c._abs_tol) for r in _no_op.rules.rules for n in r._target_pattern._nodes
+                    for c in n.inputs if hasattr(c, "_abs_tol")]  # fmt: skip
+
+        before = tolerances()
+        self.assertTrue(before and all(t != (0.0, 0.0) for t in before))
+        with self.assertRaises(KeyError):
+            with exact_no_op_constants():
+                self.assertTrue(all(t == (0.0, 0.0) for t in tolerances()))
+                raise KeyError("boom")
+        self.assertEqual(tolerances(), before)
