@@ -12,7 +12,8 @@ class torch returned (or the contract's own). Dimensions: the example's symbols 
 `sequence_length`, `past_sequence_length`, `encoder_sequence_length`), with a sum written as the
 example names it (`past_sequence_length + sequence_length`) whichever order of terms torch
 produced, and an expression torch left unsimplified (`((encoder_sequence_length*batch_size)//batch_size)`
-for a cross-attention cache reshaped through batch) simplified over positive integer symbols.
+for a cross-attention cache reshaped through batch) simplified over positive integer symbols; one
+that simplifies to a number (whisper's 1500 encoder frames) becomes a static size.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def _rename_dims(value: ir.Value, sums: dict[frozenset[str], str]) -> dict[int, 
     for axis, dim in enumerate(dims):
         if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
             name = _simplified(dim.value)
+            if name.isdigit():  # `((1500*batch_size)//batch_size)`: a static size after all
+                dims[axis] = int(name)
+                continue
             dims[axis] = sums.get(_terms(name), name)
             axes[axis] = dims[axis]
     value.shape = ir.Shape(dims)

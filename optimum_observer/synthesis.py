@@ -113,6 +113,9 @@ def synthesize(capture: Capture, model_type: str) -> ExportExample:
         observed_dynamic = capture.observer.infer_dynamic_shapes(set_batch_dimension_for=True)
     except (RuntimeError, NotImplementedError, ValueError) as error:
         raise _reconcile_error(model_type, str(error)) from error
+    for name, axis in capture.graph.dynamic_axes:
+        if name in templates and templates[name][1].is_leaf():
+            observed_dynamic[name] = {**(observed_dynamic.get(name) or {}), axis: "declared by the contract"}
     axis_symbol = _group_axes(flat, templates, observed_dynamic, model_type)
     sizes = _size_symbols(list(dict.fromkeys(axis_symbol.values())), axis_symbol, model_type)
     return _build_example(flat, templates, axis_symbol, sizes)

@@ -101,6 +101,10 @@ class GraphContract:
     calls: Calls = Calls.ALL
     #: `use_cache` passed to forward at export; None for modules that do not take it.
     use_cache: bool | None = False
+    #: (input name, axis) pairs dynamic in the graph even when the observed run never varied
+    #: them: generate() starts every decoder on one start token, but a caller may feed several
+    #: (forced decoder ids, a prompt), as the legacy `decoder_model.onnx` allows.
+    dynamic_axes: tuple[tuple[str, int], ...] = ()
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -193,6 +197,7 @@ def _seq2seq(name: str, auto_model_class: str, runtime_class: str, encoder_input
                 (ContractOutput("logits"), ContractOutput("present", "past_key_values")),
                 calls=Calls.WITHOUT_PAST,
                 use_cache=True,
+                dynamic_axes=(("input_ids", 1),),
             ),
             GraphContract(
                 "decoder_with_past_model.onnx",

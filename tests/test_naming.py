@@ -34,6 +34,12 @@ class TestDimensionNames(unittest.TestCase):
         self.assertEqual(_rename_dims(total, sums)[2], TOTAL)
         self.assertEqual(value.shape[2].value, "encoder_sequence_length")
 
+    def test_an_expression_of_a_static_size_becomes_static(self):
+        frames = "((1500*batch_size)//batch_size)"
+        value = ir.Value(name="present.0.encoder.key", shape=ir.Shape(["batch_size", 4, frames, 8]))
+        self.assertEqual(_rename_dims(value, {}), {0: "batch_size"})
+        self.assertEqual(value.shape[2], 1500)
+
 
 if __name__ == "__main__":
     unittest.main()

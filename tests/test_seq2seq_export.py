@@ -13,7 +13,9 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import transformers
@@ -74,7 +76,9 @@ class Seq2SeqCase(unittest.TestCase):
         self.assertTrue(all(len(tokens) >= NEW_TOKENS for tokens in generation.onnx_tokens))
         self.assertEqual(sorted(result.onnx_files), sorted(FILES))
 
-    def assertOptimumNames(self, output: Path, encoder_input: str) -> None:
+    def assertOptimumNames(self, output: Path, encoder_input: str, encoder_length: int | None = None) -> None:
+        """`encoder_length`: the encoder's static output length (whisper's 1500 frames), else
+        the cross-attention cache's axis must be named `encoder_sequence_length`."""
         encoder = onnx.load(output / "encoder_model.onnx").graph
         self.assertEqual([i.name for i in encoder.input][0], encoder_input)
         self.assertEqual([o.name for o in encoder.output], ["last_hidden_state"])
@@ -86,13 +90,39 @@ class Seq2SeqCase(unittest.TestCase):
         self.assertEqual(outputs[:5], ["logits", "present.0.decoder.key", "present.0.decoder.value",
                                        "present.0.encoder.key", "present.0.encoder.value"])
         cross = next(o for o in decoder.output if o.name == "present.0.encoder.key")
-        self.assertEqual(cross.type.tensor_type.shape.dim[2].dim_param, "encoder_sequence_length")
+        axis = cross.type.tensor_type.shape.dim[2]
+        if encoder_length is None:
+            self.assertEqual(axis.dim_param, "encoder_sequence_length")
+        else:
+            self.assertEqual(axis.dim_value, encoder_length)
         with_past = onnx.load(output / "decoder_with_past_model.onnx").graph
         inputs = [i.name for i in with_past.input]
         for name in ("past_key_values.1.decoder.key", "past_key_values.1.encoder.value"):
             self.assertIn(name, inputs)
         self.assertEqual([o.name for o in with_past.output][1:3], ["present.0.decoder.key", "present.0.decoder.value"])
         self.assertFalse(any("encoder" in o.name for o in with_past.output))
+
+
+    def assertDecoderTakesSeveralTokens(self, model, encoder_inputs: dict[str, torch.Tensor], output: Path) -> None:
+        """decoder_model.onnx takes a prompt of several decoder tokens (forced decoder ids), as the
+        legacy one does, although generate() only ever fed it the start token."""
+        mask = encoder_inputs.get("attention_mask")
+        batch = next(iter(encoder_inputs.values())).shape[0]
+        start = model.generation_config.decoder_start_token_id
+        decoder_ids = torch.tensor([[start, 5, 7]] * batch)
+        with torch.no_grad():
+            encoded = model.get_encoder()(**encoder_inputs).last_hidden_state
+            expected = model(encoder_outputs=(encoded,), attention_mask=mask, decoder_input_ids=decoder_ids,
+                             use_cache=False).logits  # fmt: skip
+        session = ort.InferenceSession(str(output / "decoder_model.onnx"))
+        feeds = {"input_ids": decoder_ids, "encoder_hidden_states": encoded, "encoder_attention_mask": mask}
+        wanted = {i.name: i.shape for i in session.get_inputs()}
+        if mask is None and "encoder_attention_mask" in wanted:  # whisper's unused mask over the mel bins
+            feeds["encoder_attention_mask"] = torch.ones(batch, wanted["encoder_attention_mask"][1], dtype=torch.int64)
+        logits = session.run(["logits"], {k: v.numpy() for k, v in feeds.items() if k in wanted})[0]
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+        graph_input = next(i for i in onnx.load(output / "decoder_model.onnx").graph.input if i.name == "input_ids")
+        self.assertEqual(graph_input.type.tensor_type.shape.dim[1].dim_param, "sequence_length")
 
 
 class TestText2TextExport(Seq2SeqCase):
@@ -125,6 +155,7 @@ class TestText2TextExport(Seq2SeqCase):
         model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         inputs = text_batches(model, tokenizer)[0]
+        self.assertDecoderTakesSeveralTokens(model, inputs, self.scratch / "onnx")
         expected = greedy(model, inputs)
         self.assertEqual(greedy(ORTModelForSeq2SeqLM.from_pretrained(self.scratch / "onnx"), inputs), expected)
         self.assertEqual(greedy(ORTModelForSeq2SeqLM.from_pretrained(self.scratch / "legacy"), inputs), expected)
@@ -135,7 +166,7 @@ class TestSpeechExport(Seq2SeqCase):
         source = save_whisper(self.scratch / "model")
         result = optimum_observer.export(source, self.scratch / "onnx", task=SPEECH)
         self.assertExportMatchesTorch(result)
-        self.assertOptimumNames(self.scratch / "onnx", "input_features")
+        self.assertOptimumNames(self.scratch / "onnx", "input_features", encoder_length=1500)
         self.assertTrue((self.scratch / "onnx" / "preprocessor_config.json").is_file())
         main_export(source, self.scratch / "legacy", task=SPEECH, library_name="transformers")
 
@@ -144,6 +175,7 @@ class TestSpeechExport(Seq2SeqCase):
         # Synthetic waveforms of two durations, through the locally built feature extractor.
         inputs = speech_batches(model, feature_extractor)[0]
         self.assertEqual(inputs["input_features"].shape[0], 2)
+        self.assertDecoderTakesSeveralTokens(model, {"input_features": inputs["input_features"]}, self.scratch / "onnx")
         expected = greedy(model, inputs)
         self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "onnx"), inputs), expected)
         self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "legacy"), inputs), expected)
