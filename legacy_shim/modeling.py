@@ -17,12 +17,15 @@ Each class subclasses its `optimum.onnxruntime` namesake and overrides the minim
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any
 
 import torch
 from optimum import onnxruntime as ort
 from optimum.onnxruntime import modeling_seq2seq
+
+from optimum_observer.loading import unregistered_config
 
 from . import state_runtime
 from .export import main_export
@@ -38,7 +41,17 @@ class SafeAxisInference:
 
 
 class RoutedExport:
-    """Mixin for `ORTModel` subclasses: `export=True` goes through the router."""
+    """Mixin for `ORTModel` subclasses: `export=True` goes through the router, and a directory
+    whose config AutoConfig cannot read (a text model registered only as a sub-config: emu3,
+    mllama) loads with that config class."""
+
+    @classmethod
+    def from_pretrained(cls, model_id, *args: Any, **kwargs: Any):
+        if kwargs.get("config") is None and not kwargs.get("export") and os.path.isdir(str(model_id)):
+            config = unregistered_config(str(model_id), kwargs.get("subfolder") or "")
+            if config is not None:
+                kwargs["config"] = config
+        return super().from_pretrained(model_id, *args, **kwargs)
 
     @classmethod
     def _export(cls, model_id, config, exporter: str = "auto", **kwargs: Any):

@@ -50,6 +50,21 @@ class _Progress:
         self._bar.close()
 
 
+def _runtime_failure_hint(error: BaseException) -> str:
+    if "does not recognize this architecture" in str(error):
+        return (
+            "transformers registers this config only inside another model's config, so AutoConfig "
+            "cannot read the saved config.json: pass config=optimum_observer.loading."
+            "unregistered_config(output_dir) to from_pretrained, or load the export with "
+            "legacy_shim's runtime class, which does that."
+        )
+    return (
+        "if the error is about past_key_values dimensions, the runtime sized its first-step "
+        "cache from the config: load the export with legacy_shim.ORTModelForCausalLM, which "
+        "reads it from the graph; pass validate=False to keep the file anyway."
+    )
+
+
 def export(
     model: str | os.PathLike | Any,
     output_dir: str | os.PathLike,
@@ -221,9 +236,7 @@ def _validate(
                 Stage.VALIDATION,
                 f"{runtime_class.__name__} could not run the exported model: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                "if the error is about past_key_values dimensions, the runtime sized its first-step "
-                "cache from the config: load the export with legacy_shim.ORTModelForCausalLM, which "
-                "reads it from the graph; pass validate=False to keep the file anyway.",
+                _runtime_failure_hint(error),
             ) from error
     report = ValidationReport(atol=atol, calls=calls, generation=generation, runtime=runtime)
     logger.debug("validation:\n%s", report.table())

@@ -196,3 +196,45 @@ class TestLegacyResultsUnchanged(unittest.TestCase):
             ours = legacy_shim.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
             unchanged = upstream.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
             self.assertEqual(ours.generate(**generate).tolist(), unchanged.generate(**generate).tolist())
+
+
+class TestTextConfigsRegisteredOnlyAsSubConfigs(unittest.TestCase):
+    """emu3 and mllama export their text model, whose config.json AutoConfig cannot read."""
+
+    def setUp(self):
+        self._scratch = tempfile.TemporaryDirectory()
+        self.scratch = Path(self._scratch.name)
+
+    def tearDown(self):
+        self._scratch.cleanup()
+
+    @parameterized.expand([("emu3", "Emu3TextConfig"), ("mllama", "MllamaTextConfig")])
+    def test_unregistered_config_finds_the_class(self, model_type, class_name):
+        from optimum_observer.loading import unregistered_config
+        from optimum_observer.tiny_configs import build_tiny_model
+
+        build_tiny_model(model_type, "AutoModelForCausalLM").config.save_pretrained(self.scratch)
+        with self.assertRaises(ValueError):
+            transformers.AutoConfig.from_pretrained(self.scratch)
+        self.assertEqual(type(unregistered_config(self.scratch)).__name__, class_name)
+
+    def test_a_registered_config_is_left_to_autoconfig(self):
+        from optimum_observer.loading import unregistered_config
+
+        transformers.LlamaConfig().save_pretrained(self.scratch)
+        self.assertIsNone(unregistered_config(self.scratch))
+        self.assertIsNone(unregistered_config(self.scratch / "missing"))
+
+    def test_emu3_export_generates_through_the_shim_runtime(self):
+        import optimum_observer
+        from optimum_observer.tiny_configs import build_tiny_model
+
+        model = build_tiny_model("emu3", "AutoModelForCausalLM")
+        output = self.scratch / "onnx"
+        with self.assertRaises(optimum_observer.ObserverExportError) as caught:
+            optimum_observer.export(model, output)
+        self.assertIn("unregistered_config", caught.exception.remedy)
+        self.assertFalse(output.exists())
+        result = optimum_observer.export(model, output, runtime_class=legacy_shim.ORTModelForCausalLM)
+        self.assertTrue(result.validation.ok, result.validation.table())
+        self.assertTrue(result.validation.generation)
