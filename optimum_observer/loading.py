@@ -173,4 +173,3 @@ def _try_tokenizer(source: str, hub_kwargs: dict[str, Any], trust_remote_code: b
     except Exception as error:
         logger.info("no tokenizer loaded from %s (%s); capture uses random token ids", source, error)
         return None
-    return tokenizer
