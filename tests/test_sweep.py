@@ -69,6 +69,8 @@ class TestSweepSample(unittest.TestCase):
         self.assertIn("| mamba | pass (shim runtime) |", table)
         self.assertIn("| qdqbert | FAIL (config build) |", table)
         self.assertIn("#### config build (1)", table)
+        self.assertIn(f"- **partial**: 4 of the {len(sweep.model_types_for(TASK))} model types", table)
+        self.assertIn("not measured (", table)
         self.assertIn(f"## {TASK}", sweep.coverage_document(self.out))
 
     def test_resume_keeps_finished_types_without_running_them(self):
