@@ -552,8 +552,8 @@ def coverage_document(out: Path) -> str:
         "supports the type; each path is validated (replay of the observed calls / logits on the same "
         "inputs, then greedy generation through the unchanged `optimum.onnxruntime` class).\n\n"
         "Regenerate, one command per task (the causal-LM sweep took 53 minutes on 2 cores with "
-        "`--jobs 2`, a test run beside it): `nice -n 10 optimum-observer sweep --task text-generation-with-past --jobs 2 "
-        "--out docs/coverage-data --doc docs/coverage.md`.\n\n"
+        "`--jobs 2`, a test run beside it): `nice -n 10 optimum-observer sweep --task "
+        "text-generation-with-past --jobs 2 --out docs/coverage-data --doc docs/coverage.md`.\n\n"
     )
     return header + "\n".join(sections)
 
