@@ -47,14 +47,19 @@ class TestInstallation(unittest.TestCase):
             probe = f"import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
             done = run_python(probe, Path(scratch))
             self.assertEqual(done.stdout.strip(), "['legacy_shim', 'legacy_shim._hook']")
-            timed = run_python("pass", Path(scratch), PYTHONPROFILEIMPORTTIME="1")
-        # "import time: self [us] | cumulative | name": the outermost legacy_shim line includes the rest.
-        cumulative = [
-            int(m.group(1))
-            for m in re.finditer(r"import time:\s+\d+ \|\s+(\d+) \|\s+legacy_shim", timed.stderr)
-        ]
-        self.assertTrue(cumulative, timed.stderr[-2000:])
-        self.assertLess(max(cumulative), 10_000)
+            # The fastest of three starts: a busy machine (a sweep beside the tests) can stall any
+            # one start by more than the budget; a heavy import (torch: ~1 s) fails every time.
+            starts = []
+            for _ in range(3):
+                timed = run_python("pass", Path(scratch), PYTHONPROFILEIMPORTTIME="1")
+                # "import time: self [us] | cumulative | name": the outermost legacy_shim line includes the rest.
+                cumulative = [
+                    int(m.group(1))
+                    for m in re.finditer(r"import time:\s+\d+ \|\s+(\d+) \|\s+legacy_shim", timed.stderr)
+                ]
+                self.assertTrue(cumulative, timed.stderr[-2000:])
+                starts.append(max(cumulative))
+        self.assertLess(min(starts), 10_000, starts)
 
     def test_off_switch_keeps_the_hook_out(self):
         with tempfile.TemporaryDirectory() as scratch:
