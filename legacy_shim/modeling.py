@@ -46,8 +46,10 @@ class RoutedExport:
     mllama) loads with that config class."""
 
     @classmethod
+    @functools.wraps(ort.ORTModel.from_pretrained.__func__)  # upstream's signature and docs
     def from_pretrained(cls, model_id, *args: Any, **kwargs: Any):
-        if kwargs.get("config") is None and not kwargs.get("export") and os.path.isdir(str(model_id)):
+        resolve = not args and kwargs.get("config") is None and not kwargs.get("export")
+        if resolve and os.path.isdir(str(model_id)):
             config = unregistered_config(str(model_id), kwargs.get("subfolder") or "")
             if config is not None:
                 kwargs["config"] = config
