@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from parameterized import parameterized
 
@@ -120,6 +121,7 @@ _OTHER_STATE_SPACE_PATCHES = [
 ]
 
 
+@pytest.mark.slow  # one hybrid export per patch (the file's slowest group); mamba's patches stay in the default suite
 class TestEveryStateSpacePatchIsNeeded(unittest.TestCase):
     @parameterized.expand(_OTHER_STATE_SPACE_PATCHES)
     def test_export_or_replay_fails_without_it(self, patch_name, model_type):
