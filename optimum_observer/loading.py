@@ -7,6 +7,7 @@ Gives: a :class:`LoadedModel` in eval mode on the requested device and dtype.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -47,8 +48,6 @@ def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") 
     AutoConfig reads it, or when the directory holds no such config.
 
     Runtime classes take it as `from_pretrained(directory, config=...)`."""
-    import json
-
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = os.path.join(directory, subfolder, "config.json")

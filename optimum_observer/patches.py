@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from onnxscript.rewriter._pattern_ir import Constant as _PatternConstant
-from onnxscript.rewriter.rules.common import _no_op
 from transformers import cache_utils
 
 logger = logging.getLogger(__name__)
@@ -631,6 +629,22 @@ def plain_tensor_buffers(model: torch.nn.Module) -> Iterator[None]:
             module._buffers[name] = buffer
 
 
+def no_op_rule_constants() -> list[Any]:
+    """The constant patterns (the 0 of `x + 0`, the 1 of `x * 1`...) of onnxscript's no-op
+    rewrite rules, the ones :func:`exact_no_op_constants` makes exact. onnxscript is imported
+    here, at export time, not when this module is."""
+    from onnxscript.rewriter._pattern_ir import Constant
+    from onnxscript.rewriter.rules.common import _no_op
+
+    return [
+        pattern
+        for rule in _no_op.rules.rules
+        for node in rule._target_pattern._nodes
+        for pattern in node.inputs
+        if isinstance(pattern, Constant)
+    ]
+
+
 @contextlib.contextmanager
 def exact_no_op_constants() -> Iterator[None]:
     """onnxscript's no-op rewrites (`x + 0`, `x - 0`, `x * 1`, `x / 1` -> `x`) match only an
@@ -642,14 +656,10 @@ def exact_no_op_constants() -> Iterator[None]:
     embedding, present in every padded batch) gives `0 * rsqrt(0) = NaN`. The rules' own
     tolerances are put back on exit.
     """
-    saved: list[tuple[_PatternConstant, float, float]] = []
+    saved = [(pattern, pattern._rel_tol, pattern._abs_tol) for pattern in no_op_rule_constants()]
     try:
-        for rule in _no_op.rules.rules:
-            for node in rule._target_pattern._nodes:
-                for pattern in node.inputs:
-                    if isinstance(pattern, _PatternConstant):
-                        saved.append((pattern, pattern._rel_tol, pattern._abs_tol))
-                        pattern._rel_tol = pattern._abs_tol = 0.0
+        for pattern, _, _ in saved:
+            pattern._rel_tol = pattern._abs_tol = 0.0
         yield
     finally:
         for pattern, rel_tol, abs_tol in saved:

@@ -18,7 +18,7 @@ import optimum_observer
 from optimum_observer import conversion, loading
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.errors import ObserverExportError, Stage
-from optimum_observer.patches import PATCHES, applied, exact_no_op_constants
+from optimum_observer.patches import PATCHES, applied, exact_no_op_constants, no_op_rule_constants
 from optimum_observer.tiny_configs import build_tiny_model
 from stages import CONTRACT, capture_and_synthesize, load_tiny
 
@@ -147,11 +147,8 @@ class TestExactNoOpConstants(unittest.TestCase):
         self.assertTrue(np.isnan(_rms_norm_of_zeros(exact_constants=False)).all())
 
     def test_tolerances_restored_after_an_exception(self):
-        from onnxscript.rewriter.rules.common import _no_op
-
         def tolerances():
-            return [(c._rel_tol, c._abs_tol) for r in _no_op.rules.rules for n in r._target_pattern._nodes
-                    for c in n.inputs if hasattr(c, "_abs_tol")]  # fmt: skip
+            return [(c._rel_tol, c._abs_tol) for c in no_op_rule_constants()]
 
         before = tolerances()
         self.assertTrue(before and all(t != (0.0, 0.0) for t in before))

@@ -102,7 +102,6 @@ class Seq2SeqCase(unittest.TestCase):
         self.assertEqual([o.name for o in with_past.output][1:3], ["present.0.decoder.key", "present.0.decoder.value"])
         self.assertFalse(any("encoder" in o.name for o in with_past.output))
 
-
     def assertDecoderTakesSeveralTokens(self, model, encoder_inputs: dict[str, torch.Tensor], output: Path) -> None:
         """decoder_model.onnx takes a prompt of several decoder tokens (forced decoder ids), as the
         legacy one does, although generate() only ever fed it the start token."""
