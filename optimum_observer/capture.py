@@ -48,7 +48,10 @@ _RUN_HINTS = {
         "model.generate on input_features made by the model's feature extractor from audio at its "
         "sampling rate (feature_extractor.sampling_rate), of the length the encoder expects"
     ),
-    Family.ENCODER: "model(**tokenizer(sentences, padding=True, return_tensors='pt'))",
+    Family.ENCODER: (
+        "model(**tokenizer(sentences, padding=True, return_tensors='pt')), or model(pixel_values=...) / "
+        "model(input_values=...) for a model whose main input is an image or a waveform"
+    ),
 }
 
 
@@ -198,12 +201,45 @@ def default_seq2seq_run(
     return run
 
 
+def image_batches(model: Any) -> list[dict[str, torch.Tensor]]:
+    """Batches of 2 and 3 random images of the size and channels the (vision) config states."""
+    config = getattr(model.config, "vision_config", None) or model.config
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    channels = getattr(config, "num_channels", 3)
+    generator = torch.Generator().manual_seed(0)
+    return [{"pixel_values": torch.rand(b, channels, height, width, generator=generator)} for b in (2, 3)]
+
+
+def waveform_batches(model: Any, sampling_rate: int = 16000) -> list[dict[str, torch.Tensor]]:
+    """Batches of 2 and 3 waveforms of different durations (the batches differ in padded length),
+    normalised and zero padded as a wav2vec2-style feature extractor without attention mask does."""
+    batches = [(DEFAULT_AUDIO_SECONDS[0], DEFAULT_AUDIO_SECONDS[2]), DEFAULT_AUDIO_SECONDS]
+    result = []
+    for seconds in batches:
+        waves = [torch.from_numpy(w) for w in synthetic_waveforms(sampling_rate, seconds)]
+        waves = [(w - w.mean()) / (w.std() + 1e-7) for w in waves]
+        result.append({"input_values": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)})
+    return result
+
+
+def encoder_batches(model: Any, tokenizer: Any | None) -> list[dict[str, torch.Tensor]]:
+    """Batches of 2 and 3 of the model's main input (`model.main_input_name`): texts, images or
+    waveforms."""
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input == "pixel_values":
+        return image_batches(model)
+    if main_input == "input_values":
+        return waveform_batches(model)
+    return text_batches(model, tokenizer)
+
+
 def default_encoder_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any]:
-    """A plain forward over batches of 2 and 3 texts of different lengths."""
+    """A plain forward over batches of 2 and 3 inputs of different sizes (see `encoder_batches`)."""
 
     def run(model: Any) -> list[Any]:
         with torch.no_grad():
-            return [model(**{k: v.to(model.device) for k, v in b.items()}) for b in text_batches(model, tokenizer)]
+            return [model(**{k: v.to(model.device) for k, v in b.items()}) for b in encoder_batches(model, tokenizer)]
 
     return run
 

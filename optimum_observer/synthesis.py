@@ -34,6 +34,9 @@ from .errors import ObserverExportError, Stage
 AXIS_NAMES: tuple[tuple[str, int, str], ...] = (
     ("input_ids", 0, "batch_size"),
     ("input_features", 0, "batch_size"),
+    ("pixel_values", 0, "batch_size"),
+    ("input_values", 0, "batch_size"),
+    ("input_values", 1, "sequence_length"),
     ("input_ids", 1, "sequence_length"),
     ("past_key_values.*.encoder.*", 2, "encoder_sequence_length"),
     ("past_key_values.*", 2, "past_sequence_length"),
@@ -177,9 +180,22 @@ def _size_symbols(symbols: list[_Symbol], axis_symbol: dict[_Axis, _Symbol], mod
             name, _, axis = next(k for k, v in axis_symbol.items() if v is symbol)
             symbol.name = f"{name}_dim_{axis}"
     independent = [s for s in symbols if s.parts is None]
-    if len(independent) > len(_SIZES):
-        raise _reconcile_error(model_type, f"{len(independent)} independent dynamic dimensions")
-    sizes = {symbol.name: size for symbol, size in zip(independent, _SIZES)}
+    sizes: dict[str, int] = {}
+    small = iter(_SIZES)
+    for symbol in independent:
+        seen = [size for size in symbol.observed if size is not None]
+        if seen and min(seen) > _SIZES[-1]:
+            # Only ever seen large (a waveform's samples): the model derives sizes from it that a
+            # small example would break (wav2vec2's convolutions need 400 samples: torch.export
+            # fails with "3 not in VR[10, int_oo]"). Its smallest observation is a valid size.
+            size = min(seen)
+            while size in sizes.values():
+                size += 1
+            sizes[symbol.name] = size
+        elif (size := next(small, None)) is not None:
+            sizes[symbol.name] = size
+        else:
+            raise _reconcile_error(model_type, f"{len(independent)} independent dynamic dimensions")
     for symbol in symbols:
         if symbol.parts is not None:
             symbol.name = " + ".join(symbol.parts)

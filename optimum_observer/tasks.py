@@ -166,10 +166,10 @@ def _decoder_only(name: str, with_past: bool) -> TaskContract:
 
 def _encoder_task(name: str, auto_model_class: str, runtime_class: str, *outputs: str) -> TaskContract:
     # The runtime feeds token_type_ids only when the graph has it; the graph has it only when
-    # the observed run passed it (the tokenizer returns it and forward takes it).
-    graph = GraphContract(
-        "model.onnx", _inputs("input_ids", "attention_mask", "token_type_ids"), _outputs(*outputs), use_cache=None
-    )
+    # the observed run passed it (the tokenizer returns it and forward takes it). Image and audio
+    # encoders are observed on their main input, which the runtime classes feed by these names.
+    inputs = _inputs("input_ids", "attention_mask", "token_type_ids", "pixel_values", "input_values")
+    graph = GraphContract("model.onnx", inputs, _outputs(*outputs), use_cache=None)
     return TaskContract(name, auto_model_class, runtime_class, (graph,), Family.ENCODER, with_past=False)
 
 

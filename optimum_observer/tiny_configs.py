@@ -207,6 +207,11 @@ def _shrink(config: dict[str, Any], nested: bool = False) -> dict[str, Any]:
             # A per-layer list (layer_types, layers_block_type, ...): keep the first layers.
             value = type(value)(value[:LAYERS])
         shrunk[key] = value
+    if "stage_names" in shrunk:
+        # A backbone config (swin, beit, convnext...) derives its stage names from `depths`, which
+        # may be cut above; its default output stage (the last) is derived again, not kept.
+        del shrunk["stage_names"]
+        shrunk["out_features"] = shrunk["out_indices"] = None
     vocab = shrunk.get("vocab_size")
     if isinstance(vocab, int):
         _bring_special_tokens_into_vocab(shrunk, vocab)

@@ -37,6 +37,7 @@ from .capture import (
     left_padding_copy,
     random_token_batch,
     speech_batches,
+    encoder_batches,
     text_batches,
 )
 from .result import CallCheck, GenerationCheck, RuntimeCheck
@@ -276,7 +277,7 @@ def check_runtime_outputs(
     onnx_model = runtime_class.from_pretrained(directory)
     (graph,) = contract.graphs
     checks = []
-    for index, inputs in enumerate(text_batches(model, tokenizer)):
+    for index, inputs in enumerate(encoder_batches(model, tokenizer)):
         with torch.no_grad():
             expected = model(**{k: v.to(model.device) for k, v in inputs.items()})
         got = onnx_model(**inputs)
