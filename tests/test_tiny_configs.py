@@ -92,6 +92,13 @@ class TestShrinkRules(unittest.TestCase):
         for model_type in tiny_configs.OVERRIDES:
             self.assertIn(model_type, transformers.CONFIG_MAPPING)
 
+    def test_backbone_stages_follow_the_cut_depths(self):
+        # swin's 4 stages are cut to 2; its default output stage "stage4" would then not exist
+        # ("out_features must be a subset of stage_names").
+        config = tiny_configs.tiny_config("swin", "AutoModel")
+        self.assertEqual(len(config.depths), tiny_configs.LAYERS)
+        self.assertEqual(config.out_features, [config.stage_names[-1]])
+
     def test_encoder_decoder_configs_can_start_generating(self):
         config = tiny_configs.tiny_config("t5", "AutoModelForSeq2SeqLM")
         self.assertIsNotNone(config.decoder_start_token_id)
