@@ -91,7 +91,7 @@ def convert(
     module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
         with applied(patches), plain_tensor_buffers(module), exact_no_op_constants(), torch.no_grad():
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 module,
                 (),
                 kwargs=example.kwargs,
@@ -111,3 +111,42 @@ def convert(
             "rerun with logging at DEBUG for the full error, and check "
             "optimum_observer.patches for a fix of the same kind.",
         ) from error
+    restricted = restricted_axes(program.exported_program, example)
+    if restricted:
+        # A warning, not an error: validation replays the observed calls and decides; the
+        # sweep tables were measured without this check (making it an error needs a re-run).
+        logger.warning(
+            "[%s] torch.export restricted dynamic axes of %s: %s. The graph may compute wrong results "
+            "for the sizes it excludes; a scoped patch in optimum_observer.patches that removes the "
+            "bound is needed.",
+            model_type,
+            graph.file_name,
+            "; ".join(restricted),
+        )
+    return program
+
+
+def restricted_axes(program: torch.export.ExportedProgram, example: ExportExample) -> list[str]:
+    """The axes the example declares dynamic whose range in the exported program excludes an
+    observed size.
+
+    The model's code can bound an axis (LED's padded attention mask came out as 1..5 while the
+    run fed 13 tokens); the ONNX input keeps its symbolic name and ONNX Runtime does not check
+    torch's guards, so nothing downstream notices and the graph computes for sizes torch never
+    traced.
+    """
+    values = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
+    problems = []
+    for leaf, name in zip(example.leaves, program.graph_signature.user_inputs):
+        value = values.get(name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        for axis, dim_name in sorted(leaf.dims.items()):
+            size, observed = value.shape[axis], (leaf.largest or leaf.shape)[axis]
+            where = f"{leaf.onnx_name} axis {axis} ({dim_name})"
+            if not isinstance(size, torch.SymInt):
+                continue  # a static axis: torch.export already refuses to specialise a declared one
+            bounds = program.range_constraints.get(size.node.expr)
+            if bounds is not None and bool(bounds.upper < observed):
+                problems.append(f"{where} <= {bounds.upper}, observed {observed}")
+    return problems

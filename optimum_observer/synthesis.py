@@ -56,6 +56,8 @@ class LeafSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
     dims: dict[int, str]
+    #: the largest size of each axis over the observed calls (empty: unknown).
+    largest: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -219,7 +221,8 @@ def _build_example(
             observed_values = [call[name][0][index] for call in flat if name in call]
             new_leaves.append(_example_tensor(name, shape, observed_values, sizes, generator))
             leaf_shapes.append(dims)
-            leaves.append(LeafSpec(name, index, onnx_names[index], leaf.dtype, tuple(leaf.shape), dims))
+            largest = tuple(max(t.shape[a] for t in observed_values) for a in range(leaf.ndim))
+            leaves.append(LeafSpec(name, index, onnx_names[index], leaf.dtype, tuple(leaf.shape), dims, largest))
         if spec.is_leaf():
             kwargs[name] = new_leaves[0]
             dynamic_shapes[name] = leaf_shapes[0]

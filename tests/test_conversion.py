@@ -1,0 +1,51 @@
+"""Export stage: an axis the example declares dynamic must cover every observed size.
+
+The model's code can bound an axis (LED's padded attention mask: 1..5 while the run fed 13
+tokens); ONNX Runtime does not check torch's guards, so the file would load and compute for
+sizes torch never traced. `restricted_axes` finds such axes; `convert` logs them.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+import torch
+
+from optimum_observer.conversion import restricted_axes
+from optimum_observer.synthesis import ExportExample, LeafSpec
+
+
+class _BoundedLength(torch.nn.Module):
+    def forward(self, input_ids):
+        torch._check(input_ids.shape[1] <= 5)
+        return input_ids * 2
+
+
+class _FreeLength(torch.nn.Module):
+    def forward(self, input_ids):
+        return input_ids * 2
+
+
+def _example(observed_length: int) -> ExportExample:
+    dims = {0: "batch_size", 1: "sequence_length"}
+    leaf = LeafSpec("input_ids", 0, "input_ids", torch.float32, (2, 3), dims, largest=(3, observed_length))
+    return ExportExample({"input_ids": torch.ones(2, 3)}, {"input_ids": dims}, [leaf], {})
+
+
+def _problems(module: torch.nn.Module, observed_length: int) -> list[str]:
+    example = _example(observed_length)
+    program = torch.onnx.export(
+        module, (), kwargs=example.kwargs, dynamic_shapes=example.dynamic_shapes, dynamo=True, verbose=False
+    )
+    return restricted_axes(program.exported_program, example)
+
+
+class TestSpecialisedAxes(unittest.TestCase):
+    def test_an_axis_bounded_below_an_observed_size_is_reported(self):
+        self.assertEqual(_problems(_BoundedLength(), observed_length=7), ["input_ids axis 1 (sequence_length) <= 5, observed 7"])
+
+    def test_a_bound_every_observed_size_respects_is_not_reported(self):
+        self.assertEqual(_problems(_BoundedLength(), observed_length=4), [])
+
+    def test_a_free_axis_is_not_reported(self):
+        self.assertEqual(_problems(_FreeLength(), observed_length=7), [])
