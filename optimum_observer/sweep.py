@@ -446,9 +446,17 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
      "data-dependent control flow torch.export cannot trace (xmod's per-language adapters, blt's entropy patching)"),
     ("use_cache` is only supported for `decoder_input_ids` of length 1",
      "the model takes a cache only with one new token, the export example needs several"),
+    ("You have to specify pixel_values",
+     "multimodal model: forward needs text and images together, the default run feeds one modality "
+     "(a caller's run can feed both)"),
+    ("decoder_input_ids and decoder_inputs_embeds",
+     "encoder-decoder model: its base forward needs decoder inputs (export it for text2text-generation)"),
+    ("couldn't connect to 'https://huggingface.co'", "its config builds a sub-model from the hub (no hub access)"),
     (RUN_FAILS_WITHOUT_OBSERVER,
-     "the model's own generate fails in plain torch, without the cache too (with a cache only, as cpmant's "
-     "in transformers 4.57, the sweep exports the task without past)"),
+     "the default run fails in plain torch, without the observer: for generation the model's own generate "
+     "(with a cache only, as cpmant's in transformers 4.57, the sweep exports the task without past); for "
+     "encoder tasks a forward that needs inputs besides its main one (a second modality, boxes, decoder "
+     "inputs...)"),
     ("which the runtime does not feed",
      "generate feeds forward tensors the runtime class never feeds (xlnet: perm_mask and target_mapping "
      "over a dummy token it appends), so the graph cannot compute what torch did"),
