@@ -443,7 +443,11 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("object has no attribute 'hidden_size'", "the unchanged runtime reads hidden_size, which this config lacks"),
     ("complex-valued input", "complex-valued rotary embedding: ONNX has no complex type"),
     ("GuardOnDataDependentSymNode",
-     "data-dependent control flow torch.export cannot trace (xmod's per-language adapters, blt's entropy patching)"),
+     "data-dependent control flow torch.export cannot trace (for example xmod's per-language adapters, blt's "
+     "entropy patching, Longformer/LED global attention)"),
+    ("KeyError: 'last_hidden_state'",
+     "the base model's output has no last_hidden_state, the output feature-extraction reads (DPR's pooled "
+     "output, backbones' feature maps)"),
     ("use_cache` is only supported for `decoder_input_ids` of length 1",
      "the model takes a cache only with one new token, the export example needs several"),
     ("You have to specify pixel_values",
