@@ -505,7 +505,7 @@ def markdown(task: str, results: dict[str, TypeResult], measured_on: dict[str, s
         "Measured on " + ", ".join(f"{k} {v}" for k, v in measured_on.items()) + ".",
         "",
         f"- observer export with validation passes: **{len(observer_pass)} / {total}** "
-        f"({len(observer_pass) - len(shim_only)} generating through the unchanged "
+        f"({len(observer_pass) - len(shim_only)} validated through the unchanged "
         f"`optimum.onnxruntime` class, {len(shim_only)} only through `legacy_shim`'s runtime class: "
         f"{', '.join(shim_only) or 'none'})",
         f"- legacy exporter (optimum-onnx) with validation passes: **{len(legacy_pass)} / {total}**",

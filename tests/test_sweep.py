@@ -64,7 +64,7 @@ class TestSweepSample(unittest.TestCase):
         self.assertIn("transformers", raw["versions"])
         self.assertEqual(raw["results"]["qdqbert"]["observer"]["stage"], "config build")
         table = sweep.coverage_path(self.out, TASK).with_suffix(".md").read_text()
-        self.assertIn("observer export with validation passes: **3 / 4** (2 generating through the unchanged", table)
+        self.assertIn("observer export with validation passes: **3 / 4** (2 validated through the unchanged", table)
         self.assertIn("only through `legacy_shim`'s runtime class: mamba)", table)
         self.assertIn("| mamba | pass (shim runtime) |", table)
         self.assertIn("| qdqbert | FAIL (config build) |", table)
