@@ -143,10 +143,9 @@ def restricted_axes(program: torch.export.ExportedProgram, example: ExportExampl
             continue
         for axis, dim_name in sorted(leaf.dims.items()):
             size, observed = value.shape[axis], (leaf.largest or leaf.shape)[axis]
-            where = f"{leaf.onnx_name} axis {axis} ({dim_name})"
             if not isinstance(size, torch.SymInt):
                 continue  # a static axis: torch.export already refuses to specialise a declared one
             bounds = program.range_constraints.get(size.node.expr)
             if bounds is not None and bool(bounds.upper < observed):
-                problems.append(f"{where} <= {bounds.upper}, observed {observed}")
+                problems.append(f"{leaf.onnx_name} axis {axis} ({dim_name}) <= {bounds.upper}, observed {observed}")
     return problems

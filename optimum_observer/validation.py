@@ -34,10 +34,10 @@ from .capture import (
     DEFAULT_PROMPTS,
     Capture,
     ObservedCall,
+    encoder_batches,
     left_padding_copy,
     random_token_batch,
     speech_batches,
-    encoder_batches,
     text_batches,
 )
 from .result import CallCheck, GenerationCheck, RuntimeCheck
