@@ -568,6 +568,12 @@ def _state_space_patches() -> tuple[Patch, ...]:
     return state_space_patches()
 
 
+def _sliding_window_patches() -> tuple[Patch, ...]:
+    from .sliding_window_patches import sliding_window_patches
+
+    return sliding_window_patches()
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="dynamic_layer_lazy_initialization",
@@ -584,6 +590,7 @@ PATCHES: tuple[Patch, ...] = (
     *_cpmant_patches(),
     *_real_rotary_patches(),
     *_state_space_patches(),
+    *_sliding_window_patches(),
 )
 
 

@@ -1,0 +1,110 @@
+"""LED's encoder (Longformer-style sliding-window attention): the patches of
+optimum_observer.sliding_window_patches make one ONNX encoder that matches torch for every input
+length, and each patch's failure happens without it.
+
+The encoder graph is captured and synthesized as the pipeline does (from a generate run), then
+converted with all patches or all but one; its ONNX Runtime output is compared with the
+unpatched torch encoder on batches of every length from 1 to 13, one row padded.
+(LED's greedy generation through the unchanged runtime class: tests/test_seq2seq_export.py.)
+"""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from parameterized import parameterized
+
+from optimum_observer import capture, conversion, synthesis
+from optimum_observer.cache_pytree import registered_caches
+from optimum_observer.errors import ObserverExportError, Stage
+from optimum_observer.patches import PATCHES
+from optimum_observer.tasks import get_task
+from stages import load
+from tiny_families import save_seq2seq_lm
+
+CONTRACT = get_task("text2text-generation-with-past")
+LENGTHS = range(1, 14)
+
+
+def _batch(length: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(length)
+    input_ids = torch.randint(5, 90, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[0, length - length // 3 :] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class TestLedEncoderPatches(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls._scratch = tempfile.TemporaryDirectory()
+        cls.scratch = Path(cls._scratch.name)
+        cls.loaded = load(save_seq2seq_lm("led", cls.scratch / "model", with_tokenizer=False), CONTRACT)
+        with registered_caches():
+            encoder_capture = capture.capture(cls.loaded.model, CONTRACT, "led")[0]
+        assert encoder_capture.graph.file_name == "encoder_model.onnx", encoder_capture.graph.file_name
+        cls.graph = encoder_capture.graph
+        cls.example = synthesis.synthesize(encoder_capture, "led")
+        cls.window = cls.loaded.model.config.attention_window[0]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._scratch.cleanup()
+
+    def encoder(self, without: str | None = None) -> ort.InferenceSession:
+        assert without is None or any(p.name == without for p in PATCHES), without
+        patches = [p for p in PATCHES if p.name != without]
+        with registered_caches():
+            program = conversion.convert(self.loaded.model, self.graph, self.example, "led", patches=patches)
+        path = self.scratch / f"encoder-without-{without}.onnx"
+        program.save(str(path))
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def differences(self, session: ort.InferenceSession) -> dict[int, float]:
+        """Largest difference from torch per input length (inf: the output has the wrong shape)."""
+        found = {}
+        for length in LENGTHS:
+            batch = _batch(length)
+            with torch.no_grad():
+                expected = self.loaded.model.get_encoder()(**batch).last_hidden_state.numpy()
+            got = session.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+            found[length] = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        return found
+
+    def test_one_encoder_matches_torch_for_every_length(self):
+        lengths = {self.example.kwargs["input_ids"].shape[1], *LENGTHS}
+        # Lengths that are and are not multiples of the window, shorter and longer than it.
+        self.assertTrue({n % self.window for n in lengths} == set(range(self.window)) and max(lengths) > 2 * self.window)
+        differences = self.differences(self.encoder())
+        self.assertLessEqual(max(differences.values()), 1e-4, differences)
+
+    @parameterized.expand(["led_local_attention_only", "led_integer_window_division"])
+    def test_export_fails_on_data_dependent_sizes_without(self, patch):
+        with self.assertRaises(ObserverExportError) as caught:
+            self.encoder(without=patch)
+        self.assertEqual(caught.exception.stage, Stage.EXPORT)
+        self.assertRegex(str(caught.exception.__cause__), "data-dependent|GuardOnDataDependent")
+
+    @pytest.mark.slow
+    def test_padding_branch_of_the_example_without_unconditional_padding(self):
+        differences = self.differences(self.encoder(without="led_pad_to_window_size_unconditionally"))
+        example_pads = self.example.kwargs["input_ids"].shape[1] % self.window != 0
+        wrong = {n for n, difference in differences.items() if difference > 1e-4}
+        # The graph keeps the example's branch: lengths on the other side of it come out wrong.
+        self.assertEqual(wrong, {n for n in LENGTHS if (n % self.window != 0) != example_pads}, differences)
+
+    @pytest.mark.slow
+    def test_encoder_silently_wrong_without_contiguous_chunks(self):
+        differences = self.differences(self.encoder(without="led_contiguous_chunks"))
+        self.assertGreater(max(differences.values()), 1e-3, differences)
+        self.assertTrue(all(np.isfinite(d) for d in differences.values()), differences)
+
+
+if __name__ == "__main__":
+    unittest.main()
