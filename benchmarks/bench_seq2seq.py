@@ -70,15 +70,16 @@ def _dim(value: ort.NodeArg, axis: int, default: int) -> int:
     return size if isinstance(size, int) else default
 
 
-def _feeds(session: ort.InferenceSession, encoder_length: int, hidden: int) -> dict[str, np.ndarray]:
-    """Batch 1: the encoder on `encoder_length` positions, or one decoder step after PAST."""
+def _feeds(session: ort.InferenceSession, encoder_length: int, hidden: int, decoder_step: bool) -> dict[str, np.ndarray]:
+    """Batch 1: the encoder on `encoder_length` positions, or one decoder token after PAST."""
     rng = np.random.default_rng(0)
     feeds = {}
     for value in session.get_inputs():
         name = value.name
         if name == "input_ids":
-            length = 1 if "encoder_hidden_states" in {v.name for v in session.get_inputs()} else encoder_length
-            feeds[name] = rng.integers(3, 200, (1, length), dtype=np.int64)
+            # A decoder_with_past graph has no encoder_hidden_states input: which graph this is
+            # comes from the caller, not from the inputs.
+            feeds[name] = rng.integers(3, 200, (1, 1 if decoder_step else encoder_length), dtype=np.int64)
         elif name in ("attention_mask", "encoder_attention_mask"):
             # Whisper's is the (unused) mask generate() makes over the mel bins: its size is static.
             feeds[name] = np.ones((1, _dim(value, 1, encoder_length)), dtype=np.int64)
@@ -98,7 +99,8 @@ def _feeds(session: ort.InferenceSession, encoder_length: int, hidden: int) -> d
 
 def _latencies(paths: dict[str, Path], encoder_length: int, hidden: int, runs: int, metric: str) -> dict[str, float]:
     """Paired latencies; when one file does not take these synthetic feeds, the others alone."""
-    feeds_for = functools.partial(_feeds, encoder_length=encoder_length, hidden=hidden)
+    decoder_step = metric == "decoder_step_ms"
+    feeds_for = functools.partial(_feeds, encoder_length=encoder_length, hidden=hidden, decoder_step=decoder_step)
     try:
         return paired_latency_ms(paths, feeds_for, runs)
     except Exception:
@@ -113,8 +115,10 @@ def _latencies(paths: dict[str, Path], encoder_length: int, hidden: int, runs: i
 
 
 def _decoder_step_file(directory: Path) -> Path:
-    with_past = directory / "decoder_with_past_model.onnx"
-    return with_past if with_past.exists() else directory / "decoder_model_merged.onnx"
+    """The file the runtime runs a step with: ORTModelForSeq2SeqLM loads the merged decoder when
+    there is one (legacy writes it besides the two it merged)."""
+    merged = directory / "decoder_model_merged.onnx"
+    return merged if merged.exists() else directory / "decoder_with_past_model.onnx"
 
 
 def bench(name: str, scratch: Path, repeat: int) -> None:
