@@ -16,6 +16,7 @@ import functools
 import importlib
 import inspect
 import logging
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,7 +36,8 @@ class Patch:
     name: str
     owner: Any
     attribute: str
-    replacement: Callable[..., Any]
+    #: A function, or a module standing in for a model module's `torch` import.
+    replacement: Callable[..., Any] | types.ModuleType
     fixes: str
 
 

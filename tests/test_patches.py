@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import types
 import unittest
 from pathlib import Path
 
@@ -69,7 +70,9 @@ class TestPatchesAreScoped(unittest.TestCase):
     def test_every_patch_names_the_failure_it_fixes(self):
         for patch in PATCHES:
             self.assertTrue(patch.fixes.strip(), patch.name)
-            self.assertTrue(callable(patch.owner.__dict__.get(patch.attribute)), patch.name)
+            original = patch.owner.__dict__.get(patch.attribute)
+            # A function or method, or a model module's `torch` (led_integer_window_division).
+            self.assertTrue(callable(original) or isinstance(original, types.ModuleType), patch.name)
 
 
 def _tiny_export_error(model_type: str, patches) -> ObserverExportError:
