@@ -1,29 +1,33 @@
-"""Scoped patches that make LED's Longformer-style encoder exportable for any input length.
+"""Scoped patches that make Longformer and LED's encoder exportable for any input length.
 
 Takes: nothing. Gives: :func:`sliding_window_patches`, :class:`~optimum_observer.patches.Patch`
 records that :data:`optimum_observer.patches.PATCHES` applies during export.
 
-LED's encoder attends within a sliding window, computed in chunks of the window's size, and
-pads its input to a multiple of the window first. Four things in transformers' code keep
-torch.export and torch.onnx from producing one graph that is right for every length:
+Longformer (and LED's encoder, a copy of it) attends within a sliding window, computed in
+chunks of the window's size, and pads its input to a multiple of the window first. Four things
+in transformers' code keep torch.export and torch.onnx from producing one graph that is right
+for every length:
 
 - the encoder asks the data whether any token has global attention (`.item()` on the mask),
-  and branches on the answer. The exported encoder's inputs are `input_ids` and
-  `attention_mask` (0/1), never `global_attention_mask`, so no token of any runtime input is
-  global: the local-attention program is the exact one;
+  and branches on the answer. The exported graphs' inputs are `input_ids`, `attention_mask`
+  (0/1) and, for Longformer, `token_type_ids`, never `global_attention_mask`, so no token of any
+  runtime input is global: the local-attention program is the exact one;
 - chunk counts are `torch.div(seq_len, w, rounding_mode="trunc")` of two integers, a tensor
   that sizes views and becomes a data-dependent symbol; integer division of the sizes is the
   same number for the non-negative sizes it sees;
-- the padding and the unpadding sit behind `if padding_len > 0`, a branch torch.export keeps
-  for the example's length: a graph made from a length that needs padding returns an empty
-  sequence for a length that does not (`hidden_states[:, :-0]`). The replacement always pads
-  (by zero when nothing is missing) and unpads by slicing to the input length;
+- the padding (and LED's unpadding) sit behind `if padding_len > 0`, a branch torch.export
+  keeps for the example's length: LED's graph made from a length that needs padding returned
+  an empty sequence for a length that does not (`hidden_states[:, :-0]`). The replacement always
+  pads (by zero when nothing is missing); LED unpads by slicing to the input length (Longformer
+  already slices without a branch, so its values are right without the patch, but the mask,
+  padded by a size computed from the ids', came out with its axis bounded to 1..5; the mask is
+  now padded by what its own length lacks);
 - `_chunk` calls `as_strided` on a non-contiguous view of the queries and keys. ONNX has no
   strides: onnxscript's `aten_as_strided` reads its input in logical order ("non-contiguous
   views remain unsupported"), so the exported encoder computed other chunks than torch's
   without an error. The replacement hands `_chunk` a contiguous copy.
 
-Each replacement is exact: the exported encoder matches torch for every length (tests/
+Each replacement is exact: the exported encoders match torch for every length (tests/
 test_sliding_window_patches.py, which also shows each patch's failure without it).
 """
 
@@ -82,30 +86,63 @@ def _local_attention_only(original: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
-def _pad_to_window_size_unconditionally(
+def _window(config: Any) -> int:
+    window = config.attention_window
+    return window if isinstance(window, int) else max(window)
+
+
+def _missing(length: int | torch.SymInt, window: int) -> int | torch.SymInt:
+    """How many positions pad `length` to a multiple of `window` (0 when it is one)."""
+    return (window - length % window) % window
+
+
+def _pad_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
+    # Padded by what its own length lacks: the same number as the ids', but written with the
+    # mask's own size torch.export keeps the mask's axis unbounded (computed from the ids' size,
+    # LED's came out bounded to 1..5).
+    return nn.functional.pad(mask, (0, _missing(mask.shape[1], window)), value=0)
+
+
+def _led_pad_to_window_size_unconditionally(
     self: nn.Module,
     input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor,
     inputs_embeds: torch.Tensor | None,
     pad_token_id: int,
 ) -> tuple[_PaddingToInputLength, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    window = self.config.attention_window
-    window = window if isinstance(window, int) else max(window)
+    window = _window(self.config)
     batch_size, input_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-
-    def missing(length: int | torch.SymInt) -> int | torch.SymInt:
-        return (window - length % window) % window
-
+    padding = _missing(input_length, window)
     if input_ids is not None:
-        input_ids = nn.functional.pad(input_ids, (0, missing(input_length)), value=pad_token_id)
+        input_ids = nn.functional.pad(input_ids, (0, padding), value=pad_token_id)
     if inputs_embeds is not None:
-        padding_ids = inputs_embeds.new_full((batch_size, missing(input_length)), pad_token_id, dtype=torch.long)
+        padding_ids = inputs_embeds.new_full((batch_size, padding), pad_token_id, dtype=torch.long)
         inputs_embeds = torch.cat([inputs_embeds, self.embed_tokens(padding_ids)], dim=-2)
-    # Padded by what its own length lacks: the same number, but written with the mask's own
-    # size torch.export keeps the mask's axis unbounded (computed from the ids' size, it came
-    # out bounded to 1..5).
-    attention_mask = nn.functional.pad(attention_mask, (0, missing(attention_mask.shape[1])), value=False)
-    return _PaddingToInputLength(input_length), input_ids, attention_mask, inputs_embeds
+    return _PaddingToInputLength(input_length), input_ids, _pad_mask(attention_mask, window), inputs_embeds
+
+
+def _longformer_pad_to_window_size_unconditionally(
+    self: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    pad_token_id: int,
+) -> tuple[Any, ...]:
+    window = _window(self.config)
+    batch_size, input_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    padding = _missing(input_length, window)
+    if input_ids is not None:
+        input_ids = nn.functional.pad(input_ids, (0, padding), value=pad_token_id)
+    if position_ids is not None:
+        # Padded with pad_token_id as upstream does (RobertaEmbeddings' padding index).
+        position_ids = nn.functional.pad(position_ids, (0, padding), value=pad_token_id)
+    if inputs_embeds is not None:
+        padding_ids = inputs_embeds.new_full((batch_size, padding), pad_token_id, dtype=torch.long)
+        inputs_embeds = torch.cat([inputs_embeds, self.embeddings(padding_ids)], dim=-2)
+    masks = _pad_mask(attention_mask, window), _pad_mask(token_type_ids, window)
+    return padding, input_ids, masks[0], masks[1], position_ids, inputs_embeds
 
 
 def _contiguous_chunks(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -116,41 +153,62 @@ def _contiguous_chunks(original: Callable[..., Any]) -> Callable[..., Any]:
     return chunk
 
 
-def sliding_window_patches() -> tuple[Patch, ...]:
-    from transformers.models.led import modeling_led as led
-
-    attention = led.LEDEncoderSelfAttention
+def _attention_patches(prefix: str, module: types.ModuleType, attention: type) -> tuple[Patch, ...]:
+    """The three patches Longformer's self-attention and LED's copy of it share."""
     return (
         Patch(
-            name="led_local_attention_only",
+            name=f"{prefix}_local_attention_only",
             owner=attention,
             attribute="forward",
             replacement=_local_attention_only(attention.forward),
-            fixes="GuardOnDataDependentSymNode (LEDEncoder asks `is_index_global_attn.flatten().any().item()` "
-            "and branches on it; the exported encoder has no global_attention_mask input)",
+            fixes="GuardOnDataDependentSymNode (the encoder asks `is_index_global_attn.flatten().any().item()` "
+            "and branches on it; the exported graph has no global_attention_mask input)",
         ),
         Patch(
-            name="led_integer_window_division",
-            owner=led,
+            name=f"{prefix}_integer_window_division",
+            owner=module,
             attribute="torch",
             replacement=_TorchWithIntegerDivision("torch"),
             fixes="GuardOnDataDependentSymNode (chunk counts are `torch.div(seq_len, w, rounding_mode='trunc')`, "
             "a tensor that sizes views)",
         ),
         Patch(
-            name="led_pad_to_window_size_unconditionally",
-            owner=led.LEDEncoder,
-            attribute="_pad_to_window_size",
-            replacement=_pad_to_window_size_unconditionally,
-            fixes="wrong sequence length for inputs whose padding differs from the example's (padding and "
-            "unpadding behind `if padding_len > 0`, kept for the example's length)",
-        ),
-        Patch(
-            name="led_contiguous_chunks",
+            name=f"{prefix}_contiguous_chunks",
             owner=attention,
             attribute="_chunk",
             replacement=staticmethod(_contiguous_chunks(attention._chunk)),
             fixes="encoder differs from torch by ~1e-2 without an error (`_chunk` calls `as_strided` on a "
             "non-contiguous view; onnxscript's aten_as_strided reads its input in logical order)",
+        ),
+    )
+
+
+_PADDING_BRANCH = (
+    "wrong sequence length or values for inputs whose padding differs from the example's (padding "
+    "behind `if padding_len > 0`, kept for the example's length)"
+)
+
+
+def sliding_window_patches() -> tuple[Patch, ...]:
+    from transformers.models.led import modeling_led as led
+    from transformers.models.longformer import modeling_longformer as longformer
+
+    return (
+        *_attention_patches("led", led, led.LEDEncoderSelfAttention),
+        Patch(
+            name="led_pad_to_window_size_unconditionally",
+            owner=led.LEDEncoder,
+            attribute="_pad_to_window_size",
+            replacement=_led_pad_to_window_size_unconditionally,
+            fixes=_PADDING_BRANCH,
+        ),
+        *_attention_patches("longformer", longformer, longformer.LongformerSelfAttention),
+        Patch(
+            name="longformer_pad_to_window_size_unconditionally",
+            owner=longformer.LongformerModel,
+            attribute="_pad_to_window_size",
+            replacement=_longformer_pad_to_window_size_unconditionally,
+            fixes="torch.export bounds the attention mask's axis to 1..5 (the mask is padded by a size computed "
+            "from the ids' length; Longformer's values are right either way, its unpadding has no branch)",
         ),
     )

@@ -75,6 +75,8 @@ ENCODER_OVERRIDES: dict[str, dict[str, Any]] = {
     "canine": dict(downsampling_rate=2, num_hash_buckets=64, max_position_embeddings=2048),
     # LUKE's entity table is separate from the word vocabulary.
     "luke": dict(entity_vocab_size=8, entity_emb_size=16),
+    # A window of 4 (default 512) so that inputs of a few tokens span several chunks.
+    "longformer": dict(attention_window=4),
 }
 
 #: Whisper's mel frames: 30 s chunks (hop 160 at 16 kHz) = 3000 frames = 2 * max_source_positions,
