@@ -444,7 +444,7 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("complex-valued input", "complex-valued rotary embedding: ONNX has no complex type"),
     ("GuardOnDataDependentSymNode",
      "data-dependent control flow torch.export cannot trace (for example xmod's per-language adapters, blt's "
-     "entropy patching, Longformer global attention)"),
+     "entropy patching)"),
     ("KeyError: 'last_hidden_state'",
      "the base model's output has no last_hidden_state, the output feature-extraction reads (DPR's pooled "
      "output, backbones' feature maps)"),
