@@ -103,6 +103,25 @@ def _pad_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
     return nn.functional.pad(mask, (0, _missing(mask.shape[1], window)), value=0)
 
 
+def _pad_tokens(
+    config: Any,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    pad_token_id: int,
+) -> tuple[int, Any, Any, torch.Tensor | None, torch.Tensor | None]:
+    """Pads the ids or embeddings to the window: (window, input length, padding, ids, embeddings)."""
+    window = _window(config)
+    batch_size, input_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    padding = _missing(input_length, window)
+    if input_ids is not None:
+        input_ids = nn.functional.pad(input_ids, (0, padding), value=pad_token_id)
+    if inputs_embeds is not None:
+        padding_ids = inputs_embeds.new_full((batch_size, padding), pad_token_id, dtype=torch.long)
+        inputs_embeds = torch.cat([inputs_embeds, embed(padding_ids)], dim=-2)
+    return window, input_length, padding, input_ids, inputs_embeds
+
+
 def _led_pad_to_window_size_unconditionally(
     self: nn.Module,
     input_ids: torch.Tensor | None,
@@ -110,14 +129,9 @@ def _led_pad_to_window_size_unconditionally(
     inputs_embeds: torch.Tensor | None,
     pad_token_id: int,
 ) -> tuple[_PaddingToInputLength, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    window = _window(self.config)
-    batch_size, input_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-    padding = _missing(input_length, window)
-    if input_ids is not None:
-        input_ids = nn.functional.pad(input_ids, (0, padding), value=pad_token_id)
-    if inputs_embeds is not None:
-        padding_ids = inputs_embeds.new_full((batch_size, padding), pad_token_id, dtype=torch.long)
-        inputs_embeds = torch.cat([inputs_embeds, self.embed_tokens(padding_ids)], dim=-2)
+    window, input_length, _, input_ids, inputs_embeds = _pad_tokens(
+        self.config, input_ids, inputs_embeds, self.embed_tokens, pad_token_id
+    )
     return _PaddingToInputLength(input_length), input_ids, _pad_mask(attention_mask, window), inputs_embeds
 
 
@@ -130,19 +144,14 @@ def _longformer_pad_to_window_size_unconditionally(
     inputs_embeds: torch.Tensor | None,
     pad_token_id: int,
 ) -> tuple[Any, ...]:
-    window = _window(self.config)
-    batch_size, input_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-    padding = _missing(input_length, window)
-    if input_ids is not None:
-        input_ids = nn.functional.pad(input_ids, (0, padding), value=pad_token_id)
+    window, _, padding, input_ids, inputs_embeds = _pad_tokens(
+        self.config, input_ids, inputs_embeds, self.embeddings, pad_token_id
+    )
     if position_ids is not None:
         # Padded with pad_token_id as upstream does (RobertaEmbeddings' padding index).
         position_ids = nn.functional.pad(position_ids, (0, padding), value=pad_token_id)
-    if inputs_embeds is not None:
-        padding_ids = inputs_embeds.new_full((batch_size, padding), pad_token_id, dtype=torch.long)
-        inputs_embeds = torch.cat([inputs_embeds, self.embeddings(padding_ids)], dim=-2)
-    masks = _pad_mask(attention_mask, window), _pad_mask(token_type_ids, window)
-    return padding, input_ids, masks[0], masks[1], position_ids, inputs_embeds
+    attention_mask, token_type_ids = _pad_mask(attention_mask, window), _pad_mask(token_type_ids, window)
+    return padding, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
 
 
 def _contiguous_chunks(original: Callable[..., Any]) -> Callable[..., Any]:
