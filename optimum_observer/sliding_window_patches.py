@@ -192,12 +192,6 @@ def _attention_patches(prefix: str, module: types.ModuleType, attention: type) -
     )
 
 
-_PADDING_BRANCH = (
-    "wrong sequence length or values for inputs whose padding differs from the example's (padding "
-    "behind `if padding_len > 0`, kept for the example's length)"
-)
-
-
 def sliding_window_patches() -> tuple[Patch, ...]:
     from transformers.models.led import modeling_led as led
     from transformers.models.longformer import modeling_longformer as longformer
@@ -209,7 +203,8 @@ def sliding_window_patches() -> tuple[Patch, ...]:
             owner=led.LEDEncoder,
             attribute="_pad_to_window_size",
             replacement=_led_pad_to_window_size_unconditionally,
-            fixes=_PADDING_BRANCH,
+            fixes="wrong sequence length or values for inputs whose padding differs from the example's "
+            "(padding and unpadding behind `if padding_len > 0`, kept for the example's length)",
         ),
         *_attention_patches("longformer", longformer, longformer.LongformerSelfAttention),
         Patch(
