@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import capture as capture_stage
-from . import conversion, loading, naming, packaging, synthesis, validation
+from . import conversion, loading, naming, packaging, portable_cache, synthesis, validation
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
@@ -156,6 +156,8 @@ def export(
         with progress.stage(Stage.NAMING):
             for graph in graphs:
                 axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
+                for name, portable_axes in portable_cache.make_cache_inputs_portable(graph.program.model).items():
+                    axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
                 # Several files may share value names (each decoder has `input_ids`): qualify them.
                 prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
                 dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
