@@ -1,12 +1,18 @@
 """The unchanged-code hook: installed at interpreter start by `optimum_observer_hook.pth`.
 
-Takes nothing and imports nothing beyond `sys` and `os` (it runs in every Python process of the
-environment, so it must cost next to nothing and never import torch or optimum). It puts a
-finder at the front of `sys.meta_path` that waits for `optimum.exporters.onnx.__main__`; when
-that module has executed, :func:`legacy_shim.unchanged_code.wrap_main_export` swaps its
-`main_export` for the routed one. From then on `from optimum.exporters.onnx import main_export`,
-`optimum.onnxruntime.ORTModel*.from_pretrained(..., export=True)` and `optimum-cli export onnx`
-route pairs optimum-onnx has no OnnxConfig for to the observer, and leave the rest to optimum-onnx.
+Takes nothing and imports nothing beyond `sys` and `os` (it runs in every Python
+process of the environment, so it must cost next to nothing and never import torch or optimum).
+It puts a finder at the front of `sys.meta_path` that waits for the modules of :data:`TARGETS`;
+when one has executed, its patch function runs on it:
+
+- `optimum.exporters.onnx.__main__`: :func:`legacy_shim.unchanged_code.wrap_main_export` swaps
+  its `main_export` for the routed one. From then on `from optimum.exporters.onnx import
+  main_export`, `optimum.onnxruntime.ORTModel*.from_pretrained(..., export=True)` and
+  `optimum-cli export onnx` route pairs optimum-onnx has no OnnxConfig for to the observer, and
+  leave the rest to optimum-onnx.
+- `optimum.onnxruntime.modeling_decoder` / `modeling_seq2seq`: :mod:`legacy_shim.runtime_cache`
+  makes `ORTModelForCausalLM` and the seq2seq decoders read their cache layout from the graph
+  (grouped-query attention, explicit head_dim, MLA, state caches), not from the config.
 
 Set `OPTIMUM_OBSERVER_DISABLE=1` to turn it off.
 """
@@ -17,7 +23,12 @@ import os
 import sys
 
 DISABLE_ENV_VAR = "OPTIMUM_OBSERVER_DISABLE"
-TARGET_MODULE = "optimum.exporters.onnx.__main__"
+#: Module -> "module:function" patching it once it has executed.
+TARGETS = {
+    "optimum.exporters.onnx.__main__": "legacy_shim.unchanged_code:wrap_main_export",
+    "optimum.onnxruntime.modeling_decoder": "legacy_shim.runtime_cache:patch_modeling_decoder",
+    "optimum.onnxruntime.modeling_seq2seq": "legacy_shim.runtime_cache:patch_modeling_seq2seq",
+}
 
 
 def enabled(environ: os._Environ | dict = os.environ) -> bool:
@@ -40,16 +51,21 @@ class _PatchAfterExec:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        from .unchanged_code import wrap_main_export
+        _patch(module)
 
-        wrap_main_export(module)
+
+def _patch(module) -> None:
+    import importlib
+
+    where, function = TARGETS[module.__name__].split(":")
+    getattr(importlib.import_module(where), function)(module)
 
 
 class PostImportFinder:
-    """Meta path finder that wraps the loader of :data:`TARGET_MODULE` and nothing else."""
+    """Meta path finder that wraps the loaders of the :data:`TARGETS` modules and nothing else."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET_MODULE:
+        if fullname not in TARGETS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -65,12 +81,10 @@ class PostImportFinder:
 
 
 def install() -> None:
-    """Installs the finder once, unless disabled; patches at once if the target is already loaded."""
+    """Installs the finder once, unless disabled; patches at once the targets already loaded."""
     if not enabled() or any(isinstance(f, PostImportFinder) for f in sys.meta_path):
         return
-    if TARGET_MODULE in sys.modules:
-        from .unchanged_code import wrap_main_export
-
-        wrap_main_export(sys.modules[TARGET_MODULE])
-        return
+    for name in TARGETS:
+        if name in sys.modules:
+            _patch(sys.modules[name])
     sys.meta_path.insert(0, PostImportFinder())

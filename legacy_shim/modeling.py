@@ -8,10 +8,11 @@ Each class subclasses its `optimum.onnxruntime` namesake and overrides the minim
   unsupported architecture" error for every type it has no OnnxConfig for. The extra
   `from_pretrained(..., exporter="auto"|"legacy"|"observer")` keyword picks the route.
 - `_dynamic_axis_inference`: parsed, never `eval`-ed (see :mod:`legacy_shim.runtime_fixes`).
-- the empty first-step cache of decoders is shaped from the session's input shapes.
-- decoders whose cache upstream cannot size or feed (states of state-space models, keys and
-  values of different head sizes outside deepseek_v3, configs without the attributes upstream
-  reads) generate through :mod:`legacy_shim.state_runtime`, which feeds every cache input by name.
+- decoders read their cache layout from the session (:mod:`legacy_shim.runtime_cache`, which
+  the unchanged-code hook also applies to optimum's own classes); those whose cache upstream
+  cannot size or feed (states of state-space models, keys and values of different head sizes
+  outside deepseek_v3, configs without the attributes upstream reads) generate through
+  :mod:`legacy_shim.state_runtime`, which feeds every cache input by name.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from optimum.onnxruntime import modeling_seq2seq
 
 from optimum_observer.loading import unregistered_config
 
-from . import state_runtime
+from . import runtime_cache
 from .export import main_export
 from .patching import swapped_attribute
-from .runtime_fixes import cache_dims_from_session, evaluate_axis_expression
+from .runtime_fixes import evaluate_axis_expression
 
 
 class SafeAxisInference:
@@ -69,36 +70,12 @@ class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausal
     __doc__ = ort.ORTModelForCausalLM.__doc__
 
     def __init__(self, *args: Any, **kwargs: Any):
-        sized_from_config = True
         try:
             super().__init__(*args, **kwargs)
-        except AttributeError:
-            # Upstream's last step sizes the empty cache from config attributes some configs
-            # lack (`num_attention_heads`: mamba; `hidden_size`: got_ocr2); the graph says them.
-            if not (hasattr(self, "old_gpt_bigcode_modeling") and state_runtime.cache_input_names(self.input_names)):
-                raise
-            sized_from_config = False
-        dims = cache_dims_from_session(self.input_shapes, self.key_value_input_names)
-        # Keys and values of different head sizes: upstream feeds them only for deepseek_v3.
-        split_heads = dims is not None and dims.key_head_size != dims.value_head_size
-        self.cache_fed_by_name = (
-            not sized_from_config
-            or state_runtime.has_state_inputs(self.input_names)
-            or (split_heads and self.config.model_type != "deepseek_v3")
-        )
-        if self.cache_fed_by_name:
-            self.key_value_input_names = state_runtime.cache_input_names(self.input_names)
-            self.key_value_output_names = [state_runtime.present_name(n) for n in self.key_value_input_names]
-            self.can_use_cache = True
-            return
-        if dims is None or self.old_bloom_modeling or self.old_gpt_bigcode_modeling:
-            return
-        self.num_key_value_heads = dims.num_heads
-        if self.config.model_type == "deepseek_v3":
-            # upstream keeps separate key and value head sizes for this type only
-            self.qk_head_dim, self.v_head_dim = dims.key_head_size, dims.value_head_size
+        except AttributeError as error:
+            runtime_cache.adapt_causal_lm(self, error)
         else:
-            self.embed_size_per_head = dims.key_head_size
+            runtime_cache.adapt_causal_lm(self)
 
     def forward(
         self,
@@ -109,9 +86,10 @@ class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausal
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        if not self.cache_fed_by_name:
-            return super().forward(input_ids, attention_mask, past_key_values, position_ids, use_cache, **kwargs)
-        return state_runtime.forward_by_name(self, input_ids, attention_mask, past_key_values, position_ids)
+        return runtime_cache.causal_lm_forward(
+            self, ort.ORTModelForCausalLM.forward, input_ids, attention_mask, past_key_values, position_ids,
+            use_cache, **kwargs
+        )
 
 
 class ORTModelForFeatureExtraction(RoutedExport, SafeAxisInference, ort.ORTModelForFeatureExtraction):
@@ -127,10 +105,7 @@ class ORTModelForSequenceClassification(
 class ORTDecoderForSeq2Seq(SafeAxisInference, modeling_seq2seq.ORTDecoderForSeq2Seq):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        dims = cache_dims_from_session(self.input_shapes, self.key_value_input_names)
-        if dims is not None and dims.key_head_size == dims.value_head_size:
-            self.num_attention_heads = dims.num_heads
-            self.embed_size_per_head = dims.key_head_size
+        runtime_cache.adapt_seq2seq_decoder(self)
 
 
 class ORTEncoder(SafeAxisInference, modeling_seq2seq.ORTEncoder):

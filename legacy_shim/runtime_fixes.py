@@ -4,7 +4,8 @@
   (`ORTSessionMixin._dynamic_axis_inference`), which runs whatever Python a model file puts in
   a `dim_param`. It accepts integer arithmetic over known axis names and nothing else.
 - :func:`cache_dims_from_session` reads the key/value head count and head sizes from the
-  session's input shapes. Upstream computes them from the config
+  session's `present.*` output shapes (static in every export; an observer export's
+  `past_key_values.*` inputs leave those axes symbolic, see optimum_observer.portable_cache). Upstream computes them from the config
   (`hidden_size // num_attention_heads`, and `num_attention_heads` as kv heads for most types),
   which is wrong whenever `head_dim` is explicit or the model uses grouped-query attention
   (measured: llama with head_dim=32, hidden_size=64, 4 heads fails at the first generate step
@@ -79,15 +80,16 @@ class CacheDims:
 
 
 def cache_dims_from_session(
-    input_shapes: Mapping[str, Sequence[int | str | None]], key_value_input_names: Sequence[str]
+    shapes: Mapping[str, Sequence[int | str | None]], key_value_names: Sequence[str]
 ) -> CacheDims | None:
-    """The cache dims of the first layer's key and value inputs, when both are 4-d with static
+    """The cache dims of the first layer's key and value (`shapes` of the session's inputs or
+    outputs, `key_value_names` the cache's names among them), when both are 4-d with static
     head count and head size; None otherwise (the caller keeps upstream's config-derived values)."""
-    keys = [n for n in key_value_input_names if n.endswith(".key")]
-    values = [n for n in key_value_input_names if n.endswith(".value")]
+    keys = [n for n in key_value_names if n.endswith(".key")]
+    values = [n for n in key_value_names if n.endswith(".value")]
     if not keys or not values:
         return None
-    key, value = input_shapes[keys[0]], input_shapes[values[0]]
+    key, value = shapes[keys[0]], shapes[values[0]]
     static = all(len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int) for s in (key, value))
     if not static or key[1] != value[1]:
         return None
