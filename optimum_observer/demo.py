@@ -22,17 +22,17 @@ SENTENCES = (
 )
 DEMO_MODEL_TYPE = "starcoder2"
 
-#: Sizes every decoder-only tiny model shares. Key/value heads equal attention heads and
-#: head_dim is hidden_size // heads: the unchanged optimum runtime sizes its first-step cache that
-#: way for most model types (see README, "Limits").
+#: Sizes every decoder-only tiny model shares, shaped like real checkpoints: grouped-query
+#: attention (2 key/value heads of 4) and, for types that read `head_dim`, a head size (32) other
+#: than hidden_size // heads (16), as Qwen3, Gemma or Mistral-Nemo checkpoints have.
 DECODER_SIZES: dict[str, Any] = dict(
     vocab_size=256,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=16,
+    num_key_value_heads=2,
+    head_dim=32,
     max_position_embeddings=512,
     bos_token_id=1,
     eos_token_id=2,

@@ -10,14 +10,15 @@ The shrink is generic: every size attribute that appears in the config (at any d
 every per-layer list (`layer_types`, `layers_block_type`, ...) is cut to the new layer count.
 Per-type overrides exist only where the generic shrink cannot work; each says why.
 
-Key/value heads and head size: every tiny model has `num_key_value_heads == num_attention_heads`
-and `head_dim == hidden_size // num_attention_heads`. The unchanged
-`optimum.onnxruntime.ORTModelForCausalLM`, which the sweep validates generation with, sizes its
-empty first-step cache from the config: key/value heads only for a hard-coded list of types and
-head size as `hidden_size // num_attention_heads` for most. With these sizes its guess is right
-for every type, so a failure measures the exporter, not that runtime limit. Grouped-query
-attention and an explicit different `head_dim` are covered by the end-to-end tests instead
-(tests/tiny_models.py).
+Shapes (`shapes=`): real checkpoints use grouped-query attention, an explicit head size,
+MLA and sliding-window layers, and a test model without them hides the bugs they trigger.
+"real" (the default) gives every config that has the key `KV_HEADS` key/value heads of `HEADS`
+(multi-query types keep their single head), an explicit head size `REAL_HEAD_DIM` that differs
+from `hidden_size // num_attention_heads`, DeepSeek-style MLA with key head size
+(`qk_nope_head_dim + qk_rope_head_dim`) different from the value head size, and per-layer
+lists cut so that every kind of layer (sliding and full attention, mamba and attention...) the
+default config has is kept. "mha" gives the older shape: as many key/value heads as heads and
+`head_dim == hidden_size // num_attention_heads`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ LAYERS = 2
 HIDDEN = 64
 HEADS = 4
 HEAD_DIM = HIDDEN // HEADS
+KV_HEADS = 2
+REAL_HEAD_DIM = 2 * HEAD_DIM
 INTERMEDIATE = 128
 VOCAB = 256
 POSITIONS = 512
@@ -113,6 +116,24 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("chunk_size", "mamba_chunk_size"), 16),
 }
 
+#: Key/value head counts: `KV_HEADS` with real shapes, `HEADS` (listed in SIZES) with "mha".
+_KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads", "num_query_groups")
+#: Explicit attention head sizes: `REAL_HEAD_DIM` with real shapes, `HEAD_DIM` with "mha".
+_HEAD_SIZE_KEYS = ("head_dim", "d_kv", "attention_head_size", "d_head", "kv_channels", "attention_head_dim")
+
+#: What "real" changes over SIZES. MLA (deepseek_v2/v3, longcat_flash): keys of
+#: 32 + 16 = 48 per head, values of 32 (DeepSeek-V3: 128 + 64 and 128); `head_dim` is the
+#: rotary part there, so it follows `qk_rope_head_dim` (see _mla_head_dim).
+REAL_SHAPES: dict[str, int] = {
+    **dict.fromkeys(_KV_HEAD_KEYS, KV_HEADS),
+    **dict.fromkeys(_HEAD_SIZE_KEYS, REAL_HEAD_DIM),
+    "qk_nope_head_dim": 2 * HEAD_DIM,
+    "qk_rope_head_dim": HEAD_DIM,
+    "v_head_dim": 2 * HEAD_DIM,
+    "qk_head_dim": 3 * HEAD_DIM,
+}
+SHAPES = ("real", "mha")
+
 #: Attributes capped at a tiny value (kept when already smaller).
 CAPS: dict[str, int] = {"sliding_window": POSITIONS, "attention_window_size": POSITIONS}
 
@@ -162,6 +183,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "xmod": {"default_language": "en_XX"},
     # Axial position embeddings: the factors must multiply to the positions and sum to hidden.
     "reformer": {"axial_pos_shape": [16, 32], "axial_pos_embds_dim": [32, 32]},
+    # Head sizes that are not free: mamba2's head_dim is the SSM head size (num_heads x head_dim
+    # must equal hidden_size x expand), xlnet's d_head must equal d_model // n_head.
+    "mamba2": {"head_dim": HEAD_DIM},
+    "xlnet": {"d_head": HEAD_DIM},
     # The default init_std is 1.0 (weights drawn from N(0, 1)): logits near 30, where float32
     # rounding alone differs between torch and ONNX Runtime by more than the 1e-4 tolerance.
     "cpmant": {"init_std": 0.02},
@@ -181,12 +206,24 @@ def _layer_count(config: dict[str, Any]) -> int | None:
     return None
 
 
-def _shrink(config: dict[str, Any], nested: bool = False) -> dict[str, Any]:
+def _layers_kept(layer_kinds: list[Any] | tuple[Any, ...], shapes: str) -> list[int]:
+    """Which layers of a per-layer list the tiny model keeps: the first `LAYERS`, or, with real
+    shapes, the first layer of each kind (then the first others) so that a model with sliding
+    and full attention layers (gemma3: five sliding, then one full) keeps both."""
+    if shapes == "mha":
+        return list(range(LAYERS))
+    firsts = [index for index, kind in enumerate(layer_kinds) if kind not in layer_kinds[:index]]
+    others = [index for index in range(len(layer_kinds)) if index not in firsts]
+    return sorted((firsts + others)[:LAYERS])
+
+
+def _shrink(config: dict[str, Any], nested: bool = False, shapes: str = "real") -> dict[str, Any]:
     """A shrunk copy of one level of a config dict, and of every nested config in it.
 
     A nested config keeps only what differs from `PretrainedConfig`'s defaults: some sub-config
     classes (dbrx's attn_config...) reject the common attributes as unknown keyword arguments.
     """
+    sizes = {**SIZES, **REAL_SHAPES} if shapes == "real" else SIZES
     original_layers = _layer_count(config)
     common = _common_defaults() if nested else {}
     shrunk: dict[str, Any] = {}
@@ -194,19 +231,27 @@ def _shrink(config: dict[str, Any], nested: bool = False) -> dict[str, Any]:
         if key in common and common[key] == value:
             continue
         if isinstance(value, dict) and key not in ("id2label", "label2id", "pruned_heads", "rope_scaling"):
-            value = _shrink(value, nested=True)
-        elif key in SIZES and (
+            value = _shrink(value, nested=True, shapes=shapes)
+        elif key in sizes and (
             (isinstance(value, int) and not isinstance(value, bool)) or (value is None and key not in _NONE_MEANS_OFF)
         ):
-            value = SIZES[key]
+            value = sizes[key]
         elif key in SWITCHES:
             value = SWITCHES[key]
         elif key in CAPS and isinstance(value, int):
             value = min(value, CAPS[key])
         elif isinstance(value, (list, tuple)) and original_layers and len(value) == original_layers > LAYERS:
-            # A per-layer list (layer_types, layers_block_type, ...): keep the first layers.
-            value = type(value)(value[:LAYERS])
+            # A per-layer list (layer_types, layers_block_type, ...).
+            value = type(value)(value[index] for index in _layers_kept(value, shapes))
         shrunk[key] = value
+    if "qk_rope_head_dim" in shrunk:
+        # MLA: head_dim is the rotary part of a key head (DeepSeek-V3: both 64), and every head
+        # has its own keys and values, decompressed from the shared latent (DeepSeek-V3: 128
+        # key/value heads of 128).
+        if "head_dim" in shrunk:
+            shrunk["head_dim"] = shrunk["qk_rope_head_dim"]
+        if "num_key_value_heads" in shrunk:
+            shrunk["num_key_value_heads"] = shrunk.get("num_attention_heads", HEADS)
     if "stage_names" in shrunk:
         # A backbone config (swin, beit, convnext...) derives its stage names from `depths`, which
         # may be cut above; its default output stage (the last) is derived again, not kept.
@@ -248,15 +293,20 @@ def model_class(model_type: str, auto_model_class: str) -> type:
     return mapping[transformers.CONFIG_MAPPING[model_type]]
 
 
-def tiny_config(model_type: str, auto_model_class: str, **overrides: Any) -> transformers.PretrainedConfig:
+def tiny_config(
+    model_type: str, auto_model_class: str, shapes: str = "real", **overrides: Any
+) -> transformers.PretrainedConfig:
     """The default config of `model_type`'s `auto_model_class` head, shrunk; `overrides` win.
 
-    The config class is the head class's own: a few heads (emu3, llama4, mllama, musicgen...)
-    take only the text part of their type's composite config.
+    `shapes` is "real" or "mha" (see the module docstring). The config class is the head
+    class's own: a few heads (emu3, llama4, mllama, musicgen...) take only the text part of
+    their type's composite config.
     """
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
     config_class = model_class(model_type, auto_model_class).config_class
     defaults = {**OVERRIDES.get(model_type, {}), **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {})}
-    values = _shrink(config_class(**defaults).to_dict())
+    values = _shrink(config_class(**defaults).to_dict(), shapes=shapes)
     values.update({k: v for k, v in OVERRIDES.get(model_type, {}).items() if v != {}})
     values.update(overrides)
     values.pop("model_type", None)
@@ -268,9 +318,11 @@ def tiny_config(model_type: str, auto_model_class: str, **overrides: Any) -> tra
     return config
 
 
-def build_tiny_model(model_type: str, auto_model_class: str, seed: int = 0, **overrides: Any) -> Any:
+def build_tiny_model(
+    model_type: str, auto_model_class: str, seed: int = 0, shapes: str = "real", **overrides: Any
+) -> Any:
     """A tiny random model of `model_type` under `auto_model_class` (e.g. "AutoModelForCausalLM")."""
-    config = tiny_config(model_type, auto_model_class, **overrides)
+    config = tiny_config(model_type, auto_model_class, shapes, **overrides)
     torch.manual_seed(seed)
     model = model_class(model_type, auto_model_class)(config)
     if model.can_generate() and model.generation_config.pad_token_id is None:
@@ -289,8 +341,10 @@ def _pad_token_id(config: transformers.PretrainedConfig) -> int:
     return 0
 
 
-def save_tiny_model(model_type: str, auto_model_class: str, directory: Path, seed: int = 0, **overrides: Any) -> Path:
+def save_tiny_model(
+    model_type: str, auto_model_class: str, directory: Path, seed: int = 0, shapes: str = "real", **overrides: Any
+) -> Path:
     """Builds :func:`build_tiny_model` and saves it (config, generation config, weights) to `directory`."""
-    model = build_tiny_model(model_type, auto_model_class, seed, **overrides)
+    model = build_tiny_model(model_type, auto_model_class, seed, shapes, **overrides)
     model.save_pretrained(directory)
     return Path(directory)

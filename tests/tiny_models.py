@@ -9,17 +9,9 @@ from optimum_observer.demo import build_tokenizer, save_tiny_causal_lm
 
 __all__ = ["DECODER_OVERRIDES", "build_tokenizer", "save_causal_lm"]
 
-#: Grouped-query attention (2 key/value heads of 4) where the unchanged optimum runtime reads
-#: num_key_value_heads from the config; elsewhere it assumes one key/value head per head.
-_GQA = dict(num_key_value_heads=2)
-
+#: Per-type sizes beside the real-shaped DECODER_SIZES every tiny decoder has (grouped-query
+#: attention, explicit head_dim): expert counts of the MoE types.
 DECODER_OVERRIDES: dict[str, dict[str, Any]] = {
-    "llama": _GQA,
-    "mistral": _GQA,
-    "qwen2": _GQA,
-    "qwen3": _GQA,
-    # gemma's runtime reads head_dim from the config: the model with head_dim != hidden // heads.
-    "gemma": dict(_GQA, head_dim=32),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
