@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 import transformers
 
-from measure import EXPORTERS, export_in_subprocess, onnx_size_mb, paired_latency_ms, print_table
+from measure import EXPORTERS, cache_layout, export_in_subprocess, onnx_size_mb, paired_latency_ms, print_table
 from optimum_observer.demo import DECODER_SIZES, build_tokenizer
 
 TASK = "text-generation-with-past"
@@ -49,7 +49,8 @@ MODELS = {
     ),
 }
 
-def _feeds(session: ort.InferenceSession, batch: int, new: int, past: int) -> dict[str, np.ndarray]:
+def feeds(session: ort.InferenceSession, batch: int, new: int, past: int) -> dict[str, np.ndarray]:
+    """Inputs of one step: `new` tokens after `past` cached ones, for every row of the batch."""
     feeds = {}
     for value in session.get_inputs():
         if value.name == "input_ids":
@@ -59,7 +60,7 @@ def _feeds(session: ort.InferenceSession, batch: int, new: int, past: int) -> di
         elif value.name == "position_ids":
             feeds[value.name] = np.tile(np.arange(past, past + new, dtype=np.int64), (batch, 1))
         elif value.name.startswith("past_key_values"):
-            heads, head_dim = value.shape[1], value.shape[3]
+            heads, head_dim = cache_layout(session, value.name)
             feeds[value.name] = np.random.rand(batch, heads, past, head_dim).astype(np.float32)
         else:
             raise ValueError(f"unexpected graph input {value.name}")
@@ -81,7 +82,7 @@ def bench(name: str, sizes: dict, scratch: Path, repeat: int) -> None:
         results[exporter]["size_mb"] = onnx_size_mb(output)
     paths = {exporter: output / "model.onnx" for exporter, output in outputs.items()}
     for metric, new, past, runs in (("prefill_ms", 128, 0, repeat), ("decode_ms", 1, 128, repeat * 4)):
-        feeds_for = functools.partial(_feeds, batch=1, new=new, past=past)
+        feeds_for = functools.partial(feeds, batch=1, new=new, past=past)
         for exporter, value in paired_latency_ms(paths, feeds_for, runs).items():
             results[exporter][metric] = value
     print(f"\n{name} ({params:.1f}M parameters)")

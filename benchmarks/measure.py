@@ -57,6 +57,13 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def cache_layout(session: ort.InferenceSession, input_name: str) -> tuple[int, int]:
+    """(heads, head size) of a `past_key_values.*` input, read from its `present.*` output: an
+    observer export leaves those input axes symbolic (optimum_observer.portable_cache)."""
+    present = {o.name: o.shape for o in session.get_outputs()}["present" + input_name[len("past_key_values"):]]
+    return present[1], present[3]
+
+
 def paired_latency_ms(
     paths: dict[str, Path], feeds_for: Callable[[ort.InferenceSession], dict[str, np.ndarray]], repeat: int
 ) -> dict[str, float]:
