@@ -183,14 +183,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "xmod": {"default_language": "en_XX"},
     # Axial position embeddings: the factors must multiply to the positions and sum to hidden.
     "reformer": {"axial_pos_shape": [16, 32], "axial_pos_embds_dim": [32, 32]},
-    # Head sizes that are not free: mamba2's head_dim is the SSM head size (num_heads x head_dim
-    # must equal hidden_size x expand), xlnet's d_head must equal d_model // n_head.
-    "mamba2": {"head_dim": HEAD_DIM},
-    "xlnet": {"d_head": HEAD_DIM},
     # The default init_std is 1.0 (weights drawn from N(0, 1)): logits near 30, where float32
     # rounding alone differs between torch and ONNX Runtime by more than the 1e-4 tolerance.
     "cpmant": {"init_std": 0.02},
 }
+
+#: Head-size keys that are not free for a type, kept at hidden // heads with real shapes too:
+#: mamba2's head_dim is its SSM head size (num_heads x head_dim must equal hidden_size x expand),
+#: xlnet's config refuses a d_head other than d_model // n_head (and its checkpoints have none).
+DERIVED_HEAD_SIZES: dict[str, tuple[str, ...]] = {"mamba2": ("head_dim",), "xlnet": ("d_head",)}
 
 #: What a causal-LM head needs whatever the type: encoder architectures (bert, roberta,
 #: reformer...) behave as causal LMs only as decoders, as their LM-head classes warn or assert.
@@ -307,6 +308,7 @@ def tiny_config(
     config_class = model_class(model_type, auto_model_class).config_class
     defaults = {**OVERRIDES.get(model_type, {}), **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {})}
     values = _shrink(config_class(**defaults).to_dict(), shapes=shapes)
+    values.update(dict.fromkeys(DERIVED_HEAD_SIZES.get(model_type, ()), HEAD_DIM))
     values.update({k: v for k, v in OVERRIDES.get(model_type, {}).items() if v != {}})
     values.update(overrides)
     values.pop("model_type", None)
