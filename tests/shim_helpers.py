@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,26 @@ def run_without_observer(code: str, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+@contextlib.contextmanager
+def runtime_hook_removed() -> Iterator[None]:
+    """optimum.onnxruntime's decoder classes as optimum-onnx ships them, for the block: the
+    hook's legacy_shim.runtime_cache patches undone, then put back."""
+    from optimum.onnxruntime import modeling_decoder, modeling_seq2seq
+
+    from legacy_shim import runtime_cache
+
+    classes = (modeling_decoder.ORTModelForCausalLM, modeling_seq2seq.ORTDecoderForSeq2Seq)
+    saved = {cls: {name: vars(cls)[name] for name in ("__init__", "forward") if name in vars(cls)} for cls in classes}
+    for cls in classes:
+        runtime_cache.unpatch(cls)
+    try:
+        yield
+    finally:
+        for cls, functions in saved.items():
+            for name, function in functions.items():
+                setattr(cls, name, function)
 
 
 def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:

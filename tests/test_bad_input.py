@@ -52,7 +52,8 @@ class TestBadInput(ExportFailureCase):
             for layers in (1, 2):
                 cache = DynamicCache()
                 for layer in range(layers):
-                    cache.update(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16), layer)
+                    size = (2, model.config.num_key_value_heads, 3, model.config.head_dim)
+                    cache.update(torch.randn(size), torch.randn(size), layer)
                 mask = torch.ones(2, 7, dtype=torch.long)
                 model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
 

@@ -67,7 +67,8 @@ class TestSynthesis(TinyLlamaCase):
         self.assertEqual(tuple(example.kwargs["attention_mask"].shape), (2, 8))
         self.assertEqual(example.kwargs["position_ids"][0].tolist(), [5, 6, 7])
         cache = example.kwargs["past_key_values"]
-        self.assertEqual(tuple(cache.layers[0].keys.shape), (2, 2, 5, 16))
+        config = self.loaded.model.config
+        self.assertEqual(tuple(cache.layers[0].keys.shape), (2, config.num_key_value_heads, 5, config.head_dim))
         self.assertEqual(example.dynamic_shapes["past_key_values"][0], {0: "batch_size", 2: "past_sequence_length"})
         self.assertEqual(example.dynamic_shapes["attention_mask"][1], "past_sequence_length + sequence_length")
 

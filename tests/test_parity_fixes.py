@@ -120,7 +120,9 @@ class TestTorchReferenceCaveats(unittest.TestCase):
 
     def test_a_generate_that_changes_without_its_cache_is_named(self):
         # Doge under sdpa: no causal mask for an unpadded prompt, its dynamic mask drops causality.
-        self.assertIn("other tokens without its cache", _caveat("doge", _prompt(5)))
+        # (Whether greedy tokens differ depends on the random weights and the prompt: with the
+        # real-shaped tiny doge they do for 4 tokens.)
+        self.assertIn("other tokens without its cache", _caveat("doge", _prompt(4)))
 
     def test_a_consistent_model_has_no_caveat(self):
         self.assertEqual(_caveat("llama", _prompt(5)), "")

@@ -14,8 +14,8 @@ from optimum_observer.sweep import PathResult, Status, SweepStage
 
 TASK = "text-generation-with-past"
 #: gpt2 passes both paths; bert passes the observer path only (optimum-onnx has no causal-LM
-#: config for it); mamba passes the observer path only through legacy_shim's runtime class (the
-#: unchanged one cannot feed its states); qdqbert fails on purpose at the first stage: its model
+#: config for it); mamba passes the observer path through optimum's class only with the hook
+#: installed in this environment (it feeds the states by name); qdqbert fails on purpose at the first stage: its model
 #: class needs pytorch-quantization, which is not installed.
 SAMPLE = ["gpt2", "bert", "mamba", "qdqbert"]
 
@@ -45,8 +45,7 @@ class TestSweepSample(unittest.TestCase):
         self.assertEqual(self.results["gpt2"].observer.runtime, sweep.UNCHANGED_RUNTIME)
         mamba = self.results["mamba"].observer
         self.assertEqual(mamba.status, Status.PASS, mamba.error)
-        self.assertEqual(mamba.runtime, sweep.SHIM_RUNTIME)
-        self.assertIn("unchanged runtime: ORTModelForCausalLM could not run the exported model", mamba.note)
+        self.assertEqual(mamba.runtime, sweep.UNCHANGED_RUNTIME)
 
     def test_legacy_path_runs_where_optimum_onnx_supports_the_type(self):
         self.assertEqual(self.results["gpt2"].legacy.status, Status.PASS, self.results["gpt2"].legacy.error)
@@ -64,7 +63,7 @@ class TestSweepSample(unittest.TestCase):
         self.assertIn("transformers", raw["versions"])
         self.assertEqual(raw["results"]["qdqbert"]["observer"]["stage"], "config build")
         table = sweep.coverage_path(self.out, TASK).with_suffix(".md").read_text()
-        self.assertIn("observer export with validation passes: **3 / 4** (2 validated through the unchanged", table)
+        self.assertIn("observer export with validation passes: **3 / 4** (3 validated through the unchanged", table)
         self.assertIn("only through `legacy_shim`'s runtime class: mamba)", table)
         self.assertIn("| mamba | pass (shim runtime) |", table)
         self.assertIn("| qdqbert | FAIL (config build) |", table)

@@ -45,12 +45,29 @@ class TestTinyModels(unittest.TestCase):
         self.assertTrue(torch.isfinite(logits).all())
 
     @parameterized.expand([(t,) for t in SAMPLE])
-    def test_sizes_the_unchanged_runtime_can_feed(self, model_type):
+    def test_real_checkpoint_shapes_where_the_config_has_them(self, model_type):
         config = tiny_configs.tiny_config(model_type, "AutoModelForCausalLM").get_text_config()
         heads = getattr(config, "num_attention_heads", None)
         if heads is None:  # state-space models have no attention heads
             return
         self.assertEqual(heads, tiny_configs.HEADS)
+        keys = config.to_dict()
+        if "qk_rope_head_dim" in keys:  # MLA: keys and values of different sizes, no key/value groups
+            self.assertNotEqual(config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim)
+            self.assertEqual(config.num_key_value_heads, heads)
+            return
+        if keys.get("num_key_value_heads") is not None:
+            self.assertEqual(config.num_key_value_heads, tiny_configs.KV_HEADS)
+        if keys.get("head_dim") is not None:
+            self.assertEqual(config.head_dim, tiny_configs.REAL_HEAD_DIM)
+            self.assertNotEqual(config.head_dim, config.hidden_size // heads)
+
+    @parameterized.expand([(t,) for t in SAMPLE])
+    def test_mha_shapes_on_request(self, model_type):
+        config = tiny_configs.tiny_config(model_type, "AutoModelForCausalLM", shapes="mha").get_text_config()
+        heads = getattr(config, "num_attention_heads", None)
+        if heads is None:
+            return
         self.assertIn(getattr(config, "num_key_value_heads", heads), (heads, None))
         self.assertIn(getattr(config, "head_dim", None), (tiny_configs.HEAD_DIM, None))
         self.assertEqual(config.hidden_size // heads, tiny_configs.HEAD_DIM)
@@ -85,8 +102,8 @@ class TestShrinkRules(unittest.TestCase):
         self.assertTrue(tiny_configs.tiny_config("bert", "AutoModelForCausalLM").is_decoder)
 
     def test_caller_overrides_win(self):
-        config = tiny_configs.tiny_config("llama", "AutoModelForCausalLM", num_key_value_heads=2)
-        self.assertEqual(config.num_key_value_heads, 2)
+        config = tiny_configs.tiny_config("llama", "AutoModelForCausalLM", num_key_value_heads=1)
+        self.assertEqual(config.num_key_value_heads, 1)
 
     def test_every_override_names_a_known_type(self):
         for model_type in tiny_configs.OVERRIDES:
@@ -102,4 +119,21 @@ class TestShrinkRules(unittest.TestCase):
     def test_encoder_decoder_configs_can_start_generating(self):
         config = tiny_configs.tiny_config("t5", "AutoModelForSeq2SeqLM")
         self.assertIsNotNone(config.decoder_start_token_id)
-        self.assertEqual(config.d_kv * config.num_heads, config.d_model)
+        # mt5 / umt5 checkpoints: d_kv 64 with d_model 512 and 6 heads.
+        self.assertEqual(config.d_kv, tiny_configs.REAL_HEAD_DIM)
+        self.assertNotEqual(config.d_kv * config.num_heads, config.d_model)
+
+    def test_every_layer_kind_is_kept(self):
+        # gemma3: five sliding-window layers, then one full-attention layer, repeated.
+        config = tiny_configs.tiny_config("gemma3", "AutoModelForCausalLM").get_text_config()
+        self.assertEqual(sorted(set(config.layer_types)), ["full_attention", "sliding_attention"])
+        mha = tiny_configs.tiny_config("gemma3", "AutoModelForCausalLM", shapes="mha").get_text_config()
+        self.assertEqual(mha.layer_types, ["sliding_attention", "sliding_attention"])
+
+    def test_head_sizes_a_type_derives_stay_derived(self):
+        config = tiny_configs.tiny_config("xlnet", "AutoModelForCausalLM")
+        self.assertEqual(config.d_head, config.d_model // config.n_head)
+
+    def test_unknown_shapes_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "shapes must be one of"):
+            tiny_configs.tiny_config("llama", "AutoModelForCausalLM", shapes="gqa")
