@@ -59,9 +59,10 @@ def _runtime_failure_hint(error: BaseException) -> str:
             "legacy_shim's runtime class, which does that."
         )
     return (
-        "if the error is about past_key_values dimensions, the runtime sized its first-step "
-        "cache from the config: load the export with legacy_shim.ORTModelForCausalLM, which "
-        "reads it from the graph; pass validate=False to keep the file anyway."
+        "if the error names a past_key_values input that the runtime did not feed (the state "
+        "caches of state-space and hybrid models), optimum-onnx's class alone cannot generate with "
+        "this export: load it with legacy_shim.ORTModelForCausalLM (or keep optimum-observer's hook "
+        "enabled: unset OPTIMUM_OBSERVER_DISABLE); pass validate=False to keep the file anyway."
     )
 
 
