@@ -104,8 +104,12 @@ class ORTModelForSequenceClassification(
 
 class ORTDecoderForSeq2Seq(SafeAxisInference, modeling_seq2seq.ORTDecoderForSeq2Seq):
     def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        runtime_cache.adapt_seq2seq_decoder(self)
+        try:
+            super().__init__(*args, **kwargs)
+        except AttributeError as error:
+            runtime_cache.adapt_seq2seq_decoder(self, error)
+        else:
+            runtime_cache.adapt_seq2seq_decoder(self)
 
 
 class ORTEncoder(SafeAxisInference, modeling_seq2seq.ORTEncoder):

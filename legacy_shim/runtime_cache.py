@@ -76,9 +76,21 @@ def causal_lm_forward(model: Any, upstream_forward: Any, input_ids, attention_ma
     return state_runtime.forward_by_name(model, input_ids, attention_mask, past_key_values, position_ids)
 
 
-def adapt_seq2seq_decoder(decoder: Any) -> None:
-    """Sizes an `ORTDecoderForSeq2Seq`'s cache (used for IO binding) from its session."""
+def adapt_seq2seq_decoder(decoder: Any, init_error: AttributeError | None = None) -> None:
+    """Sizes an `ORTDecoderForSeq2Seq`'s cache (first step of a merged decoder, IO binding) from
+    its session.
+
+    Args:
+        init_error: the AttributeError upstream's `__init__` raised at its last step, where it
+            reads sizes from config attributes some configs lack (FSMT's decoder config has no
+            `num_attention_heads`). Re-raised unless the graph says the sizes instead.
+    """
     dims = cache_dims_from_session(decoder.output_shapes, decoder.key_value_output_names)
+    if init_error is not None:
+        vocab = decoder.output_shapes.get("logits", [None])[-1]
+        if dims is None or not hasattr(decoder, "is_merged") or not isinstance(vocab, int):
+            raise init_error
+        decoder.vocab_size = getattr(decoder, "vocab_size", vocab)
     if dims is not None and dims.key_head_size == dims.value_head_size:
         decoder.num_attention_heads = dims.num_heads
         decoder.embed_size_per_head = dims.key_head_size
@@ -120,8 +132,12 @@ def patch_modeling_seq2seq(module: ModuleType) -> None:
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        adapt_seq2seq_decoder(self)
+        try:
+            init(self, *args, **kwargs)
+        except AttributeError as error:
+            adapt_seq2seq_decoder(self, error)
+        else:
+            adapt_seq2seq_decoder(self)
 
     setattr(__init__, _PATCHED, init)
     cls.__init__ = __init__

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import ObserverExportError, Stage
 from .patches import PATCHES, Patch, applied, exact_no_op_constants, plain_tensor_buffers
@@ -46,7 +47,11 @@ class ContractModule(torch.nn.Module):
         for contract_input in self.graph.inputs:
             if contract_input.name in inputs:
                 value = inputs[contract_input.name]
-                arguments[contract_input.argument_for(accepted)] = (value,) if contract_input.first_of else value
+                if contract_input.first_of:
+                    # What generate() passes: a ModelOutput, read by index or by name (t5gemma
+                    # reads `encoder_outputs.last_hidden_state`; a tuple fails there).
+                    value = BaseModelOutput(last_hidden_state=value)
+                arguments[contract_input.argument_for(accepted)] = value
         if self.position_offset and arguments.get("position_ids") is not None:
             # The graph takes the runtime's positions; the model counts from another origin.
             arguments["position_ids"] = arguments["position_ids"] + self.position_offset

@@ -354,6 +354,23 @@ def _not_compiling() -> bool:
     return False
 
 
+def _fsmt_patches() -> tuple[Patch, ...]:
+    from transformers.models.fsmt import modeling_fsmt
+
+    return (
+        Patch(
+            name="fsmt_decoder_config",
+            owner=modeling_fsmt.FSMTDecoder,
+            attribute="config",
+            # `DynamicCache(config=None)` is the plain cache FSMT's own generate() passes in.
+            replacement=property(lambda self: None),
+            fixes="AttributeError: 'FSMTDecoder' object has no attribute 'config' (the decoder builds "
+            "its cache from `self.config` when its first call gets none: decoder_model.onnx's graph; "
+            "transformers 4.57 never sets it)",
+        ),
+    )
+
+
 def _pegasus_x_patches() -> tuple[Patch, ...]:
     from transformers.models.pegasus_x import modeling_pegasus_x
 
@@ -588,6 +605,7 @@ PATCHES: tuple[Patch, ...] = (
     *_moe_patches(),
     *_switch_patches(),
     *_pegasus_x_patches(),
+    *_fsmt_patches(),
     *_git_patches(),
     *_cpmant_patches(),
     *_real_rotary_patches(),

@@ -12,8 +12,9 @@ import unittest
 
 import torch
 
-from optimum_observer.conversion import restricted_axes
+from optimum_observer.conversion import ContractModule, restricted_axes
 from optimum_observer.synthesis import ExportExample, LeafSpec
+from optimum_observer.tasks import ContractOutput, GraphContract, get_task
 
 
 class _BoundedLength(torch.nn.Module):
@@ -50,3 +51,20 @@ class TestSpecialisedAxes(unittest.TestCase):
 
     def test_a_free_axis_is_not_reported(self):
         self.assertEqual(_problems(_FreeLength(), observed_length=7), [])
+
+
+class _ReadsEncoderOutputsByName(torch.nn.Module):
+    """A decoder that reads `encoder_outputs.last_hidden_state`, as T5Gemma's does."""
+
+    def forward(self, decoder_input_ids, encoder_outputs=None, return_dict=True):
+        return {"logits": encoder_outputs.last_hidden_state.sum(-1) + decoder_input_ids}
+
+
+class TestEncoderOutputsArgument(unittest.TestCase):
+    def test_the_graph_passes_encoder_outputs_as_generate_does(self):
+        # A tuple here failed T5Gemma's decoder: "'tuple' object has no attribute 'last_hidden_state'".
+        decoder = get_task("text2text-generation-with-past").graphs[1]
+        graph = GraphContract(decoder.file_name, decoder.inputs, (ContractOutput("logits"),), use_cache=None)
+        module = ContractModule(_ReadsEncoderOutputsByName(), graph)
+        (logits,) = module(input_ids=torch.zeros(2, 1), encoder_hidden_states=torch.ones(2, 3, 4))
+        torch.testing.assert_close(logits, torch.full((2, 3), 4.0))

@@ -51,3 +51,10 @@ class TestPegasusXPatches(unittest.TestCase):
         self.assertEqual(error.stage, Stage.EXPORT)
         # The causal mask, one position longer than the keys, broadcasts the attention weights.
         self.assertRegex(str(error.__cause__), "Expected size for first two dimensions|must match the size")
+
+
+class TestFsmtPatches(unittest.TestCase):
+    def test_decoder_config_patch(self):
+        error = _export_error("fsmt", "fsmt_decoder_config")
+        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertIn("has no attribute 'config'", str(error.__cause__))
