@@ -188,6 +188,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "cpmant": {"init_std": 0.02},
 }
 
+#: Values a type's default config cannot even be built without, applied before the shrink only
+#: (so the shrink makes them tiny): the generic encoder-decoder composite needs its two halves.
+BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "encoder-decoder": {
+        "encoder": {"model_type": "bert"},
+        "decoder": {"model_type": "bert", "is_decoder": True, "add_cross_attention": True},
+    },
+}
+
 #: Head-size keys that are not free for a type, kept at hidden // heads with real shapes too:
 #: mamba2's head_dim is its SSM head size (num_heads x head_dim must equal hidden_size x expand),
 #: xlnet's config refuses a d_head other than d_model // n_head (and its checkpoints have none).
@@ -306,7 +315,11 @@ def tiny_config(
     if shapes not in SHAPES:
         raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
     config_class = model_class(model_type, auto_model_class).config_class
-    defaults = {**OVERRIDES.get(model_type, {}), **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {})}
+    defaults = {
+        **BUILD_DEFAULTS.get(model_type, {}),
+        **OVERRIDES.get(model_type, {}),
+        **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {}),
+    }
     values = _shrink(config_class(**defaults).to_dict(), shapes=shapes)
     values.update(dict.fromkeys(DERIVED_HEAD_SIZES.get(model_type, ()), HEAD_DIM))
     values.update({k: v for k, v in OVERRIDES.get(model_type, {}).items() if v != {}})

@@ -42,7 +42,7 @@ KNOWN_EXPORT_FAILURES = {
 #: The sweep's tiny models of types exported since fixes in the shared stages (slow marker: the
 #: default suite checks each fix on its own: tests/test_seq2seq_patches.py TestFsmtPatches, the
 #: encoder-outputs argument in tests/test_conversion.py).
-SWEEP_MODEL_TYPES = ["fsmt", "t5gemma"]
+SWEEP_MODEL_TYPES = ["fsmt", "t5gemma", "encoder-decoder"]
 FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
 NEW_TOKENS = 8
 

@@ -130,6 +130,12 @@ class TestShrinkRules(unittest.TestCase):
         mha = tiny_configs.tiny_config("gemma3", "AutoModelForCausalLM", shapes="mha").get_text_config()
         self.assertEqual(mha.layer_types, ["sliding_attention", "sliding_attention"])
 
+    def test_composites_get_the_parts_their_defaults_lack(self):
+        # EncoderDecoderConfig() refuses to build without an encoder and a decoder.
+        config = tiny_configs.tiny_config("encoder-decoder", "AutoModelForSeq2SeqLM")
+        self.assertEqual((config.encoder.model_type, config.encoder.hidden_size), ("bert", tiny_configs.HIDDEN))
+        self.assertTrue(config.decoder.is_decoder and config.decoder.add_cross_attention)
+
     def test_head_sizes_a_type_derives_stay_derived(self):
         config = tiny_configs.tiny_config("xlnet", "AutoModelForCausalLM")
         self.assertEqual(config.d_head, config.d_model // config.n_head)
