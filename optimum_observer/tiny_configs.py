@@ -176,9 +176,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
               "attention_hidden_size": None, "attention_head_dim": None},
     # The default text config leaves rope_scaling unset, but the rotary embedding indexes it.
     "mllama": {"rope_scaling": {"rope_type": "default"}},
-    # Mixture of attention heads: num_attention_heads is num_key_value_heads x num_experts_per_tok,
-    # so top-1 routing keeps as many heads as key/value heads (hidden size = heads x head_dim).
-    "jetmoe": {"num_experts_per_tok": 1},
+    # Mixture of attention heads: the config derives num_attention_heads as num_key_value_heads x
+    # num_experts_per_tok, and hidden_size is num_key_value_heads x kv_channels (JetMoE-8B: 16 x
+    # 128 = 2048, top-2): top-2 of 2 key/value heads of 32 gives the 4 heads of the tiny models.
+    "jetmoe": {"num_experts_per_tok": 2},
     # X-MOD picks a language adapter per call and refuses to run without a default language.
     "xmod": {"default_language": "en_XX"},
     # Axial position embeddings: the factors must multiply to the positions and sum to hidden.
@@ -187,6 +188,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # rounding alone differs between torch and ONNX Runtime by more than the 1e-4 tolerance.
     "cpmant": {"init_std": 0.02},
 }
+
+#: Per-type values of the "mha" shape only: jetmoe keeps as many heads as key/value heads (4)
+#: with top-1 attention experts.
+MHA_OVERRIDES: dict[str, dict[str, Any]] = {"jetmoe": {"num_experts_per_tok": 1}}
 
 #: Values a type's default config cannot even be built without, applied before the shrink only
 #: (so the shrink makes them tiny): the generic encoder-decoder composite needs its two halves.
@@ -199,8 +204,9 @@ BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: Head-size keys that are not free for a type, kept at hidden // heads with real shapes too:
 #: mamba2's head_dim is its SSM head size (num_heads x head_dim must equal hidden_size x expand),
-#: xlnet's config refuses a d_head other than d_model // n_head (and its checkpoints have none).
-DERIVED_HEAD_SIZES: dict[str, tuple[str, ...]] = {"mamba2": ("head_dim",), "xlnet": ("d_head",)}
+#: xlnet's config refuses a d_head other than d_model // n_head (and its checkpoints have none),
+#: helium's output projection is hidden x hidden whatever head_dim says (Helium-1 2B: 2048 / 16 = 128).
+DERIVED_HEAD_SIZES: dict[str, tuple[str, ...]] = {"mamba2": ("head_dim",), "xlnet": ("d_head",), "helium": ("head_dim",)}
 
 #: What a causal-LM head needs whatever the type: encoder architectures (bert, roberta,
 #: reformer...) behave as causal LMs only as decoders, as their LM-head classes warn or assert.
@@ -315,14 +321,15 @@ def tiny_config(
     if shapes not in SHAPES:
         raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
     config_class = model_class(model_type, auto_model_class).config_class
+    type_overrides = {**OVERRIDES.get(model_type, {}), **(MHA_OVERRIDES.get(model_type, {}) if shapes == "mha" else {})}
     defaults = {
         **BUILD_DEFAULTS.get(model_type, {}),
-        **OVERRIDES.get(model_type, {}),
+        **type_overrides,
         **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {}),
     }
     values = _shrink(config_class(**defaults).to_dict(), shapes=shapes)
     values.update(dict.fromkeys(DERIVED_HEAD_SIZES.get(model_type, ()), HEAD_DIM))
-    values.update({k: v for k, v in OVERRIDES.get(model_type, {}).items() if v != {}})
+    values.update({k: v for k, v in type_overrides.items() if v != {}})
     values.update(overrides)
     values.pop("model_type", None)
     values.pop("transformers_version", None)
