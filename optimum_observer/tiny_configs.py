@@ -205,8 +205,14 @@ BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
 #: Head-size keys that are not free for a type, kept at hidden // heads with real shapes too:
 #: mamba2's head_dim is its SSM head size (num_heads x head_dim must equal hidden_size x expand),
 #: xlnet's config refuses a d_head other than d_model // n_head (and its checkpoints have none),
-#: helium's output projection is hidden x hidden whatever head_dim says (Helium-1 2B: 2048 / 16 = 128).
-DERIVED_HEAD_SIZES: dict[str, tuple[str, ...]] = {"mamba2": ("head_dim",), "xlnet": ("d_head",), "helium": ("head_dim",)}
+#: helium's output projection is hidden x hidden whatever head_dim says (Helium-1 2B: 2048 / 16 = 128),
+#: BLT's rotary embedding is sized hidden // heads in each of its four sub-configs.
+DERIVED_HEAD_SIZES: dict[str, tuple[str, ...]] = {
+    "mamba2": ("head_dim",),
+    "xlnet": ("d_head",),
+    "helium": ("head_dim",),
+    "blt": ("head_dim",),
+}
 
 #: What a causal-LM head needs whatever the type: encoder architectures (bert, roberta,
 #: reformer...) behave as causal LMs only as decoders, as their LM-head classes warn or assert.
@@ -233,13 +239,16 @@ def _layers_kept(layer_kinds: list[Any] | tuple[Any, ...], shapes: str) -> list[
     return sorted((firsts + others)[:LAYERS])
 
 
-def _shrink(config: dict[str, Any], nested: bool = False, shapes: str = "real") -> dict[str, Any]:
+def _shrink(
+    config: dict[str, Any], nested: bool = False, shapes: str = "real", derived: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A shrunk copy of one level of a config dict, and of every nested config in it.
 
     A nested config keeps only what differs from `PretrainedConfig`'s defaults: some sub-config
     classes (dbrx's attn_config...) reject the common attributes as unknown keyword arguments.
     """
-    sizes = {**SIZES, **REAL_SHAPES} if shapes == "real" else SIZES
+    real = {key: value for key, value in REAL_SHAPES.items() if key not in derived}
+    sizes = {**SIZES, **real} if shapes == "real" else SIZES
     original_layers = _layer_count(config)
     common = _common_defaults() if nested else {}
     shrunk: dict[str, Any] = {}
@@ -247,7 +256,7 @@ def _shrink(config: dict[str, Any], nested: bool = False, shapes: str = "real") 
         if key in common and common[key] == value:
             continue
         if isinstance(value, dict) and key not in ("id2label", "label2id", "pruned_heads", "rope_scaling"):
-            value = _shrink(value, nested=True, shapes=shapes)
+            value = _shrink(value, nested=True, shapes=shapes, derived=derived)
         elif key in sizes and (
             (isinstance(value, int) and not isinstance(value, bool)) or (value is None and key not in _NONE_MEANS_OFF)
         ):
@@ -327,8 +336,7 @@ def tiny_config(
         **type_overrides,
         **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {}),
     }
-    values = _shrink(config_class(**defaults).to_dict(), shapes=shapes)
-    values.update(dict.fromkeys(DERIVED_HEAD_SIZES.get(model_type, ()), HEAD_DIM))
+    values = _shrink(config_class(**defaults).to_dict(), shapes=shapes, derived=DERIVED_HEAD_SIZES.get(model_type, ()))
     values.update({k: v for k, v in type_overrides.items() if v != {}})
     values.update(overrides)
     values.pop("model_type", None)
