@@ -41,14 +41,35 @@ class Patch:
     fixes: str
 
 
-def _lazy_initialization_from_key_states(self: cache_utils.DynamicLayer, key_states: torch.Tensor) -> None:
+#: Patches whose target this transformers version lacks (a module or class renamed or gone,
+#: e.g. `DeepseekV2MoE` -> `DeepseekV2Moe` in transformers 5): "group: error", one per skipped
+#: group. Their model types then export without them (or fail as they would unpatched); the
+#: import of this module never fails for them.
+SKIPPED_TARGETS: list[str] = []
+
+
+def tolerant(build: Callable[[], Sequence[Patch]], name: str | None = None) -> tuple[Patch, ...]:
+    """`build()`'s patches, or none when a module or attribute they patch does not exist here."""
+    try:
+        return tuple(build())
+    except (ImportError, AttributeError) as error:
+        label = name or getattr(build, "__name__", repr(build))
+        SKIPPED_TARGETS.append(f"{label}: {error}")
+        logger.debug("patches of %s skipped: %s", label, error)
+        return ()
+
+
+def _lazy_initialization_from_key_states(
+    self: cache_utils.DynamicLayer, key_states: torch.Tensor, value_states: torch.Tensor | None = None
+) -> None:
     # An empty tensor made from the incoming states instead of `torch.tensor([])`: the latter is
     # a constant created inside the traced graph, which torch.export lifts and then loses. It
     # stays 1-d like upstream's, which `torch.cat` skips, so values whose head size differs from
-    # the keys' (DeepSeek's multi-head latent attention) still concatenate.
+    # the keys' (DeepSeek's multi-head latent attention) still concatenate. transformers 5 passes
+    # the value states too.
     self.dtype, self.device = key_states.dtype, key_states.device
     self.keys = key_states.new_zeros((0,))
-    self.values = key_states.new_zeros((0,))
+    self.values = (key_states if value_states is None else value_states).new_zeros((0,))
     self.is_initialized = True
 
 
@@ -233,75 +254,97 @@ _EXPERT_MIXTURE_METHODS = (
 )
 
 
-def _moe_patches() -> tuple[Patch, ...]:
-    patches = []
-    for module_name, class_name, routing in _SPARSE_MOE_BLOCKS:
-        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-        patches.append(
-            Patch(
-                name=f"dense_{module_name}_moe",
-                owner=getattr(module, class_name),
-                attribute="forward",
-                replacement=_dense_moe_forward(routing),
-                fixes=_MOE_DATA_DEPENDENT,
-            )
-        )
-    for module_name, class_name in _EXPERT_MIXTURE_METHODS:
-        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-        patches.append(
-            Patch(
-                name=f"dense_{module_name}_expert_mixture",
-                owner=getattr(module, class_name),
-                attribute="moe",
-                replacement=_dense_expert_mixture,
-                fixes=_EXPERT_LOOP_DATA_DEPENDENT,
-            )
-        )
+def _sparse_moe_patch(module_name: str, class_name: str, routing: Callable[..., Any]) -> tuple[Patch, ...]:
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    return (
+        Patch(
+            name=f"dense_{module_name}_moe",
+            owner=getattr(module, class_name),
+            attribute="forward",
+            replacement=_dense_moe_forward(routing),
+            fixes=_MOE_DATA_DEPENDENT,
+        ),
+    )
+
+
+def _expert_mixture_patch(module_name: str, class_name: str) -> tuple[Patch, ...]:
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    return (
+        Patch(
+            name=f"dense_{module_name}_expert_mixture",
+            owner=getattr(module, class_name),
+            attribute="moe",
+            replacement=_dense_expert_mixture,
+            fixes=_EXPERT_LOOP_DATA_DEPENDENT,
+        ),
+    )
+
+
+def _dbrx_patches() -> tuple[Patch, ...]:
     from transformers.models.dbrx.modeling_dbrx import DbrxExperts
 
-    patches.append(
+    return (
         Patch(
             name="dense_dbrx_experts",
             owner=DbrxExperts,
             attribute="forward",
             replacement=_dense_dbrx_experts,
             fixes="GuardOnDataDependentSymNode: Eq(u0, 0) at `if token_idx.shape[0] == 0: continue`",
-        )
+        ),
     )
+
+
+def _aria_patches() -> tuple[Patch, ...]:
     from transformers.models.aria.modeling_aria import AriaTextMoELayer
 
-    patches.append(
+    return (
         Patch(
             name="dense_aria_text_moe",
             owner=AriaTextMoELayer,
             attribute="forward",
             replacement=_dense_aria_moe,
             fixes="GuardOnDataDependentSymNode: u0 (`tokens_per_expert` sizes the grouped GEMM's slices)",
-        )
+        ),
     )
+
+
+def _hunyuan_patches() -> tuple[Patch, ...]:
     from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1Moe
 
-    patches.append(
+    return (
         Patch(
             name="dense_hunyuan_v1_moe",
             owner=HunYuanMoEV1Moe,
             attribute="forward",
             replacement=_dense_hunyuan_moe_forward,
             fixes=_MOE_DATA_DEPENDENT,
-        )
+        ),
     )
+
+
+def _gpt_oss_patches() -> tuple[Patch, ...]:
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    patches.append(
+    return (
         Patch(
             name="dense_gpt_oss_experts",
             owner=GptOssExperts,
             attribute="forward",
             replacement=_dense_gpt_oss_experts,
             fixes=_MOE_DATA_DEPENDENT,
-        )
+        ),
     )
-    return tuple(patches)
+
+
+def _moe_patches() -> tuple[Patch, ...]:
+    return (
+        *(p for entry in _SPARSE_MOE_BLOCKS for p in tolerant(functools.partial(_sparse_moe_patch, *entry), entry[1])),
+        *(p for entry in _EXPERT_MIXTURE_METHODS for p in tolerant(functools.partial(_expert_mixture_patch, *entry), entry[1])),
+        *tolerant(_dbrx_patches),
+        *tolerant(_aria_patches),
+        *tolerant(_hunyuan_patches),
+        *tolerant(_gpt_oss_patches),
+    )
 
 
 def _switch_router_cast_if_needed(self: torch.nn.Module) -> None:
@@ -554,30 +597,33 @@ _COMPLEX_ROTARY_MODELS = (
 )
 
 
-def _real_rotary_patches() -> tuple[Patch, ...]:
+def _real_rotary_patch(module_name: str, rotary_class: str, apply_function: Callable[..., Any]) -> tuple[Patch, ...]:
     from transformers.modeling_rope_utils import dynamic_rope_update
 
-    patches = []
-    for module_name, rotary_class, apply_function in _COMPLEX_ROTARY_MODELS:
-        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-        patches += [
-            Patch(
-                name=f"real_{module_name}_rotary_embedding",
-                owner=getattr(module, rotary_class),
-                attribute="forward",
-                replacement=torch.no_grad()(dynamic_rope_update(_real_rotary_forward)),
-                fixes=_COMPLEX_ROTARY,
-            ),
-            # Module attribute: the attention looks it up at call time.
-            Patch(
-                name=f"real_{module_name}_apply_rotary_emb",
-                owner=module,
-                attribute="apply_rotary_emb",
-                replacement=apply_function,
-                fixes=_COMPLEX_ROTARY,
-            ),
-        ]
-    return tuple(patches)
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    return (
+        Patch(
+            name=f"real_{module_name}_rotary_embedding",
+            owner=getattr(module, rotary_class),
+            attribute="forward",
+            replacement=torch.no_grad()(dynamic_rope_update(_real_rotary_forward)),
+            fixes=_COMPLEX_ROTARY,
+        ),
+        # Module attribute: the attention looks it up at call time.
+        Patch(
+            name=f"real_{module_name}_apply_rotary_emb",
+            owner=module,
+            attribute="apply_rotary_emb",
+            replacement=apply_function,
+            fixes=_COMPLEX_ROTARY,
+        ),
+    )
+
+
+def _real_rotary_patches() -> tuple[Patch, ...]:
+    return tuple(
+        p for entry in _COMPLEX_ROTARY_MODELS for p in tolerant(functools.partial(_real_rotary_patch, *entry), entry[1])
+    )
 
 
 def _state_space_patches() -> tuple[Patch, ...]:
@@ -603,11 +649,11 @@ PATCHES: tuple[Patch, ...] = (
         "(DynamicLayer.lazy_initialization creates torch.tensor([]) inside the graph)",
     ),
     *_moe_patches(),
-    *_switch_patches(),
-    *_pegasus_x_patches(),
-    *_fsmt_patches(),
-    *_git_patches(),
-    *_cpmant_patches(),
+    *tolerant(_switch_patches),
+    *tolerant(_pegasus_x_patches),
+    *tolerant(_fsmt_patches),
+    *tolerant(_git_patches),
+    *tolerant(_cpmant_patches),
     *_real_rotary_patches(),
     *_state_space_patches(),
     *_sliding_window_patches(),

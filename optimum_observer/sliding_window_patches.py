@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .patches import Patch
+from .patches import Patch, tolerant
 
 
 class _TorchWithIntegerDivision(types.ModuleType):
@@ -192,9 +192,8 @@ def _attention_patches(prefix: str, module: types.ModuleType, attention: type) -
     )
 
 
-def sliding_window_patches() -> tuple[Patch, ...]:
+def _led_patches() -> tuple[Patch, ...]:
     from transformers.models.led import modeling_led as led
-    from transformers.models.longformer import modeling_longformer as longformer
 
     return (
         *_attention_patches("led", led, led.LEDEncoderSelfAttention),
@@ -206,6 +205,13 @@ def sliding_window_patches() -> tuple[Patch, ...]:
             fixes="wrong sequence length or values for inputs whose padding differs from the example's "
             "(padding and unpadding behind `if padding_len > 0`, kept for the example's length)",
         ),
+    )
+
+
+def _longformer_patches() -> tuple[Patch, ...]:
+    from transformers.models.longformer import modeling_longformer as longformer
+
+    return (
         *_attention_patches("longformer", longformer, longformer.LongformerSelfAttention),
         Patch(
             name="longformer_pad_to_window_size_unconditionally",
@@ -216,3 +222,8 @@ def sliding_window_patches() -> tuple[Patch, ...]:
             "from the ids' length; Longformer's values are right either way, its unpadding has no branch)",
         ),
     )
+
+
+def sliding_window_patches() -> tuple[Patch, ...]:
+    """LED's and Longformer's patches, each set only where this transformers version has its target."""
+    return (*tolerant(_led_patches), *tolerant(_longformer_patches))

@@ -29,6 +29,7 @@ The new states are written back into the cache object as the step's outputs
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch._higher_order_ops.scan import scan
 
-from .patches import Patch
+from .patches import Patch, tolerant
 
 _BRANCH_AND_LOOP = (
     "a graph right for one phase and one length only: the mixer picks prefill or decode with "
@@ -516,74 +517,97 @@ _POSITIONS_FROM_ZERO = (
 )
 
 
-def state_space_patches() -> tuple[Patch, ...]:
-    patches = []
-    for module_name, mixer, forward, model in _MIXERS:
-        module = importlib.import_module(f"transformers.models.{module_name}")
-        short = module_name.split(".")[0]
-        patches.append(
-            Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP)
-        )
-        if model is not None:
-            model_class = getattr(module, model)
-            patches.append(
-                Patch(
-                    f"{short}_cache_position_optional",
-                    model_class,
-                    "forward",
-                    _without_cache_position_check(model_class.forward),
-                    _CACHE_POSITION_REQUIRED,
-                )
-            )
-    for module_name, model in _MAMBA_MASKS:
-        module = importlib.import_module(f"transformers.models.{module_name}")
+def _mixer_patches(module_name: str, mixer: str, forward: Callable[..., Any], model: str | None) -> tuple[Patch, ...]:
+    module = importlib.import_module(f"transformers.models.{module_name}")
+    short = module_name.split(".")[0]
+    patches = [Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP)]
+    if model is not None:
+        model_class = getattr(module, model)
         patches.append(
             Patch(
-                f"{module_name.split('.')[0]}_mamba_mask",
-                getattr(module, model),
-                "_update_mamba_mask",
-                _mamba_mask_as_given,
-                _MASK_DATA_DEPENDENT,
-            )  # fmt: skip
-        )
-    for module_name, model in _POSITIONS_FROM_ZERO:
-        model_class = getattr(importlib.import_module(f"transformers.models.{module_name}"), model)
-        patches.append(
-            Patch(
-                f"{module_name.split('.')[0]}_cache_position_from_cache",
+                f"{short}_cache_position_optional",
                 model_class,
                 "forward",
-                _cache_position_from_cache(model_class.forward),
-                _CACHE_POSITION_IGNORES_CACHE,
-            )  # fmt: skip
+                _without_cache_position_check(model_class.forward),
+                _CACHE_POSITION_REQUIRED,
+            )
         )
-    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextModel
+    return tuple(patches)
 
-    patches.append(
-        Patch("minimax_unified_lightning_attention", MiniMaxLightningAttention, "forward",
-              _lightning_attention_forward, _BRANCH_AND_LOOP)  # fmt: skip
+
+def _mamba_mask_patch(module_name: str, model: str) -> tuple[Patch, ...]:
+    module = importlib.import_module(f"transformers.models.{module_name}")
+    return (
+        Patch(
+            f"{module_name.split('.')[0]}_mamba_mask",
+            getattr(module, model),
+            "_update_mamba_mask",
+            _mamba_mask_as_given,
+            _MASK_DATA_DEPENDENT,
+        ),
     )
 
-    patches.append(
+
+def _positions_from_cache_patch(module_name: str, model: str) -> tuple[Patch, ...]:
+    model_class = getattr(importlib.import_module(f"transformers.models.{module_name}"), model)
+    return (
+        Patch(
+            f"{module_name.split('.')[0]}_cache_position_from_cache",
+            model_class,
+            "forward",
+            _cache_position_from_cache(model_class.forward),
+            _CACHE_POSITION_IGNORES_CACHE,
+        ),
+    )
+
+
+def _minimax_patches() -> tuple[Patch, ...]:
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    return (
+        Patch("minimax_unified_lightning_attention", MiniMaxLightningAttention, "forward",
+              _lightning_attention_forward, _BRANCH_AND_LOOP),  # fmt: skip
+    )
+
+
+def _qwen3_next_mask_patches() -> tuple[Patch, ...]:
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextModel
+
+    return (
         Patch(
             "qwen3_next_linear_attention_mask",
             Qwen3NextModel,
             "_update_linear_attn_mask",
             _mamba_mask_as_given,
             _MASK_DATA_DEPENDENT,
-        )  # fmt: skip
+        ),
     )
-    for module_name, model in _VALUE_SIZED_CAUSAL_MASKS:
-        module = importlib.import_module(f"transformers.models.{module_name}")
-        model_class = getattr(module, model)
-        patches.append(
-            Patch(
-                f"{module_name.split('.')[0]}_causal_mask_width",
-                model_class,
-                "_update_causal_mask",
-                _causal_mask_from_mask_width(model_class._update_causal_mask),
-                _MASK_WIDTH_DATA_DEPENDENT,
-            )  # fmt: skip
-        )
-    return tuple(patches)
+
+
+def _causal_mask_width_patch(module_name: str, model: str) -> tuple[Patch, ...]:
+    model_class = getattr(importlib.import_module(f"transformers.models.{module_name}"), model)
+    return (
+        Patch(
+            f"{module_name.split('.')[0]}_causal_mask_width",
+            model_class,
+            "_update_causal_mask",
+            _causal_mask_from_mask_width(model_class._update_causal_mask),
+            _MASK_WIDTH_DATA_DEPENDENT,
+        ),
+    )
+
+
+def state_space_patches() -> tuple[Patch, ...]:
+    """Every patch of this module whose target this transformers version has (see `tolerant`)."""
+
+    def each(build: Callable[..., tuple[Patch, ...]], table: tuple[tuple[Any, ...], ...]) -> list[Patch]:
+        return [p for entry in table for p in tolerant(functools.partial(build, *entry), f"{entry[0]}.{entry[1]}")]
+
+    return (
+        *each(_mixer_patches, _MIXERS),
+        *each(_mamba_mask_patch, _MAMBA_MASKS),
+        *each(_positions_from_cache_patch, _POSITIONS_FROM_ZERO),
+        *tolerant(_minimax_patches),
+        *tolerant(_qwen3_next_mask_patches),
+        *each(_causal_mask_width_patch, _VALUE_SIZED_CAUSAL_MASKS),
+    )

@@ -35,6 +35,10 @@ class Calls(str, enum.Enum):
     WITH_PAST = "with past"
 
 
+#: transformers 5's name of the cache argument and output field.
+CACHE = "cache"
+
+
 @dataclasses.dataclass(frozen=True)
 class ContractInput:
     """One graph input, observed in the `forward` argument `argument` (default: its own name).
@@ -151,9 +155,10 @@ def _decoder_only(name: str, with_past: bool) -> TaskContract:
     outputs: tuple[ContractOutput, ...] = (ContractOutput("logits"),)
     if with_past:
         # State-space models (mamba...) pass their states as `cache_params`; they are exported
-        # under the same names, one `.conv_state` and one `.ssm_state` per layer.
-        inputs += (ContractInput("past_key_values", alternatives=("cache_params",)),)
-        outputs += (ContractOutput("present", "past_key_values", alternatives=("cache_params",)),)
+        # under the same names, one `.conv_state` and one `.ssm_state` per layer. transformers 5
+        # names the cache argument and output `cache` (`past_key_values` stays an alias until 5.40).
+        inputs += (ContractInput("past_key_values", alternatives=("cache_params", CACHE)),)
+        outputs += (ContractOutput("present", "past_key_values", alternatives=("cache_params", CACHE)),)
     return TaskContract(
         name=name,
         auto_model_class="AutoModelForCausalLM",
@@ -194,19 +199,20 @@ def _seq2seq(name: str, auto_model_class: str, runtime_class: str, encoder_input
             GraphContract(
                 "decoder_model.onnx",
                 decoder_inputs,
-                (ContractOutput("logits"), ContractOutput("present", "past_key_values")),
+                (ContractOutput("logits"), ContractOutput("present", "past_key_values", alternatives=(CACHE,))),
                 calls=Calls.WITHOUT_PAST,
                 use_cache=True,
                 dynamic_axes=(("input_ids", 1),),
             ),
             GraphContract(
                 "decoder_with_past_model.onnx",
-                decoder_inputs + (ContractInput("past_key_values"),),
+                decoder_inputs + (ContractInput("past_key_values", alternatives=(CACHE,)),),
                 (
                     ContractOutput("logits"),
                     # The cross-attention cache only passes through; the runtime keeps its own.
                     ContractOutput(
-                        "present", "past_key_values", "self_attention_cache", ("decoder.key", "decoder.value")
+                        "present", "past_key_values", "self_attention_cache", ("decoder.key", "decoder.value"),
+                        alternatives=(CACHE,),
                     ),
                 ),
                 calls=Calls.WITH_PAST,
