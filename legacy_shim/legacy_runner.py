@@ -108,8 +108,10 @@ class _Blamed:
         return self._call(self._runtime, args, kwargs)
 
 
-def _runtime_failure(stage: SweepStage, runtime: type, error: BaseException | str, task: str) -> PathResult:
-    return PathResult.failure(stage, f"optimum-onnx's runtime ({runtime.__name__}): {first_line(error)}", task)
+def _runtime_failure(stage: SweepStage, runtime: Any, error: BaseException | str, task: str) -> PathResult:
+    # An OptimumRuntimeError already holds the first line of what the runtime raised.
+    detail = str(error) if isinstance(error, OptimumRuntimeError) else first_line(error)
+    return PathResult.failure(stage, f"optimum-onnx's runtime ({runtime.__name__}): {detail}", task)
 
 
 def _check_failure(error: BaseException, task: str) -> PathResult:
