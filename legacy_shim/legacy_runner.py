@@ -4,6 +4,15 @@ Takes: a saved model directory and a task. Gives: an `optimum_observer.sweep.Pat
 (the sweep's JSON result format): the legacy export through optimum-onnx's unchanged
 `main_export`, then the unchanged `optimum.onnxruntime` class loading it, logits on the same
 inputs as torch (numerical parity), and greedy generation token for token (generation parity).
+The sweep runs it with the unchanged-code hook off, so both are optimum-onnx as it ships.
+
+The check uses the runtime class the way optimum-onnx's users do: an input the class takes from
+its caller without computing it (`position_ids` of ORTModelForFeatureExtraction) is fed, the same
+values to torch and to the runtime. A failure names who failed: optimum-onnx's exporter
+(`main_export`), optimum-onnx's runtime class (it raised, cannot feed an input its own export
+takes, or differs from torch), or the sweep's check, when the torch model itself refuses the
+check's inputs (a second modality, boxes...): that export is recorded as "exported, not
+validated", not as a failure.
 
 It lives in `legacy_shim` because `optimum_observer` must not import optimum-onnx's exporter:
 the sweep runs it as a command,
@@ -20,6 +29,7 @@ an export (state caches, cache sizes it reads from the config, configs it cannot
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -30,8 +40,9 @@ from typing import Any
 
 import torch
 
-from optimum_observer.sweep import SHIM_RUNTIME, PathResult, Status, SweepStage, onnx_bytes, run_observer_path
-from optimum_observer.tasks import get_task
+from optimum_observer.sweep import PathResult, Status, SweepStage, failed_check, first_line, onnx_bytes, run_observer_path
+from optimum_observer.tasks import Family, get_task
+from optimum_observer.tiny_configs import SHAPES
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +78,47 @@ def load_torch_model(model_dir: Path, task: str) -> Any:
     return auto_class.from_pretrained(model_dir).eval()
 
 
+class OptimumRuntimeError(RuntimeError):
+    """optimum-onnx's runtime class raised while loading or running an export."""
+
+
+class _Blamed:
+    """A runtime class, or a model it loaded, whose exceptions are re-raised as
+    :class:`OptimumRuntimeError`: the checks call torch and the runtime in turn, and a failure
+    must say which of the two raised."""
+
+    def __init__(self, runtime: Any):
+        self._runtime = runtime
+        self.__name__ = getattr(runtime, "__name__", type(runtime).__name__)
+
+    @staticmethod
+    def _call(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            raise OptimumRuntimeError(first_line(error)) from error
+
+    def from_pretrained(self, *args: Any, **kwargs: Any) -> _Blamed:
+        return _Blamed(self._call(self._runtime.from_pretrained, args, kwargs))
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(self._runtime.generate, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(self._runtime, args, kwargs)
+
+
+def _runtime_failure(stage: SweepStage, runtime: Any, error: BaseException | str, task: str) -> PathResult:
+    # An OptimumRuntimeError already holds the first line of what the runtime raised.
+    detail = str(error) if isinstance(error, OptimumRuntimeError) else first_line(error)
+    return PathResult.failure(stage, f"optimum-onnx's runtime ({runtime.__name__}): {detail}", task)
+
+
+def _check_failure(error: BaseException, task: str) -> PathResult:
+    """The torch side of the check raised: the check's inputs do not fit this model."""
+    return PathResult(Status.UNVALIDATED, None, f"the sweep's check (torch refused its inputs): {first_line(error)}", task)
+
+
 def max_logits_diff(onnx_model: Any, torch_model: Any, inputs: dict[str, torch.Tensor]) -> float:
     """Max |logits difference| between the ONNX and torch models on `inputs`, over the
     positions the attention mask lets through (padded rows are implementation-defined)."""
@@ -84,23 +136,29 @@ def validate_export(output: Path, torch_model: Any, task: str, atol: float = ATO
     class: decoders compare logits on the same inputs then greedy tokens; encoder-decoders
     greedy tokens; encoders every output of the runtime class.
     """
-    from optimum_observer.tasks import Family
-
     contract = get_task(task)
     runtime = runtime_class(task)
     try:
         onnx_model = runtime.from_pretrained(output)
     except Exception as error:
-        return PathResult.failure(SweepStage.ORT_LOAD, error, task)
-    if contract.family is Family.DECODER:
-        return _validate_decoder(output, onnx_model, torch_model, runtime, task, atol)
-    if contract.family is Family.ENCODER:
-        return _validate_encoder(output, torch_model, runtime, task, atol)
-    return _validate_seq2seq(output, torch_model, runtime, task)
+        return _runtime_failure(SweepStage.ORT_LOAD, runtime, error, task)
+    blamed = _Blamed(runtime)
+    try:
+        if contract.family is Family.DECODER:
+            return _validate_decoder(output, _Blamed(onnx_model), torch_model, blamed, task, atol)
+        if contract.family is Family.ENCODER:
+            return _validate_encoder(output, onnx_model, torch_model, blamed, task, atol)
+        return _validate_seq2seq(output, torch_model, blamed, task)
+    except OptimumRuntimeError as error:
+        stage = SweepStage.GENERATION_PARITY if contract.generates else SweepStage.NUMERICAL_PARITY
+        return _runtime_failure(stage, runtime, error, task)
+    except Exception as error:
+        logger.debug("the check failed on the torch side", exc_info=True)
+        return _check_failure(error, task)
 
 
 def _validate_decoder(
-    output: Path, onnx_model: Any, torch_model: Any, runtime: type, task: str, atol: float
+    output: Path, onnx_model: Any, torch_model: Any, runtime: Any, task: str, atol: float
 ) -> PathResult | None:
     from optimum_observer.capture import pad_token_id
     from optimum_observer.validation import check_generation, generation_inputs
@@ -108,49 +166,64 @@ def _validate_decoder(
     for inputs in generation_inputs(torch_model, None):
         try:
             diff = max_logits_diff(onnx_model, torch_model, inputs)
-        except Exception as error:
-            return PathResult.failure(SweepStage.NUMERICAL_PARITY, error, task)
+        except OptimumRuntimeError as error:
+            return _runtime_failure(SweepStage.NUMERICAL_PARITY, runtime, error, task)
         if not diff <= atol:
-            return PathResult.failure(SweepStage.NUMERICAL_PARITY, f"max |logits diff| {diff:.3g} > atol {atol}", task)
-    try:
-        checks = check_generation(output, torch_model, None, runtime, pad_token_id(torch_model, None))
-    except Exception as error:
-        return PathResult.failure(SweepStage.GENERATION_PARITY, error, task)
-    return _generation_failure(checks, task)
+            return _runtime_failure(
+                SweepStage.NUMERICAL_PARITY, runtime, f"max |logits diff| {diff:.3g} > atol {atol}", task
+            )
+    checks = check_generation(output, torch_model, None, runtime, pad_token_id(torch_model, None))
+    return _failed(SweepStage.GENERATION_PARITY, runtime, checks, [], atol, task)
 
 
-def _validate_seq2seq(output: Path, torch_model: Any, runtime: type, task: str) -> PathResult | None:
+def _validate_seq2seq(output: Path, torch_model: Any, runtime: Any, task: str) -> PathResult | None:
     from optimum_observer.validation import check_seq2seq_generation
 
-    try:
-        checks = check_seq2seq_generation(output, torch_model, get_task(task), None, None, runtime)
-    except Exception as error:
-        return PathResult.failure(SweepStage.GENERATION_PARITY, error, task)
-    return _generation_failure(checks, task)
+    checks = check_seq2seq_generation(output, torch_model, get_task(task), None, None, runtime)
+    return _failed(SweepStage.GENERATION_PARITY, runtime, checks, [], ATOL, task)
 
 
-def _validate_encoder(output: Path, torch_model: Any, runtime: type, task: str, atol: float) -> PathResult | None:
+#: Inputs an encoder runtime class takes from its caller and never computes, and how a caller
+#: computes them: optimum's own decoder runtime (ORTModelForCausalLM) derives position_ids from
+#: the attention mask this way.
+CALLER_INPUTS = {
+    "position_ids": lambda batch: (batch["attention_mask"].long().cumsum(-1) - 1).masked_fill(
+        batch["attention_mask"] == 0, 1
+    ),
+}
+
+
+def _validate_encoder(
+    output: Path, onnx_model: Any, torch_model: Any, runtime: Any, task: str, atol: float
+) -> PathResult | None:
+    from optimum_observer.capture import encoder_batches
     from optimum_observer.validation import check_runtime_outputs
 
-    try:
-        checks = check_runtime_outputs(output, torch_model, get_task(task), None, runtime, atol)
-    except Exception as error:
-        return PathResult.failure(SweepStage.NUMERICAL_PARITY, error, task)
-    for check in checks:
-        if not check.ok:
-            return PathResult.failure(
-                SweepStage.NUMERICAL_PARITY, f"{check.output}: max |diff| {check.max_abs_diff:.3g} > atol {atol}", task
-            )
-    return None
+    accepted = inspect.signature(type(onnx_model).forward).parameters
+    unfed = [name for name in onnx_model.input_names if name not in accepted]
+    if unfed:
+        return _runtime_failure(
+            SweepStage.NUMERICAL_PARITY,
+            runtime,
+            f"takes no argument for the graph input(s) {', '.join(unfed)} of optimum-onnx's own export, "
+            "so it cannot run it",
+            task,
+        )
+    torch_accepts = inspect.signature(torch_model.forward).parameters
+    batches = encoder_batches(torch_model, None)
+    for batch in batches:
+        for name, compute in CALLER_INPUTS.items():
+            if name in onnx_model.input_names and name in torch_accepts and name not in batch:
+                batch[name] = compute(batch)
+    checks = check_runtime_outputs(output, torch_model, get_task(task), None, runtime, atol, batches)
+    return _failed(SweepStage.NUMERICAL_PARITY, runtime, [], checks, atol, task)
 
 
-def _generation_failure(checks: list[Any], task: str) -> PathResult | None:
-    for check in checks:
-        if not check.ok:
-            return PathResult.failure(
-                SweepStage.GENERATION_PARITY, f"torch {check.torch_tokens} != onnx {check.onnx_tokens}", task
-            )
-    return None
+def _failed(
+    stage: SweepStage, runtime: Any, generation: list[Any], outputs: list[Any], atol: float, task: str
+) -> PathResult | None:
+    failure = failed_check(generation, outputs, atol)
+    return _runtime_failure(stage, runtime, failure, task) if failure else None
 
 
 def legacy_export(model_dir: Path, output: Path, task: str) -> float:
@@ -167,7 +240,7 @@ def run_legacy_path(model_dir: Path, task: str, output: Path) -> PathResult:
         seconds = legacy_export(model_dir, output, task)
     except Exception as error:
         logger.debug("legacy export failed", exc_info=True)
-        return PathResult.failure(SweepStage.ONNX_CONVERSION, error, task)
+        return PathResult.failure(SweepStage.ONNX_CONVERSION, f"optimum-onnx's main_export: {first_line(error)}", task)
     failure = validate_export(output, load_torch_model(model_dir, task), task)
     if failure is not None:
         return failure
@@ -192,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     observer.add_argument("--task", required=True)
     observer.add_argument("--workdir", type=Path, required=True)
     observer.add_argument("--result", type=Path, required=True)
+    observer.add_argument("--shapes", choices=SHAPES, default="real")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "supported":
@@ -199,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "observer":
         result = run_observer_path(
-            args.model_type, args.task, args.workdir, runtime_class=shim_runtime_class(args.task), runtime=SHIM_RUNTIME
+            args.model_type, args.task, args.workdir, runtime_class=shim_runtime_class(args.task), shapes=args.shapes
         )
         args.result.write_text(json.dumps(result.to_json()))
         return 0

@@ -7,6 +7,10 @@ of torch's exporter ("This is step 2/3 of exporting the model to ONNX. Next step
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .result import ValidationReport
 
 #: How a capture failure starts when the model's own run fails, observer or not.
 RUN_FAILS_WITHOUT_OBSERVER = "the run raises without the observer too"
@@ -36,13 +40,16 @@ class ObserverExportError(RuntimeError):
         stage: the stage that failed.
         reason: what went wrong, in one or two sentences.
         remedy: what the user can try next.
+        report: for a validation failure, the report of the checks that ran (the
+            observed-call replay; the runtime class's checks when they ran), else None.
     """
 
-    def __init__(self, model_type: str, stage: Stage, reason: str, remedy: str):
+    def __init__(self, model_type: str, stage: Stage, reason: str, remedy: str, report: ValidationReport | None = None):
         self.model_type = model_type
         self.stage = stage
         self.reason = reason
         self.remedy = remedy
+        self.report = report
         super().__init__(
             f"[{model_type}] observer export failed at stage {stage.number}/{len(Stage)} "
             f"({stage.value}): {reason}\nNext steps: {remedy}"

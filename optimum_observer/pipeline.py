@@ -24,7 +24,7 @@ from . import conversion, loading, naming, packaging, portable_cache, synthesis,
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
-from .tasks import Family, TaskContract, get_task
+from .tasks import TaskContract, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -217,22 +217,9 @@ def _validate(
     generation, runtime = [], []
     if runtime_class is not None:
         try:
-            if contract.family is Family.DECODER:
-                generation = validation.check_generation(
-                    staging,
-                    loaded.model,
-                    loaded.tokenizer,
-                    runtime_class,
-                    capture_stage.pad_token_id(loaded.model, loaded.tokenizer),
-                )
-            elif contract.generates:
-                generation = validation.check_seq2seq_generation(
-                    staging, loaded.model, contract, loaded.tokenizer, loaded.feature_extractor, runtime_class
-                )
-            else:
-                runtime = validation.check_runtime_outputs(
-                    staging, loaded.model, contract, loaded.tokenizer, runtime_class, atol
-                )
+            generation, runtime = validation.check_runtime_class(
+                staging, loaded.model, contract, loaded.tokenizer, loaded.feature_extractor, runtime_class, atol
+            )
         except Exception as error:
             raise ObserverExportError(
                 loaded.model_type,
@@ -240,6 +227,7 @@ def _validate(
                 f"{runtime_class.__name__} could not run the exported model: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                 _runtime_failure_hint(error),
+                report=ValidationReport(atol=atol, calls=calls, generation=[]),
             ) from error
     report = ValidationReport(atol=atol, calls=calls, generation=generation, runtime=runtime)
     logger.debug("validation:\n%s", report.table())
@@ -250,5 +238,6 @@ def _validate(
             f"the ONNX model does not match torch:\n{report.table()}",
             "raise atol for reduced precision, or report the model type; pass validate=False to "
             "keep the file anyway.",
+            report=report,
         )
     return report

@@ -7,14 +7,22 @@ measured on) and the Markdown table `coverage-{task}.md` beside it; optionally a
 document over every task swept into the directory (`docs/coverage.md`).
 
 Per model type, a worker process (`python -m optimum_observer.sweep worker ...`) builds the tiny
-model of :mod:`optimum_observer.tiny_configs`, saves it, and runs the observer export with its
-validation (observed-call replay and greedy generation through the unchanged runtime class).
+model of :mod:`optimum_observer.tiny_configs` (real checkpoint shapes by default, `shapes=`),
+saves it, and runs the observer export with its validation (observed-call replay, then greedy
+generation, or every output for the encoder tasks, through the unchanged `optimum.onnxruntime`
+class in that process, where the environment's hook is on). A passing export is then checked
+the same way in an interpreter where optimum-observer is not installed
+(:mod:`optimum_observer.without_observer`); an export the unchanged class fails with is validated
+again through `legacy_shim`'s runtime class. Each passing row records the best of the three
+(:class:`Runtime`): the headline count is the first, what users of plain optimum-onnx get.
+
 When the legacy exporter supports the pair, a second process runs the legacy path on the same
-saved model. That path is a command, not an import: `optimum_observer` never imports
-optimum-onnx's exporter or `legacy_shim`; `legacy_shim.legacy_runner` speaks the same JSON
-result format (:class:`PathResult`). A crash or a hang in one type is recorded (stage
-`crash` / `time limit`) and the sweep goes on; results are written after every type, so an
-interrupted sweep resumes where it stopped (`resume=True`).
+saved model, with the hook off: optimum-onnx's `main_export` and its runtime classes as they
+ship. That path is a command, not an import: `optimum_observer` never imports optimum-onnx's
+exporter or `legacy_shim`; `legacy_shim.legacy_runner` speaks the same JSON result format
+(:class:`PathResult`). A crash or a hang in one type is recorded (stage `crash` / `time limit`)
+and the sweep goes on; results are written after every type, so an interrupted sweep resumes
+where it stopped (`resume=True`).
 """
 
 from __future__ import annotations
@@ -41,14 +49,14 @@ from tqdm.auto import tqdm
 
 from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from .tasks import get_task, supported_tasks
+from .tiny_configs import SHAPES
 
 logger = logging.getLogger(__name__)
 
 LEGACY_RUNNER_MODULE = "legacy_shim.legacy_runner"
-#: The runtime labels of :attr:`PathResult.runtime`.
-UNCHANGED_RUNTIME = "optimum.onnxruntime"
-SHIM_RUNTIME = "legacy_shim"
 DEFAULT_TIMEOUT_SECONDS = 300.0
+#: Turns the unchanged-code hook off in a process (legacy_shim._hook.DISABLE_ENV_VAR).
+HOOK_DISABLE_ENV_VAR = "OPTIMUM_OBSERVER_DISABLE"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,6 +75,30 @@ class SweepStage(str, enum.Enum):
     CRASH = "crash"
 
 
+class Runtime(str, enum.Enum):
+    """The runtime class a passing observer export generated (or ran) with, best first."""
+
+    #: (a) the unchanged `optimum.onnxruntime` class, in an interpreter without optimum-observer.
+    WITHOUT_OBSERVER = "optimum.onnxruntime without optimum-observer"
+    #: (b) the unchanged class, with the hook optimum-observer installs.
+    WITH_HOOK = "optimum.onnxruntime with the hook"
+    #: (c) only `legacy_shim`'s runtime class.
+    SHIM = "legacy_shim"
+
+    @property
+    def level(self) -> str:
+        return "abc"[list(Runtime).index(self)]
+
+    @classmethod
+    def from_json(cls, value: str | None) -> Runtime | None:
+        # Before the three levels, "optimum.onnxruntime" meant the unchanged class in the
+        # sweep's own process, where the hook is on: (b).
+        return None if value is None else cls(_OLD_RUNTIME_LABELS.get(value, value))
+
+
+_OLD_RUNTIME_LABELS = {"optimum.onnxruntime": Runtime.WITH_HOOK.value}
+
+
 class Status(str, enum.Enum):
     PASS = "pass"
     FAIL = "fail"
@@ -74,6 +106,9 @@ class Status(str, enum.Enum):
     UNSUPPORTED = "unsupported"
     #: the path was not run (legacy runner not installed, or config build failed first).
     SKIPPED = "skipped"
+    #: exported, but the sweep's check could not validate it: the torch model itself refused the
+    #: check's inputs (a second modality, boxes...), so nothing says the export is wrong.
+    UNVALIDATED = "exported, not validated"
 
 
 @dataclasses.dataclass
@@ -87,25 +122,34 @@ class PathResult:
     task: str = ""
     export_seconds: float | None = None
     onnx_bytes: int | None = None
-    #: the runtime class the observer export was validated through (its generation parity)
-    runtime: str = UNCHANGED_RUNTIME
-    #: for a pass through legacy_shim's runtime only: why the unchanged runtime failed
+    #: for an observer pass: the best runtime class it generated (or ran) with
+    runtime: Runtime | None = None
+    #: for an observer pass below (a): why each better runtime failed with it
     note: str = ""
+    #: for an observer failure: it failed in the runtime class's checks after the observed-call
+    #: replay passed (so another runtime class may still run the file)
+    failed_in_runtime_class: bool = False
+    #: seconds the check through the unchanged class without optimum-observer took (its subprocess)
+    without_observer_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             **dataclasses.asdict(self),
             "status": self.status.value,
             "stage": self.stage.value if self.stage else None,
+            "runtime": self.runtime.value if self.runtime else None,
         }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PathResult:
+        status = Status(raw["status"])
         return cls(
             **{
                 **raw,
-                "status": Status(raw["status"]),
+                "status": status,
                 "stage": SweepStage(raw["stage"]) if raw.get("stage") else None,
+                # Files before the three levels wrote a runtime on every row, failures included.
+                "runtime": Runtime.from_json(raw.get("runtime")) if status == Status.PASS else None,
             }
         )
 
@@ -172,8 +216,8 @@ def versions() -> dict[str, str]:
 # --- the observer worker (runs in its own process) --------------------------------------
 
 
-def classify_observer_error(error: BaseException) -> SweepStage:
-    """The sweep stage of an exception raised by :func:`optimum_observer.export`."""
+def classify_observer_error(error: BaseException, task: str) -> SweepStage:
+    """The sweep stage of an exception raised by :func:`optimum_observer.export` for `task`."""
     if not isinstance(error, ObserverExportError):
         module = type(error).__module__ or ""
         return SweepStage.ORT_LOAD if module.startswith("onnxruntime") else SweepStage.CRASH
@@ -186,8 +230,20 @@ def classify_observer_error(error: BaseException) -> SweepStage:
         return SweepStage.TORCH_EXPORT if cause == "TorchExportError" else SweepStage.ONNX_CONVERSION
     if error.stage in (Stage.NAMING, Stage.PACKAGING):
         return SweepStage.ONNX_CONVERSION
-    replay_failed = any(line.lstrip().startswith("observed call") and "FAIL" in line for line in error.reason.splitlines())
-    return SweepStage.NUMERICAL_PARITY if replay_failed else SweepStage.GENERATION_PARITY
+    if _replay_failed(error) or not get_task(task).generates:
+        return SweepStage.NUMERICAL_PARITY
+    return SweepStage.GENERATION_PARITY
+
+
+def _replay_failed(error: ObserverExportError) -> bool:
+    """The observed-call replay failed (the graph itself computes something else than torch),
+    as opposed to the runtime class's checks alone."""
+    return error.report is not None and not all(call.ok for call in error.report.calls)
+
+
+def failed_in_runtime_class(error: BaseException) -> bool:
+    """A validation failure of the runtime class's checks only (the replay passed)."""
+    return isinstance(error, ObserverExportError) and error.stage == Stage.VALIDATION and not _replay_failed(error)
 
 
 def _describe(error: BaseException) -> str:
@@ -202,19 +258,21 @@ def _describe(error: BaseException) -> str:
 
 
 def run_observer_path(
-    model_type: str, task: str, workdir: Path, runtime_class: Any = None, runtime: str = UNCHANGED_RUNTIME
+    model_type: str, task: str, workdir: Path, runtime_class: Any = None, shapes: str = "real"
 ) -> PathResult:
-    """Builds the tiny model into `workdir/model`, then exports it to `workdir/observer`; a model
-    whose own generate fails in plain torch with its cache (cpmant) is exported without past.
+    """Builds the tiny model (`shapes`: see :mod:`optimum_observer.tiny_configs`) into
+    `workdir/model`, then exports it to `workdir/observer`; a model whose own generate fails in
+    plain torch with its cache (cpmant) is exported without past.
 
-    `runtime_class` validates generation (default: the unchanged optimum class); `runtime`
-    labels it in the result."""
+    `runtime_class` validates the export (default: the unchanged optimum class, here with the
+    hook; a pass is then checked again without optimum-observer); another class is recorded as
+    legacy_shim's (:attr:`Runtime.SHIM`)."""
     from .pipeline import export
     from .tiny_configs import build_tiny_model
 
     contract = get_task(task)
     try:
-        model = build_tiny_model(model_type, contract.auto_model_class)
+        model = build_tiny_model(model_type, contract.auto_model_class, shapes=shapes)
         model.save_pretrained(workdir / "model")
     except Exception as error:
         return PathResult.failure(SweepStage.CONFIG_BUILD, error, task)
@@ -232,11 +290,53 @@ def run_observer_path(
             result = export(model, workdir / "observer", task=task, show_progress=False, runtime_class=runtime_class)
     except Exception as error:
         logger.debug("observer export of %s failed", model_type, exc_info=True)
-        return PathResult(Status.FAIL, classify_observer_error(error), _describe(error), task, runtime=runtime)
+        return PathResult(
+            Status.FAIL,
+            classify_observer_error(error, task),
+            _describe(error),
+            task,
+            failed_in_runtime_class=failed_in_runtime_class(error),
+        )
     seconds = sum(v for k, v in result.timings.items() if k != Stage.VALIDATION.value)
     logger.info("%s exported in %.1fs (validation %.1fs)", model_type, seconds, time.perf_counter() - start - seconds)
     size = onnx_bytes(result.output_dir, result.onnx_files)
-    return PathResult(Status.PASS, None, "", task, round(seconds, 2), size, runtime=runtime)
+    passed = PathResult(Status.PASS, None, "", task, round(seconds, 2), size)
+    if runtime_class is not None:
+        return dataclasses.replace(passed, runtime=Runtime.SHIM)
+    return _checked_without_observer(passed, model, result.output_dir, workdir / "without-observer")
+
+
+def _checked_without_observer(passed: PathResult, model: Any, output_dir: Path, scratch: Path) -> PathResult:
+    """`passed` (validated through the unchanged class with the hook) at level (a) when the same
+    checks pass through that class without optimum-observer, else at (b) with the reason."""
+    from .without_observer import RuntimeWithoutObserverError, check_without_observer
+
+    start = time.perf_counter()
+    try:
+        report = check_without_observer(output_dir, model, get_task(passed.task), scratch)
+        failure = failed_check(report.generation, report.runtime, report.atol)
+    except RuntimeWithoutObserverError as error:
+        failure = str(error)
+    except Exception as error:
+        logger.debug("check without optimum-observer failed", exc_info=True)
+        failure = first_line(error)
+    seconds = round(time.perf_counter() - start, 2)
+    if not failure:
+        return dataclasses.replace(passed, runtime=Runtime.WITHOUT_OBSERVER, without_observer_seconds=seconds)
+    note = f"without optimum-observer: {failure}"
+    return dataclasses.replace(passed, runtime=Runtime.WITH_HOOK, note=note, without_observer_seconds=seconds)
+
+
+def failed_check(generation: Sequence[Any], runtime: Sequence[Any], atol: float) -> str:
+    """The first failing runtime-class check (:class:`~optimum_observer.result.GenerationCheck`,
+    :class:`~optimum_observer.result.RuntimeCheck`) in one line, or "" when all passed."""
+    for check in generation:
+        if not check.ok:
+            return f"torch {check.torch_tokens} != onnx {check.onnx_tokens} {check.caveat}".strip()
+    for check in runtime:
+        if not check.ok:
+            return f"{check.output}: max |diff| {check.max_abs_diff:.3g} > atol {atol}"
+    return ""
 
 
 def _task_for(model: Any, task: str) -> str:
@@ -267,18 +367,27 @@ def onnx_bytes(directory: Path, files: Sequence[str]) -> int:
 # --- the orchestrator -------------------------------------------------------------------
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(extra)
     return env
 
 
-def run_path_process(command: list[str], result_file: Path, timeout: float, task: str) -> PathResult:
-    """Runs one path's process; its result file, or a `crash` / `time limit` failure."""
+#: The legacy path runs optimum-onnx as it ships: the hook would route its exports and patch its
+#: runtime classes.
+_LEGACY_ENV = {HOOK_DISABLE_ENV_VAR: "1"}
+
+
+def run_path_process(
+    command: list[str], result_file: Path, timeout: float, task: str, env: dict[str, str] | None = None
+) -> PathResult:
+    """Runs one path's process (`env`: variables set for it); its result file, or a `crash` /
+    `time limit` failure."""
     try:
         completed = subprocess.run(
-            command, env=_child_env(), timeout=timeout, capture_output=True, text=True, cwd=_PROJECT_ROOT
+            command, env=_child_env(**(env or {})), timeout=timeout, capture_output=True, text=True, cwd=_PROJECT_ROOT
         )
     except subprocess.TimeoutExpired:
         return PathResult.failure(SweepStage.TIME_LIMIT, f"no result within {timeout:.0f}s", task)
@@ -305,16 +414,18 @@ def legacy_supported_types(task: str, timeout: float) -> set[str] | None:
     return set(json.loads(completed.stdout))
 
 
-def sweep_one(model_type: str, task: str, timeout: float, legacy_types: set[str] | None) -> TypeResult:
+def sweep_one(
+    model_type: str, task: str, timeout: float, legacy_types: set[str] | None, shapes: str = "real"
+) -> TypeResult:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{model_type}-") as scratch:
         workdir = Path(scratch)
         result_file = workdir / "observer.json"
         command = [sys.executable, "-m", "optimum_observer.sweep", "worker", model_type, "--task", task,
-                   "--workdir", str(workdir), "--result", str(result_file)]  # fmt: skip
+                   "--workdir", str(workdir), "--result", str(result_file), "--shapes", shapes]  # fmt: skip
         observer = run_path_process(command, result_file, timeout, task)
         if _runtime_may_be_the_limit(observer) and legacy_types is not None:
-            observer = _through_shim_runtime(model_type, task, timeout, workdir, observer)
+            observer = _through_shim_runtime(model_type, task, timeout, workdir, observer, shapes)
         if legacy_types is None:
             legacy = PathResult(Status.SKIPPED, error="legacy runner not installed", task=task)
         elif model_type not in legacy_types:
@@ -325,49 +436,52 @@ def sweep_one(model_type: str, task: str, timeout: float, legacy_types: set[str]
             result_file = workdir / "legacy.json"
             command = [sys.executable, "-m", LEGACY_RUNNER_MODULE, "run", str(workdir / "model"), "--task", task,
                        "--output", str(workdir / "legacy"), "--result", str(result_file)]  # fmt: skip
-            legacy = run_path_process(command, result_file, timeout, task)
+            legacy = run_path_process(command, result_file, timeout, task, _LEGACY_ENV)
     return TypeResult(model_type, observer, legacy, round(time.perf_counter() - start, 1))
 
 
-#: Failures the unchanged runtime class itself may cause (its cache sizes, its config reading,
-#: no state caches): the export is validated again through legacy_shim's runtime.
-_RUNTIME_STAGES = (SweepStage.GENERATION_PARITY, SweepStage.ORT_LOAD)
-
-
 def _runtime_may_be_the_limit(result: PathResult) -> bool:
-    return result.status == Status.FAIL and result.stage in _RUNTIME_STAGES
+    """A failure the unchanged runtime class itself may cause (its cache sizes, its config
+    reading, no state caches): the export is validated again through legacy_shim's runtime."""
+    return result.status == Status.FAIL and (result.failed_in_runtime_class or result.stage == SweepStage.ORT_LOAD)
 
 
 def _through_shim_runtime(
-    model_type: str, task: str, timeout: float, workdir: Path, unchanged: PathResult
+    model_type: str, task: str, timeout: float, workdir: Path, unchanged: PathResult, shapes: str
 ) -> PathResult:
     """The observer export validated through legacy_shim's runtime class (a process of the
     legacy runner), when that passes; else the unchanged runtime's failure, as it was."""
     result_file = workdir / "observer-shim.json"
     command = [sys.executable, "-m", LEGACY_RUNNER_MODULE, "observer", model_type, "--task", task,
-               "--workdir", str(workdir / "shim"), "--result", str(result_file)]  # fmt: skip
+               "--workdir", str(workdir / "shim"), "--result", str(result_file), "--shapes", shapes]  # fmt: skip
     (workdir / "shim").mkdir(exist_ok=True)
     shim = run_path_process(command, result_file, timeout, task)
     if shim.status != Status.PASS:
         return unchanged
-    shim.note = f"unchanged runtime: {unchanged.error}"
-    return shim
+    return dataclasses.replace(shim, note=f"with the hook: {unchanged.error}")
 
 
 def coverage_path(out: Path, task: str) -> Path:
     return out / f"coverage-{task}.json"
 
 
-def load_results(path: Path) -> dict[str, TypeResult]:
+def load_results(path: Path, shapes: str | None = None) -> dict[str, TypeResult]:
+    """The results in `path`; with `shapes`, refuses a file measured on other tiny-model shapes
+    (a resumed sweep would mix two kinds of models in one table; files written before the
+    shapes were recorded say nothing and are taken as they are)."""
     if not path.is_file():
         return {}
     raw = json.loads(path.read_text())
+    recorded = raw.get("shapes")
+    if shapes is not None and recorded not in (None, shapes):
+        raise ValueError(f"{path} was measured with shapes={recorded!r}, not {shapes!r}: resume with the same shapes")
     return {t: TypeResult.from_json(t, r) for t, r in raw["results"].items()}
 
 
-def write_results(path: Path, task: str, results: dict[str, TypeResult]) -> None:
+def write_results(path: Path, task: str, results: dict[str, TypeResult], shapes: str = "real") -> None:
     payload = {
         "task": task,
+        "shapes": shapes,
         "versions": versions(),
         "results": {t: results[t].to_json() for t in sorted(results)},
     }
@@ -385,10 +499,14 @@ def run_sweep(
     resume: bool = False,
     show_progress: bool | None = None,
     jobs: int = 1,
+    shapes: str = "real",
 ) -> dict[str, TypeResult]:
-    """Sweeps `model_types` (default: the task's whole auto mapping), `jobs` types at a time;
+    """Sweeps `model_types` (default: the task's whole auto mapping), `jobs` types at a time, on
+    tiny models of `shapes` ("real" or "mha", see :mod:`optimum_observer.tiny_configs`);
     returns every result in the coverage file, including those kept from an earlier run when
     resuming."""
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
     out = Path(out)
     every_type = model_types_for(task)
     wanted = list(model_types) if model_types else every_type
@@ -396,7 +514,7 @@ def run_sweep(
     if unknown:
         raise ValueError(f"not model types of {task!r}'s auto mapping: {', '.join(unknown)}")
     path = coverage_path(out, task)
-    results = load_results(path) if resume else {}
+    results = load_results(path, shapes) if resume else {}
     todo = [t for t in wanted if t not in results]
     legacy_types = legacy_supported_types(task, timeout) if todo else set()
     show = sys.stderr.isatty() if show_progress is None else show_progress
@@ -405,16 +523,16 @@ def run_sweep(
         concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool,
     ):
         # Each type runs in child processes; the threads only wait for them.
-        pending = {pool.submit(sweep_one, t, task, timeout, legacy_types): t for t in todo}
+        pending = {pool.submit(sweep_one, t, task, timeout, legacy_types, shapes): t for t in todo}
         for future in concurrent.futures.as_completed(pending):
             model_type = pending[future]
             results[model_type] = future.result()
-            write_results(path, task, results)
+            write_results(path, task, results, shapes)
             bar.set_postfix_str(model_type)
             bar.update(1)
             logger.info("%s: observer %s, legacy %s", model_type, results[model_type].observer.status.value,
                         results[model_type].legacy.status.value)  # fmt: skip
-    path.with_suffix(".md").write_text(markdown(task, results, versions()))
+    path.with_suffix(".md").write_text(markdown(task, results, versions(), shapes))
     return results
 
 
@@ -478,11 +596,13 @@ def known_reason(error: str) -> str:
 
 
 def _cell(result: PathResult) -> str:
-    if result.status == Status.PASS:
-        return "pass (shim runtime)" if result.runtime == SHIM_RUNTIME else "pass"
     if result.status == Status.FAIL:
         return f"FAIL ({result.stage.value})" if result.stage else "FAIL"
     return result.status.value
+
+
+def _runtime_cell(result: PathResult) -> str:
+    return f"({result.runtime.level})" if result.status == Status.PASS and result.runtime else ""
 
 
 def _size(result: PathResult) -> str:
@@ -493,42 +613,59 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(task: str, results: dict[str, TypeResult], measured_on: dict[str, str]) -> str:
-    """The coverage table of one task, with counts and failures grouped by stage."""
+def _explained(label: str, error: str) -> str:
+    """A list item: the known reason of `error`, when there is one, then the error itself."""
+    reason = known_reason(error)
+    return f"- `{label}`: {reason + ' - ' if reason else ''}`{_escape(error)}`"
+
+
+def _at_level(results: dict[str, TypeResult], runtime: Runtime) -> list[str]:
+    return sorted(t for t, r in results.items() if r.observer.status == Status.PASS and r.observer.runtime == runtime)
+
+
+def markdown(task: str, results: dict[str, TypeResult], measured_on: dict[str, str], shapes: str | None = None) -> str:
+    """The coverage table of one task: the counts per runtime level, every type, the reason of
+    each pass below (a), and the observer failures grouped by stage."""
     total = len(results)
-    observer_pass = sorted(t for t, r in results.items() if r.observer.status == Status.PASS)
-    shim_only = [t for t in observer_pass if results[t].observer.runtime == SHIM_RUNTIME]
-    legacy_pass = sorted(t for t, r in results.items() if r.legacy.status == Status.PASS)
+    observer_pass = [t for t, r in results.items() if r.observer.status == Status.PASS]
+    plain, hook, shim = (_at_level(results, runtime) for runtime in Runtime)
+    legacy_pass = [t for t, r in results.items() if r.legacy.status == Status.PASS]
+    legacy_unvalidated = [t for t, r in results.items() if r.legacy.status == Status.UNVALIDATED]
+    how = "generates" if get_task(task).generates else "runs"
+    shapes_text = f"tiny models of `shapes={shapes!r}`" if shapes else "tiny-model shapes not recorded"
     lines = [
         f"## {task}",
         "",
-        "Measured on " + ", ".join(f"{k} {v}" for k, v in measured_on.items()) + ".",
+        "Measured on " + ", ".join(f"{k} {v}" for k, v in measured_on.items()) + f"; {shapes_text}.",
         "",
-        f"- observer export with validation passes: **{len(observer_pass)} / {total}** "
-        f"({len(observer_pass) - len(shim_only)} validated through the unchanged "
-        f"`optimum.onnxruntime` class, {len(shim_only)} only through `legacy_shim`'s runtime class: "
-        f"{', '.join(shim_only) or 'none'})",
-        f"- legacy exporter (optimum-onnx) with validation passes: **{len(legacy_pass)} / {total}**",
+        f"- observer export {how} through optimum-onnx's unchanged `optimum.onnxruntime` class where "
+        f"optimum-observer is not installed (a): **{len(plain)} / {total}**",
+        f"  - only with optimum-observer's hook installed (b): {len(hook)} ({', '.join(hook) or 'none'})",
+        f"  - only through `legacy_shim`'s runtime class (c): {len(shim)} ({', '.join(shim) or 'none'})",
+        f"  - observer export with validation passes, any runtime: {len(observer_pass)} / {total}",
+        f"- legacy exporter (optimum-onnx's `main_export` and runtime classes as they ship, hook off) with "
+        f"validation passes: **{len(legacy_pass)} / {total}**"
+        + (f" (exported, not validated by the sweep's check: {len(legacy_unvalidated)})" if legacy_unvalidated else ""),
         *_not_measured(task, results),
         "",
-        "| model type | observer | exported task | export s | ONNX size | legacy | legacy stage / reason |",
-        "|---|---|---|---|---|---|---|",
+        "| model type | observer | runtime | exported task | export s | ONNX size | legacy | legacy stage / reason |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model_type in sorted(results):
         r = results[model_type]
-        legacy_detail = _escape(r.legacy.error) if r.legacy.status == Status.FAIL else ""
+        legacy_detail = _escape(r.legacy.error) if r.legacy.status in (Status.FAIL, Status.UNVALIDATED) else ""
         lines.append(
-            f"| {model_type} | {_cell(r.observer)} | {r.observer.task} | {r.observer.export_seconds or ''} | "
-            f"{_size(r.observer)} | {_cell(r.legacy)} | {legacy_detail} |"
+            f"| {model_type} | {_cell(r.observer)} | {_runtime_cell(r.observer)} | {r.observer.task} | "
+            f"{r.observer.export_seconds or ''} | {_size(r.observer)} | {_cell(r.legacy)} | {legacy_detail} |"
         )
+    below = [_explained(f"{t} ({results[t].observer.runtime.level})", results[t].observer.note) for t in hook + shim]
+    if below:
+        lines += ["", f"### Observer passes below (a): why the better runtime failed ({len(below)})", "", *below]
     failures: dict[str, list[str]] = {}
     for model_type, r in sorted(results.items()):
         if r.observer.status == Status.FAIL:
             stage = r.observer.stage.value if r.observer.stage else "unknown"
-            reason = known_reason(r.observer.error)
-            failures.setdefault(stage, []).append(
-                f"- `{model_type}`: {reason + ' - ' if reason else ''}`{_escape(r.observer.error)}`"
-            )
+            failures.setdefault(stage, []).append(_explained(model_type, r.observer.error))
     if failures:
         lines += ["", f"### Observer failures by stage ({sum(map(len, failures.values()))})"]
         for stage in sorted(failures):
@@ -555,18 +692,27 @@ def coverage_document(out: Path) -> str:
     for path in sorted(Path(out).glob("coverage-*.json")):
         raw = json.loads(path.read_text())
         results = {t: TypeResult.from_json(t, r) for t, r in raw["results"].items()}
-        sections.append(markdown(raw["task"], results, raw["versions"]))
+        sections.append(markdown(raw["task"], results, raw["versions"], raw.get("shapes")))
     header = (
         "# Architecture coverage\n\n"
         "Generated by `optimum-observer sweep` (do not edit by hand): every model type of each task's "
-        "transformers auto mapping, as a tiny random model (`optimum_observer.tiny_configs`), exported "
+        "transformers auto mapping, as a tiny random model (`optimum_observer.tiny_configs`; real checkpoint "
+        "shapes unless a table says `shapes='mha'`: grouped-query attention, explicit head_dim, MLA), exported "
         "through the observer stack and through the legacy exporter (optimum-onnx `main_export`) where it "
         "supports the type; each path is validated (replay of the observed calls / logits on the same "
-        "inputs, then, through the unchanged `optimum.onnxruntime` class, greedy generation for the "
+        "inputs, then, through the task's `optimum.onnxruntime` class, greedy generation for the "
         "generation tasks and every output on batches of 2 and 3 for the encoder tasks).\n\n"
+        "The runtime column says which runtime an observer pass reached, best first: (a) optimum-onnx's "
+        "unchanged class in an interpreter where optimum-observer is not installed (what a user of plain "
+        "optimum-onnx gets: the headline count), (b) the same class with optimum-observer's hook installed, "
+        "(c) only `legacy_shim`'s runtime class. The legacy column is optimum-onnx as it ships (hook off); its "
+        "reasons name what failed: optimum-onnx's exporter, its runtime class, or, as \"exported, not "
+        "validated\", the sweep's check, whose inputs the torch model itself refused.\n\n"
         "Regenerate, one command per task (the causal-LM sweep took 53 minutes on 2 cores with "
         "`--jobs 2`, a test run beside it): `nice -n 10 optimum-observer sweep --task "
-        "text-generation-with-past --jobs 2 --out docs/coverage-data --doc docs/coverage.md`.\n\n"
+        "text-generation-with-past --jobs 2 --out docs/coverage-data --doc docs/coverage.md`; the tasks: "
+        + ", ".join(f"`{t}`" for t in SWEPT_TASKS)
+        + ".\n\n"
     )
     return header + "\n".join(sections)
 
@@ -574,9 +720,26 @@ def coverage_document(out: Path) -> str:
 # --- command line -----------------------------------------------------------------------
 
 
+#: The tasks docs/coverage.md has a table for.
+SWEPT_TASKS = (
+    "text-generation-with-past",
+    "text2text-generation-with-past",
+    "automatic-speech-recognition-with-past",
+    "feature-extraction",
+    "text-classification",
+)
+
+
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="text-generation-with-past")
-    parser.add_argument("--model-types", help="comma-separated subset (default: the task's whole auto mapping)")
+    parser.add_argument("--task", default="text-generation-with-past", choices=supported_tasks())
+    parser.add_argument(
+        "--model-types", "--types", dest="model_types",
+        help="comma-separated subset (default: the task's whole auto mapping)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shapes", choices=SHAPES, default="real",
+        help="tiny-model shapes: real checkpoint shapes (grouped-query attention, explicit head_dim, MLA) or mha",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per type and path")
     parser.add_argument("--resume", action="store_true", help="keep the results already in --out")
     parser.add_argument("--jobs", type=int, default=1, help="model types run at the same time")
@@ -586,10 +749,14 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     model_types = [t.strip() for t in args.model_types.split(",") if t.strip()] if args.model_types else None
-    results = run_sweep(args.task, args.out, model_types, args.timeout, args.resume, jobs=args.jobs)
-    passed = sum(r.observer.status == Status.PASS for r in results.values())
+    results = run_sweep(args.task, args.out, model_types, args.timeout, args.resume, jobs=args.jobs, shapes=args.shapes)
+    levels = {runtime: len(_at_level(results, runtime)) for runtime in Runtime}
     legacy = sum(r.legacy.status == Status.PASS for r in results.values())
-    print(f"{args.task}: observer {passed}/{len(results)}, legacy {legacy}/{len(results)} -> {coverage_path(args.out, args.task)}")
+    print(
+        f"{args.task} ({args.shapes} shapes): observer (a) {levels[Runtime.WITHOUT_OBSERVER]}/{len(results)} "
+        f"+ (b) {levels[Runtime.WITH_HOOK]} + (c) {levels[Runtime.SHIM]}, legacy {legacy}/{len(results)} "
+        f"-> {coverage_path(args.out, args.task)}"
+    )
     if args.doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text(coverage_document(args.out))
@@ -603,14 +770,15 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--task", required=True)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--shapes", choices=SHAPES, default="real")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run_observer_path(args.model_type, args.task, args.workdir)
+    result = run_observer_path(args.model_type, args.task, args.workdir, shapes=args.shapes)
     args.result.write_text(json.dumps(result.to_json()))
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["worker"]:
-        sys.exit("usage: python -m optimum_observer.sweep worker MODEL_TYPE --task T --workdir D --result F")
+        sys.exit("usage: python -m optimum_observer.sweep worker MODEL_TYPE --task T --workdir D --result F [--shapes S]")
     sys.exit(_worker_main(sys.argv[2:]))

@@ -345,6 +345,10 @@ def tiny_config(
     if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
         # generate() needs it; checkpoints set it (t5's is its pad token), default configs don't.
         config.decoder_start_token_id = _pad_token_id(config)
+    if auto_model_class == "AutoModelForSequenceClassification" and config.pad_token_id is None:
+        # A decoder's classifier pools each row's last token before its padding, found by the pad
+        # id, and refuses batches without one; checkpoints fine-tuned for it set it (GPT-2's: eos).
+        config.pad_token_id = _pad_token_id(config)
     return config
 
 

@@ -36,6 +36,7 @@ from .capture import (
     ObservedCall,
     encoder_batches,
     left_padding_copy,
+    pad_token_id,
     random_token_batch,
     speech_batches,
     text_batches,
@@ -271,13 +272,21 @@ def check_seq2seq_generation(
 
 
 def check_runtime_outputs(
-    directory: Path, model: Any, contract: TaskContract, tokenizer: Any | None, runtime_class: Any, atol: float
+    directory: Path,
+    model: Any,
+    contract: TaskContract,
+    tokenizer: Any | None,
+    runtime_class: Any,
+    atol: float,
+    batches: list[dict[str, torch.Tensor]] | None = None,
 ) -> list[RuntimeCheck]:
-    """Every output of the runtime class against the torch model's, batch by batch."""
+    """Every output of the runtime class against the torch model's, batch by batch; `batches`
+    defaults to the encoder batches of the default run (a caller adds inputs the runtime class
+    takes from its caller, as the legacy runner does with `position_ids`)."""
     onnx_model = runtime_class.from_pretrained(directory)
     (graph,) = contract.graphs
     checks = []
-    for index, inputs in enumerate(encoder_batches(model, tokenizer)):
+    for index, inputs in enumerate(encoder_batches(model, tokenizer) if batches is None else batches):
         with torch.no_grad():
             expected = model(**{k: v.to(model.device) for k, v in inputs.items()})
         got = onnx_model(**inputs)
@@ -286,3 +295,21 @@ def check_runtime_outputs(
             diff = (have.float() - want.float()).abs().max().item() if want.shape == have.shape else float("inf")
             checks.append(RuntimeCheck(index, output.name, diff, diff <= atol))
     return checks
+
+
+def check_runtime_class(
+    directory: Path,
+    model: Any,
+    contract: TaskContract,
+    tokenizer: Any | None,
+    feature_extractor: Any | None,
+    runtime_class: Any,
+    atol: float,
+) -> tuple[list[GenerationCheck], list[RuntimeCheck]]:
+    """The checks of the task's family through `runtime_class`: greedy generation for the
+    generation tasks, every output for the encoder tasks (the other list is empty)."""
+    if contract.family is Family.DECODER:
+        return check_generation(directory, model, tokenizer, runtime_class, pad_token_id(model, tokenizer)), []
+    if contract.generates:
+        return check_seq2seq_generation(directory, model, contract, tokenizer, feature_extractor, runtime_class), []
+    return [], check_runtime_outputs(directory, model, contract, tokenizer, runtime_class, atol)

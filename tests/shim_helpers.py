@@ -114,35 +114,12 @@ def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-#: Prologue of :func:`run_without_observer`: site-packages on the path without its .pth files,
-#: so neither the hook nor the editable install of optimum-observer exists in that interpreter.
-_NO_OBSERVER_PROLOGUE = """
-import sys
-sys.path.extend({site_packages!r})
-for name in ("legacy_shim", "optimum_observer"):
-    try:
-        __import__(name)
-    except ImportError:
-        pass
-    else:
-        raise SystemExit(name + " is importable")
-"""
-
-
 def run_without_observer(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Runs `code` in an interpreter of this environment as it is without optimum-observer:
-    `python -S` (no .pth file: no hook, no editable install) with site-packages on the path."""
-    import site
+    """Runs `code` in an interpreter of this environment as it is without optimum-observer (no
+    hook, package not importable): the sweep's :func:`optimum_observer.without_observer.run_without_observer`."""
+    from optimum_observer.without_observer import run_without_observer as run
 
-    prologue = _NO_OBSERVER_PROLOGUE.format(site_packages=site.getsitepackages())
-    return subprocess.run(
-        [sys.executable, "-S", "-c", prologue + code],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run(code, cwd=cwd, env=_env(), timeout=600)
 
 
 @contextlib.contextmanager

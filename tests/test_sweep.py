@@ -10,14 +10,15 @@ from unittest import mock
 
 from optimum_observer import sweep
 from optimum_observer.errors import ObserverExportError, Stage
-from optimum_observer.sweep import PathResult, Status, SweepStage
+from optimum_observer.result import CallCheck, GenerationCheck, RuntimeCheck, ValidationReport
+from optimum_observer.sweep import PathResult, Runtime, Status, SweepStage, TypeResult
 
 TASK = "text-generation-with-past"
-#: gpt2 passes both paths; bert passes the observer path only (optimum-onnx has no causal-LM
-#: config for it); mamba passes the observer path through optimum's class only with the hook
-#: installed in this environment (it feeds the states by name); qdqbert fails on purpose at the first stage: its model
-#: class needs pytorch-quantization, which is not installed.
-SAMPLE = ["gpt2", "bert", "mamba", "qdqbert"]
+#: gpt2 passes both paths, the observer's through optimum-onnx's class where optimum-observer is
+#: not installed (a); mamba passes the observer path only (optimum-onnx has no config for it), and
+#: only with the hook (b): plain optimum-onnx cannot feed its states; qdqbert fails on purpose at
+#: the first stage: its model class needs pytorch-quantization, which is not installed.
+SAMPLE = ["gpt2", "mamba", "qdqbert"]
 
 
 class TestSweepSample(unittest.TestCase):
@@ -35,21 +36,27 @@ class TestSweepSample(unittest.TestCase):
         self.assertEqual(sorted(self.results), sorted(SAMPLE))
 
     def test_passing_types_record_time_and_size(self):
-        for model_type in ("gpt2", "bert"):
+        for model_type in ("gpt2", "mamba"):
             observer = self.results[model_type].observer
             self.assertEqual(observer.status, Status.PASS, observer.error)
             self.assertGreater(observer.export_seconds, 0)
             self.assertGreater(observer.onnx_bytes, 10_000)
 
-    def test_runtime_the_export_generates_through_is_recorded(self):
-        self.assertEqual(self.results["gpt2"].observer.runtime, sweep.UNCHANGED_RUNTIME)
+    def test_an_export_plain_optimum_onnx_generates_with_is_at_level_a(self):
+        gpt2 = self.results["gpt2"].observer
+        self.assertEqual(gpt2.runtime, Runtime.WITHOUT_OBSERVER, gpt2.note)
+        self.assertGreater(gpt2.without_observer_seconds, 0)
+
+    def test_an_export_only_the_hook_generates_with_is_at_level_b_with_the_reason(self):
         mamba = self.results["mamba"].observer
-        self.assertEqual(mamba.status, Status.PASS, mamba.error)
-        self.assertEqual(mamba.runtime, sweep.UNCHANGED_RUNTIME)
+        self.assertEqual((mamba.status, mamba.runtime), (Status.PASS, Runtime.WITH_HOOK), mamba.error)
+        # optimum-onnx alone sizes a key/value cache from num_attention_heads, which MambaConfig lacks.
+        self.assertIn("without optimum-observer: AttributeError", mamba.note)
+        self.assertIn("num_attention_heads", mamba.note)
 
     def test_legacy_path_runs_where_optimum_onnx_supports_the_type(self):
         self.assertEqual(self.results["gpt2"].legacy.status, Status.PASS, self.results["gpt2"].legacy.error)
-        self.assertEqual(self.results["bert"].legacy.status, Status.UNSUPPORTED)
+        self.assertEqual(self.results["mamba"].legacy.status, Status.UNSUPPORTED)
 
     def test_failure_is_recorded_with_its_stage_and_the_sweep_goes_on(self):
         failed = self.results["qdqbert"].observer
@@ -59,16 +66,18 @@ class TestSweepSample(unittest.TestCase):
 
     def test_coverage_json_and_markdown(self):
         raw = json.loads(sweep.coverage_path(self.out, TASK).read_text())
-        self.assertEqual(raw["task"], TASK)
+        self.assertEqual((raw["task"], raw["shapes"]), (TASK, "real"))
         self.assertIn("transformers", raw["versions"])
         self.assertEqual(raw["results"]["qdqbert"]["observer"]["stage"], "config build")
+        self.assertEqual(raw["results"]["gpt2"]["observer"]["runtime"], Runtime.WITHOUT_OBSERVER.value)
         table = sweep.coverage_path(self.out, TASK).with_suffix(".md").read_text()
-        self.assertIn("observer export with validation passes: **3 / 4** (3 validated through the unchanged", table)
-        self.assertIn("only through `legacy_shim`'s runtime class: mamba)", table)
-        self.assertIn("| mamba | pass (shim runtime) |", table)
-        self.assertIn("| qdqbert | FAIL (config build) |", table)
+        self.assertIn("where optimum-observer is not installed (a): **1 / 3**", table)
+        self.assertIn("only with optimum-observer's hook installed (b): 1 (mamba)", table)
+        self.assertIn("| gpt2 | pass | (a) |", table)
+        self.assertIn("| mamba | pass | (b) |", table)
+        self.assertIn("| qdqbert | FAIL (config build) | |", table)
         self.assertIn("#### config build (1)", table)
-        self.assertIn(f"- **partial**: 4 of the {len(sweep.model_types_for(TASK))} model types", table)
+        self.assertIn(f"- **partial**: 3 of the {len(sweep.model_types_for(TASK))} model types", table)
         self.assertIn("not measured (", table)
         self.assertIn(f"## {TASK}", sweep.coverage_document(self.out))
 
@@ -98,31 +107,107 @@ class TestSweepIsolation(unittest.TestCase):
 
 
 class TestStageClassification(unittest.TestCase):
-    def _error(self, stage: Stage, reason: str = "boom", cause: BaseException | None = None):
-        error = ObserverExportError("llama", stage, reason, "try again")
+    def _error(self, stage: Stage, reason: str = "boom", cause: BaseException | None = None, report=None):
+        error = ObserverExportError("llama", stage, reason, "try again", report=report)
         error.__cause__ = cause
         return error
 
     def test_export_failures_split_into_torch_export_and_conversion(self):
         torch_export_error = type("TorchExportError", (RuntimeError,), {})("guard")
         self.assertEqual(
-            sweep.classify_observer_error(self._error(Stage.EXPORT, cause=torch_export_error)), SweepStage.TORCH_EXPORT
+            sweep.classify_observer_error(self._error(Stage.EXPORT, cause=torch_export_error), TASK),
+            SweepStage.TORCH_EXPORT,
         )
         conversion_error = type("ConversionError", (RuntimeError,), {})("no onnx function")
         self.assertEqual(
-            sweep.classify_observer_error(self._error(Stage.EXPORT, cause=conversion_error)), SweepStage.ONNX_CONVERSION
+            sweep.classify_observer_error(self._error(Stage.EXPORT, cause=conversion_error), TASK),
+            SweepStage.ONNX_CONVERSION,
         )
 
+    REPLAY_FAILED = ValidationReport(1e-4, [CallCheck(0, 0.5, False)], [GenerationCheck((3,), [[1]], [[1]])])
+    GENERATION_FAILED = ValidationReport(1e-4, [CallCheck(0, 0.0, True)], [GenerationCheck((3,), [[1]], [[2]])])
+    OUTPUTS_FAILED = ValidationReport(1e-4, [CallCheck(0, 0.0, True)], [], [RuntimeCheck(0, "logits", 0.5, False)])
+
     def test_validation_failures_split_into_numerical_and_generation_parity(self):
-        replay = "the ONNX model does not match torch:\nobserved call 0       0.5  FAIL\ngreedy generation 0   ok"
-        generation = "the ONNX model does not match torch:\nobserved call 0       0  ok\ngreedy generation 0   FAIL"
-        self.assertEqual(
-            sweep.classify_observer_error(self._error(Stage.VALIDATION, replay)), SweepStage.NUMERICAL_PARITY
-        )
-        self.assertEqual(
-            sweep.classify_observer_error(self._error(Stage.VALIDATION, generation)), SweepStage.GENERATION_PARITY
-        )
+        replay = self._error(Stage.VALIDATION, report=self.REPLAY_FAILED)
+        generation = self._error(Stage.VALIDATION, report=self.GENERATION_FAILED)
+        self.assertEqual(sweep.classify_observer_error(replay, TASK), SweepStage.NUMERICAL_PARITY)
+        self.assertEqual(sweep.classify_observer_error(generation, TASK), SweepStage.GENERATION_PARITY)
+        self.assertFalse(sweep.failed_in_runtime_class(replay))
+        self.assertTrue(sweep.failed_in_runtime_class(generation))
+
+    def test_encoder_tasks_fail_in_numerical_parity_not_generation(self):
+        outputs = self._error(Stage.VALIDATION, report=self.OUTPUTS_FAILED)
+        # The runtime class raised (its checks never finished): only the replay's report exists.
+        raised = self._error(Stage.VALIDATION, report=ValidationReport(1e-4, [CallCheck(0, 0.0, True)], []))
+        for error in (outputs, raised):
+            self.assertEqual(sweep.classify_observer_error(error, "feature-extraction"), SweepStage.NUMERICAL_PARITY)
+            self.assertTrue(sweep.failed_in_runtime_class(error))
+        self.assertEqual(sweep.classify_observer_error(raised, TASK), SweepStage.GENERATION_PARITY)
 
     def test_path_result_round_trips_through_json(self):
         result = PathResult(Status.FAIL, SweepStage.CAPTURE, "IndexError: x", TASK, None, None)
         self.assertEqual(PathResult.from_json(json.loads(json.dumps(result.to_json()))), result)
+        passed = PathResult(Status.PASS, None, "", TASK, 1.0, 10, Runtime.WITH_HOOK, "without optimum-observer: x")
+        self.assertEqual(PathResult.from_json(json.loads(json.dumps(passed.to_json()))), passed)
+
+    def test_results_written_before_the_runtime_levels_still_load(self):
+        old = {"status": "pass", "stage": None, "error": "", "task": TASK, "export_seconds": 1.0,
+               "onnx_bytes": 10, "runtime": "optimum.onnxruntime", "note": ""}  # fmt: skip
+        self.assertEqual(PathResult.from_json(old).runtime, Runtime.WITH_HOOK)
+        self.assertIsNone(PathResult.from_json({**old, "status": "fail", "stage": "capture"}).runtime)
+
+
+def _passed(runtime: Runtime, note: str = "") -> PathResult:
+    return PathResult(Status.PASS, None, "", TASK, 1.0, 10_000, runtime, note)
+
+
+class TestCoverageTable(unittest.TestCase):
+    """The table from results alone: runtime levels, legacy attribution, shapes."""
+
+    RESULTS = {
+        "llama": TypeResult("llama", _passed(Runtime.WITHOUT_OBSERVER), _passed(None), 1.0),
+        "mamba": TypeResult(
+            "mamba",
+            _passed(Runtime.WITH_HOOK, "without optimum-observer: AttributeError: no num_attention_heads"),
+            PathResult(Status.UNSUPPORTED),
+            1.0,
+        ),
+        "emu3": TypeResult(
+            "emu3",
+            _passed(Runtime.SHIM, "with the hook: The checkpoint you are trying to load has model type x"),
+            PathResult(Status.UNVALIDATED, error="the sweep's check (torch refused its inputs): ValueError: boom"),
+            1.0,
+        ),
+    }
+
+    def setUp(self):
+        self.table = sweep.markdown(TASK, self.RESULTS, {"transformers": "4.57.6"}, "real")
+
+    def test_headline_counts_level_a_with_b_and_c_beside_it(self):
+        self.assertIn("where optimum-observer is not installed (a): **1 / 3**", self.table)
+        self.assertIn("only with optimum-observer's hook installed (b): 1 (mamba)", self.table)
+        self.assertIn("only through `legacy_shim`'s runtime class (c): 1 (emu3)", self.table)
+        self.assertIn("observer export with validation passes, any runtime: 3 / 3", self.table)
+
+    def test_rows_show_the_level_and_passes_below_a_say_why(self):
+        self.assertIn("| llama | pass | (a) |", self.table)
+        self.assertIn("| emu3 | pass | (c) |", self.table)
+        self.assertIn("### Observer passes below (a): why the better runtime failed (2)", self.table)
+        self.assertIn("- `mamba (b)`: `without optimum-observer: AttributeError: no num_attention_heads`", self.table)
+        # A known reason is named before the error.
+        self.assertIn("- `emu3 (c)`: the head's text config is registered only inside", self.table)
+
+    def test_a_legacy_export_the_check_could_not_validate_is_not_a_failure(self):
+        self.assertIn("legacy exporter (optimum-onnx's `main_export` and runtime classes as they ship, hook off) "
+                      "with validation passes: **1 / 3** (exported, not validated by the sweep's check: 1)", self.table)  # fmt: skip
+        self.assertIn("| exported, not validated | the sweep's check (torch refused its inputs): ValueError: boom |", self.table)
+
+    def test_the_shapes_are_in_the_table_and_a_resume_refuses_other_shapes(self):
+        self.assertIn("tiny models of `shapes='real'`", self.table)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "coverage.json"
+            sweep.write_results(path, TASK, self.RESULTS, "mha")
+            self.assertEqual(sorted(sweep.load_results(path, "mha")), sorted(self.RESULTS))
+            with self.assertRaisesRegex(ValueError, "shapes='mha'"):
+                sweep.load_results(path, "real")

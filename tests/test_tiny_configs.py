@@ -123,6 +123,14 @@ class TestShrinkRules(unittest.TestCase):
         self.assertEqual(config.d_kv, tiny_configs.REAL_HEAD_DIM)
         self.assertNotEqual(config.d_kv * config.num_heads, config.d_model)
 
+    def test_decoder_sequence_classifiers_take_padded_batches(self):
+        model = tiny_configs.build_tiny_model("gpt2", "AutoModelForSequenceClassification").eval()
+        ids = torch.tensor([[5, 6, 7], [5, 6, model.config.pad_token_id]])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]])).logits
+        self.assertEqual(tuple(logits.shape), (2, model.config.num_labels))
+        self.assertIsNone(tiny_configs.tiny_config("gpt2", "AutoModelForCausalLM").pad_token_id)
+
     def test_every_layer_kind_is_kept(self):
         # gemma3: five sliding-window layers, then one full-attention layer, repeated.
         config = tiny_configs.tiny_config("gemma3", "AutoModelForCausalLM").get_text_config()
