@@ -10,9 +10,9 @@ The check uses the runtime class the way optimum-onnx's users do: an input the c
 its caller without computing it (`position_ids` of ORTModelForFeatureExtraction) is fed, the same
 values to torch and to the runtime. A failure names who failed: optimum-onnx's exporter
 (`main_export`), optimum-onnx's runtime class (it raised, cannot feed an input its own export
-takes, or differs from torch), or the sweep's check, when the torch model itself refuses the
-check's inputs (a second modality, boxes...): that export is recorded as "exported, not
-validated", not as a failure.
+takes, or differs from torch), or the sweep's check, when it raises outside the runtime class
+(the torch model refuses its inputs, a second modality or boxes; or it cannot build inputs for
+the model): that export is recorded as "exported, not validated", not as a failure.
 
 It lives in `legacy_shim` because `optimum_observer` must not import optimum-onnx's exporter:
 the sweep runs it as a command,
@@ -115,8 +115,8 @@ def _runtime_failure(stage: SweepStage, runtime: Any, error: BaseException | str
 
 
 def _check_failure(error: BaseException, task: str) -> PathResult:
-    """The torch side of the check raised: the check's inputs do not fit this model."""
-    return PathResult(Status.UNVALIDATED, None, f"the sweep's check (torch refused its inputs): {first_line(error)}", task)
+    """The check raised outside the runtime class: its inputs do not fit this model."""
+    return PathResult(Status.UNVALIDATED, None, f"the sweep's check, not optimum-onnx: {first_line(error)}", task)
 
 
 def max_logits_diff(onnx_model: Any, torch_model: Any, inputs: dict[str, torch.Tensor]) -> float:

@@ -106,8 +106,8 @@ class Status(str, enum.Enum):
     UNSUPPORTED = "unsupported"
     #: the path was not run (legacy runner not installed, or config build failed first).
     SKIPPED = "skipped"
-    #: exported, but the sweep's check could not validate it: the torch model itself refused the
-    #: check's inputs (a second modality, boxes...), so nothing says the export is wrong.
+    #: exported, but the sweep's check raised outside the runtime class (the torch model refused
+    #: its inputs, or it could not build inputs for the model), so nothing says the export is wrong.
     UNVALIDATED = "exported, not validated"
 
 
@@ -707,7 +707,8 @@ def coverage_document(out: Path) -> str:
         "optimum-onnx gets: the headline count), (b) the same class with optimum-observer's hook installed, "
         "(c) only `legacy_shim`'s runtime class. The legacy column is optimum-onnx as it ships (hook off); its "
         "reasons name what failed: optimum-onnx's exporter, its runtime class, or, as \"exported, not "
-        "validated\", the sweep's check, whose inputs the torch model itself refused.\n\n"
+        "validated\", the sweep's check (it raised outside the runtime class: the torch model refused its inputs, or "
+        "it could not build inputs for the model).\n\n"
         "Regenerate, one command per task (the causal-LM sweep took 53 minutes on 2 cores with "
         "`--jobs 2`, a test run beside it): `nice -n 10 optimum-observer sweep --task "
         "text-generation-with-past --jobs 2 --out docs/coverage-data --doc docs/coverage.md`; the tasks: "

@@ -71,4 +71,4 @@ class TestLegacyFeatureExtraction(unittest.TestCase):
         with refusing:
             result = self._validate_gpt2()
         self.assertEqual(result.status, Status.UNVALIDATED)
-        self.assertIn("the sweep's check (torch refused its inputs): ValueError: You have to specify", result.error)
+        self.assertIn("the sweep's check, not optimum-onnx: ValueError: You have to specify", result.error)
