@@ -190,6 +190,15 @@ class TestCoverageTable(unittest.TestCase):
         self.assertIn("only through `legacy_shim`'s runtime class (c): 1 (emu3)", self.table)
         self.assertIn("observer export with validation passes, any runtime: 3 / 3", self.table)
 
+    def test_passes_recorded_before_the_a_check_say_it_was_not_measured(self):
+        self.assertNotIn("(a) not measured", self.table)
+        old = {"status": "pass", "stage": None, "error": "", "task": TASK, "export_seconds": 1.0,
+               "onnx_bytes": 10, "runtime": "optimum.onnxruntime", "note": ""}  # fmt: skip
+        results = {**self.RESULTS, "gpt2": TypeResult("gpt2", PathResult.from_json(old), _passed(None), 1.0)}
+        table = sweep.markdown(TASK, results, {"transformers": "4.57.6"}, "real")
+        self.assertIn("only with optimum-observer's hook installed (b): 2 (gpt2, mamba)", table)
+        self.assertIn("of which (a) not measured: 1 (recorded before the sweep checked (a)", table)
+
     def test_rows_show_the_level_and_passes_below_a_say_why(self):
         self.assertIn("| llama | pass | (a) |", self.table)
         self.assertIn("| emu3 | pass | (c) |", self.table)
