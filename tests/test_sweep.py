@@ -199,6 +199,10 @@ class TestCoverageTable(unittest.TestCase):
         self.assertIn("only with optimum-observer's hook installed (b): 2 (gpt2, mamba)", table)
         self.assertIn("of which (a) not measured: 1 (recorded before the sweep checked (a)", table)
 
+    def test_a_results_file_can_carry_caveats(self):
+        table = sweep.markdown(TASK, self.RESULTS, {"transformers": "4.57.6"}, "real", ["measured with the hook on"])
+        self.assertIn("- caveat: measured with the hook on", table)
+
     def test_rows_show_the_level_and_passes_below_a_say_why(self):
         self.assertIn("| llama | pass | (a) |", self.table)
         self.assertIn("| emu3 | pass | (c) |", self.table)
