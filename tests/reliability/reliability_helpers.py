@@ -1,0 +1,30 @@
+"""Helpers of the reliability suite: sizes, subprocess runs of its scripts, directory states."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+#: Sizes of the suite's tiny llama beside tiny_models' defaults.
+TINY_LLAMA = dict(head_dim=16, num_hidden_layers=1)
+#: The opset of the shared export: not the exporter's default, to show it is honoured.
+SHARED_EXPORT_OPSET = 19
+HERE = Path(__file__).parent
+
+
+def run_script(script: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None):
+    """One of this directory's helper scripts in a fresh interpreter of this environment."""
+    return subprocess.run(
+        [sys.executable, str(HERE / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
+    )
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Hidden staging or aside directories an export keeps beside its output."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and ("partial" in p.name or "previous" in p.name))
