@@ -21,10 +21,43 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_export(tiny_llama, tmp_path_factory) -> Path:
-    """An observer export of the tiny llama (validated elsewhere; this one is only inspected)."""
-    import optimum_observer
+def two_threads(tiny_llama, tmp_path_factory):
+    """Two exports at once in two threads of this process: one of the checkpoint (at
+    SHARED_EXPORT_OPSET; the suite inspects its output), one of a loaded model in training mode."""
+    import threading
 
-    output = tmp_path_factory.mktemp("exports") / "llama-onnx"
-    optimum_observer.export(tiny_llama, output, validate=False, opset=SHARED_EXPORT_OPSET)
-    return output
+    import transformers
+
+    import optimum_observer
+    from failure_case import patched_attributes
+
+    output = tmp_path_factory.mktemp("threads")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).train()
+    originals = patched_attributes()
+    start = threading.Barrier(2)
+    results, errors = {}, {}
+
+    def work(name, source, **kwargs):
+        start.wait()
+        try:
+            results[name] = optimum_observer.export(source, output / name, validate=False, **kwargs)
+        except BaseException as error:  # noqa: B036 - recorded for the assertions
+            errors[name] = error
+
+    threads = [
+        threading.Thread(target=work, args=("path", tiny_llama), kwargs=dict(opset=SHARED_EXPORT_OPSET)),
+        threading.Thread(target=work, args=("model", model)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return dict(output=output, model=model, originals=originals, results=results, errors=errors)
+
+
+@pytest.fixture(scope="session")
+def llama_export(two_threads) -> Path:
+    """An observer export of the tiny llama, not validated (only inspected)."""
+    if "path" in two_threads["errors"]:
+        raise two_threads["errors"]["path"]
+    return two_threads["output"] / "path"
