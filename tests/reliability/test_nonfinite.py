@@ -8,7 +8,6 @@ import transformers
 
 import optimum_observer
 from optimum_observer import ObserverExportError, Stage
-from optimum_observer.validation import nonfinite_sides
 
 
 def _poisoned_checkpoint(tiny_llama, directory, value: float):
@@ -33,6 +32,8 @@ def test_a_model_with_one_non_finite_weight_fails_validation(tiny_llama, tmp_pat
 
 
 def test_nan_only_in_onnx_runtime_outputs_is_named():
+    from optimum_observer.validation import nonfinite_sides
+
     want = torch.zeros(2, 3, 5)
     have = want.clone()
     have[1, 2, 4] = float("nan")
@@ -40,6 +41,8 @@ def test_nan_only_in_onnx_runtime_outputs_is_named():
 
 
 def test_nan_at_positions_the_mask_hides_is_not_compared():
+    from optimum_observer.validation import nonfinite_sides
+
     want = torch.zeros(2, 3, 5)
     have = want.clone()
     have[0, 0] = float("nan")  # left padding of row 0
