@@ -550,6 +550,8 @@ def capture(
                 "pass a `run` callable that calls the model it receives the way it is used (for "
                 "example model.generate(...) or model(**inputs)).",
             )
-    captures = [_graph_capture(graph, observers[graph.module], return_value, model_type) for graph in contract.graphs]
+    captures = [
+        _graph_capture(graph, observers[graph.module], return_value, model_type) for graph in contract.graphs
+    ]
     _check_position_limit(model, [call for c in captures for call in c.calls], model_type)
     return captures

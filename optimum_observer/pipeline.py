@@ -154,124 +154,84 @@ def export(
     conversion.check_opset(opset, named)
     packaging.check_destination(output_dir, named, [graph.file_name for graph in contract.graphs])
     with EXPORT_LOCK, signals.termination_raises(), loading.caller_model_restored(model):
-        return _export(
-            model,
-            output_dir,
-            contract=contract,
-            run=run,
-            tokenizer=tokenizer,
-            opset=opset,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            model_kwargs=model_kwargs,
-            validate=validate,
-            atol=atol,
+        hub_kwargs = dict(
             local_files_only=local_files_only,
             cache_dir=cache_dir,
             revision=revision,
             token=token,
             subfolder=subfolder,
-            show_progress=show_progress,
-            runtime_class=runtime_class,
-            feature_extractor=feature_extractor,
         )
-
-
-def _export(
-    model: str | os.PathLike | Any,
-    output_dir: str | os.PathLike,
-    *,
-    contract: TaskContract,
-    run: Callable[[Any], Any] | None,
-    tokenizer: Any,
-    opset: int | None,
-    dtype: str | torch.dtype | None,
-    device: str,
-    trust_remote_code: bool,
-    model_kwargs: dict[str, Any] | None,
-    validate: bool,
-    atol: float,
-    local_files_only: bool,
-    cache_dir: str | None,
-    revision: str | None,
-    token: bool | str | None,
-    subfolder: str,
-    show_progress: bool | None,
-    runtime_class: Any,
-    feature_extractor: Any,
-) -> ExportResult:
-    hub_kwargs = dict(
-        local_files_only=local_files_only, cache_dir=cache_dir, revision=revision, token=token, subfolder=subfolder
-    )
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v not in (None, "")}
-    progress = _Progress(sys.stderr.isatty() if show_progress is None else show_progress)
-    try:
-        with progress.stage(Stage.LOAD):
-            loaded = loading.load(
-                model,
-                contract,
-                tokenizer=tokenizer,
-                dtype=dtype,
-                device=device,
-                trust_remote_code=trust_remote_code,
-                model_kwargs=model_kwargs,
-                hub_kwargs=hub_kwargs,
-                feature_extractor=feature_extractor,
-            )
-        model_type = loaded.model_type
-        with registered_caches():
-            with progress.stage(Stage.CAPTURE):
-                captures = capture_stage.capture(
-                    loaded.model, contract, model_type, run, loaded.tokenizer, loaded.feature_extractor
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if v not in (None, "")}
+        progress = _Progress(sys.stderr.isatty() if show_progress is None else show_progress)
+        try:
+            with progress.stage(Stage.LOAD):
+                loaded = loading.load(
+                    model,
+                    contract,
+                    tokenizer=tokenizer,
+                    dtype=dtype,
+                    device=device,
+                    trust_remote_code=trust_remote_code,
+                    model_kwargs=model_kwargs,
+                    hub_kwargs=hub_kwargs,
+                    feature_extractor=feature_extractor,
                 )
-            with progress.stage(Stage.SYNTHESIS):
-                graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
-                capture_stage.check_observed_sizes(captures, contract, model_type)
-            with progress.stage(Stage.EXPORT):
-                for graph in graphs:
-                    graph.program = conversion.convert(
-                        loaded.model,
-                        graph.capture.graph,
-                        graph.example,
-                        model_type,
-                        opset,
-                        position_offset=graph.capture.position_offset,
+            model_type = loaded.model_type
+            with registered_caches():
+                with progress.stage(Stage.CAPTURE):
+                    captures = capture_stage.capture(
+                        loaded.model, contract, model_type, run, loaded.tokenizer, loaded.feature_extractor
                     )
-        dynamic_axes: dict[str, dict[int, str]] = {}
-        with progress.stage(Stage.NAMING):
-            for graph in graphs:
-                axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
-                for name, portable_axes in portable_cache.make_cache_inputs_portable(graph.program.model).items():
-                    axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
-                # Several files may share value names (each decoder has `input_ids`): qualify them.
-                prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
-                dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
-        with packaging.staged_output(output_dir, model_type) as staging:
-            with progress.stage(Stage.PACKAGING), packaging.writing(model_type, output_dir):
-                onnx_files = [
-                    name
-                    for graph in graphs
-                    for name in packaging.write_model(graph.program, staging, graph.capture.graph.file_name)
-                ]
-                packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
-            with progress.stage(Stage.VALIDATION):
-                report = (
-                    _validate(staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code)
-                    if validate
-                    else None
-                )
-    finally:
-        progress.close()
-    return ExportResult(
-        output_dir=Path(output_dir).resolve(),
-        model_type=model_type,
-        task=contract.name,
-        onnx_files=onnx_files,
-        dynamic_axes=dynamic_axes,
-        validation=report,
-        timings=progress.timings,
-    )
+                with progress.stage(Stage.SYNTHESIS):
+                    graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
+                    capture_stage.check_observed_sizes(captures, contract, model_type)
+                with progress.stage(Stage.EXPORT):
+                    for graph in graphs:
+                        graph.program = conversion.convert(
+                            loaded.model,
+                            graph.capture.graph,
+                            graph.example,
+                            model_type,
+                            opset,
+                            position_offset=graph.capture.position_offset,
+                        )
+            dynamic_axes: dict[str, dict[int, str]] = {}
+            with progress.stage(Stage.NAMING):
+                for graph in graphs:
+                    axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
+                    portable = portable_cache.make_cache_inputs_portable(graph.program.model)
+                    for name, portable_axes in portable.items():
+                        axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
+                    # Several files may share value names (each decoder has `input_ids`): qualify them.
+                    prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
+                    dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
+            with packaging.staged_output(output_dir, model_type) as staging:
+                with progress.stage(Stage.PACKAGING), packaging.writing(model_type, output_dir):
+                    onnx_files = [
+                        name
+                        for graph in graphs
+                        for name in packaging.write_model(
+                            graph.program, staging, graph.capture.graph.file_name
+                        )
+                    ]
+                    packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
+                with progress.stage(Stage.VALIDATION):
+                    report = (
+                        _validate(staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code)
+                        if validate
+                        else None
+                    )
+        finally:
+            progress.close()
+        return ExportResult(
+            output_dir=Path(output_dir).resolve(),
+            model_type=model_type,
+            task=contract.name,
+            onnx_files=onnx_files,
+            dynamic_axes=dynamic_axes,
+            validation=report,
+            timings=progress.timings,
+        )
 
 
 @dataclasses.dataclass

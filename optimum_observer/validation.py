@@ -169,7 +169,8 @@ def replay_calls(
                 error = f"{error} {nonfinite_text(ordered)}"
             ok = not error and worst <= atol
             if not ok and call.unfed:
-                error = f"{error} (torch's forward also got {', '.join(call.unfed)}, which the runtime does not feed)"
+                unfed = ", ".join(call.unfed)
+                error = f"{error} (torch's forward also got {unfed}, which the runtime does not feed)"
             checks.append(CallCheck(index, worst, ok, error.strip(), onnx_path.name, nonfinite=ordered))
     return checks
 

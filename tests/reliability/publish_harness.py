@@ -183,7 +183,8 @@ def race(work: Path) -> None:
     statuses = [describe(os.waitpid(pid, 0)[1]) for pid in pids]
     files = snapshot(out)
     whole = files in ({**v} for v in variants)
-    print(json.dumps({"mode": "race", "statuses": statuses, "whole": whole, "out": files, "left": leftovers(work)}), flush=True)
+    case = {"mode": "race", "statuses": statuses, "whole": whole, "out": files, "left": leftovers(work)}
+    print(json.dumps(case), flush=True)
 
 
 def main() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 #: Sizes of the suite's tiny llama beside tiny_models' defaults.
@@ -27,4 +30,22 @@ def run_script(script: str, *args: str, timeout: float = 300, env: dict[str, str
 
 def leftovers(directory: Path) -> list[str]:
     """Hidden staging or aside directories an export keeps beside its output."""
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and ("partial" in p.name or "previous" in p.name))
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.name.startswith(".") and ("partial" in p.name or "previous" in p.name)
+    )
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, options: str) -> Iterator[bool]:
+    """A tmpfs mounted at `mount_point` with `options` for the block, when this process may
+    mount (root in CI); yields False when it may not, for the caller to simulate it instead."""
+    mounted = shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True
+    ).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mount_point)], check=True)

@@ -19,7 +19,7 @@ import pytest
 
 import optimum_observer
 from optimum_observer import ObserverExportError, Stage, loading
-from reliability_helpers import leftovers
+from reliability_helpers import leftovers, tmpfs
 
 #: An export that reaches the model at all takes seconds; a check before any work, far less.
 BEFORE_ANY_WORK_SECONDS = 1.0
@@ -63,13 +63,10 @@ def read_only_directory(scratch):
     in CI), else a directory whose mkdir fails with EROFS as a read-only mount's does."""
     mount_point = scratch / "ro"
     mount_point.mkdir()
-    mounted = shutil.which("mount") and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount_point)], capture_output=True
-    ).returncode == 0
-    if mounted:
-        yield mount_point
-        subprocess.run(["umount", str(mount_point)], check=True)
-        return
+    with tmpfs(mount_point, "ro,size=64k") as mounted:
+        if mounted:
+            yield mount_point
+            return
     real_mkdir = os.mkdir
 
     def mkdir(path, *args, **kwargs):
@@ -109,7 +106,7 @@ def test_requested_opset_is_the_opset_of_the_file(llama_export):
 
 def test_cli_opset_999_exits_1_with_one_message(scratch):
     done = subprocess.run(
-        [sys.executable, "-m", "optimum_observer", "export", "--demo", str(scratch / "out"), "--opset", "999"],
+        [sys.executable, "-m", "optimum_observer", "export", "--demo", str(scratch / "out"), "--opset=999"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -163,6 +160,7 @@ class TestWriteErrors(unittest.TestCase):
 
 
 def test_loading_remedy_helpers_read_config_json_without_running_code(scratch):
-    (scratch / "config.json").write_text(json.dumps({"model_type": "x", "auto_map": {"AutoConfig": "evil.Config"}}))
+    config = {"model_type": "x", "auto_map": {"AutoConfig": "evil.Config"}}
+    (scratch / "config.json").write_text(json.dumps(config))
     (scratch / "evil.py").write_text("raise SystemExit('code ran')")
     assert loading._ships_code(str(scratch), "")

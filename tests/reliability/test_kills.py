@@ -16,7 +16,9 @@ SIGTERM_STATUS = 128 + 15
 def test_cli_sigterm_during_capture_exits_143_and_leaves_no_temporary_directory(tmp_path):
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    done = run_script("stage_harness.py", "capture", "TERM", str(tmp_path / "out"), "--demo", env={"TMPDIR": str(temporary)})
+    done = run_script(
+        "stage_harness.py", "capture", "TERM", str(tmp_path / "out"), "--demo", env={"TMPDIR": str(temporary)}
+    )
     assert done.returncode == SIGTERM_STATUS, done.stderr[-2000:]
     assert "interrupted by SIGTERM" in done.stderr
     assert "Traceback" not in done.stderr

@@ -52,7 +52,7 @@ class TestKilledPublish(unittest.TestCase):
         # Terminated = SystemExit(128 + SIGTERM): the process still ends as the signal asked.
         self.assertEqual({c["status"] for c in cases[:-1]}, {"exit 143"})
 
-    def test_without_renameat2_a_sigkill_leaves_at_most_the_previous_export_aside_which_the_next_export_restores(self):
+    def test_without_renameat2_a_sigkill_leaves_the_previous_export_aside_for_the_next_export(self):
         cases = _cases("kill KILL fallback")
         for case in cases:
             if case["after"] == "missing":
