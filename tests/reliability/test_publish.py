@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import tempfile
 import unittest
 from pathlib import Path
 
-import pytest
 from parameterized import parameterized
 
 from optimum_observer import ObserverExportError, Stage, packaging
-from reliability_helpers import leftovers, run_script
+from reliability_helpers import run_script
 
 
 _HARNESS: dict[str, list[dict]] = {}
@@ -132,15 +129,3 @@ class TestOutputDirectory(unittest.TestCase):
         self.assertTrue(old_style.is_dir())
         self.assertIn("remove it", "\n".join(logs.output))
 
-
-@pytest.mark.slow
-def test_two_export_processes_into_one_new_output_both_succeed(tiny_llama, tmp_path):
-    command = [sys.executable, "-m", "optimum_observer", "export", "-m", str(tiny_llama), str(tmp_path / "out")]
-    processes = [
-        subprocess.Popen([*command, "--no-validate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outcomes = [(p.wait(timeout=900), p.stderr.read()) for p in processes]
-    assert [code for code, _ in outcomes] == [0, 0], [err[-2000:] for _, err in outcomes]
-    assert {"model.onnx", "config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
-    assert leftovers(tmp_path) == []
