@@ -448,13 +448,14 @@ def _check_position_limit(model: Any, calls: list[ObservedCall], model_type: str
 
 
 def _positions(call: ObservedCall) -> int:
-    """The positions one call covers: its attention mask's length, or its tokens after its cache."""
+    """The positions one call covers: its attention mask's length, or its tokens after what its
+    cache holds (a cache without positions, a state-space model's, holds none)."""
     mask = call.inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return mask.shape[1]
-    ids = call.inputs.get("input_ids")
-    past = [t for t in pytree.tree_flatten(call.inputs.get("past_key_values"))[0] if t.dim() == 4]
-    return (ids.shape[-1] if isinstance(ids, torch.Tensor) else 0) + (past[0].shape[2] if past else 0)
+    ids, cache = call.inputs.get("input_ids"), call.inputs.get("past_key_values")
+    cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    return (ids.shape[-1] if isinstance(ids, torch.Tensor) else 0) + int(cached)
 
 
 def _sizes(captures: list[Capture], name: str, axis: int) -> set[int]:
