@@ -43,30 +43,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") -> Any | None:
-    """The config saved in `directory` when AutoConfig cannot read it because transformers
-    registers its model type only as a sub-config of another (`emu3_text_model` of Emu3,
-    `mllama_text_model` of Mllama: the text model a text-generation export saves); None when
-    AutoConfig reads it, or when the directory holds no such config.
-
-    Runtime classes take it as `from_pretrained(directory, config=...)`."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    path = os.path.join(directory, subfolder, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as file:
-        model_type = json.load(file).get("model_type")
-    if model_type is None or model_type in CONFIG_MAPPING:
-        return None
-    for config_class in CONFIG_MAPPING.values():
-        sub_configs = config_class.__dict__.get("sub_configs")
-        for sub_config in (sub_configs or {}).values() if isinstance(sub_configs, dict) else ():
-            if getattr(sub_config, "model_type", None) == model_type:
-                return sub_config.from_pretrained(os.path.join(directory, subfolder))
-    return None
-
-
 def _local_config(source: str, subfolder: str = "") -> dict[str, Any] | None:
     """The checkpoint's config.json read as plain JSON (no code runs), when it is local."""
     path = os.path.join(source, subfolder, "config.json")
@@ -76,6 +52,26 @@ def _local_config(source: str, subfolder: str = "") -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") -> Any | None:
+    """The config saved in `directory` when AutoConfig cannot read it because transformers
+    registers its model type only as a sub-config of another (`emu3_text_model` of Emu3,
+    `mllama_text_model` of Mllama: the text model a text-generation export saves); None when
+    AutoConfig reads it, or when the directory holds no such config.
+
+    Runtime classes take it as `from_pretrained(directory, config=...)`."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = (_local_config(os.fspath(directory), subfolder) or {}).get("model_type")
+    if model_type is None or model_type in CONFIG_MAPPING:
+        return None
+    for config_class in CONFIG_MAPPING.values():
+        sub_configs = config_class.__dict__.get("sub_configs")
+        for sub_config in (sub_configs or {}).values() if isinstance(sub_configs, dict) else ():
+            if getattr(sub_config, "model_type", None) == model_type:
+                return sub_config.from_pretrained(os.path.join(directory, subfolder))
+    return None
 
 
 def _ships_code(source: str, subfolder: str, error: BaseException | None = None) -> bool:
