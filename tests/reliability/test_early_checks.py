@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 
 import optimum_observer
-from optimum_observer import ObserverExportError, Stage, loading
+from optimum_observer import ObserverExportError, Stage
 from reliability_helpers import leftovers, tmpfs
 
 #: An export that reaches the model at all takes seconds; a check before any work, far less.
@@ -158,9 +158,3 @@ class TestWriteErrors(unittest.TestCase):
             self.assertIn("free space", caught.exception.remedy)
             self.assertEqual(list(Path(scratch).iterdir()), [])
 
-
-def test_loading_remedy_helpers_read_config_json_without_running_code(scratch):
-    config = {"model_type": "x", "auto_map": {"AutoConfig": "evil.Config"}}
-    (scratch / "config.json").write_text(json.dumps(config))
-    (scratch / "evil.py").write_text("raise SystemExit('code ran')")
-    assert loading._ships_code(str(scratch), "")
