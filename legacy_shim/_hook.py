@@ -13,6 +13,8 @@ when one has executed, its patch function runs on it:
 - `optimum.onnxruntime.modeling_decoder` / `modeling_seq2seq`: :mod:`legacy_shim.runtime_cache`
   makes `ORTModelForCausalLM` and the seq2seq decoders read their cache layout from the graph
   (grouped-query attention, explicit head_dim, MLA, state caches), not from the config.
+- `optimum.onnxruntime.base`: :func:`legacy_shim.runtime_hooks.patch_axis_inference` stops every
+  `ORTModel*` class from `eval`-ing dimension names of the model file under IO binding.
 
 Set `OPTIMUM_OBSERVER_DISABLE=1` to turn it off.
 """
@@ -28,6 +30,7 @@ TARGETS = {
     "optimum.exporters.onnx.__main__": "legacy_shim.unchanged_code:wrap_main_export",
     "optimum.onnxruntime.modeling_decoder": "legacy_shim.runtime_cache:patch_modeling_decoder",
     "optimum.onnxruntime.modeling_seq2seq": "legacy_shim.runtime_cache:patch_modeling_seq2seq",
+    "optimum.onnxruntime.base": "legacy_shim.runtime_hooks:patch_axis_inference",
 }
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import inspect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -416,6 +416,112 @@ def _run_failure(
     )
 
 
+@contextlib.contextmanager
+def _observing(observer: torch.onnx.InputObserver, module: torch.nn.Module) -> Iterator[None]:
+    """`observer(module)`, leaving no instance attribute `forward` behind: the observer puts the
+    bound method back as one (a reference cycle, and a `forward` that hides the class's)."""
+    had_forward = "forward" in vars(module)
+    try:
+        with observer(module, store_n_calls=MAX_STORED_CALLS):
+            yield
+    finally:
+        if not had_forward:
+            vars(module).pop("forward", None)
+
+
+def _check_position_limit(model: Any, calls: list[ObservedCall], model_type: str) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    fed = max((_positions(call) for call in calls), default=0)
+    if fed > limit:
+        logger.warning(
+            "[%s] the run fed %d positions, more than the model's max_position_embeddings (%d): the "
+            "model was observed past its position limit, where its outputs are not meaningful, and "
+            "the export's example sizes come from these calls. Run it on prompts shorter than %d "
+            "tokens (including the new ones).",
+            model_type,
+            fed,
+            limit,
+            limit,
+        )
+
+
+def _positions(call: ObservedCall) -> int:
+    """The positions one call covers: its attention mask's length, or its tokens after what its
+    cache holds (a cache without positions, a state-space model's, holds none)."""
+    mask = call.inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.shape[1]
+    ids, cache = call.inputs.get("input_ids"), call.inputs.get("past_key_values")
+    cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    return (ids.shape[-1] if isinstance(ids, torch.Tensor) else 0) + int(cached)
+
+
+def _sizes(captures: list[Capture], name: str, axis: int) -> set[int]:
+    return {
+        call.inputs[name].shape[axis]
+        for capture in captures
+        for call in capture.calls
+        if isinstance(call.inputs.get(name), torch.Tensor) and call.inputs[name].dim() > axis
+    }
+
+
+def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_type: str) -> None:
+    """Refuses a run whose observations cannot give the graph the runtime needs, naming why.
+
+    Axes the runtime varies are exported dynamic only when the run showed them at two sizes: a
+    decoder observed at one sequence length gets `input_ids` fixed to it, and one observed
+    with fewer than two cached steps gets no past inputs or a fixed past length. An encoder
+    observed at one length, or any model at one batch size, is only warned about (a caller may
+    mean it; the batch axis is made dynamic regardless, but not checked at other sizes).
+    """
+    hint = (
+        "run the model at two batch sizes and two prompt lengths, as the default run does "
+        "(leave run=None), e.g. model.generate on batches of 2 and 3 prompts of different lengths "
+        "with max_new_tokens >= 3"
+    )
+    lengths = _sizes(captures, "input_ids", 1)
+    if len(lengths) == 1 and contract.family is Family.DECODER:
+        raise ObserverExportError(
+            model_type,
+            Stage.SYNTHESIS,
+            f"every call of the run fed input_ids of one length ({lengths.pop()}), so the sequence "
+            "axis, which the runtime varies, would be fixed to that length in the graph",
+            hint + ".",
+        )
+    if len(lengths) == 1:
+        logger.warning(
+            "[%s] every call of the run fed input_ids of one length (%d): the graph accepts only "
+            "that length; %s.",
+            model_type,
+            next(iter(lengths)),
+            hint,
+        )
+    if contract.family is Family.DECODER and contract.with_past:
+        (capture,) = captures
+        cached = sum("past_key_values" in call.inputs for call in capture.calls)
+        if cached < 2:
+            raise ObserverExportError(
+                model_type,
+                Stage.SYNTHESIS,
+                f"{contract.name} needs calls that read a cache (past_key_values), seen at two "
+                f"lengths; the run made {cached}, so the graph would have "
+                + ("no past inputs" if not cached else "its past length fixed"),
+                "generate at least 3 new tokens with the cache on (model.generate(..., "
+                "max_new_tokens=3, use_cache=True)), or export for text-generation (no cache).",
+            )
+    batches = _sizes(captures, "input_ids", 0) or _sizes(captures, contract.graphs[0].inputs[0].name, 0)
+    if len(batches) == 1:
+        logger.warning(
+            "[%s] the run showed one batch size (%d): the batch axis is exported dynamic, but no "
+            "other size was observed or is checked; %s.",
+            model_type,
+            next(iter(batches)),
+            hint,
+        )
+
+
 def capture(
     model: Any,
     contract: TaskContract,
@@ -430,7 +536,7 @@ def capture(
     try:
         with contextlib.ExitStack() as stack:
             for name, observer in observers.items():
-                stack.enter_context(observer(observed_module(model, name), store_n_calls=MAX_STORED_CALLS))
+                stack.enter_context(_observing(observer, observed_module(model, name)))
             return_value = run(model)
     except Exception as error:
         raise _run_failure(model, run, contract, model_type, error) from error
@@ -445,4 +551,8 @@ def capture(
                 "pass a `run` callable that calls the model it receives the way it is used (for "
                 "example model.generate(...) or model(**inputs)).",
             )
-    return [_graph_capture(graph, observers[graph.module], return_value, model_type) for graph in contract.graphs]
+    captures = [
+        _graph_capture(graph, observers[graph.module], return_value, model_type) for graph in contract.graphs
+    ]
+    _check_position_limit(model, [call for c in captures for call in c.calls], model_type)
+    return captures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from .demo import DEMO_MODEL_TYPE, save_tiny_causal_lm
 from .errors import ObserverExportError
+from .signals import Terminated, termination_raises
 from .tasks import supported_tasks
 
 logger = logging.getLogger("optimum_observer")
@@ -84,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_export(args: argparse.Namespace) -> int:
     from .pipeline import export
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with contextlib.ExitStack() as stack:
         model = args.model
         if args.demo:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="optimum-observer-demo-"))
             model = save_tiny_causal_lm(DEMO_MODEL_TYPE, Path(scratch) / "demo-model")
             logger.info("demo: tiny random %s written to %s", DEMO_MODEL_TYPE, model)
         result = export(
@@ -123,12 +126,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_from_args(args)
     try:
-        return _run_export(args)
+        with termination_raises():
+            return _run_export(args)
     except ObserverExportError as error:
         if args.verbose:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt) as error:
+        print(
+            f"error: export {str(error) or 'interrupted'}; the output directory is the previous one or the "
+            "new complete one, never a mix",
+            file=sys.stderr,
+        )
+        return error.code if isinstance(error, Terminated) else 130
 
 
 if __name__ == "__main__":

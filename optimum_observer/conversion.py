@@ -29,6 +29,32 @@ from .tasks import GraphContract
 logger = logging.getLogger(__name__)
 
 
+def supported_opsets() -> range:
+    """The opsets `torch.onnx.export(dynamo=True)` produces: its operators are implemented at
+    torchlib's opset (18), below which it only tries a version conversion and silently keeps 18
+    when that fails, up to the highest opset torch declares (23 in torch 2.13)."""
+    from torch.onnx import _constants as onnx_constants
+    from torch.onnx._internal.exporter import _constants as exporter_constants
+
+    return range(exporter_constants.TORCHLIB_OPSET, onnx_constants.ONNX_MAX_OPSET + 1)
+
+
+def check_opset(opset: int | None, model_type: str) -> None:
+    """Refuses, before any work, an opset the exporter cannot give."""
+    supported = supported_opsets()
+    if opset is None or opset in supported:
+        return
+    raise ObserverExportError(
+        model_type,
+        Stage.EXPORT,
+        f"opset {opset} is outside the opsets torch.onnx.export(dynamo=True) produces "
+        f"({supported.start} to {supported.stop - 1})",
+        f"pass an opset from {supported.start} to {supported.stop - 1}, or none for the exporter's "
+        "default; for an older runtime, use optimum-onnx's exporter where it supports the model "
+        "(optimum-cli export onnx --exporter legacy --opset N).",
+    )
+
+
 _AUXILIARY_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
 
 
@@ -116,6 +142,15 @@ def convert(
             "rerun with logging at DEBUG for the full error, and check "
             "optimum_observer.patches for a fix of the same kind.",
         ) from error
+    produced = program.model.opset_imports.get("")
+    if opset is not None and produced != opset:
+        raise ObserverExportError(
+            model_type,
+            Stage.EXPORT,
+            f"the exported graph has opset {produced}, not the requested {opset} (the version "
+            "conversion failed)",
+            f"pass opset={produced} or none.",
+        )
     restricted = restricted_axes(program.exported_program, example)
     if restricted:
         # A warning, not an error: validation replays the observed calls and decides; the

@@ -6,10 +6,12 @@ Gives: a :class:`LoadedModel` in eval mode on the requested device and dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,6 +43,17 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _local_config(source: str, subfolder: str = "") -> dict[str, Any] | None:
+    """The checkpoint's config.json read as plain JSON (no code runs), when it is local."""
+    path = os.path.join(source, subfolder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") -> Any | None:
     """The config saved in `directory` when AutoConfig cannot read it because transformers
     registers its model type only as a sub-config of another (`emu3_text_model` of Emu3,
@@ -50,11 +63,7 @@ def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") 
     Runtime classes take it as `from_pretrained(directory, config=...)`."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    path = os.path.join(directory, subfolder, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as file:
-        model_type = json.load(file).get("model_type")
+    model_type = (_local_config(os.fspath(directory), subfolder) or {}).get("model_type")
     if model_type is None or model_type in CONFIG_MAPPING:
         return None
     for config_class in CONFIG_MAPPING.values():
@@ -65,9 +74,46 @@ def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") 
     return None
 
 
-def _model_type_of(source: str, hub_kwargs: dict[str, Any]) -> str:
+def _ships_code(source: str, subfolder: str, error: BaseException | None = None) -> bool:
+    """Whether the checkpoint brings its own modelling code (`auto_map` in its config)."""
+    config = _local_config(source, subfolder)
+    if config is not None:
+        return "auto_map" in config
+    return error is not None and "trust_remote_code" in str(error)
+
+
+def _config_remedy(source: str, subfolder: str, trust_remote_code: bool, error: BaseException) -> str:
+    """What to do when AutoConfig cannot read the checkpoint's config, true for that case."""
+    if _ships_code(source, subfolder, error) and not trust_remote_code:
+        return (
+            "the checkpoint ships its own modelling code (auto_map in its config.json): pass "
+            "trust_remote_code=True (--trust-remote-code) if you trust that code."
+        )
+    config = _local_config(source, subfolder)
+    if config is not None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            return (
+                f"transformers {transformers.__version__} does not know model_type {model_type!r}: "
+                "upgrade transformers (pip install -U transformers), or pass trust_remote_code=True "
+                "if the checkpoint ships its own code."
+            )
+        return "check the config.json of the checkpoint: transformers could not read it."
+    if os.path.isdir(source):
+        return f"{source} holds no config.json: pass the directory that holds config.json and the weights."
+    return (
+        "pass the path of a directory holding config.json and the weights, or a hub model id "
+        "reachable from this machine."
+    )
+
+
+def _model_type_of(source: str, hub_kwargs: dict[str, Any], trust_remote_code: bool) -> str:
     try:
-        return transformers.AutoConfig.from_pretrained(source, **hub_kwargs).model_type
+        return transformers.AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **hub_kwargs
+        ).model_type
     except Exception as error:
         exists = os.path.isdir(source)
         raise ObserverExportError(
@@ -76,9 +122,44 @@ def _model_type_of(source: str, hub_kwargs: dict[str, Any]) -> str:
             f"could not read a model config from {source!r}"
             + ("" if exists else " (no such local directory, and it could not be fetched as a hub id)")
             + f": {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-            "pass the path of a directory holding config.json and the weights, or a hub model id "
-            "reachable from this machine.",
+            _config_remedy(source, hub_kwargs.get("subfolder", ""), trust_remote_code, error),
         ) from error
+
+
+def _load_remedy(source: str, subfolder: str, trust_remote_code: bool, error: BaseException) -> str:
+    """What to do when from_pretrained fails after the config was read."""
+    message = str(error)
+    if "no file named" in message or "does not appear to have a file named" in message:
+        return (
+            "the checkpoint's weights file is missing: put model.safetensors (or pytorch_model.bin) "
+            "beside config.json, or pass a hub model id."
+        )
+    if _ships_code(source, subfolder, error) and not trust_remote_code:
+        return (
+            "the checkpoint ships its own modelling code (auto_map in its config.json): pass "
+            "trust_remote_code=True (--trust-remote-code) if you trust that code."
+        )
+    return "check the checkpoint files (config.json and the weights must belong together)."
+
+
+@contextlib.contextmanager
+def caller_model_restored(model: Any) -> Iterator[None]:
+    """A loaded model the caller passed gets back the training mode of each of its modules and
+    its `config.use_cache` after the export (loading sets eval mode and the task's use_cache).
+    A path or id: nothing to restore."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = {module: module.training for module in model.modules()}
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        if use_cache is not None:
+            config.use_cache = use_cache
 
 
 def load(
@@ -96,7 +177,7 @@ def load(
     torch_dtype = resolve_dtype(dtype)
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
-        model_type = _model_type_of(source, {**hub_kwargs, "trust_remote_code": trust_remote_code})
+        model_type = _model_type_of(source, hub_kwargs, trust_remote_code)
         auto_class = getattr(transformers, contract.auto_model_class)
         try:
             loaded = auto_class.from_pretrained(
@@ -117,14 +198,17 @@ def load(
                     "an encoder), or a checkpoint of a generative architecture.",
                 ) from error
             raise ObserverExportError(
-                model_type, Stage.LOAD, f"{type(error).__name__}: {error}", "check the checkpoint files."
+                model_type,
+                Stage.LOAD,
+                f"{type(error).__name__}: {error}",
+                _load_remedy(source, hub_kwargs.get("subfolder", ""), trust_remote_code, error),
             ) from error
         except Exception as error:
             raise ObserverExportError(
                 model_type,
                 Stage.LOAD,
                 f"from_pretrained failed: {type(error).__name__}: {error}",
-                "check the checkpoint files, or pass trust_remote_code=True for custom code.",
+                _load_remedy(source, hub_kwargs.get("subfolder", ""), trust_remote_code, error),
             ) from error
         if tokenizer is None:
             tokenizer = _try_tokenizer(source, hub_kwargs, trust_remote_code)

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,13 +21,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import capture as capture_stage
-from . import conversion, loading, naming, packaging, portable_cache, synthesis, validation
+from . import conversion, loading, naming, packaging, portable_cache, signals, synthesis, validation
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
 from .tasks import TaskContract, get_task
 
 logger = logging.getLogger(__name__)
+
+#: Serialises the exports of one process. The stages apply process-wide state (pytree
+#: registrations of the cache classes, scoped patches of transformers' classes, onnxscript's
+#: rewrite tolerances): two exports at once would apply and restore it over each other, and
+#: leave it applied. Re-entrant, so a `run` callable may itself export.
+EXPORT_LOCK = threading.RLock()
 
 
 class _Progress:
@@ -50,7 +57,27 @@ class _Progress:
         self._bar.close()
 
 
-def _runtime_failure_hint(error: BaseException) -> str:
+def _mismatch_remedy(report: ValidationReport) -> str:
+    if "torch" in report.nonfinite:
+        return (
+            "the model itself computes NaN or inf (torch's outputs hold them, so no export of it can "
+            "be checked): look for non-finite weights (torch.isfinite over model.state_dict()) or an "
+            "overflow in reduced precision (export in fp32)."
+        )
+    if report.nonfinite:
+        return (
+            "ONNX Runtime computes NaN or inf where torch does not: report the model type with the "
+            "table above; pass validate=False to keep the file anyway."
+        )
+    return (
+        "raise atol for reduced precision, or report the model type; pass validate=False to "
+        "keep the file anyway."
+    )
+
+
+def _runtime_failure_hint(error: BaseException, trust_remote_code: bool) -> str:
+    if "trust_remote_code" in str(error) and not trust_remote_code:
+        return "the export's config needs the checkpoint's own code: pass trust_remote_code=True."
     if "does not recognize this architecture" in str(error):
         return (
             "transformers registers this config only inside another model's config, so AutoConfig "
@@ -113,76 +140,98 @@ def export(
         feature_extractor: for speech tasks, the feature extractor the default run feeds
             synthetic waveforms through (and saves); loaded from `model` when it holds one.
 
+    Exports in one process run one at a time (:data:`EXPORT_LOCK`): a second thread waits.
+    A caller's loaded model is given back in the training mode it had. In the main thread,
+    SIGTERM and SIGHUP raise :class:`~optimum_observer.signals.Terminated` (a `SystemExit`)
+    while the export runs, so it cleans up as on Ctrl-C.
+
     Raises:
         ObserverExportError: naming the model type, the stage and what to try next.
     """
     contract = get_task(task)
-    hub_kwargs = dict(
-        local_files_only=local_files_only, cache_dir=cache_dir, revision=revision, token=token, subfolder=subfolder
-    )
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v not in (None, "")}
-    progress = _Progress(sys.stderr.isatty() if show_progress is None else show_progress)
-    try:
-        with progress.stage(Stage.LOAD):
-            loaded = loading.load(
-                model,
-                contract,
-                tokenizer=tokenizer,
-                dtype=dtype,
-                device=device,
-                trust_remote_code=trust_remote_code,
-                model_kwargs=model_kwargs,
-                hub_kwargs=hub_kwargs,
-                feature_extractor=feature_extractor,
-            )
-        model_type = loaded.model_type
-        with registered_caches():
-            with progress.stage(Stage.CAPTURE):
-                captures = capture_stage.capture(
-                    loaded.model, contract, model_type, run, loaded.tokenizer, loaded.feature_extractor
+    # Checks that need no model run before any work.
+    named = model.config.model_type if hasattr(model, "config") else os.fspath(model)
+    conversion.check_opset(opset, named)
+    packaging.check_destination(output_dir, named, [graph.file_name for graph in contract.graphs])
+    with EXPORT_LOCK, signals.termination_raises(), loading.caller_model_restored(model):
+        hub_kwargs = dict(
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            revision=revision,
+            token=token,
+            subfolder=subfolder,
+        )
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if v not in (None, "")}
+        progress = _Progress(sys.stderr.isatty() if show_progress is None else show_progress)
+        try:
+            with progress.stage(Stage.LOAD):
+                loaded = loading.load(
+                    model,
+                    contract,
+                    tokenizer=tokenizer,
+                    dtype=dtype,
+                    device=device,
+                    trust_remote_code=trust_remote_code,
+                    model_kwargs=model_kwargs,
+                    hub_kwargs=hub_kwargs,
+                    feature_extractor=feature_extractor,
                 )
-            with progress.stage(Stage.SYNTHESIS):
-                graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
-            with progress.stage(Stage.EXPORT):
-                for graph in graphs:
-                    graph.program = conversion.convert(
-                        loaded.model,
-                        graph.capture.graph,
-                        graph.example,
-                        model_type,
-                        opset,
-                        position_offset=graph.capture.position_offset,
+            model_type = loaded.model_type
+            with registered_caches():
+                with progress.stage(Stage.CAPTURE):
+                    captures = capture_stage.capture(
+                        loaded.model, contract, model_type, run, loaded.tokenizer, loaded.feature_extractor
                     )
-        dynamic_axes: dict[str, dict[int, str]] = {}
-        with progress.stage(Stage.NAMING):
-            for graph in graphs:
-                axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
-                for name, portable_axes in portable_cache.make_cache_inputs_portable(graph.program.model).items():
-                    axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
-                # Several files may share value names (each decoder has `input_ids`): qualify them.
-                prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
-                dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
-        with packaging.staged_output(output_dir) as staging:
-            with progress.stage(Stage.PACKAGING):
-                onnx_files = [
-                    name
-                    for graph in graphs
-                    for name in packaging.write_model(graph.program, staging, graph.capture.graph.file_name)
-                ]
-                packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
-            with progress.stage(Stage.VALIDATION):
-                report = _validate(staging, loaded, graphs, contract, atol, runtime_class) if validate else None
-    finally:
-        progress.close()
-    return ExportResult(
-        output_dir=Path(output_dir).resolve(),
-        model_type=model_type,
-        task=task,
-        onnx_files=onnx_files,
-        dynamic_axes=dynamic_axes,
-        validation=report,
-        timings=progress.timings,
-    )
+                with progress.stage(Stage.SYNTHESIS):
+                    graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
+                    capture_stage.check_observed_sizes(captures, contract, model_type)
+                with progress.stage(Stage.EXPORT):
+                    for graph in graphs:
+                        graph.program = conversion.convert(
+                            loaded.model,
+                            graph.capture.graph,
+                            graph.example,
+                            model_type,
+                            opset,
+                            position_offset=graph.capture.position_offset,
+                        )
+            dynamic_axes: dict[str, dict[int, str]] = {}
+            with progress.stage(Stage.NAMING):
+                for graph in graphs:
+                    axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
+                    portable = portable_cache.make_cache_inputs_portable(graph.program.model)
+                    for name, portable_axes in portable.items():
+                        axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
+                    # Several files may share value names (each decoder has `input_ids`): qualify them.
+                    prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
+                    dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
+            with packaging.staged_output(output_dir, model_type) as staging:
+                with progress.stage(Stage.PACKAGING), packaging.writing(model_type, output_dir):
+                    onnx_files = [
+                        name
+                        for graph in graphs
+                        for name in packaging.write_model(
+                            graph.program, staging, graph.capture.graph.file_name
+                        )
+                    ]
+                    packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
+                with progress.stage(Stage.VALIDATION):
+                    report = (
+                        _validate(staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code)
+                        if validate
+                        else None
+                    )
+        finally:
+            progress.close()
+        return ExportResult(
+            output_dir=Path(output_dir).resolve(),
+            model_type=model_type,
+            task=contract.name,
+            onnx_files=onnx_files,
+            dynamic_axes=dynamic_axes,
+            validation=report,
+            timings=progress.timings,
+        )
 
 
 @dataclasses.dataclass
@@ -201,6 +250,7 @@ def _validate(
     contract: TaskContract,
     atol: float,
     runtime_class: Any,
+    trust_remote_code: bool,
 ) -> ValidationReport:
     calls = [
         check
@@ -214,11 +264,14 @@ def _validate(
         )
     ]
     runtime_class = runtime_class or validation.default_runtime_class(contract)
+    # The export's config is the checkpoint's: code it ships is needed to read it back.
+    load_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     generation, runtime = [], []
     if runtime_class is not None:
         try:
             generation, runtime = validation.check_runtime_class(
-                staging, loaded.model, contract, loaded.tokenizer, loaded.feature_extractor, runtime_class, atol
+                staging, loaded.model, contract, loaded.tokenizer, loaded.feature_extractor, runtime_class, atol,
+                load_kwargs,
             )
         except Exception as error:
             raise ObserverExportError(
@@ -226,7 +279,7 @@ def _validate(
                 Stage.VALIDATION,
                 f"{runtime_class.__name__} could not run the exported model: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                _runtime_failure_hint(error),
+                _runtime_failure_hint(error, trust_remote_code),
                 report=ValidationReport(atol=atol, calls=calls, generation=[]),
             ) from error
     report = ValidationReport(atol=atol, calls=calls, generation=generation, runtime=runtime)
@@ -236,8 +289,7 @@ def _validate(
             loaded.model_type,
             Stage.VALIDATION,
             f"the ONNX model does not match torch:\n{report.table()}",
-            "raise atol for reduced precision, or report the model type; pass validate=False to "
-            "keep the file anyway.",
+            _mismatch_remedy(report),
             report=report,
         )
     return report

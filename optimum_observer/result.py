@@ -16,6 +16,8 @@ class CallCheck:
     error: str = ""
     #: the ONNX file the call was replayed through.
     graph: str = "model.onnx"
+    #: "torch" and/or "ONNX Runtime" when their outputs held a NaN or inf (a failure).
+    nonfinite: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,12 @@ class RuntimeCheck:
     output: str
     max_abs_diff: float
     ok: bool
+    #: "torch" and/or "ONNX Runtime" when their outputs held a NaN or inf (a failure).
+    nonfinite: tuple[str, ...] = ()
+
+
+def nonfinite_text(sides: tuple[str, ...]) -> str:
+    return f"NaN or inf in the outputs of {' and '.join(sides)}" if sides else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,12 @@ class ValidationReport:
             and all(r.ok for r in self.runtime)
         )
 
+    @property
+    def nonfinite(self) -> tuple[str, ...]:
+        """The sides ("torch", "ONNX Runtime") whose outputs held a NaN or inf anywhere."""
+        sides = {side for check in (*self.calls, *self.runtime) for side in check.nonfinite}
+        return tuple(side for side in ("torch", "ONNX Runtime") if side in sides)
+
     def table(self) -> str:
         """A plain-text table of every check, for logs and error messages."""
         lines = [f"{'check':<48} {'max |diff|':>12}  result"]
@@ -66,7 +80,7 @@ class ValidationReport:
             verdict = "ok" if c.ok else f"FAIL {c.error}".strip()
             lines.append(f"{f'observed call {c.index} ({c.graph})':<48} {c.max_abs_diff:>12.3g}  {verdict}")
         for r in self.runtime:
-            verdict = "ok" if r.ok else "FAIL"
+            verdict = "ok" if r.ok else f"FAIL {nonfinite_text(r.nonfinite)}".strip()
             lines.append(f"{f'runtime class, batch {r.index}: {r.output}':<48} {r.max_abs_diff:>12.3g}  {verdict}")
         for i, g in enumerate(self.generation):
             verdict = "ok" if g.ok else f"FAIL {g.caveat}".strip()

@@ -5,7 +5,7 @@ Gives: a :class:`~optimum_observer.result.ValidationReport` with
 
 * every observed call replayed through ONNX Runtime (through the graph it was exported into)
   and compared with the outputs torch returned during capture (max |diff| per call, fp32
-  default atol 1e-4). generate() asks torch for the last position's logits only, so logits are
+  default atol 1e-4; a NaN or inf on either side, where compared, fails). generate() asks torch for the last position's logits only, so logits are
   compared on the positions torch returned;
 * through the runtime class (by default the unchanged `optimum.onnxruntime` class of the task,
   imported lazily: its public API only): for generation tasks, greedy generation token for token
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from .capture import (
     speech_batches,
     text_batches,
 )
-from .result import CallCheck, GenerationCheck, RuntimeCheck
+from .result import CallCheck, GenerationCheck, RuntimeCheck, nonfinite_text
 from .synthesis import ExportExample
 from .tasks import Family, GraphContract, TaskContract
 
@@ -76,26 +77,51 @@ def _feeds(call: ObservedCall, example: ExportExample, names: list[str]) -> dict
     return feeds
 
 
-def _max_visible_diff(want: torch.Tensor, have: torch.Tensor, mask: torch.Tensor | None) -> float:
-    """Max |diff| over the positions the attention mask lets through.
+def _visible(shape: torch.Size, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Which positions of an output of `shape` the attention mask lets through, broadcastable to
+    it; None when all are compared.
 
     A left-padded position attends to nothing; what a fully masked attention row yields is
     implementation-defined (torch and ONNX Runtime differ), and the cache carries it into later
     layers. The mask hides those positions from every later step, so they are not compared.
     """
+    if mask is None or not shape or shape[0] != mask.shape[0]:
+        return None
+    mask = mask != 0
+    if len(shape) == 4 and shape[2] == mask.shape[1]:  # (batch, heads, positions, head size)
+        return mask[:, None, :, None]
+    if len(shape) == 3 and shape[1] <= mask.shape[1]:
+        # (batch, positions, features): logits of every new token, for models that do not
+        # support `logits_to_keep`, are the mask's last positions.
+        return mask[:, mask.shape[1] - shape[1] :, None]
+    return None
+
+
+def _max_visible_diff(want: torch.Tensor, have: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Max |diff| over the positions the attention mask lets through (see :func:`_visible`);
+    NaN when either side has a NaN or inf there."""
     if not want.numel():
         return 0.0
     diff = (have.float() - want.float()).abs()
-    if mask is None or diff.shape[0] != mask.shape[0]:
-        return diff.max().item()
-    mask = mask.to(diff.dtype)
-    if diff.dim() == 4 and diff.shape[2] == mask.shape[1]:  # (batch, heads, positions, head size)
-        diff = diff * mask[:, None, :, None]
-    elif diff.dim() == 3 and diff.shape[1] <= mask.shape[1]:
-        # (batch, positions, features): logits of every new token, for models that do not
-        # support `logits_to_keep`, are the mask's last positions.
-        diff = diff * mask[:, mask.shape[1] - diff.shape[1] :, None]
+    visible = _visible(diff.shape, mask)
+    if visible is not None:
+        diff = torch.where(visible, diff, torch.zeros((), dtype=diff.dtype))
     return diff.max().item()
+
+
+def nonfinite_sides(want: torch.Tensor, have: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[str, ...]:
+    """"torch" and/or "ONNX Runtime" when its output has a NaN or inf where it is compared."""
+    sides = []
+    for side, tensor in (("torch", want), ("ONNX Runtime", have)):
+        if not tensor.numel() or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        visible = _visible(tensor.shape, mask)
+        if visible is not None:
+            finite = finite | ~visible
+        if not bool(finite.all()):
+            sides.append(side)
+    return tuple(sides)
 
 
 def _expected(call: ObservedCall, graph: GraphContract) -> list[torch.Tensor]:
@@ -124,7 +150,7 @@ def replay_calls(
                 )
                 continue
             expected = _expected(call, capture.graph)
-            worst, error = 0.0, ""
+            worst, error, nonfinite = 0.0, "", set()
             if len(got) != len(expected):
                 error = f"{len(got)} outputs, torch returned {len(expected)}"
             mask = call.inputs.get("attention_mask")
@@ -135,11 +161,18 @@ def replay_calls(
                 if have.shape != want.shape:
                     error = f"shape {tuple(have.shape)} != torch {tuple(want.shape)}"
                     break
-                worst = max(worst, _max_visible_diff(want, have, mask))
+                nonfinite.update(nonfinite_sides(want, have, mask))
+                # max() keeps its first argument against a NaN: a NaN difference is the worst.
+                diff = _max_visible_diff(want, have, mask)
+                worst = max(worst, math.inf if math.isnan(diff) else diff)
+            ordered = tuple(side for side in ("torch", "ONNX Runtime") if side in nonfinite)
+            if ordered:
+                error = f"{error} {nonfinite_text(ordered)}"
             ok = not error and worst <= atol
             if not ok and call.unfed:
-                error = f"{error} (torch's forward also got {', '.join(call.unfed)}, which the runtime does not feed)"
-            checks.append(CallCheck(index, worst, ok, error.strip(), onnx_path.name))
+                unfed = ", ".join(call.unfed)
+                error = f"{error} (torch's forward also got {unfed}, which the runtime does not feed)"
+            checks.append(CallCheck(index, worst, ok, error.strip(), onnx_path.name, nonfinite=ordered))
     return checks
 
 
@@ -203,13 +236,20 @@ def _has_past_inputs(directory: Path) -> bool:
 
 
 def check_generation(
-    directory: Path, model: Any, tokenizer: Any | None, runtime_class: Any, pad_token_id: int
+    directory: Path,
+    model: Any,
+    tokenizer: Any | None,
+    runtime_class: Any,
+    pad_token_id: int,
+    load_kwargs: dict[str, Any] | None = None,
 ) -> list[GenerationCheck]:
     # The runtime defaults to use_cache=True and refuses a graph without past inputs (a model
     # exported for `text-generation`); such a graph recomputes the whole prefix every step, and
     # torch is asked to do the same.
     use_cache = _has_past_inputs(directory)
-    onnx_model = runtime_class.from_pretrained(directory, **({} if use_cache else {"use_cache": False}))
+    onnx_model = runtime_class.from_pretrained(
+        directory, **(load_kwargs or {}), **({} if use_cache else {"use_cache": False})
+    )
     checks = []
     for inputs in generation_inputs(model, tokenizer):
         settings = dict(
@@ -251,10 +291,11 @@ def check_seq2seq_generation(
     tokenizer: Any | None,
     feature_extractor: Any | None,
     runtime_class: Any,
+    load_kwargs: dict[str, Any] | None = None,
 ) -> list[GenerationCheck]:
     """Greedy generate through the runtime class against torch: the first default batch (two
     texts or waveforms of different lengths)."""
-    onnx_model = runtime_class.from_pretrained(directory)
+    onnx_model = runtime_class.from_pretrained(directory, **(load_kwargs or {}))
     if contract.family is Family.SPEECH_SEQ2SEQ:
         inputs = speech_batches(model, feature_extractor)[0]
         # The waveforms' lengths in milliseconds: the features are all padded to one length.
@@ -279,11 +320,13 @@ def check_runtime_outputs(
     runtime_class: Any,
     atol: float,
     batches: list[dict[str, torch.Tensor]] | None = None,
+    load_kwargs: dict[str, Any] | None = None,
 ) -> list[RuntimeCheck]:
     """Every output of the runtime class against the torch model's, batch by batch; `batches`
     defaults to the encoder batches of the default run (a caller adds inputs the runtime class
-    takes from its caller, as the legacy runner does with `position_ids`)."""
-    onnx_model = runtime_class.from_pretrained(directory)
+    takes from its caller, as the legacy runner does with `position_ids`); `load_kwargs` go to
+    `from_pretrained` (`trust_remote_code`)."""
+    onnx_model = runtime_class.from_pretrained(directory, **(load_kwargs or {}))
     (graph,) = contract.graphs
     checks = []
     for index, inputs in enumerate(encoder_batches(model, tokenizer) if batches is None else batches):
@@ -292,8 +335,10 @@ def check_runtime_outputs(
         got = onnx_model(**inputs)
         for output in graph.outputs:
             want, have = output.read(expected), torch.as_tensor(getattr(got, output.name))
-            diff = (have.float() - want.float()).abs().max().item() if want.shape == have.shape else float("inf")
-            checks.append(RuntimeCheck(index, output.name, diff, diff <= atol))
+            diff = (have.float() - want.float()).abs().max().item() if want.shape == have.shape else math.inf
+            nonfinite = nonfinite_sides(want, have) if want.shape == have.shape else ()
+            ok = not nonfinite and diff <= atol
+            checks.append(RuntimeCheck(index, output.name, diff, ok, nonfinite=nonfinite))
     return checks
 
 
@@ -305,11 +350,15 @@ def check_runtime_class(
     feature_extractor: Any | None,
     runtime_class: Any,
     atol: float,
+    load_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[GenerationCheck], list[RuntimeCheck]]:
     """The checks of the task's family through `runtime_class`: greedy generation for the
     generation tasks, every output for the encoder tasks (the other list is empty)."""
     if contract.family is Family.DECODER:
-        return check_generation(directory, model, tokenizer, runtime_class, pad_token_id(model, tokenizer)), []
+        pad = pad_token_id(model, tokenizer)
+        return check_generation(directory, model, tokenizer, runtime_class, pad, load_kwargs), []
     if contract.generates:
-        return check_seq2seq_generation(directory, model, contract, tokenizer, feature_extractor, runtime_class), []
-    return [], check_runtime_outputs(directory, model, contract, tokenizer, runtime_class, atol)
+        return check_seq2seq_generation(
+            directory, model, contract, tokenizer, feature_extractor, runtime_class, load_kwargs
+        ), []
+    return [], check_runtime_outputs(directory, model, contract, tokenizer, runtime_class, atol, load_kwargs=load_kwargs)

@@ -124,9 +124,9 @@ def run_without_observer(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @contextlib.contextmanager
 def runtime_hook_removed() -> Iterator[None]:
-    """optimum.onnxruntime's decoder classes as optimum-onnx ships them, for the block: the
-    hook's legacy_shim.runtime_cache patches undone, then put back."""
-    from optimum.onnxruntime import modeling_decoder, modeling_seq2seq
+    """optimum.onnxruntime's classes as optimum-onnx ships them, for the block: the hook's
+    legacy_shim.runtime_cache and legacy_shim.runtime_hooks patches undone, then put back."""
+    from optimum.onnxruntime import base, modeling_decoder, modeling_seq2seq
 
     from legacy_shim import runtime_cache
 
@@ -134,9 +134,14 @@ def runtime_hook_removed() -> Iterator[None]:
     saved = {cls: {name: vars(cls)[name] for name in ("__init__", "forward") if name in vars(cls)} for cls in classes}
     for cls in classes:
         runtime_cache.unpatch(cls)
+    axis_inference = vars(base.ORTSessionMixin)["_dynamic_axis_inference"]
+    base.ORTSessionMixin._dynamic_axis_inference = getattr(
+        axis_inference, "__optimum_observer_original__", axis_inference
+    )
     try:
         yield
     finally:
+        base.ORTSessionMixin._dynamic_axis_inference = axis_inference
         for cls, functions in saved.items():
             for name, function in functions.items():
                 setattr(cls, name, function)

@@ -85,5 +85,6 @@ class TestBadInput(ExportFailureCase):
                 model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
         error = self.export_error(source, run=run)
-        self.assertFailsCleanly(error, "llama", Stage.NAMING)
-        self.assertIn("returned no 'past_key_values'", str(error))
+        # Refused before the export: no call read a cache, so the graph would have no past inputs.
+        self.assertFailsCleanly(error, "llama", Stage.SYNTHESIS)
+        self.assertIn("the run made 0, so the graph would have no past inputs", str(error))

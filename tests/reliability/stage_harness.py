@@ -1,0 +1,39 @@
+"""Sends this process a signal as an export enters one stage.
+
+Usage: stage_harness.py STAGE SIGNAL OUT MODEL   (the Python API on checkpoint MODEL)
+       stage_harness.py STAGE SIGNAL OUT --demo  (the command line's --demo export)
+
+STAGE is a `Stage` value ("load", "capture", ..., "validation"); SIGNAL "TERM" or "KILL". Exits
+with what the export or the command line gave (or is killed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+from optimum_observer import cli, pipeline
+
+
+def main() -> int:
+    stage, signum, output, model = sys.argv[1], getattr(signal, f"SIG{sys.argv[2]}"), sys.argv[3], sys.argv[4]
+    original = pipeline._Progress.stage
+
+    @contextlib.contextmanager
+    def stage_then_signal(self, entered):
+        with original(self, entered):
+            if entered.value == stage:
+                os.kill(os.getpid(), signum)
+            yield
+
+    pipeline._Progress.stage = stage_then_signal
+    if model == "--demo":
+        return cli.main(["export", "--demo", output])
+    pipeline.export(model, output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
