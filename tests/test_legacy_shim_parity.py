@@ -29,9 +29,8 @@ class TestLegacyParity(unittest.TestCase):
     def test_causal_lm_legacy_and_auto_match_optimum_onnx(self, model_type):
         # optimum-onnx's own export of the same tiny model is the session's.
         with tempfile.TemporaryDirectory() as scratch:
-            self.assertLegacyAndAutoMatch(
-                self.artifacts.causal_lm(model_type), self.artifacts.legacy_export(model_type), WITH_PAST, Path(scratch)
-            )
+            model, reference = self.artifacts.causal_lm(model_type), self.artifacts.legacy_export(model_type)
+            self.assertLegacyAndAutoMatch(model, reference, WITH_PAST, Path(scratch))
 
     def test_encoder_legacy_and_auto_match_optimum_onnx(self):
         with tempfile.TemporaryDirectory() as scratch:
