@@ -144,23 +144,23 @@ class TestCacheDimsFromSession(unittest.TestCase):
     # Legacy exports, measured with optimum-onnx's runtime alone: "index: 3 Got: 16 Expected: 32"
     # for llama with head_dim 32, and the key/value head count for phi3 (which upstream takes to
     # be num_attention_heads). legacy_shim's class, and optimum's with the hook, read the graph.
+    # Both are the session's tiny models (real-checkpoint shapes), checked to have that shape.
     @parameterized.expand([("llama", dict(head_dim=32)), ("phi3", dict(num_key_value_heads=2))])
-    def test_first_step_cache_matches_the_graph(self, model_type, overrides):
-        with tempfile.TemporaryDirectory() as scratch:
-            model = save_causal_lm(model_type, Path(scratch) / "model", **overrides)
-            output = Path(scratch) / "onnx"
-            upstream_main_export()(str(model), output, task=WITH_PAST, do_validation=False)
-            expected = torch_greedy(model)
+    def test_first_step_cache_matches_the_graph(self, model_type, shape):
+        model, output = self.artifacts.causal_lm(model_type), self.artifacts.legacy_export(model_type)
+        config = transformers.AutoConfig.from_pretrained(model)
+        self.assertEqual({name: getattr(config, name) for name in shape}, shape)
+        expected = torch_greedy(model)
 
-            ours = legacy_shim.ORTModelForCausalLM.from_pretrained(output)
-            self.assertEqual(ort_greedy(ours, output), expected)
-            hooked = upstream.ORTModelForCausalLM.from_pretrained(output)
-            self.assertEqual(ort_greedy(hooked, output), expected)
+        ours = legacy_shim.ORTModelForCausalLM.from_pretrained(output)
+        self.assertEqual(ort_greedy(ours, output), expected)
+        hooked = upstream.ORTModelForCausalLM.from_pretrained(output)
+        self.assertEqual(ort_greedy(hooked, output), expected)
 
-            with runtime_hook_removed():
-                unchanged = upstream.ORTModelForCausalLM.from_pretrained(output)
-                with self.assertRaisesRegex(Exception, "Got invalid dimensions for input: past_key_values"):
-                    ort_greedy(unchanged, output)
+        with runtime_hook_removed():
+            unchanged = upstream.ORTModelForCausalLM.from_pretrained(output)
+            with self.assertRaisesRegex(Exception, "Got invalid dimensions for input: past_key_values"):
+                ort_greedy(unchanged, output)
 
     def test_seq2seq_first_step_cache_matches_the_graph(self):
         # t5 with d_kv=16 while d_model // num_heads = 8: upstream sizes the empty cache with 8.
@@ -183,40 +183,55 @@ class TestCacheDimsFromSession(unittest.TestCase):
 
 
 class TestLegacyResultsUnchanged(unittest.TestCase):
-    # llama with Llama checkpoints' head size (hidden // heads), which optimum-onnx sizes right.
+    """One legacy export per model serves both io_binding settings."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._scratch = tempfile.TemporaryDirectory()
+        scratch = Path(cls._scratch.name)
+        # llama with Llama checkpoints' head size (hidden // heads), which optimum-onnx sizes
+        # right; gpt2 has no head_dim: the session's tiny gpt2.
+        llama = save_causal_lm("llama", scratch / "llama", **LLAMA_CHECKPOINT_HEAD_SIZE)
+        upstream_main_export()(str(llama), scratch / "llama-onnx", task=WITH_PAST, do_validation=False)
+        t5 = save_seq2seq(scratch / "t5")
+        upstream_main_export()(str(t5), scratch / "t5-onnx", task=SEQ2SEQ_WITH_PAST, do_validation=False)
+        cls.exports = {
+            "gpt2": cls.artifacts.legacy_export("gpt2"),
+            "llama": scratch / "llama-onnx",
+            "t5": scratch / "t5-onnx",
+        }
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._scratch.cleanup()
+
     @parameterized.expand([("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)])
     def test_same_logits_and_tokens_as_the_unchanged_runtime(self, model_type, use_io_binding):
-        with tempfile.TemporaryDirectory() as scratch:
-            model = save_causal_lm(model_type, Path(scratch) / "model", **LLAMA_CHECKPOINT_HEAD_SIZE)
-            output = Path(scratch) / "onnx"
-            upstream_main_export()(str(model), output, task=WITH_PAST, do_validation=False)
-            ours = legacy_shim.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
-            hooked = upstream.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
-            inputs = dict(
-                input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]),
-                attention_mask=torch.ones(2, 4, dtype=torch.long),
-            )
-            with runtime_hook_removed():  # optimum-onnx's class as it ships
-                unchanged = upstream.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
-                expected_tokens, expected_logits = ort_greedy(unchanged, output), unchanged(**inputs).logits
-            for model in (ours, hooked):
-                self.assertEqual(ort_greedy(model, output), expected_tokens)
-                np.testing.assert_array_equal(model(**inputs).logits, expected_logits)
+        output = self.exports[model_type]
+        ours = legacy_shim.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
+        hooked = upstream.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
+        inputs = dict(
+            input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]),
+            attention_mask=torch.ones(2, 4, dtype=torch.long),
+        )
+        with runtime_hook_removed():  # optimum-onnx's class as it ships
+            unchanged = upstream.ORTModelForCausalLM.from_pretrained(output, use_io_binding=use_io_binding)
+            expected_tokens, expected_logits = ort_greedy(unchanged, output), unchanged(**inputs).logits
+        for model in (ours, hooked):
+            self.assertEqual(ort_greedy(model, output), expected_tokens)
+            np.testing.assert_array_equal(model(**inputs).logits, expected_logits)
 
     @parameterized.expand([(False,), (True,)])
     def test_seq2seq_same_tokens_as_the_unchanged_runtime(self, use_io_binding):
-        with tempfile.TemporaryDirectory() as scratch:
-            model = save_seq2seq(Path(scratch) / "model")
-            output = Path(scratch) / "onnx"
-            upstream_main_export()(str(model), output, task=SEQ2SEQ_WITH_PAST, do_validation=False)
-            generate = dict(**SEQ2SEQ_INPUTS, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-            ours = legacy_shim.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
-            hooked = upstream.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
-            with runtime_hook_removed():  # optimum-onnx's class as it ships
-                unchanged = upstream.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
-                expected = unchanged.generate(**generate).tolist()
-            self.assertEqual(ours.generate(**generate).tolist(), expected)
-            self.assertEqual(hooked.generate(**generate).tolist(), expected)
+        output = self.exports["t5"]
+        generate = dict(**SEQ2SEQ_INPUTS, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        ours = legacy_shim.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
+        hooked = upstream.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
+        with runtime_hook_removed():  # optimum-onnx's class as it ships
+            unchanged = upstream.ORTModelForSeq2SeqLM.from_pretrained(output, use_io_binding=use_io_binding)
+            expected = unchanged.generate(**generate).tolist()
+        self.assertEqual(ours.generate(**generate).tolist(), expected)
+        self.assertEqual(hooked.generate(**generate).tolist(), expected)
 
 
 class TestTextConfigsRegisteredOnlyAsSubConfigs(unittest.TestCase):

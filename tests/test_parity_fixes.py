@@ -9,48 +9,42 @@ from pathlib import Path
 import torch
 
 import optimum_observer
-from optimum_observer import capture, conversion, loading, naming, sweep, synthesis, validation
+from optimum_observer import capture, loading, sweep, validation
 from optimum_observer.capture import ObservedCall, position_offset, random_token_batch
 from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from optimum_observer.tasks import get_task
 from optimum_observer.cache_pytree import registered_caches
-from optimum_observer.patches import PATCHES
 from optimum_observer.result import CallCheck
 from optimum_observer.tiny_configs import build_tiny_model
-from stages import CONTRACT, capture_and_synthesize
+from stages import CONTRACT, Observed, convert_without, load, observe, replay_without
 
 
 def _load_tiny(model_type: str) -> loading.LoadedModel:
-    return loading.load(
-        build_tiny_model(model_type, "AutoModelForCausalLM"), CONTRACT, tokenizer=None, dtype=None,
-        device="cpu", trust_remote_code=False, model_kwargs=None, hub_kwargs={},
-    )  # fmt: skip
+    return load(build_tiny_model(model_type, "AutoModelForCausalLM"))
 
 
-def _replayed_calls(model_type: str, patches=PATCHES) -> list[CallCheck]:
+def _replayed_calls(observed: Observed, *without: str) -> list[CallCheck]:
     """Every observed call of the tiny model replayed through its export (without validation's
     generation check)."""
-    loaded = _load_tiny(model_type)
-    captured, example = capture_and_synthesize(loaded)
-    with tempfile.TemporaryDirectory() as scratch, registered_caches():
-        program = conversion.convert(loaded.model, CONTRACT.graphs[0], example, model_type, patches=patches)
-        naming.apply_names(program, captured, example, model_type)
-        path = Path(scratch) / "model.onnx"
-        program.save(str(path))
-        return validation.replay_calls(path, captured, example, naming.input_names(example), atol=1e-4)
+    with tempfile.TemporaryDirectory() as scratch:
+        return replay_without(observed, Path(scratch), *without)
 
 
 class TestGitFirstStepMask(unittest.TestCase):
     """GIT branches on the cache length in Python: the exported first step must still be causal and padded."""
 
+    @classmethod
+    def setUpClass(cls):
+        cls.observed = observe(_load_tiny("git"))
+
     def test_every_observed_call_matches_torch(self):
-        checks = _replayed_calls("git")
+        checks = _replayed_calls(self.observed)
         self.assertTrue(all(c.ok for c in checks), [(c.index, c.max_abs_diff) for c in checks])
 
     def test_first_steps_do_not_match_without_the_patches(self):
-        names = {"git_attention_mask_without_cache_branch", "git_padding_in_attention_mask"}
-        self.assertTrue(names <= {p.name for p in PATCHES})
-        checks = _replayed_calls("git", [p for p in PATCHES if p.name not in names])
+        checks = _replayed_calls(
+            self.observed, "git_attention_mask_without_cache_branch", "git_padding_in_attention_mask"
+        )
         # Calls 0 and 3 are generate's first steps (batch 2, then 3): empty cache, several tokens.
         self.assertEqual([c.index for c in checks if not c.ok], [0, 3])
         self.assertGreater(min(c.max_abs_diff for c in checks if not c.ok), 1e-3)
@@ -144,14 +138,9 @@ class TestCpmAnt(unittest.TestCase):
     """CPM-Ant's generate with a cache fails in plain torch; without one it exports and validates."""
 
     def test_sequence_axis_is_specialised_without_the_patch(self):
-        contract = get_task("text-generation")
-        model = _load_tiny("cpmant").model
-        (captured,) = capture.capture(model, contract, "cpmant")
-        example = synthesis.synthesize(captured, "cpmant")
-        patches = [p for p in PATCHES if p.name != "cpmant_attention_mask_from_arange"]
-        self.assertLess(len(patches), len(PATCHES))
+        observed = observe(_load_tiny("cpmant"), get_task("text-generation"))
         with self.assertRaises(ObserverExportError) as raised:
-            conversion.convert(model, contract.graphs[0], example, "cpmant", patches=patches)
+            convert_without(observed, "cpmant_attention_mask_from_arange")
         self.assertIn("static shape", str(sweep.root_cause(raised.exception)))
 
     def test_the_sweep_exports_it_without_past(self):

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from parameterized import parameterized
 from transformers.cache_utils import DynamicLayer
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import optimum_observer
-from optimum_observer import conversion, loading
-from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.patches import (
     PATCHES,
@@ -28,37 +27,28 @@ from optimum_observer.patches import (
     tolerant,
 )
 from optimum_observer.tiny_configs import build_tiny_model
-from stages import CONTRACT, capture_and_synthesize, load_tiny
+from stages import conversion_error, load, load_tiny, observe
 
 
-def _without(name: str):
-    assert any(p.name == name for p in PATCHES), name
-    return [p for p in PATCHES if p.name != name]
-
-
-def _conversion_error(loaded: loading.LoadedModel, patches) -> ObserverExportError:
-    _, example = capture_and_synthesize(loaded)
-    with registered_caches():
-        try:
-            conversion.convert(loaded.model, CONTRACT.graphs[0], example, loaded.model_type, patches=patches)
-        except ObserverExportError as error:
-            return error
-    raise AssertionError(f"{loaded.model_type} exported without the patch")
-
-
-def _export_error(model_type: str, patches) -> ObserverExportError:
+def _export_error(model_type: str, *without: str) -> ObserverExportError:
+    """The tiny model of tests/tiny_models.py, converted without the patches `without`."""
     with tempfile.TemporaryDirectory() as scratch:
-        return _conversion_error(load_tiny(model_type, Path(scratch), with_tokenizer=False), patches)
+        return conversion_error(observe(load_tiny(model_type, Path(scratch), with_tokenizer=False)), *without)
+
+
+def _tiny_export_error(model_type: str, *without: str) -> ObserverExportError:
+    """The sweep's tiny model (optimum_observer.tiny_configs), converted without the patches `without`."""
+    return conversion_error(observe(load(build_tiny_model(model_type, "AutoModelForCausalLM"))), *without)
 
 
 class TestPatchesFixTheirFailure(unittest.TestCase):
     def test_lazy_initialization_patch(self):
-        error = _export_error("llama", _without("dynamic_layer_lazy_initialization"))
+        error = _export_error("llama", "dynamic_layer_lazy_initialization")
         self.assertEqual(error.stage, Stage.EXPORT)
         self.assertIn("is not in the constants dictionary", str(error.__cause__))
 
     def test_dense_moe_patch(self):
-        error = _export_error("mixtral", _without("dense_mixtral_moe"))
+        error = _export_error("mixtral", "dense_mixtral_moe")
         self.assertEqual(error.stage, Stage.EXPORT)
         self.assertIn("data-dependent", str(error.__cause__))
 
@@ -104,42 +94,52 @@ class TestPatchesAreScoped(unittest.TestCase):
             del SKIPPED_TARGETS[before:]
 
 
-def _tiny_export_error(model_type: str, patches) -> ObserverExportError:
-    loaded = loading.load(
-        build_tiny_model(model_type, "AutoModelForCausalLM"), CONTRACT, tokenizer=None, dtype=None,
-        device="cpu", trust_remote_code=False, model_kwargs=None, hub_kwargs={},
-    )  # fmt: skip
-    return _conversion_error(loaded, patches)
-
-
 class TestExpertLoopPatches(unittest.TestCase):
-    """Each dense-experts patch: the model type's data-dependent expert loop fails torch.export without it."""
+    """Each dense-experts patch: the model type's data-dependent expert loop fails torch.export without it.
+
+    The default suite has one type per replacement function (mixtral's sparse-MoE block forward is
+    in TestPatchesFixTheirFailure); the other types of a shared function, whose patched exports the
+    coverage sweep validates, run with `-m slow`.
+    """
 
     @parameterized.expand(
         [
             ("deepseek_v3", "dense_deepseek_v3_expert_mixture"),
-            ("glm4_moe", "dense_glm4_moe_expert_mixture"),
             ("dbrx", "dense_dbrx_experts"),
-            ("phimoe", "dense_phimoe_moe"),
             ("gpt_oss", "dense_gpt_oss_experts"),
             ("hunyuan_v1_moe", "dense_hunyuan_v1_moe"),
             ("aria_text", "dense_aria_text_moe"),
+        ]
+    )
+    def test_fails_without_the_patch(self, model_type, patch_name):
+        self.assertFailsWithout(model_type, patch_name)
+
+    # glm4_moe: deepseek_v3's function; the others: mixtral's sparse-MoE block, each with its routing.
+    @parameterized.expand(
+        [
+            ("glm4_moe", "dense_glm4_moe_expert_mixture"),
+            ("phimoe", "dense_phimoe_moe"),
             ("jamba", "dense_jamba_moe"),
             ("qwen3_next", "dense_qwen3_next_moe"),
             ("minimax", "dense_minimax_moe"),
         ]
     )
-    def test_fails_without_the_patch(self, model_type, patch_name):
-        error = _tiny_export_error(model_type, _without(patch_name))
+    @pytest.mark.slow
+    def test_fails_without_the_patch_of_a_shared_function(self, model_type, patch_name):
+        self.assertFailsWithout(model_type, patch_name)
+
+    def assertFailsWithout(self, model_type: str, patch_name: str) -> None:
+        error = _tiny_export_error(model_type, patch_name)
         self.assertEqual(error.stage, Stage.EXPORT)
         self.assertIn("data-dependent", str(error.__cause__))
 
+    # Default suite: tests/test_real_shapes.py exports and validates deepseek_v2 (MLA, keys of 48
+    # and values of 32 per head) with the same first cache update.
+    @pytest.mark.slow
     def test_keys_and_values_of_different_head_sizes_export(self):
         # DeepSeek's multi-head latent attention caches keys of 32 and values of 16 per head:
         # the first cache update must not shape the values like the keys.
         with tempfile.TemporaryDirectory() as scratch:
-            from optimum_observer.tiny_configs import build_tiny_model
-
             result = optimum_observer.export(build_tiny_model("deepseek_v3", "AutoModelForCausalLM"), Path(scratch) / "onnx")
         self.assertTrue(result.validation.ok, result.validation.table())
 
@@ -149,9 +149,9 @@ class TestRealRotaryPatches(unittest.TestCase):
 
     @parameterized.expand([("llama4_text", "llama4"), ("deepseek_v2", "deepseek_v2")])
     def test_fails_without_the_patches(self, model_type, module_name):
-        names = {f"real_{module_name}_rotary_embedding", f"real_{module_name}_apply_rotary_emb"}
-        self.assertTrue(names <= {p.name for p in PATCHES})
-        error = _tiny_export_error(model_type, [p for p in PATCHES if p.name not in names])
+        error = _tiny_export_error(
+            model_type, f"real_{module_name}_rotary_embedding", f"real_{module_name}_apply_rotary_emb"
+        )
         self.assertEqual(error.stage, Stage.EXPORT)
         self.assertIn("complex", str(error.__cause__))
 

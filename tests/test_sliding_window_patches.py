@@ -22,12 +22,10 @@ import pytest
 import torch
 from parameterized import parameterized
 
-from optimum_observer import capture, conversion, loading, synthesis
-from optimum_observer.cache_pytree import registered_caches
+from optimum_observer import loading
 from optimum_observer.errors import ObserverExportError, Stage
-from optimum_observer.patches import PATCHES
 from optimum_observer.tasks import get_task
-from stages import load
+from stages import convert_without, load, observe
 from tiny_families import save_encoder, save_seq2seq_lm
 
 LENGTHS = range(1, 14)
@@ -63,11 +61,9 @@ class SlidingWindowCase:
         cls._scratch = tempfile.TemporaryDirectory()
         cls.scratch = Path(cls._scratch.name)
         contract = get_task(cls.task)
-        cls.loaded: loading.LoadedModel = load(cls.save(cls.scratch / "model"), contract)
-        with registered_caches():
-            encoder_capture = capture.capture(cls.loaded.model, contract, cls.model_type)[0]
-        cls.graph = encoder_capture.graph
-        cls.example = synthesis.synthesize(encoder_capture, cls.model_type)
+        cls.observed = observe(load(cls.save(cls.scratch / "model"), contract), contract)
+        cls.loaded: loading.LoadedModel = cls.observed.loaded
+        cls.example = cls.observed.examples[0]  # the encoder's
         cls.window = cls.loaded.model.config.attention_window[0]
 
     @classmethod
@@ -76,10 +72,7 @@ class SlidingWindowCase:
 
     def encoder(self, without: str | None = None) -> ort.InferenceSession:
         without = without and f"{self.model_type}_{without}"
-        assert without is None or any(p.name == without for p in PATCHES), without
-        patches = [p for p in PATCHES if p.name != without]
-        with registered_caches():
-            program = conversion.convert(self.loaded.model, self.graph, self.example, self.model_type, patches=patches)
+        program = convert_without(self.observed, *((without,) if without else ()))
         path = self.scratch / f"encoder-without-{without}.onnx"
         program.save(str(path))
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
