@@ -40,6 +40,10 @@ DECODER_SIZES: dict[str, Any] = dict(
 )
 
 
+#: Keys of DECODER_SIZES given only to configs that have them.
+_SHAPE_KEYS = ("num_key_value_heads", "head_dim")
+
+
 def build_tokenizer(directory: Path | None = None) -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a few sentences, saved to `directory` if given."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -58,7 +62,11 @@ def save_tiny_causal_lm(
     model_type: str, directory: Path, with_tokenizer: bool = True, seed: int = 0, **config_overrides: Any
 ) -> Path:
     """Builds a tiny random `AutoModelForCausalLM` of `model_type` and saves it to `directory`."""
-    config = transformers.AutoConfig.for_model(model_type, **{**DECODER_SIZES, **config_overrides})
+    # Shape keys a type's config does not have are not invented: a `head_dim` its modules
+    # partly read and partly derive (olmoe, qwen2_moe) gives a model no checkpoint has.
+    known = transformers.AutoConfig.for_model(model_type).to_dict()
+    sizes = {k: v for k, v in DECODER_SIZES.items() if k not in _SHAPE_KEYS or k in known}
+    config = transformers.AutoConfig.for_model(model_type, **{**sizes, **config_overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = config.pad_token_id
