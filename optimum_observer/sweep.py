@@ -272,7 +272,10 @@ def run_observer_path(
 
     contract = get_task(task)
     try:
-        model = build_tiny_model(model_type, contract.auto_model_class, shapes=shapes)
+        # In inference mode, as from_pretrained gives it: export() hands a caller's model back in
+        # the mode it had, and the torch reference of the check without optimum-observer runs
+        # after it (in training mode, dropout made torch's own tokens random).
+        model = build_tiny_model(model_type, contract.auto_model_class, shapes=shapes).eval()
         model.save_pretrained(workdir / "model")
     except Exception as error:
         return PathResult.failure(SweepStage.CONFIG_BUILD, error, task)
