@@ -13,7 +13,6 @@ order for the naming stage. The export runs inside the patches of :mod:`optimum_
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ from .capture import observed_module
 from .synthesis import ExportExample
 from .tasks import GraphContract
 
-logger = logging.getLogger(__name__)
 
 
 def supported_opsets() -> range:
@@ -151,19 +149,24 @@ def convert(
             "conversion failed)",
             f"pass opset={produced} or none.",
         )
+    return program
+
+
+def check_axes(program: torch.onnx.ONNXProgram, example: ExportExample, model_type: str, file_name: str) -> None:
+    """Refuses a graph in which torch.export bounded an axis the contract declares dynamic below a
+    size the run fed (see :func:`restricted_axes`): the file would load and compute for sizes torch
+    never traced, and ONNX Runtime does not check torch's guards."""
     restricted = restricted_axes(program.exported_program, example)
     if restricted:
-        # A warning, not an error: validation replays the observed calls and decides; the
-        # sweep tables were measured without this check (making it an error needs a re-run).
-        logger.warning(
-            "[%s] torch.export restricted dynamic axes of %s: %s. The graph may compute wrong results "
-            "for the sizes it excludes; a scoped patch in optimum_observer.patches that removes the "
-            "bound is needed.",
+        raise ObserverExportError(
             model_type,
-            graph.file_name,
-            "; ".join(restricted),
+            Stage.EXPORT,
+            f"torch.export bounded dynamic axes of {file_name} below sizes the run fed: "
+            f"{'; '.join(restricted)}, so the graph would be wrong for inputs past the bound",
+            "the model's code bounds that axis (a check, a slice of a fixed-size buffer, a padding "
+            "branch); it needs a scoped patch that removes the bound (see optimum_observer.patches, "
+            "e.g. the sliding-window ones); rerun with --verbose to see the traced guards.",
         )
-    return program
 
 
 def restricted_axes(program: torch.export.ExportedProgram, example: ExportExample) -> list[str]:

@@ -195,6 +195,7 @@ def export(
                             opset,
                             position_offset=graph.capture.position_offset,
                         )
+                        conversion.check_axes(graph.program, graph.example, model_type, graph.capture.graph.file_name)
             dynamic_axes: dict[str, dict[int, str]] = {}
             with progress.stage(Stage.NAMING):
                 for graph in graphs:

@@ -3,7 +3,7 @@
 The model's code can bound an axis (LED's and Longformer's padded attention mask, before
 `sliding_window_patches` padded it by its own length: 1..5 while the run fed 13 tokens); ONNX
 Runtime does not check torch's guards, so the file would load and compute for sizes torch never
-traced. `restricted_axes` finds such axes; `convert` logs them.
+traced. `restricted_axes` finds such axes; `check_axes` (the pipeline's export stage) refuses them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import unittest
 
 import torch
 
-from optimum_observer.conversion import ContractModule, restricted_axes
+from optimum_observer.conversion import ContractModule, check_axes, restricted_axes
+from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.synthesis import ExportExample, LeafSpec
 from optimum_observer.tasks import ContractOutput, GraphContract, get_task
 
@@ -34,12 +35,15 @@ def _example(observed_length: int) -> ExportExample:
     return ExportExample({"input_ids": torch.ones(2, 3)}, {"input_ids": dims}, [leaf], {})
 
 
-def _problems(module: torch.nn.Module, observed_length: int) -> list[str]:
-    example = _example(observed_length)
-    program = torch.onnx.export(
+def _program(module: torch.nn.Module, example: ExportExample) -> torch.onnx.ONNXProgram:
+    return torch.onnx.export(
         module, (), kwargs=example.kwargs, dynamic_shapes=example.dynamic_shapes, dynamo=True, verbose=False
     )
-    return restricted_axes(program.exported_program, example)
+
+
+def _problems(module: torch.nn.Module, observed_length: int) -> list[str]:
+    example = _example(observed_length)
+    return restricted_axes(_program(module, example).exported_program, example)
 
 
 class TestSpecialisedAxes(unittest.TestCase):
@@ -51,6 +55,15 @@ class TestSpecialisedAxes(unittest.TestCase):
 
     def test_a_free_axis_is_not_reported(self):
         self.assertEqual(_problems(_FreeLength(), observed_length=7), [])
+
+    def test_the_export_stage_refuses_a_bounded_axis(self):
+        example = _example(observed_length=7)
+        program = _program(_BoundedLength(), example)
+        with self.assertRaises(ObserverExportError) as caught:
+            check_axes(program, example, "bounded", "model.onnx")
+        self.assertEqual(caught.exception.stage, Stage.EXPORT)
+        self.assertIn("input_ids axis 1 (sequence_length) <= 5, observed 7", caught.exception.reason)
+        check_axes(_program(_FreeLength(), example), example, "free", "model.onnx")  # no bound: no error
 
 
 class _ReadsEncoderOutputsByName(torch.nn.Module):
