@@ -268,7 +268,9 @@ def left_padding_copy(tokenizer: Any | None) -> Any | None:
 def pad_token_id(model: Any, tokenizer: Any | None) -> int:
     for candidate in (
         getattr(tokenizer, "pad_token_id", None),
-        getattr(model.generation_config, "pad_token_id", None),
+        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+        # Encoders have no generation config (None): their config names the pad id (RoBERTa's 1).
+        getattr(getattr(model, "config", None), "pad_token_id", None),
         getattr(tokenizer, "eos_token_id", None),
     ):
         if isinstance(candidate, int):

@@ -7,6 +7,7 @@ import unittest
 from pathlib import Path
 
 import torch
+import transformers
 
 from optimum_observer import capture
 from stages import capture_and_synthesize, load_tiny
@@ -78,3 +79,16 @@ class TestSynthesis(TinyLlamaCase):
             [(leaf.input_name, leaf.index) for leaf in example.leaves],
             [("input_ids", 0), ("attention_mask", 0), ("position_ids", 0)] + [("past_key_values", i) for i in range(4)],
         )
+
+
+class TestPadding(unittest.TestCase):
+    def test_an_encoder_batch_is_padded_with_its_config_pad_id(self):
+        # RoBERTa-like encoders find padding in the ids (their positions skip the pad id); they
+        # have no generation config, so the pad id comes from the model's config (it was 0).
+        class Encoder:
+            generation_config = None
+            config = transformers.RobertaConfig(vocab_size=50, pad_token_id=1)
+
+        batch = capture.random_token_batch(Encoder(), [2, 5], torch.Generator().manual_seed(0), left_padding=False)
+        self.assertEqual(batch["attention_mask"][0].tolist(), [1, 1, 0, 0, 0])
+        self.assertEqual(batch["input_ids"][0, 2:].tolist(), [1, 1, 1])
