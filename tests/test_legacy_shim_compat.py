@@ -7,6 +7,7 @@ checks on transformers 5 are in test_transformers5.py.
 
 from __future__ import annotations
 
+import sys
 import types
 import unittest
 from unittest import mock
@@ -117,6 +118,31 @@ class TestLentNames(unittest.TestCase):
         with self.assertRaises(optimum_compat.LegacyExporterUnavailable) as caught:
             optimum_compat._exporter_only("get_parameter_dtype")(torch.nn.Linear(1, 1))
         self.assertIn("exporter='observer'", str(caught.exception))
+
+
+class _FailingRuntimeModule(types.ModuleType):
+    """`optimum.onnxruntime` on transformers 5: the package imports, reading a class raises."""
+
+    def __getattr__(self, name):
+        raise ImportError("cannot import name 'get_parameter_dtype' from 'transformers.modeling_utils'")
+
+
+class TestValidationWhereTheRuntimeClassFailsAtImport(unittest.TestCase):
+    def test_generation_parity_is_skipped_with_a_warning_not_a_crash(self):
+        import optimum
+
+        from optimum_observer import validation
+        from optimum_observer.tasks import get_task
+
+        failing = _FailingRuntimeModule("optimum.onnxruntime")
+        with (
+            mock.patch.dict(sys.modules, {"optimum.onnxruntime": failing}),
+            mock.patch.object(optimum, "onnxruntime", failing, create=True),
+            self.assertLogs("optimum_observer.validation", "WARNING") as logs,
+        ):
+            self.assertIsNone(validation.default_runtime_class(get_task(WITH_PAST)))
+        self.assertIn("get_parameter_dtype", logs.output[0])
+        self.assertIn("runtime_class=", logs.output[0])
 
 
 class _Upstream:
