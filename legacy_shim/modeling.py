@@ -13,6 +13,11 @@ Each class subclasses its `optimum.onnxruntime` namesake and overrides the minim
   cannot size or feed (states of state-space models, keys and values of different head sizes
   outside deepseek_v3, configs without the attributes upstream reads) generate through
   :mod:`legacy_shim.state_runtime`, which feeds every cache input by name.
+- transformers 5 (:class:`GenerationSeams`, :mod:`legacy_shim.optimum_compat`): optimum-onnx's
+  modules import with the transformers names they lack lent for the import; what transformers 5's
+  `generate` asks of a model and upstream's classes lack is supplied. Inert on transformers 4.57.
+- whisper loads as this module's :class:`ORTModelForWhisper`, not upstream's, which has none of
+  the above.
 """
 
 from __future__ import annotations
