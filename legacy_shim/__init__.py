@@ -31,6 +31,7 @@ _EXPORTS = {
     "add_migration": ".registry",
     "load_registry": ".registry",
     "RouteResult": ".routes",
+    "legacy_exporter_status": ".optimum_compat",
     "ShimError": ".errors",
     "DISABLE_ENV_VAR": "._hook",
 }

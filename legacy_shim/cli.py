@@ -96,6 +96,11 @@ def _error_message(error: BaseException, model: str) -> str:
 def _run_routed(self, upstream_run) -> None:
     import optimum.exporters.onnx as onnx_exporters
 
+    from .optimum_compat import import_optimum_modules
+
+    # On a transformers optimum-onnx does not support (5.x), its exporter module imports names that
+    # are gone; lent for the import, so that the routed command runs (the observer takes every pair).
+    import_optimum_modules(("optimum.exporters.onnx.__main__",))
     routed = functools.partial(main_export_from_cli, cli_flag=self.args.exporter)
     try:
         with (

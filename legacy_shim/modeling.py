@@ -13,6 +13,11 @@ Each class subclasses its `optimum.onnxruntime` namesake and overrides the minim
   cannot size or feed (states of state-space models, keys and values of different head sizes
   outside deepseek_v3, configs without the attributes upstream reads) generate through
   :mod:`legacy_shim.state_runtime`, which feeds every cache input by name.
+- transformers 5 (:class:`GenerationSeams`, :mod:`legacy_shim.optimum_compat`): optimum-onnx's
+  modules import with the transformers names they lack lent for the import; what transformers 5's
+  `generate` asks of a model and upstream's classes lack is supplied. Inert on transformers 4.57.
+- whisper loads as this module's :class:`ORTModelForWhisper`, not upstream's, which has none of
+  the above.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import sys
 from typing import Any
 
 import torch
-from optimum import onnxruntime as ort
-from optimum.onnxruntime import modeling_seq2seq
 
 from optimum_observer.loading import unregistered_config
 
-from . import runtime_cache
+from . import optimum_compat, runtime_cache
+
+optimum_compat.import_optimum_modules()
+
+from optimum import onnxruntime as ort  # noqa: E402  (imported above, with the names it needs)
+from optimum.onnxruntime import modeling_seq2seq  # noqa: E402
 from .export import main_export
 from .patching import swapped_attribute
 from .runtime_fixes import evaluate_axis_expression
@@ -54,7 +62,8 @@ class RoutedExport:
             config = unregistered_config(str(model_id), kwargs.get("subfolder") or "")
             if config is not None:
                 kwargs["config"] = config
-        return super().from_pretrained(model_id, *args, **kwargs)
+        with optimum_compat.lent_generation_parameters():
+            return super().from_pretrained(model_id, *args, **kwargs)
 
     @classmethod
     def _export(cls, model_id, config, exporter: str = "auto", **kwargs: Any):
@@ -66,7 +75,35 @@ class RoutedExport:
             return super()._export(model_id, config, **kwargs)
 
 
-class ORTModelForCausalLM(RoutedExport, SafeAxisInference, ort.ORTModelForCausalLM):
+class GenerationSeams:
+    """Mixin for the `GenerationMixin` subclasses: what transformers 5's `generate` asks of a model
+    that optimum-onnx 0.1.0's classes (written for 4.x) do not provide. Inert on 4.x."""
+
+    def is_remote_code(self) -> bool:
+        # transformers 5's prepare_inputs_for_generation calls it ("'ORTModelForCausalLM' object
+        # has no attribute 'is_remote_code'"); an ONNX Runtime session runs no code from the hub.
+        return False
+
+    def get_experts_implementation(self) -> dict[str, str]:
+        # transformers 5's generate switches MoE kernels per (sub)config around decoding ("object
+        # has no attribute 'get_experts_implementation'"); the graph fixed its experts at export.
+        return {}
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if "cache" in inputs:
+            # transformers 5 names the cache `cache`; upstream's forward takes it into **kwargs and
+            # runs every step with an empty past: wrong tokens, no error.
+            inputs["past_key_values"] = inputs.pop("cache")
+        if inputs.get("attention_mask") is None and "attention_mask" in getattr(self, "input_names", ()):
+            # transformers 5's generate drops an all-ones mask; the graph needs it ("Input
+            # attention_mask is required by model but not provided"). `input_ids` holds every
+            # token so far (past and new), the mask's length.
+            inputs["attention_mask"] = torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+        return inputs
+
+
+class ORTModelForCausalLM(RoutedExport, SafeAxisInference, GenerationSeams, ort.ORTModelForCausalLM):
     __doc__ = ort.ORTModelForCausalLM.__doc__
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -120,13 +157,26 @@ class ORTEncoderForSpeech(SafeAxisInference, modeling_seq2seq.ORTEncoderForSpeec
     pass
 
 
-class ORTModelForSeq2SeqLM(RoutedExport, SafeAxisInference, ort.ORTModelForSeq2SeqLM):
+class ORTModelForSeq2SeqLM(RoutedExport, SafeAxisInference, GenerationSeams, ort.ORTModelForSeq2SeqLM):
     __doc__ = ort.ORTModelForSeq2SeqLM.__doc__
     _ort_encoder_class = ORTEncoder
     _ort_decoder_class = ORTDecoderForSeq2Seq
 
 
-class ORTModelForSpeechSeq2Seq(RoutedExport, SafeAxisInference, ort.ORTModelForSpeechSeq2Seq):
+class ORTModelForSpeechSeq2Seq(RoutedExport, SafeAxisInference, GenerationSeams, ort.ORTModelForSpeechSeq2Seq):
     __doc__ = ort.ORTModelForSpeechSeq2Seq.__doc__
     _ort_encoder_class = ORTEncoderForSpeech
     _ort_decoder_class = ORTDecoderForSeq2Seq
+
+    @classmethod
+    def _from_pretrained(cls, model_id, config, **kwargs: Any):
+        # Upstream hands whisper to its own ORTModelForWhisper, which has none of this class's
+        # fixes (on transformers 5: "'ORTModelForWhisper' object has no attribute 'is_remote_code'").
+        if config.model_type == "whisper" and not issubclass(cls, ORTModelForWhisper):
+            return ORTModelForWhisper._from_pretrained(model_id, config, **kwargs)
+        return super()._from_pretrained(model_id, config, **kwargs)
+
+
+class ORTModelForWhisper(ORTModelForSpeechSeq2Seq, modeling_seq2seq.ORTModelForWhisper):
+    """`ORTModelForSpeechSeq2Seq` for whisper: upstream's whisper class (Whisper's generate) with
+    this module's fixes."""

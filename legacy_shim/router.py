@@ -10,6 +10,9 @@ of the decision and the reason in words. Precedence, first match wins:
 4. the migration registry (`migrated.json`),
 5. the default: legacy when optimum-onnx has an OnnxConfig for the pair, else observer when it
    exports the task, else legacy (which then reports its own unsupported-architecture error).
+   Where optimum-onnx's exporter cannot run (not installed, or a transformers outside its
+   declared range, such as 5.x: :func:`legacy_shim.optimum_compat.legacy_exporter_status`), the
+   default is the observer for every pair it can take, and the reason says why.
 
 `auto` at any level means "no override here".
 """
@@ -22,6 +25,7 @@ import logging
 import os
 from collections.abc import Mapping
 
+from .optimum_compat import Availability, legacy_exporter_status
 from .registry import MigrationRegistry, load_registry
 
 logger = logging.getLogger(__name__)
@@ -85,7 +89,9 @@ class Decision:
 
 
 def legacy_supports(model_type: str, task: str, library_name: str = "transformers") -> bool:
-    """Whether optimum-onnx registers an OnnxConfig for (model_type, task)."""
+    """Whether optimum-onnx registers an OnnxConfig for (model_type, task) and its exporter can run here."""
+    if not legacy_exporter_status().available:
+        return False
     # Importing the package registers every OnnxConfig with the TasksManager.
     import optimum.exporters.onnx.model_configs  # noqa: F401
     from optimum.exporters.tasks import TasksManager
@@ -107,8 +113,18 @@ def observer_supports(task: str, library_name: str = "transformers") -> bool:
     return library_name == "transformers" and task in optimum_observer.supported_tasks()
 
 
-def _default(request: RouteRequest) -> Decision:
+def _default(request: RouteRequest, status: Availability) -> Decision:
     pair = f"{request.model_type} / {request.task}"
+    if not status.available and not request.legacy_only_arguments:
+        if request.unresolved or observer_supports(request.task, request.library_name):
+            return Decision(
+                request,
+                Exporter.OBSERVER,
+                DecisionSource.DEFAULT,
+                f"optimum-onnx's exporter cannot run here ({status.reason}); the observer exports {pair}"
+                + (f" and reports why the model type and task could not be resolved ({request.unresolved})"
+                   if request.unresolved else ""),
+            )
     if request.unresolved:
         return Decision(
             request,
@@ -123,7 +139,8 @@ def _default(request: RouteRequest) -> Decision:
             request,
             Exporter.LEGACY,
             DecisionSource.DEFAULT,
-            f"the caller passed {args}, which only optimum-onnx uses",
+            f"the caller passed {args}, which only optimum-onnx uses"
+            + ("" if status.available else f", and its exporter cannot run here ({status.reason})"),
         )
     if legacy_supports(request.model_type, request.task, request.library_name):
         return Decision(
@@ -144,7 +161,7 @@ def _default(request: RouteRequest) -> Decision:
         Exporter.LEGACY,
         DecisionSource.DEFAULT,
         f"neither optimum-onnx nor the observer supports {pair} ({request.library_name}); "
-        "optimum-onnx reports the error",
+        + ("optimum-onnx reports the error" if status.available else f"optimum-onnx cannot run here ({status.reason})"),
     )
 
 
@@ -155,6 +172,7 @@ def decide(
     cli_flag: str | Exporter | None = None,
     environ: Mapping[str, str] | None = None,
     registry: MigrationRegistry | None = None,
+    legacy: Availability | None = None,
 ) -> Decision:
     """Picks the exporter for `request`; see the module docstring for the precedence.
 
@@ -163,6 +181,8 @@ def decide(
         cli_flag: the value of `--exporter` when called from `optimum-cli`.
         environ: the environment to read `OPTIMUM_OBSERVER_EXPORTER` from (`os.environ` by default).
         registry: the migration registry (the packaged one by default).
+        legacy: whether optimum-onnx's exporter can run (by default read from the installed packages,
+            :func:`legacy_shim.optimum_compat.legacy_exporter_status`).
 
     Raises:
         ValueError: an override names an unknown exporter.
@@ -189,12 +209,12 @@ def decide(
             DecisionSource.REGISTRY,
             f"{request.model_type} was migrated to the observer in {entry.since} ({entry.evidence})",
         )
-    return _default(request)
+    return _default(request, legacy_exporter_status() if legacy is None else legacy)
 
 
 def explain(model_type: str, task: str, **overrides) -> str:
     """The decision for (model_type, task) in words, e.g. for `--help`-style diagnostics.
 
-    `overrides` are those of :func:`decide` (argument, cli_flag, environ, registry).
+    `overrides` are those of :func:`decide` (argument, cli_flag, environ, registry, legacy).
     """
     return decide(RouteRequest(model_type, task), **overrides).explain()

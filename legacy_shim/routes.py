@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import ShimError
 from .observer_arguments import observer_arguments
+from .optimum_compat import legacy_exporter_status
 from .router import Decision, Exporter, observer_supports
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,19 @@ class LegacyRoute(ExportRoute):
     exporter = Exporter.LEGACY
 
     def _export(self, call: ExportCall) -> None:
+        status = legacy_exporter_status()
+        if not status.available:
+            import optimum_observer
+
+            raise ShimError(
+                call.model_name,
+                "routing",
+                f"the call went to optimum-onnx's exporter, which cannot run here ({status.reason}).",
+                "export with the observer: exporter='observer' (CLI: `optimum-observer export`, or `optimum-cli "
+                "export onnx --exporter observer`), without legacy-only arguments such as custom_onnx_configs; "
+                f"it exports {', '.join(optimum_observer.supported_tasks())}. To use optimum-onnx, install "
+                "transformers 4.57 (pip install -c constraints.txt, see README.md).",
+            )
         upstream_main_export()(**call.arguments, **call.kwargs_shapes)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
-from .tasks import Calls, Family, GraphContract, TaskContract
+from .tasks import CACHE, Calls, Family, GraphContract, TaskContract
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,10 @@ def _named(args: tuple[Any, ...], kwargs: dict[str, Any], signature_names: list[
 def _belongs(named: dict[str, Any], graph: GraphContract) -> bool:
     if graph.calls is Calls.ALL:
         return True
-    has_past = _num_leaves(named.get("past_key_values")) > 0
+    # transformers 5 passes the cache as `cache`; an absent argument is no past (pytree counts a
+    # None as one leaf, which sent every transformers-5 decoder call to the with-past graph).
+    cache = next((named[n] for n in ("past_key_values", CACHE) if named.get(n) is not None), None)
+    has_past = cache is not None and _num_leaves(cache) > 0
     return has_past == (graph.calls is Calls.WITH_PAST)
 
 

@@ -275,13 +275,22 @@ def check_generation(
 
 
 def default_runtime_class(contract: TaskContract) -> Any:
-    """The unchanged optimum runtime class for the task, or None when optimum is not installed."""
+    """The unchanged optimum runtime class for the task, or None when it cannot be imported:
+    optimum-onnx not installed, or (transformers 5) installed but failing at import, which its
+    lazy module raises only when the class is read."""
     try:
         import optimum.onnxruntime as optimum_runtime
-    except ImportError:
-        logger.warning("optimum.onnxruntime is not installed: generation parity is not checked")
+
+        return getattr(optimum_runtime, contract.runtime_class)
+    except ImportError as error:
+        logger.warning(
+            "optimum.onnxruntime.%s cannot be imported (%s): generation parity is not checked. Pass "
+            "runtime_class= (legacy_shim's classes load on transformers 5), or export through "
+            "legacy_shim (optimum-cli export onnx), which validates with them.",
+            contract.runtime_class,
+            error,
+        )
         return None
-    return getattr(optimum_runtime, contract.runtime_class)
 
 
 def check_seq2seq_generation(
