@@ -21,7 +21,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import ObserverExportError, Stage
-from .patches import PATCHES, Patch, applied, exact_no_op_constants, plain_tensor_buffers
+from .patches import PATCHES, Patch, applied, exact_no_op_constants, for_model, plain_tensor_buffers
 from .capture import observed_module
 from .synthesis import ExportExample
 from .tasks import GraphContract
@@ -114,11 +114,14 @@ def convert(
     example: ExportExample,
     model_type: str,
     opset: int | None = None,
-    patches: Sequence[Patch] = PATCHES,
+    patches: Sequence[Patch] | None = None,
     position_offset: int = 0,
 ) -> torch.onnx.ONNXProgram:
-    """`position_offset`: added to the `position_ids` input inside the graph (see
-    :func:`optimum_observer.capture.position_offset`)."""
+    """`patches`: the patches applied during the export; by default those `model` needs
+    (:func:`optimum_observer.patches.for_model`). `position_offset`: added to the `position_ids`
+    input inside the graph (see :func:`optimum_observer.capture.position_offset`)."""
+    if patches is None:
+        patches = for_model(PATCHES, model, model_type)
     module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
         with applied(patches), plain_tensor_buffers(module), exact_no_op_constants(), torch.no_grad():
