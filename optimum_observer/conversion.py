@@ -174,7 +174,7 @@ def restricted_axes(program: torch.export.ExportedProgram, example: ExportExampl
     observed size.
 
     The model's code can bound an axis (LED's padded attention mask came out as 1..5 while the
-    run fed 13 tokens, before `sliding_window_patches` padded it by its own length); the ONNX
+    run fed 13 tokens, before `patches/sliding_window.py` padded it by its own length); the ONNX
     input keeps its symbolic name and ONNX Runtime does not check torch's guards, so nothing
     downstream notices and the graph computes for sizes torch never traced.
     """
