@@ -3,6 +3,7 @@ CLI lists the patches per model type, and README's patch table is the registry's
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -39,6 +40,28 @@ class TestImportsLoadNoModelCode(unittest.TestCase):
         self.assertIs(export, pipeline.export)
         with self.assertRaises(AttributeError):
             optimum_observer.no_such_name
+
+
+class TestGroupModules(unittest.TestCase):
+    def test_group_modules_import_only_the_registry_so_no_circle_is_possible(self):
+        package = Path(patches.__file__).parent
+        found = {}
+        for path in sorted(package.glob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            tree = ast.parse(path.read_text())
+            found[path.stem] = sorted(
+                node.module or "." for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+            )
+        self.assertEqual(found.pop("registry"), [])
+        self.assertEqual(found.pop("environment"), [])
+        self.assertEqual(set(found), {"kv_cache", "moe", "rotary", "masks", "sliding_window", "state_space"})
+        self.assertEqual(found, {m: ["registry"] for m in found})
+
+    def test_every_group_module_is_registered_once(self):
+        self.assertEqual(len(patches.PATCHES), len({p.name for p in patches.PATCHES}))
+        self.assertEqual(set(patches.GROUPS), {"kv cache", "MoE dispatch", "rotary", "masks", "sliding window",
+                                               "state-space mixers"})  # fmt: skip
 
 
 class TestPatchesCommand(unittest.TestCase):
