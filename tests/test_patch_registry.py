@@ -15,13 +15,16 @@ from optimum_observer.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-_LOADED_MODEL_PACKAGES = "import sys; print(sorted(m for m in sys.modules if m.startswith('transformers.models.')))"
+_LOADED_MODEL_PACKAGES = (
+    "import sys; print(sorted(m for m in sys.modules if m.startswith('transformers.models.')))"
+)
 
 
 def _model_packages_loaded_by(statement: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", f"{statement}; {_LOADED_MODEL_PACKAGES}"], capture_output=True, text=True, check=True
-    )
+        [sys.executable, "-c", f"{statement}; {_LOADED_MODEL_PACKAGES}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
     return done.stdout.strip()
 
 

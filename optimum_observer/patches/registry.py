@@ -88,7 +88,8 @@ class Patch:
                 raise MissingTarget(f"{self.target}: {error}") from error
         if not hasattr(owner, path[-1]) and not isinstance(self.replacement, property):
             # A property may define an attribute its class reads but never sets (fsmt_decoder_config).
-            raise MissingTarget(f"{self.target}: {getattr(owner, '__name__', owner)!r} has no attribute {path[-1]!r}")
+            owner_name = getattr(owner, "__name__", owner)
+            raise MissingTarget(f"{self.target}: {owner_name!r} has no attribute {path[-1]!r}")
         return Target(owner, path[-1])
 
     def exists(self) -> bool:
