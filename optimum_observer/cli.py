@@ -1,4 +1,5 @@
-"""Command line: `optimum-observer export ...` (also `python -m optimum_observer export ...`)."""
+"""Command line: `optimum-observer export ...` (also `python -m optimum_observer export ...`),
+`optimum-observer patches [--model-type T]`."""
 
 from __future__ import annotations
 
@@ -49,6 +50,35 @@ def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
 
 
+def _patches_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("patches", help="list the export patches: target, failure fixed, present here")
+    parser.add_argument(
+        "--model-type",
+        help="only the patches an export of this model type gets: the exporter environment's and those "
+        "targeting its modeling package (an export selects by the classes the model is built from)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print the README's patch table instead")
+
+
+def _run_patches(args: argparse.Namespace) -> int:
+    from . import patches
+
+    if args.markdown:
+        print(patches.markdown_table(patches.GROUPS))
+        return 0
+    listed = patches.PATCHES
+    if args.model_type:
+        listed = patches.for_model_type(listed, args.model_type)
+    for patch in listed:
+        present = "present" if patch.exists() else "MISSING in this transformers (skipped)"
+        print(f"{patch.name}  [{patches.mechanism_of(patch)}]  {present}")
+        print(f"    target: {patch.target}")
+        print(f"    fixes:  {patch.fixes}")
+    if args.model_type and not listed:
+        print(f"no patch for {args.model_type}")
+    return 0
+
+
 #: Subcommands that need the legacy exporter, run by `legacy_shim.migration` in a child process:
 #: optimum_observer never imports legacy_shim or optimum-onnx's exporter.
 MIGRATION_COMMANDS = {
@@ -79,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _export_parser(subparsers)
     _sweep_parser(subparsers)
+    _patches_parser(subparsers)
     _migration_parsers(subparsers)
     return parser
 
@@ -107,6 +138,7 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"exported {result.model_type} for {result.task} to {result.output_dir}: {', '.join(result.onnx_files)}")
     if result.validation is not None:
         print(result.validation.table())
+    print("patches applied: " + (", ".join(result.patches) or "none"))
     print("stage timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     return 0
 
@@ -116,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in MIGRATION_COMMANDS:
         return _run_migration_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "patches":
+        return _run_patches(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -20,7 +20,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import ObserverExportError, Stage
-from .patches import PATCHES, Patch, applied, exact_no_op_constants, plain_tensor_buffers
+from .patches import PATCHES, Patch, applied, exact_no_op_constants, for_model, plain_tensor_buffers
 from .capture import observed_module
 from .synthesis import ExportExample
 from .tasks import GraphContract
@@ -112,11 +112,14 @@ def convert(
     example: ExportExample,
     model_type: str,
     opset: int | None = None,
-    patches: Sequence[Patch] = PATCHES,
+    patches: Sequence[Patch] | None = None,
     position_offset: int = 0,
 ) -> torch.onnx.ONNXProgram:
-    """`position_offset`: added to the `position_ids` input inside the graph (see
-    :func:`optimum_observer.capture.position_offset`)."""
+    """`patches`: the patches applied during the export; by default those `model` needs
+    (:func:`optimum_observer.patches.for_model`). `position_offset`: added to the `position_ids`
+    input inside the graph (see :func:`optimum_observer.capture.position_offset`)."""
+    if patches is None:
+        patches = for_model(PATCHES, model, model_type)
     module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
         with applied(patches), plain_tensor_buffers(module), exact_no_op_constants(), torch.no_grad():
@@ -174,7 +177,7 @@ def restricted_axes(program: torch.export.ExportedProgram, example: ExportExampl
     observed size.
 
     The model's code can bound an axis (LED's padded attention mask came out as 1..5 while the
-    run fed 13 tokens, before `sliding_window_patches` padded it by its own length); the ONNX
+    run fed 13 tokens, before `patches/sliding_window.py` padded it by its own length); the ONNX
     input keeps its symbolic name and ONNX Runtime does not check torch's guards, so nothing
     downstream notices and the graph computes for sizes torch never traced.
     """

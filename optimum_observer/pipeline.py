@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import capture as capture_stage
 from . import conversion, loading, naming, packaging, portable_cache, signals, synthesis, validation
+from . import patches as export_patches
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
@@ -186,6 +187,8 @@ def export(
                     graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
                     capture_stage.check_observed_sizes(captures, contract, model_type)
                 with progress.stage(Stage.EXPORT):
+                    # Only the patches whose targets this model is built from (and the environment's).
+                    selected = export_patches.for_model(export_patches.PATCHES, loaded.model, model_type)
                     for graph in graphs:
                         graph.program = conversion.convert(
                             loaded.model,
@@ -193,6 +196,7 @@ def export(
                             graph.example,
                             model_type,
                             opset,
+                            patches=selected,
                             position_offset=graph.capture.position_offset,
                         )
                         conversion.check_axes(graph.program, graph.example, model_type, graph.capture.graph.file_name)
@@ -232,6 +236,7 @@ def export(
             dynamic_axes=dynamic_axes,
             validation=report,
             timings=progress.timings,
+            patches=tuple(patch.name for patch in selected if patch.exists()),
         )
 
 

@@ -104,6 +104,8 @@ class ExportResult:
             the task has several files, keyed `"{file}:{name}"` (`"decoder_model.onnx:logits"`).
         validation: the validation report, or None when validation was skipped.
         timings: wall time per stage, in seconds.
+        patches: the names of the patches applied during the export (those the model's classes
+            need, see `optimum-observer patches`), in the order applied.
     """
 
     output_dir: Path
@@ -113,3 +115,4 @@ class ExportResult:
     dynamic_axes: dict[str, dict[int, str]]
     validation: ValidationReport | None
     timings: dict[str, float]
+    patches: tuple[str, ...] = ()

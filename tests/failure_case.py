@@ -14,7 +14,7 @@ from optimum_observer.patches import PATCHES
 
 
 def patched_attributes() -> dict[str, Any]:
-    return {p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}
+    return {p.name: p.resolve().own_value for p in PATCHES}
 
 
 class ExportFailureCase(unittest.TestCase):

@@ -18,7 +18,7 @@ import torch
 from optimum_observer import capture, conversion, loading, naming, synthesis, validation
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.errors import ObserverExportError
-from optimum_observer.patches import PATCHES, Patch
+from optimum_observer.patches import PATCHES, Patch, for_model
 from optimum_observer.result import CallCheck
 from optimum_observer.synthesis import ExportExample
 from optimum_observer.tasks import TaskContract, get_task
@@ -72,11 +72,13 @@ def observe(loaded: loading.LoadedModel, contract: TaskContract = CONTRACT) -> O
     return Observed(loaded, captures, examples)
 
 
-def without(*names: str) -> list[Patch]:
-    """Every export patch but `names`, each of which must be one."""
-    unknown = set(names) - {p.name for p in PATCHES}
-    assert not unknown, f"no such patch: {sorted(unknown)}"
-    return [p for p in PATCHES if p.name not in names]
+def without(observed: Observed, *names: str) -> list[Patch]:
+    """The patches the pipeline applies to the observed model but `names`, each of which must be
+    one of them (so a test of a patch also checks that the model's export selects it)."""
+    selected = for_model(PATCHES, observed.loaded.model, observed.model_type)
+    unknown = set(names) - {p.name for p in selected}
+    assert not unknown, f"not a patch {observed.model_type}'s export applies: {sorted(unknown)}"
+    return [p for p in selected if p.name not in names]
 
 
 def convert_without(observed: Observed, *names: str, graph: int = 0) -> torch.onnx.ONNXProgram:
@@ -89,7 +91,7 @@ def convert_without(observed: Observed, *names: str, graph: int = 0) -> torch.on
             captured.graph,
             observed.examples[graph],
             observed.model_type,
-            patches=without(*names),
+            patches=without(observed, *names),
             position_offset=captured.position_offset,
         )
 

@@ -1,7 +1,7 @@
 """Export stage: an axis the example declares dynamic must cover every observed size.
 
 The model's code can bound an axis (LED's and Longformer's padded attention mask, before
-`sliding_window_patches` padded it by its own length: 1..5 while the run fed 13 tokens); ONNX
+`patches/sliding_window.py` padded it by its own length: 1..5 while the run fed 13 tokens); ONNX
 Runtime does not check torch's guards, so the file would load and compute for sizes torch never
 traced. `restricted_axes` finds such axes; `check_axes` (the pipeline's export stage) refuses them.
 """

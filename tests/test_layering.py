@@ -3,8 +3,9 @@
 `optimum_observer` never imports `legacy_shim` (the Optimum API layer above it) nor optimum-onnx's
 exporter (`optimum.exporters`): transformers 5 support and users without optimum-onnx depend on
 it. Its one use of optimum is the runtime class validation loads an export with by default
-(`optimum.onnxruntime`, optional), in validation.py. The check reads every module's imports,
-function-level ones included, from the source (nothing is imported).
+(`optimum.onnxruntime`, optional), in validation.py. The check reads every module's imports
+(subpackages such as `patches/` and function-level imports included) from the source (nothing
+is imported).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def violations(file_name: str, source: str) -> list[str]:
 
 class TestLayering(unittest.TestCase):
     def test_optimum_observer_imports_neither_legacy_shim_nor_optimum_onnx(self):
-        found = [v for path in sorted(PACKAGE.glob("*.py")) for v in violations(path.name, path.read_text())]
+        found = [v for path in sorted(PACKAGE.rglob("*.py")) for v in violations(path.name, path.read_text())]
         self.assertEqual(found, [])
 
     def test_a_violation_is_caught(self):

@@ -62,6 +62,8 @@ EXPORTED_ELSEWHERE = {"glm4", "seed_oss", "ernie4_5", "cohere2", "ministral"}
 #: and the legacy_shim entry points). The other types here are the coverage sweep's too
 #: (docs/coverage.md) and run with `-m slow`.
 DEFAULT_TYPES = ["llama"]
+#: Decoders no patch of a model type serves (their exports get the exporter environment's only).
+DENSE_TYPES = {"llama", "qwen2", "mistral", "gemma", "starcoder2"}
 SLOW_TYPES = [
     t for t in LEGACY_SUPPORTED + LEGACY_UNSUPPORTED if t not in EXPORTED_ELSEWHERE and t not in DEFAULT_TYPES
 ]
@@ -81,6 +83,10 @@ class TestObserverExport(unittest.TestCase):
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
             result = optimum_observer.export(save_causal_lm(model_type, scratch / "model"), scratch / "onnx")
+            if model_type in DENSE_TYPES:
+                # No model type's patch: the others' targets are never touched.
+                self.assertEqual(result.patches, ("dynamic_layer_lazy_initialization",))
+            self.assertIn("dynamic_layer_lazy_initialization", result.patches)
 
             report = result.validation
             self.assertTrue(report.ok, report.table())

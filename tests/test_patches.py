@@ -20,11 +20,12 @@ import optimum_observer
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.patches import (
     PATCHES,
-    SKIPPED_TARGETS,
+    Patch,
     applied,
     exact_no_op_constants,
+    for_model,
+    for_model_type,
     no_op_rule_constants,
-    tolerant,
 )
 from optimum_observer.tiny_configs import build_tiny_model
 from stages import conversion_error, load, load_tiny, observe
@@ -53,45 +54,93 @@ class TestPatchesFixTheirFailure(unittest.TestCase):
         self.assertIn("data-dependent", str(error.__cause__))
 
 
+def _own_values(patches) -> dict:
+    return {p.name: p.resolve().own_value for p in patches}
+
+
 class TestPatchesAreScoped(unittest.TestCase):
     def test_restored_after_the_block_and_after_an_exception(self):
-        originals = {p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}
-        with applied(PATCHES):
+        originals = _own_values(PATCHES)
+        with applied(PATCHES) as done:
             self.assertIsNot(DynamicLayer.__dict__["lazy_initialization"], originals["dynamic_layer_lazy_initialization"])
             self.assertIsNot(MixtralSparseMoeBlock.__dict__["forward"], originals["dense_mixtral_moe"])
+        self.assertEqual(done.names, [p.name for p in PATCHES])
         with self.assertRaises(KeyError):
             with applied(PATCHES):
                 raise KeyError("boom")
-        self.assertEqual({p.name: p.owner.__dict__.get(p.attribute) for p in PATCHES}, originals)
+        self.assertEqual(_own_values(PATCHES), originals)
 
     def test_every_patch_names_the_failure_it_fixes(self):
         for patch in PATCHES:
             self.assertTrue(patch.fixes.strip(), patch.name)
-            original = patch.owner.__dict__.get(patch.attribute)
+            target = patch.resolve()
+            original = target.own_value
             if original is None and isinstance(patch.replacement, property):
                 # An attribute the class reads but never sets (fsmt_decoder_config).
-                self.assertFalse(hasattr(patch.owner, patch.attribute), patch.name)
+                self.assertFalse(hasattr(target.owner, target.attribute), patch.name)
                 continue
             # A function or method, or a model module's `torch` (led_integer_window_division).
+            original = getattr(target.owner, target.attribute)
             self.assertTrue(callable(original) or isinstance(original, types.ModuleType), patch.name)
 
     def test_every_patch_target_exists_in_this_transformers(self):
         # Tolerance of missing targets is for other transformers versions; on the tested one, no
         # patch may be skipped silently.
-        self.assertEqual(SKIPPED_TARGETS, [])
+        self.assertEqual([p.name for p in PATCHES if not p.exists()], [])
 
-    def test_a_missing_target_skips_its_patches_without_failing(self):
-        def build():
-            from transformers.models.mixtral.modeling_mixtral import NoSuchBlock  # noqa: F401
+    def test_a_missing_target_is_skipped_when_applied_and_reported(self):
+        missing = [
+            Patch("no_such_block", "transformers.models.mixtral.modeling_mixtral:NoSuchBlock.forward", "-", len),
+            Patch("no_such_module", "transformers.models.no_such_model.modeling_x:Block.forward", "-", len),
+            Patch("no_such_method", "transformers.cache_utils:DynamicLayer.no_such_method", "-", len),
+        ]
+        original = DynamicLayer.__dict__["lazy_initialization"]
+        with applied([missing[0], PATCHES[0], *missing[1:]]) as done:
+            self.assertIsNot(DynamicLayer.__dict__["lazy_initialization"], original)
+        self.assertEqual(done.names, ["dynamic_layer_lazy_initialization"])
+        self.assertEqual(list(done.skipped), ["no_such_block", "no_such_module", "no_such_method"])
+        self.assertIn("NoSuchBlock", done.skipped["no_such_block"])
+        self.assertIn("no_such_model", done.skipped["no_such_module"])
+        self.assertIs(DynamicLayer.__dict__["lazy_initialization"], original)
+        self.assertFalse(hasattr(DynamicLayer, "no_such_method"))
 
-            raise AssertionError("unreachable")
+    def test_a_target_must_be_a_dotted_path_with_one_replacement(self):
+        with self.assertRaisesRegex(ValueError, "module.path:Attribute.path"):
+            Patch("bad", "transformers.cache_utils.DynamicLayer.forward", "-", len)
+        with self.assertRaisesRegex(ValueError, "exactly one"):
+            Patch("bad", "transformers.cache_utils:DynamicLayer.forward", "-", len, wrap=len)
 
-        before = len(SKIPPED_TARGETS)
-        try:
-            self.assertEqual(tolerant(build, "NoSuchBlock"), ())
-            self.assertIn("NoSuchBlock", SKIPPED_TARGETS[-1])
-        finally:
-            del SKIPPED_TARGETS[before:]
+
+class TestPerModelSelection(unittest.TestCase):
+    """An export applies the environment's patches and those whose target module its classes come from."""
+
+    def test_a_dense_model_gets_only_the_environments_patches(self):
+        model = build_tiny_model("llama", "AutoModelForCausalLM")
+        self.assertEqual([p.name for p in for_model(PATCHES, model, "llama")], ["dynamic_layer_lazy_initialization"])
+
+    def test_a_moe_hybrid_gets_its_own_patches_and_no_others(self):
+        model = build_tiny_model("jamba", "AutoModelForCausalLM")
+        names = [p.name for p in for_model(PATCHES, model, "jamba")]
+        self.assertEqual(
+            names,
+            [
+                "dynamic_layer_lazy_initialization",
+                "dense_jamba_moe",
+                "jamba_unified_mixer",
+                "jamba_mamba_mask",
+                "jamba_cache_position_from_cache",
+                "jamba_causal_mask_width",
+            ],
+        )
+        # Known without a model too (what `optimum-observer patches --model-type jamba` lists).
+        self.assertEqual([p.name for p in for_model_type(PATCHES, "jamba")], names)
+
+    def test_a_model_type_can_declare_patches_beyond_its_modules(self):
+        extra = Patch("extra", "transformers.models.mixtral.modeling_mixtral:MixtralSparseMoeBlock.forward", "-", len,
+                      model_types=("llama",))  # fmt: skip
+        model = build_tiny_model("llama", "AutoModelForCausalLM")
+        self.assertEqual([p.name for p in for_model([extra], model, "llama")], ["extra"])
+        self.assertEqual([p.name for p in for_model([extra], model, "qwen2")], [])
 
 
 class TestExpertLoopPatches(unittest.TestCase):

@@ -1,5 +1,5 @@
 """Longformer and LED's encoder (sliding-window attention): the patches of
-optimum_observer.sliding_window_patches make one ONNX encoder that matches torch for every input
+optimum_observer.patches.sliding_window make one ONNX encoder that matches torch for every input
 length, and each patch's failure happens without it.
 
 The encoder graph is captured and synthesized as the pipeline does (LED: from a generate run;

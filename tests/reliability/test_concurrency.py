@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import optimum_observer
+import optimum_observer.pipeline
 from failure_case import patched_attributes
 from optimum_observer.cache_pytree import is_registered, registered_cache_classes
 

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 
 import optimum_observer
+import optimum_observer.packaging
 from optimum_observer import ObserverExportError, Stage
 from reliability_helpers import leftovers, tmpfs
 

@@ -1,7 +1,6 @@
 """Scoped patches that make Longformer and LED's encoder exportable for any input length.
 
-Takes: nothing. Gives: :func:`sliding_window_patches`, :class:`~optimum_observer.patches.Patch`
-records that :data:`optimum_observer.patches.PATCHES` applies during export.
+Takes: nothing. Gives: :data:`PATCHES` (see :mod:`optimum_observer.patches.registry`).
 
 Longformer (and LED's encoder, a copy of it) attends within a sliding window, computed in
 chunks of the window's size, and pads its input to a multiple of the window first. Four things
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .patches import Patch, tolerant
+from .registry import Patch
 
 
 class _TorchWithIntegerDivision(types.ModuleType):
@@ -154,76 +153,59 @@ def _longformer_pad_to_window_size_unconditionally(
     return padding, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
 
 
-def _contiguous_chunks(original: Callable[..., Any]) -> Callable[..., Any]:
+def _contiguous_chunks(original: Callable[..., Any]) -> staticmethod:
     @functools.wraps(original)
     def chunk(hidden_states: torch.Tensor, window_overlap: int, onnx_export: bool = False) -> torch.Tensor:
         return original(hidden_states.contiguous(), window_overlap, onnx_export)
 
-    return chunk
+    return staticmethod(chunk)
 
 
-def _attention_patches(prefix: str, module: types.ModuleType, attention: type) -> tuple[Patch, ...]:
+def _attention_patches(prefix: str, module: str, attention: str) -> tuple[Patch, ...]:
     """The three patches Longformer's self-attention and LED's copy of it share."""
     return (
         Patch(
             name=f"{prefix}_local_attention_only",
-            owner=attention,
-            attribute="forward",
-            replacement=_local_attention_only(attention.forward),
+            target=f"{module}:{attention}.forward",
+            wrap=_local_attention_only,
             fixes="GuardOnDataDependentSymNode (the encoder asks `is_index_global_attn.flatten().any().item()` "
             "and branches on it; the exported graph has no global_attention_mask input)",
         ),
         Patch(
             name=f"{prefix}_integer_window_division",
-            owner=module,
-            attribute="torch",
+            target=f"{module}:torch",
             replacement=_TorchWithIntegerDivision("torch"),
             fixes="GuardOnDataDependentSymNode (chunk counts are `torch.div(seq_len, w, rounding_mode='trunc')`, "
             "a tensor that sizes views)",
         ),
         Patch(
             name=f"{prefix}_contiguous_chunks",
-            owner=attention,
-            attribute="_chunk",
-            replacement=staticmethod(_contiguous_chunks(attention._chunk)),
+            target=f"{module}:{attention}._chunk",
+            wrap=_contiguous_chunks,
             fixes="encoder differs from torch by ~1e-2 without an error (`_chunk` calls `as_strided` on a "
             "non-contiguous view; onnxscript's aten_as_strided reads its input in logical order)",
         ),
     )
 
 
-def _led_patches() -> tuple[Patch, ...]:
-    from transformers.models.led import modeling_led as led
+_LED = "transformers.models.led.modeling_led"
+_LONGFORMER = "transformers.models.longformer.modeling_longformer"
 
-    return (
-        *_attention_patches("led", led, led.LEDEncoderSelfAttention),
-        Patch(
-            name="led_pad_to_window_size_unconditionally",
-            owner=led.LEDEncoder,
-            attribute="_pad_to_window_size",
-            replacement=_led_pad_to_window_size_unconditionally,
-            fixes="wrong sequence length or values for inputs whose padding differs from the example's "
-            "(padding and unpadding behind `if padding_len > 0`, kept for the example's length)",
-        ),
-    )
-
-
-def _longformer_patches() -> tuple[Patch, ...]:
-    from transformers.models.longformer import modeling_longformer as longformer
-
-    return (
-        *_attention_patches("longformer", longformer, longformer.LongformerSelfAttention),
-        Patch(
-            name="longformer_pad_to_window_size_unconditionally",
-            owner=longformer.LongformerModel,
-            attribute="_pad_to_window_size",
-            replacement=_longformer_pad_to_window_size_unconditionally,
-            fixes="torch.export bounds the attention mask's axis to 1..5 (the mask is padded by a size computed "
-            "from the ids' length; Longformer's values are right either way, its unpadding has no branch)",
-        ),
-    )
-
-
-def sliding_window_patches() -> tuple[Patch, ...]:
-    """LED's and Longformer's patches, each set only where this transformers version has its target."""
-    return (*tolerant(_led_patches), *tolerant(_longformer_patches))
+PATCHES = (
+    *_attention_patches("led", _LED, "LEDEncoderSelfAttention"),
+    Patch(
+        name="led_pad_to_window_size_unconditionally",
+        target=f"{_LED}:LEDEncoder._pad_to_window_size",
+        replacement=_led_pad_to_window_size_unconditionally,
+        fixes="wrong sequence length or values for inputs whose padding differs from the example's "
+        "(padding and unpadding behind `if padding_len > 0`, kept for the example's length)",
+    ),
+    *_attention_patches("longformer", _LONGFORMER, "LongformerSelfAttention"),
+    Patch(
+        name="longformer_pad_to_window_size_unconditionally",
+        target=f"{_LONGFORMER}:LongformerModel._pad_to_window_size",
+        replacement=_longformer_pad_to_window_size_unconditionally,
+        fixes="torch.export bounds the attention mask's axis to 1..5 (the mask is padded by a size computed "
+        "from the ids' length; Longformer's values are right either way, its unpadding has no branch)",
+    ),
+)

@@ -1,7 +1,6 @@
 """Scoped patches that make state-space (Mamba) mixers exportable with their states.
 
-Takes: nothing. Gives: :func:`state_space_patches`, :class:`~optimum_observer.patches.Patch`
-records that :data:`optimum_observer.patches.PATCHES` applies during export.
+Takes: nothing. Gives: :data:`PATCHES` (see :mod:`optimum_observer.patches.registry`).
 
 Why: transformers' Mamba mixers run two different programs, picked in Python: a prefill that
 convolves the whole prompt and a decode step that rolls a one-token convolution window, chosen
@@ -29,15 +28,13 @@ The new states are written back into the cache object as the step's outputs
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch._higher_order_ops.scan import scan
 
-from .patches import Patch, tolerant
+from .registry import Patch
 
 _BRANCH_AND_LOOP = (
     "a graph right for one phase and one length only: the mixer picks prefill or decode with "
@@ -517,97 +514,56 @@ _POSITIONS_FROM_ZERO = (
 )
 
 
-def _mixer_patches(module_name: str, mixer: str, forward: Callable[..., Any], model: str | None) -> tuple[Patch, ...]:
-    module = importlib.import_module(f"transformers.models.{module_name}")
-    short = module_name.split(".")[0]
-    patches = [Patch(f"{short}_unified_mixer", getattr(module, mixer), "forward", forward, _BRANCH_AND_LOOP)]
-    if model is not None:
-        model_class = getattr(module, model)
-        patches.append(
-            Patch(
-                f"{short}_cache_position_optional",
-                model_class,
-                "forward",
-                _without_cache_position_check(model_class.forward),
-                _CACHE_POSITION_REQUIRED,
-            )
+def _target(module_name: str, attribute: str) -> str:
+    return f"transformers.models.{module_name}:{attribute}"
+
+
+def _short(module_name: str) -> str:
+    return module_name.split(".")[0]
+
+
+PATCHES = (
+    *(
+        Patch(f"{_short(module)}_unified_mixer", _target(module, f"{mixer}.forward"), _BRANCH_AND_LOOP, forward)
+        for module, mixer, forward, _ in _MIXERS
+    ),
+    *(
+        Patch(
+            f"{_short(module)}_cache_position_optional",
+            _target(module, f"{model}.forward"),
+            _CACHE_POSITION_REQUIRED,
+            wrap=_without_cache_position_check,
         )
-    return tuple(patches)
-
-
-def _mamba_mask_patch(module_name: str, model: str) -> tuple[Patch, ...]:
-    module = importlib.import_module(f"transformers.models.{module_name}")
-    return (
+        for module, _, _, model in _MIXERS
+        if model is not None
+    ),
+    *(
+        Patch(f"{_short(module)}_mamba_mask", _target(module, f"{model}._update_mamba_mask"), _MASK_DATA_DEPENDENT,
+              _mamba_mask_as_given)  # fmt: skip
+        for module, model in _MAMBA_MASKS
+    ),
+    *(
         Patch(
-            f"{module_name.split('.')[0]}_mamba_mask",
-            getattr(module, model),
-            "_update_mamba_mask",
-            _mamba_mask_as_given,
-            _MASK_DATA_DEPENDENT,
-        ),
-    )
-
-
-def _positions_from_cache_patch(module_name: str, model: str) -> tuple[Patch, ...]:
-    model_class = getattr(importlib.import_module(f"transformers.models.{module_name}"), model)
-    return (
-        Patch(
-            f"{module_name.split('.')[0]}_cache_position_from_cache",
-            model_class,
-            "forward",
-            _cache_position_from_cache(model_class.forward),
+            f"{_short(module)}_cache_position_from_cache",
+            _target(module, f"{model}.forward"),
             _CACHE_POSITION_IGNORES_CACHE,
-        ),
-    )
-
-
-def _minimax_patches() -> tuple[Patch, ...]:
-    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
-
-    return (
-        Patch("minimax_unified_lightning_attention", MiniMaxLightningAttention, "forward",
-              _lightning_attention_forward, _BRANCH_AND_LOOP),  # fmt: skip
-    )
-
-
-def _qwen3_next_mask_patches() -> tuple[Patch, ...]:
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextModel
-
-    return (
+            wrap=_cache_position_from_cache,
+        )
+        for module, model in _POSITIONS_FROM_ZERO
+    ),
+    Patch("minimax_unified_lightning_attention",
+          _target("minimax.modeling_minimax", "MiniMaxLightningAttention.forward"), _BRANCH_AND_LOOP,
+          _lightning_attention_forward),  # fmt: skip
+    Patch("qwen3_next_linear_attention_mask",
+          _target("qwen3_next.modeling_qwen3_next", "Qwen3NextModel._update_linear_attn_mask"),
+          _MASK_DATA_DEPENDENT, _mamba_mask_as_given),  # fmt: skip
+    *(
         Patch(
-            "qwen3_next_linear_attention_mask",
-            Qwen3NextModel,
-            "_update_linear_attn_mask",
-            _mamba_mask_as_given,
-            _MASK_DATA_DEPENDENT,
-        ),
-    )
-
-
-def _causal_mask_width_patch(module_name: str, model: str) -> tuple[Patch, ...]:
-    model_class = getattr(importlib.import_module(f"transformers.models.{module_name}"), model)
-    return (
-        Patch(
-            f"{module_name.split('.')[0]}_causal_mask_width",
-            model_class,
-            "_update_causal_mask",
-            _causal_mask_from_mask_width(model_class._update_causal_mask),
+            f"{_short(module)}_causal_mask_width",
+            _target(module, f"{model}._update_causal_mask"),
             _MASK_WIDTH_DATA_DEPENDENT,
-        ),
-    )
-
-
-def state_space_patches() -> tuple[Patch, ...]:
-    """Every patch of this module whose target this transformers version has (see `tolerant`)."""
-
-    def each(build: Callable[..., tuple[Patch, ...]], table: tuple[tuple[Any, ...], ...]) -> list[Patch]:
-        return [p for entry in table for p in tolerant(functools.partial(build, *entry), f"{entry[0]}.{entry[1]}")]
-
-    return (
-        *each(_mixer_patches, _MIXERS),
-        *each(_mamba_mask_patch, _MAMBA_MASKS),
-        *each(_positions_from_cache_patch, _POSITIONS_FROM_ZERO),
-        *tolerant(_minimax_patches),
-        *tolerant(_qwen3_next_mask_patches),
-        *each(_causal_mask_width_patch, _VALUE_SIZED_CAUSAL_MASKS),
-    )
+            wrap=_causal_mask_from_mask_width,
+        )
+        for module, model in _VALUE_SIZED_CAUSAL_MASKS
+    ),
+)

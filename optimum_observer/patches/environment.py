@@ -1,0 +1,74 @@
+"""The exporter environment: scoped changes to torch and onnxscript state every export needs.
+
+Takes: the module being exported. Gives: :func:`plain_tensor_buffers` and
+:func:`exact_no_op_constants`, context managers that restore what they changed on exit, also
+when the block raises. They are not :class:`~optimum_observer.patches.registry.Patch` records:
+what they change is per model instance or per rewrite rule, not one attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def plain_tensor_buffers(model: torch.nn.Module) -> Iterator[None]:
+    """Buffers registered as `nn.Parameter` objects are plain tensors for the block.
+
+    Fixes: `KeyError: "attribute 'b_c_rms' already exists"` when torch.onnx.export unlifts the
+    exported program (falcon_mamba registers `nn.Parameter(..., requires_grad=False)` objects
+    with `register_buffer`, which torch re-registers as a parameter and then as a buffer).
+    The module's own buffer objects are put back on exit, also when the block raises.
+    """
+    replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for module in model.modules():
+            for name, buffer in list(module._buffers.items()):
+                if isinstance(buffer, torch.nn.Parameter):
+                    replaced.append((module, name, buffer))
+                    module._buffers[name] = buffer.data
+        yield
+    finally:
+        for module, name, buffer in replaced:
+            module._buffers[name] = buffer
+
+
+def no_op_rule_constants() -> list[Any]:
+    """The constant patterns (the 0 of `x + 0`, the 1 of `x * 1`...) of onnxscript's no-op
+    rewrite rules, the ones :func:`exact_no_op_constants` makes exact. onnxscript is imported
+    here, at export time, not when this module is."""
+    from onnxscript.rewriter._pattern_ir import Constant
+    from onnxscript.rewriter.rules.common import _no_op
+
+    return [
+        pattern
+        for rule in _no_op.rules.rules
+        for node in rule._target_pattern._nodes
+        for pattern in node.inputs
+        if isinstance(pattern, Constant)
+    ]
+
+
+@contextlib.contextmanager
+def exact_no_op_constants() -> Iterator[None]:
+    """onnxscript's no-op rewrites (`x + 0`, `x - 0`, `x * 1`, `x / 1` -> `x`) match only an
+    exact 0 or 1 for the block.
+
+    Fixes: NaN logits from Helium (`rms_norm_eps=1e-8`) after `torch.onnx.export(optimize=True)`:
+    the rules compare their constant with `math.isclose(..., abs_tol=1e-8)`, so the RMSNorm's
+    `variance + 1e-8` is rewritten to `variance`, and a zero hidden vector (the pad token's
+    embedding, present in every padded batch) gives `0 * rsqrt(0) = NaN`. The rules' own
+    tolerances are put back on exit.
+    """
+    saved = [(pattern, pattern._rel_tol, pattern._abs_tol) for pattern in no_op_rule_constants()]
+    try:
+        for pattern, _, _ in saved:
+            pattern._rel_tol = pattern._abs_tol = 0.0
+        yield
+    finally:
+        for pattern, rel_tol, abs_tol in saved:
+            pattern._rel_tol, pattern._abs_tol = rel_tol, abs_tol
