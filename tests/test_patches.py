@@ -238,3 +238,33 @@ class TestExactNoOpConstants(unittest.TestCase):
                 self.assertTrue(all(t == (0.0, 0.0) for t in tolerances()))
                 raise KeyError("boom")
         self.assertEqual(tolerances(), before)
+
+
+class _OneMinusIntegerMask(torch.nn.Module):
+    """The attention-mask pattern of xlnet's and prophetnet's forward: a float minus an int mask."""
+
+    def forward(self, x, mask):
+        return x * (1.0 - mask[:, None, :])
+
+
+class TestTypePromotionNumberOperands(unittest.TestCase):
+    """torch 2.13 regression (pytorch/pytorch#194381): `1.0 - int_tensor` fails the ONNX
+    translation's type promotion; with the patch the graph computes what torch does."""
+
+    def export(self, patches_applied):
+        x, mask = torch.randn(2, 3, 4), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+        with applied(patches_applied):
+            program = torch.onnx.export(_OneMinusIntegerMask(), (x, mask), dynamo=True, verbose=False)
+        session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        (got,) = session.run(None, dict(zip(names, (x.numpy(), mask.numpy()))))
+        return got, _OneMinusIntegerMask()(x, mask).numpy()
+
+    def test_fails_without_the_patch(self):
+        with self.assertRaisesRegex(Exception, "Cannot find a compatible OpOverload for aten.sub"):
+            self.export([])
+
+    def test_the_patched_graph_computes_what_torch_does(self):
+        patch = next(p for p in PATCHES if p.name == "type_promotion_number_operands")
+        got, expected = self.export([patch])
+        np.testing.assert_allclose(got, expected)

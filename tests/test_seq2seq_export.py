@@ -36,14 +36,15 @@ LEGACY_SUPPORTED = ["t5", "bart"]
 LEGACY_UNSUPPORTED = ["umt5", "plbart", "switch_transformers", "pegasus_x", "led"]
 #: Types neither exporter handles yet, and the torch.export failure each hits (see README, Limits).
 KNOWN_EXPORT_FAILURES = {
-    # BigBird-Pegasus (legacy-supported): its block-sparse attention sizes its mask one position
-    # off the traced length.
-    "bigbird_pegasus": "must match the size of tensor b",
+    # ProphetNet's decoder fills the diagonal of a view of its n-gram mask in place (three more
+    # blockers follow: an onnxscript constant-folding crash on SplitToSequence, an assert on
+    # position values, a cache length torch.export specialises; see the closing notes of issue 12).
+    "prophetnet": "as_strided",
 }
 #: The sweep's tiny models of types exported since fixes in the shared stages (slow marker: the
 #: default suite checks each fix on its own: tests/test_seq2seq_patches.py TestFsmtPatches, the
 #: encoder-outputs argument in tests/test_conversion.py).
-SWEEP_MODEL_TYPES = ["fsmt", "t5gemma", "encoder-decoder"]
+SWEEP_MODEL_TYPES = ["fsmt", "t5gemma", "encoder-decoder", "bigbird_pegasus"]
 #: Exported end to end in the default suite: t5, beside the legacy exporter (whisper for speech).
 #: The other types go through the same stages and are the coverage sweep's too (docs/coverage.md):
 #: they run with `-m slow`. Their patches keep default-suite tests: LED's sliding-window encoder in

@@ -6,6 +6,8 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
+
 from optimum_observer.errors import Stage
 from optimum_observer.tasks import get_task
 from stages import conversion_error, load, observe
@@ -49,6 +51,16 @@ class TestPegasusXPatches(Seq2SeqPatchCase):
         self.assertEqual(error.stage, Stage.EXPORT)
         # The causal mask, one position longer than the keys, broadcasts the attention weights.
         self.assertRegex(str(error.__cause__), "Expected size for first two dimensions|must match the size")
+
+
+@pytest.mark.slow  # the mechanism's default-suite case is TestPegasusXPatches
+class TestBigBirdPegasusPatches(Seq2SeqPatchCase):
+    model_type = "bigbird_pegasus"
+
+    def test_decoder_mask_patch(self):
+        error = conversion_error(self.observed, "bigbird_pegasus_decoder_mask_while_exporting")
+        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertIn("must match the size of tensor b", str(error.__cause__))
 
 
 class TestFsmtPatches(Seq2SeqPatchCase):

@@ -2,17 +2,21 @@
 
 Takes: the module being exported. Gives: :func:`plain_tensor_buffers` and
 :func:`exact_no_op_constants`, context managers that restore what they changed on exit, also
-when the block raises. They are not :class:`~optimum_observer.patches.registry.Patch` records:
-what they change is per model instance or per rewrite rule, not one attribute.
+when the block raises (they are not :class:`~optimum_observer.patches.registry.Patch` records:
+what they change is per model instance or per rewrite rule, not one attribute), and
+:data:`PATCHES`, the exporter's own functions replaced for every export.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from .registry import Patch
 
 
 @contextlib.contextmanager
@@ -72,3 +76,37 @@ def exact_no_op_constants() -> Iterator[None]:
     finally:
         for pattern, rel_tol, abs_tol in saved:
             pattern._rel_tol, pattern._abs_tol = rel_tol, abs_tol
+
+
+def _number_operands_as_tensors(find_compatible_op_overload: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.onnx's type-promotion pass looks up the overload of a node it re-runs with promoted
+    arguments by checking the schema; a Python number where the schema wants a Tensor (what
+    `1.0 - int_tensor` decomposes to: `aten.sub.Tensor(1.0, x)`, which the dispatcher runs as a
+    wrapped number) matches no overload. This retries the lookup with numbers given as tensors:
+    the node keeps its arguments and gets the overload it already had."""
+
+    @functools.wraps(find_compatible_op_overload)
+    def lookup(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return find_compatible_op_overload(op, args, kwargs)
+        except RuntimeError:
+            numbers = [isinstance(a, (int, float)) and not isinstance(a, bool) for a in args]
+            if not any(numbers):
+                raise
+            as_tensors = tuple(torch.tensor(a) if number else a for a, number in zip(args, numbers))
+            return find_compatible_op_overload(op, as_tensors, kwargs)
+
+    return lookup
+
+
+PATCHES = (
+    Patch(
+        name="type_promotion_number_operands",
+        target="torch.onnx._internal.fx.passes.type_promotion:find_compatible_op_overload",
+        wrap=_number_operands_as_tensors,
+        fixes="Cannot find a compatible OpOverload for aten.sub with the provided arguments (torch "
+        "2.13's type promotion re-runs `1.0 - int_tensor`, decomposed to aten.sub.Tensor(1.0, x), "
+        "and finds no overload for the number; pytorch/pytorch#194381: xlnet, prophetnet)",
+        everywhere=True,
+    ),
+)

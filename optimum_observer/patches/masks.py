@@ -123,6 +123,14 @@ PATCHES = (
         "position longer than the keys)",
     ),
     Patch(
+        name="bigbird_pegasus_decoder_mask_while_exporting",
+        target="transformers.models.bigbird_pegasus.modeling_bigbird_pegasus:is_torchdynamo_compiling",
+        replacement=_not_compiling,
+        fixes="The size of tensor a (s) must match the size of tensor b (s + 1) (the same decoder "
+        "code as Pegasus-X's: while compiling it builds no all-ones mask, and the causal mask built "
+        "without one is one position longer than the keys)",
+    ),
+    Patch(
         name="git_attention_mask_without_cache_branch",
         target="transformers.models.git.modeling_git:GitModel.create_attention_mask",
         replacement=_git_attention_mask,
