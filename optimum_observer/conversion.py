@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .errors import ObserverExportError, Stage
 from .patches import PATCHES, Patch, applied, exact_no_op_constants, for_model, plain_tensor_buffers
 from .capture import observed_module
+from .experts_implementation import batched_experts, superseded_patches
 from .synthesis import ExportExample
 from .tasks import GraphContract
 
@@ -106,6 +107,15 @@ def contract_module(
     return module
 
 
+def patches_for(model: torch.nn.Module, model_type: str) -> list[Patch]:
+    """The patches `model`'s export applies: those its classes need
+    (:func:`optimum_observer.patches.for_model`), less the MoE block patches transformers 5's
+    pluggable experts supersede (:mod:`optimum_observer.experts_implementation`)."""
+    selected = for_model(PATCHES, model, model_type)
+    superseded = superseded_patches(selected, model)
+    return [patch for patch in selected if patch not in superseded]
+
+
 def convert(
     model: torch.nn.Module,
     graph: GraphContract,
@@ -119,10 +129,11 @@ def convert(
     (:func:`optimum_observer.patches.for_model`). `position_offset`: added to the `position_ids`
     input inside the graph (see :func:`optimum_observer.capture.position_offset`)."""
     if patches is None:
-        patches = for_model(PATCHES, model, model_type)
+        patches = patches_for(model, model_type)
     module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
-        with applied(patches), plain_tensor_buffers(module), exact_no_op_constants(), torch.no_grad():
+        with applied(patches), batched_experts(model), plain_tensor_buffers(module), exact_no_op_constants(), \
+                torch.no_grad():
             program = torch.onnx.export(
                 module,
                 (),

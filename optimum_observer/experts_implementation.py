@@ -1,7 +1,7 @@
 """transformers 5's pluggable MoE experts, exported without the data-dependent expert loop.
 
-A proposal for the patch registry (issue 16), not wired into the export yet: the lead moves it
-where the patches live. Takes a loaded model; gives what to change for its export.
+Takes a loaded model; gives what to change for its export (the export stage enters
+:func:`batched_experts` and drops :func:`superseded_patches` from the model's patches).
 
 transformers 5 moved the expert loop of mixtral-style sparse MoE blocks (mixtral, qwen2_moe,
 qwen3_moe, ...) into experts modules decorated with `use_experts_implementation`, whose forward
@@ -60,15 +60,18 @@ def pluggable_experts(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def superseded_patches(patches: Sequence[Any], model: torch.nn.Module) -> tuple[Any, ...]:
-    """The `patches` (objects with an `owner`) that replace a method of a class one of whose
-    instances in `model` holds a pluggable experts module directly: on transformers 5 the experts
-    module is exported as is (see :func:`batched_experts`)."""
+    """The `patches` (registry records) that replace a method of a class one of whose instances in
+    `model` holds a pluggable experts module directly: on transformers 5 the experts module is
+    exported as is (see :func:`batched_experts`). Targets missing here are not superseded (the
+    registry skips them anyway)."""
     holders = {
         type(module)
         for module in model.modules()
         if any(is_pluggable(child) for child in module.children())
     }
-    return tuple(patch for patch in patches if patch.owner in holders)
+    if not holders:
+        return ()
+    return tuple(patch for patch in patches if patch.exists() and patch.resolve().owner in holders)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from . import capture as capture_stage
 from . import conversion, loading, naming, packaging, portable_cache, signals, synthesis, validation
-from . import patches as export_patches
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
@@ -188,7 +187,7 @@ def export(
                     capture_stage.check_observed_sizes(captures, contract, model_type)
                 with progress.stage(Stage.EXPORT):
                     # Only the patches whose targets this model is built from (and the environment's).
-                    selected = export_patches.for_model(export_patches.PATCHES, loaded.model, model_type)
+                    selected = conversion.patches_for(loaded.model, model_type)
                     for graph in graphs:
                         graph.program = conversion.convert(
                             loaded.model,
