@@ -55,6 +55,15 @@ class TestObserverExportOfEveryFamily(unittest.TestCase):
         )
         self.assertValidatedThroughTheRuntimeClass(result)
 
+    def test_mixture_of_experts(self):
+        # transformers 5: pluggable experts exported with "batched_mm" (experts_implementation);
+        # transformers 4.57: the dense_mixtral_moe patch.
+        source = self.artifacts.causal_lm("mixtral")
+        result = optimum_observer.export(
+            source, self.scratch / "onnx", task=WITH_PAST, runtime_class=legacy_shim.ORTModelForCausalLM
+        )
+        self.assertValidatedThroughTheRuntimeClass(result)
+
     @parameterized.expand([("t5",)])
     def test_text2text(self, model_type):
         source = save_seq2seq_lm(model_type, self.scratch / model_type)
