@@ -503,11 +503,13 @@ def run_sweep(
     show_progress: bool | None = None,
     jobs: int = 1,
     shapes: str = "real",
+    redo: bool = False,
 ) -> dict[str, TypeResult]:
     """Sweeps `model_types` (default: the task's whole auto mapping), `jobs` types at a time, on
     tiny models of `shapes` ("real" or "mha", see :mod:`optimum_observer.tiny_configs`);
     returns every result in the coverage file, including those kept from an earlier run when
-    resuming."""
+    resuming. With `redo`, the types of `model_types` are measured again even when the file has
+    them (the others are kept): a fix re-measured without re-running the whole table."""
     if shapes not in SHAPES:
         raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
     out = Path(out)
@@ -518,7 +520,7 @@ def run_sweep(
         raise ValueError(f"not model types of {task!r}'s auto mapping: {', '.join(unknown)}")
     path = coverage_path(out, task)
     results = load_results(path, shapes) if resume else {}
-    todo = [t for t in wanted if t not in results]
+    todo = [t for t in wanted if redo or t not in results]
     legacy_types = legacy_supported_types(task, timeout) if todo else set()
     show = sys.stderr.isatty() if show_progress is None else show_progress
     with (
@@ -768,6 +770,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per type and path")
     parser.add_argument("--resume", action="store_true", help="keep the results already in --out")
+    parser.add_argument(
+        "--redo", action="store_true",
+        help="with --resume: measure the --model-types again although --out has them, keep the rest",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="model types run at the same time")
     parser.add_argument("--out", type=Path, default=Path("sweep-results"), help="directory of coverage-{task}.json/.md")
     parser.add_argument("--doc", type=Path, help="also write the combined document of every task in --out here")
@@ -775,7 +781,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     model_types = [t.strip() for t in args.model_types.split(",") if t.strip()] if args.model_types else None
-    results = run_sweep(args.task, args.out, model_types, args.timeout, args.resume, jobs=args.jobs, shapes=args.shapes)
+    results = run_sweep(
+        args.task, args.out, model_types, args.timeout, args.resume, jobs=args.jobs, shapes=args.shapes, redo=args.redo
+    )
     levels = {runtime: len(_at_level(results, runtime)) for runtime in Runtime}
     legacy = sum(r.legacy.status == Status.PASS for r in results.values())
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import unittest
 from pathlib import Path
@@ -85,6 +86,16 @@ class TestSweepSample(unittest.TestCase):
         with mock.patch.object(sweep, "sweep_one", side_effect=AssertionError("re-ran a finished type")):
             resumed = sweep.run_sweep(TASK, self.out, SAMPLE, resume=True, show_progress=False)
         self.assertEqual({t: r.to_json() for t, r in resumed.items()}, {t: r.to_json() for t, r in self.results.items()})
+
+    def test_redo_measures_the_named_types_again_and_keeps_the_others(self):
+        with tempfile.TemporaryDirectory() as scratch:
+            out = Path(scratch)
+            shutil.copy(sweep.coverage_path(self.out, TASK), sweep.coverage_path(out, TASK))
+            again = self.results["qdqbert"]
+            with mock.patch.object(sweep, "sweep_one", return_value=again) as one:
+                redone = sweep.run_sweep(TASK, out, ["qdqbert"], resume=True, redo=True, show_progress=False)
+        self.assertEqual([c.args[0] for c in one.call_args_list], ["qdqbert"])
+        self.assertEqual(sorted(redone), sorted(self.results))
 
 
 class TestSweepIsolation(unittest.TestCase):
