@@ -48,8 +48,9 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-perplexity-ratio",
         type=float,
-        default=MAX_PERPLEXITY_RATIO,
-        help="fail when the quantized file's perplexity exceeds this multiple of the fp32 file's",
+        default=None,
+        help="fail when the quantized file's perplexity exceeds this multiple of the fp32 file's "
+        f"(default per mode: {', '.join(f'{k} {v}' for k, v in MAX_PERPLEXITY_RATIO.items())})",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
 

@@ -117,7 +117,7 @@ def export(
     feature_extractor: Any = None,
     optimize: bool = False,
     quantize: str | None = None,
-    max_perplexity_ratio: float = optimization.MAX_PERPLEXITY_RATIO,
+    max_perplexity_ratio: float | None = None,
 ) -> ExportResult:
     """Exports `model` to ONNX in `output_dir` by observing a typical run of it.
 
@@ -149,7 +149,8 @@ def export(
             fusions; validation reports the perplexity ratio to the fp32 file and the greedy-token
             agreement with torch, and fails when the ratio exceeds `max_perplexity_ratio`.
         max_perplexity_ratio: the largest perplexity of the quantized file, as a multiple of
-            the fp32 file's, that validation accepts.
+            the fp32 file's, that validation accepts; by default
+            :data:`optimization.MAX_PERPLEXITY_RATIO` of the mode (int8 1.05, int4 1.15).
 
     Exports in one process run one at a time (:data:`EXPORT_LOCK`): a second thread waits.
     A caller's loaded model is given back in the training mode it had. In the main thread,
@@ -267,7 +268,7 @@ def _post_process(
     trust_remote_code: bool,
     optimize: bool,
     quantize: str | None,
-    max_perplexity_ratio: float,
+    max_perplexity_ratio: float | None,
     report: ValidationReport | None,
 ) -> tuple[optimization.PostProcessing, ValidationReport | None]:
     """Fusions, then quantization, of every graph file; with a `report` (validation on), the
@@ -314,6 +315,8 @@ def _post_process(
                 staging, loaded.model, loaded.tokenizer, runtime_class, reference, load_kwargs
             )
             report = dataclasses.replace(report, quality=quality)
+            if max_perplexity_ratio is None:
+                max_perplexity_ratio = optimization.MAX_PERPLEXITY_RATIO[quantize]
             if quality.perplexity_ratio > max_perplexity_ratio:
                 raise ObserverExportError(
                     loaded.model_type,
