@@ -309,7 +309,16 @@ def _post_process(
             else None
         )
         for name in files:
-            kept += optimization.post_process(staging, name, quantize=quantize).kept_fp32
+            try:
+                kept += optimization.post_process(staging, name, quantize=quantize).kept_fp32
+            except Exception as error:
+                raise ObserverExportError(
+                    loaded.model_type,
+                    Stage.OPTIMIZATION,
+                    f"onnxruntime.quantization could not quantize {name} to {quantize}: "
+                    f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                    "try the other quantize mode, or export without quantize (the fp32 file validated).",
+                ) from error
         if measure:
             quality = validation.check_quality(
                 staging, loaded.model, loaded.tokenizer, runtime_class, reference, load_kwargs
