@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .demo import DEMO_MODEL_TYPE, save_tiny_causal_lm
 from .errors import ObserverExportError
+from .optimization import MAX_PERPLEXITY_RATIO, QUANTIZE_MODES
 from .signals import Terminated, termination_raises
 from .tasks import supported_tasks
 
@@ -37,6 +38,21 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-validate", action="store_true", help="skip replay and generation checks")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--local-files-only", action="store_true")
+    parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="apply ONNX Runtime fusions (those correct under left padding) and validate the result again",
+    )
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE_MODES, default=None, help="quantize the weights (after --optimize)"
+    )
+    parser.add_argument(
+        "--max-perplexity-ratio",
+        type=float,
+        default=None,
+        help="fail when the quantized file's perplexity exceeds this multiple of the fp32 file's "
+        f"(default per mode: {', '.join(f'{k} {v}' for k, v in MAX_PERPLEXITY_RATIO.items())})",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
 
 
@@ -134,11 +150,18 @@ def _run_export(args: argparse.Namespace) -> int:
             validate=not args.no_validate,
             trust_remote_code=args.trust_remote_code,
             local_files_only=args.local_files_only,
+            optimize=args.optimize,
+            quantize=args.quantize,
+            max_perplexity_ratio=args.max_perplexity_ratio,
         )
     print(f"exported {result.model_type} for {result.task} to {result.output_dir}: {', '.join(result.onnx_files)}")
     if result.validation is not None:
         print(result.validation.table())
     print("patches applied: " + (", ".join(result.patches) or "none"))
+    if result.post_processing is not None:
+        post = result.post_processing
+        fusions = ", ".join(f"{name} {count}" for name, count in post.fusions.items())
+        print(f"optimized: {fusions or 'no'}; quantized: {post.quantized or 'no'}")
     print("stage timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     return 0
 

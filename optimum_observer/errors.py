@@ -26,6 +26,8 @@ class Stage(str, enum.Enum):
     NAMING = "naming"
     PACKAGING = "packaging"
     VALIDATION = "validation"
+    #: optional: fusions and quantization of the validated files, and their checks.
+    OPTIMIZATION = "optimization / quantization"
 
     @property
     def number(self) -> int:

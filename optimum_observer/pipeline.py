@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import capture as capture_stage
-from . import conversion, loading, naming, packaging, portable_cache, signals, synthesis, validation
+from . import conversion, loading, naming, optimization, packaging, portable_cache, signals, synthesis, validation
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
-from .tasks import TaskContract, get_task
+from .tasks import Family, TaskContract, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ EXPORT_LOCK = threading.RLock()
 class _Progress:
     """Times each stage and shows it on a progress bar when asked to."""
 
-    def __init__(self, show: bool):
+    def __init__(self, show: bool, stages: int = len(Stage)):
         self.timings: dict[str, float] = {}
-        self._bar = tqdm(total=len(Stage), desc="observer export", unit="stage", disable=not show)
+        self._bar = tqdm(total=stages, desc="observer export", unit="stage", disable=not show)
 
     @contextlib.contextmanager
     def stage(self, stage: Stage) -> Iterator[None]:
@@ -115,6 +115,9 @@ def export(
     show_progress: bool | None = None,
     runtime_class: Any = None,
     feature_extractor: Any = None,
+    optimize: bool = False,
+    quantize: str | None = None,
+    max_perplexity_ratio: float | None = None,
 ) -> ExportResult:
     """Exports `model` to ONNX in `output_dir` by observing a typical run of it.
 
@@ -139,6 +142,15 @@ def export(
             check; defaults to the unchanged `optimum.onnxruntime` class of the task.
         feature_extractor: for speech tasks, the feature extractor the default run feeds
             synthetic waveforms through (and saves); loaded from `model` when it holds one.
+        optimize: after validation, apply onnxscript's ONNX Runtime fusions that are correct
+            under left padding (:mod:`optimum_observer.optimization`); validated again like the
+            fp32 files (replay within atol, exact greedy tokens).
+        quantize: "int8" or "int4" weights (:mod:`optimum_observer.optimization`), after the
+            fusions; validation reports the perplexity ratio to the fp32 file and the greedy-token
+            agreement with torch, and fails when the ratio exceeds `max_perplexity_ratio`.
+        max_perplexity_ratio: the largest perplexity of the quantized file, as a multiple of
+            the fp32 file's, that validation accepts; by default
+            :data:`optimization.MAX_PERPLEXITY_RATIO` of the mode (int8 1.05, int4 1.15).
 
     Exports in one process run one at a time (:data:`EXPORT_LOCK`): a second thread waits.
     A caller's loaded model is given back in the training mode it had. In the main thread,
@@ -152,6 +164,7 @@ def export(
     # Checks that need no model run before any work.
     named = model.config.model_type if hasattr(model, "config") else os.fspath(model)
     conversion.check_opset(opset, named)
+    optimization.check_quantize(quantize, named)
     packaging.check_destination(output_dir, named, [graph.file_name for graph in contract.graphs])
     with EXPORT_LOCK, signals.termination_raises(), loading.caller_model_restored(model):
         hub_kwargs = dict(
@@ -162,7 +175,11 @@ def export(
             subfolder=subfolder,
         )
         hub_kwargs = {k: v for k, v in hub_kwargs.items() if v not in (None, "")}
-        progress = _Progress(sys.stderr.isatty() if show_progress is None else show_progress)
+        post_processing = optimize or quantize is not None
+        progress = _Progress(
+            sys.stderr.isatty() if show_progress is None else show_progress,
+            len(Stage) if post_processing else len(Stage) - 1,
+        )
         try:
             with progress.stage(Stage.LOAD):
                 loaded = loading.load(
@@ -225,6 +242,12 @@ def export(
                         if validate
                         else None
                     )
+                if post_processing:
+                    with progress.stage(Stage.OPTIMIZATION):
+                        post, report = _post_process(
+                            staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code,
+                            optimize, quantize, max_perplexity_ratio, report,
+                        )
         finally:
             progress.close()
         return ExportResult(
@@ -236,7 +259,89 @@ def export(
             validation=report,
             timings=progress.timings,
             patches=tuple(patch.name for patch in selected if patch.exists()),
+            post_processing=post if post_processing else None,
         )
+
+
+def _post_process(
+    staging: Path,
+    loaded: loading.LoadedModel,
+    graphs: list[_GraphExport],
+    contract: TaskContract,
+    atol: float,
+    runtime_class: Any,
+    trust_remote_code: bool,
+    optimize: bool,
+    quantize: str | None,
+    max_perplexity_ratio: float | None,
+    report: ValidationReport | None,
+) -> tuple[optimization.PostProcessing, ValidationReport | None]:
+    """Fusions, then quantization, of every graph file; with a `report` (validation on), the
+    fused files are validated like the fp32 ones and the quantized ones for quality."""
+    if quantize and contract.family is not Family.DECODER:
+        raise ObserverExportError(
+            loaded.model_type,
+            Stage.OPTIMIZATION,
+            f"quantization is implemented for decoder tasks (text-generation), not {contract.name}",
+            "export without quantize, or quantize the files with onnxruntime.quantization yourself.",
+        )
+    files = [graph.capture.graph.file_name for graph in graphs]
+    fusions: dict[str, int] = {}
+    if optimize:
+        for name in files:
+            for fusion, count in optimization.post_process(staging, name, optimize=True).fusions.items():
+                fusions[fusion] = fusions.get(fusion, 0) + count
+        if report is not None:
+            try:
+                report = _validate(staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code)
+            except ObserverExportError as error:
+                raise ObserverExportError(
+                    loaded.model_type,
+                    Stage.OPTIMIZATION,
+                    f"after the ONNX Runtime fusions ({', '.join(f'{k} {v}' for k, v in fusions.items())}): "
+                    f"{error.reason}",
+                    "export without optimize (the fp32 export validated) and report the model type.",
+                    report=error.report,
+                ) from error
+    kept: tuple[str, ...] = ()
+    if quantize:
+        runtime_class = runtime_class or validation.default_runtime_class(contract)
+        load_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+        measure = report is not None and runtime_class is not None
+        reference = (
+            validation.perplexity(staging, loaded.model, loaded.tokenizer, runtime_class, load_kwargs)
+            if measure
+            else None
+        )
+        for name in files:
+            try:
+                kept += optimization.post_process(staging, name, quantize=quantize).kept_fp32
+            except Exception as error:
+                raise ObserverExportError(
+                    loaded.model_type,
+                    Stage.OPTIMIZATION,
+                    f"onnxruntime.quantization could not quantize {name} to {quantize}: "
+                    f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                    "try the other quantize mode, or export without quantize (the fp32 file validated).",
+                ) from error
+        if measure:
+            quality = validation.check_quality(
+                staging, loaded.model, loaded.tokenizer, runtime_class, reference, load_kwargs
+            )
+            report = dataclasses.replace(report, quality=quality)
+            if max_perplexity_ratio is None:
+                max_perplexity_ratio = optimization.MAX_PERPLEXITY_RATIO[quantize]
+            if quality.perplexity_ratio > max_perplexity_ratio:
+                raise ObserverExportError(
+                    loaded.model_type,
+                    Stage.OPTIMIZATION,
+                    f"{quantize} weights raise the perplexity to {quality.perplexity_ratio:.3f}x the fp32 "
+                    f"file's, above the accepted {max_perplexity_ratio}x:\n{report.table()}",
+                    "try the other quantize mode, raise max_perplexity_ratio (--max-perplexity-ratio) if "
+                    "that loss is acceptable, or export without quantize.",
+                    report=report,
+                )
+    return optimization.PostProcessing(optimize, quantize, fusions, kept), report
 
 
 @dataclasses.dataclass

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .optimization import PostProcessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +57,38 @@ def nonfinite_text(sides: tuple[str, ...]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class QualityCheck:
+    """A quantized export against the fp32 one: perplexity on a fixed text, greedy tokens."""
+
+    reference_perplexity: float
+    perplexity: float
+    #: the quantized file's greedy generation against torch's (not required to match).
+    generation: list[GenerationCheck]
+
+    @property
+    def perplexity_ratio(self) -> float:
+        return self.perplexity / self.reference_perplexity
+
+    @property
+    def token_agreement(self) -> float:
+        """The share of generated tokens equal to torch's, position by position."""
+        pairs = [
+            (want, have)
+            for check in self.generation
+            for want_row, have_row in zip(check.torch_tokens, check.onnx_tokens)
+            for want, have in zip(want_row, have_row)
+        ]
+        return sum(want == have for want, have in pairs) / len(pairs) if pairs else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ValidationReport:
     atol: float
     calls: list[CallCheck]
     generation: list[GenerationCheck]
     runtime: list[RuntimeCheck] = dataclasses.field(default_factory=list)
+    #: for a quantized export: its quality against the fp32 file (a threshold, not `ok`, decides).
+    quality: QualityCheck | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,6 +119,13 @@ class ValidationReport:
             if not g.ok:
                 lines.append(f"    torch: {g.torch_tokens}")
                 lines.append(f"    onnx : {g.onnx_tokens}")
+        if self.quality is not None:
+            q = self.quality
+            lines.append(
+                f"{'quantized: perplexity / fp32 file':<48} {q.perplexity_ratio:>11.4f}x  "
+                f"({q.perplexity:.4g} / {q.reference_perplexity:.4g})"
+            )
+            lines.append(f"{'quantized: greedy tokens equal to torch':<48} {q.token_agreement:>12.2f}")
         return "\n".join(lines)
 
 
@@ -106,6 +144,7 @@ class ExportResult:
         timings: wall time per stage, in seconds.
         patches: the names of the patches applied during the export (those the model's classes
             need, see `optimum-observer patches`), in the order applied.
+        post_processing: the fusions and quantization applied, when asked for.
     """
 
     output_dir: Path
@@ -116,3 +155,4 @@ class ExportResult:
     validation: ValidationReport | None
     timings: dict[str, float]
     patches: tuple[str, ...] = ()
+    post_processing: PostProcessing | None = None

@@ -13,7 +13,9 @@ Gives: a :class:`~optimum_observer.result.ValidationReport` with
   only model); on a mismatch, the check names what makes torch's tokens unreachable for the
   runtime, when it sees it (a generate that rewrites the prompt, or whose tokens change without
   its cache); for encoder tasks, every output on batches of 2 and 3 texts of different lengths
-  against the torch model's, within atol.
+  against the torch model's, within atol;
+* for a quantized export (:func:`check_quality`): its perplexity as a ratio to the fp32 file's and
+  the share of torch's greedy tokens it reproduces.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .capture import (
     speech_batches,
     text_batches,
 )
-from .result import CallCheck, GenerationCheck, RuntimeCheck, nonfinite_text
+from .result import CallCheck, GenerationCheck, QualityCheck, RuntimeCheck, nonfinite_text
 from .synthesis import ExportExample
 from .tasks import Family, GraphContract, TaskContract
 
@@ -371,3 +373,55 @@ def check_runtime_class(
             directory, model, contract, tokenizer, feature_extractor, runtime_class, load_kwargs
         ), []
     return [], check_runtime_outputs(directory, model, contract, tokenizer, runtime_class, atol, load_kwargs=load_kwargs)
+
+
+#: The text whose perplexity the quantization check measures (plain English, about 120 tokens
+#: for a BPE tokenizer); random ids of :data:`QUALITY_RANDOM_TOKENS` without a tokenizer.
+QUALITY_TEXT = (
+    "The history of the bicycle begins in the early nineteenth century, when inventors in Europe "
+    "built wooden machines that riders pushed along with their feet. Pedals attached to the front "
+    "wheel came later, and the large front wheels of the high-wheelers made riding fast but "
+    "dangerous. The safety bicycle, with two wheels of equal size and a chain driving the rear "
+    "wheel, changed everything: it was stable, easy to learn, and cheap enough for workers to buy. "
+    "Within a few years, millions of people used bicycles to travel to work, to visit friends, and "
+    "to explore the countryside on weekends."
+)
+QUALITY_RANDOM_TOKENS = 64
+
+
+def _quality_ids(model: Any, tokenizer: Any | None) -> torch.Tensor:
+    if tokenizer is not None:
+        return tokenizer(QUALITY_TEXT, return_tensors="pt")["input_ids"]
+    batch = random_token_batch(model, [QUALITY_RANDOM_TOKENS], torch.Generator().manual_seed(2), left_padding=True)
+    return batch["input_ids"]
+
+
+def perplexity(
+    directory: Path, model: Any, tokenizer: Any | None, runtime_class: Any, load_kwargs: dict[str, Any] | None = None
+) -> float:
+    """Perplexity of the export in `directory`, through `runtime_class`, on :data:`QUALITY_TEXT`."""
+    onnx_model = runtime_class.from_pretrained(directory, **(load_kwargs or {}))
+    ids = _quality_ids(model, tokenizer)
+    logits = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    return math.exp(loss.item())
+
+
+def check_quality(
+    directory: Path,
+    model: Any,
+    tokenizer: Any | None,
+    runtime_class: Any,
+    reference_perplexity: float,
+    load_kwargs: dict[str, Any] | None = None,
+) -> QualityCheck:
+    """The quantized export in `directory` against the fp32 file's perplexity and torch's greedy
+    tokens (the left-padded batches of :func:`check_generation`)."""
+    generation = check_generation(
+        directory, model, tokenizer, runtime_class, pad_token_id(model, tokenizer), load_kwargs
+    )
+    return QualityCheck(
+        reference_perplexity=reference_perplexity,
+        perplexity=perplexity(directory, model, tokenizer, runtime_class, load_kwargs),
+        generation=generation,
+    )

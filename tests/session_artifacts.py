@@ -28,6 +28,14 @@ class SessionArtifacts:
         return save_causal_lm(model_type, self.root / "models" / model_type)
 
     @functools.cache
+    def observer_export(self, model_type: str):
+        """`optimum_observer.export` of :meth:`causal_lm` for text-generation-with-past, validated
+        (its :class:`~optimum_observer.result.ExportResult`; the files in its `output_dir`)."""
+        import optimum_observer
+
+        return optimum_observer.export(self.causal_lm(model_type), self.root / "observer" / model_type)
+
+    @functools.cache
     def legacy_export(self, model_type: str) -> Path:
         """optimum-onnx's own export of :meth:`causal_lm` for text-generation-with-past."""
         from legacy_shim.routes import upstream_main_export

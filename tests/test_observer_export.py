@@ -72,43 +72,44 @@ SLOW_TYPES = [
 class TestObserverExport(unittest.TestCase):
     @parameterized.expand([(t,) for t in DEFAULT_TYPES])
     def test_export_matches_torch(self, model_type):
-        self.assertExportMatchesTorch(model_type)
+        # The session's export: tests/test_optimization.py post-processes the same files.
+        result = self.artifacts.observer_export(model_type)
+        self.assertExportMatchesTorch(result, result.output_dir)
 
     @parameterized.expand([(t,) for t in SLOW_TYPES])
     @pytest.mark.slow
     def test_export_of_more_types_matches_torch(self, model_type):
-        self.assertExportMatchesTorch(model_type)
-
-    def assertExportMatchesTorch(self, model_type: str) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
             result = optimum_observer.export(save_causal_lm(model_type, scratch / "model"), scratch / "onnx")
-            if model_type in DENSE_TYPES:
-                # No model type's patch: the others' targets are never touched.
-                self.assertEqual(result.patches, ("dynamic_layer_lazy_initialization", "type_promotion_number_operands"))
-            self.assertIn("dynamic_layer_lazy_initialization", result.patches)
+            self.assertExportMatchesTorch(result, scratch / "onnx")
 
-            report = result.validation
-            self.assertTrue(report.ok, report.table())
-            self.assertGreaterEqual(len(report.calls), 6)
-            self.assertTrue(all(c.max_abs_diff <= 1e-4 for c in report.calls), report.table())
-            batched = report.generation[0]
-            self.assertEqual(len(batched.torch_tokens), 2)
-            self.assertEqual(len(set(batched.prompt_lengths)), 2)
-            self.assertTrue(all(len(t) >= 8 for g in report.generation for t in g.onnx_tokens))
+    def assertExportMatchesTorch(self, result, output: Path) -> None:
+        if result.model_type in DENSE_TYPES:
+            # No model type's patch: the others' targets are never touched.
+            self.assertEqual(result.patches, ("dynamic_layer_lazy_initialization", "type_promotion_number_operands"))
+        self.assertIn("dynamic_layer_lazy_initialization", result.patches)
+        report = result.validation
+        self.assertTrue(report.ok, report.table())
+        self.assertGreaterEqual(len(report.calls), 6)
+        self.assertTrue(all(c.max_abs_diff <= 1e-4 for c in report.calls), report.table())
+        batched = report.generation[0]
+        self.assertEqual(len(batched.torch_tokens), 2)
+        self.assertEqual(len(set(batched.prompt_lengths)), 2)
+        self.assertTrue(all(len(t) >= 8 for g in report.generation for t in g.onnx_tokens))
 
-            graph = onnx.load(scratch / "onnx" / "model.onnx").graph
-            inputs = [i.name for i in graph.input]
-            outputs = [o.name for o in graph.output]
-            self.assertEqual(inputs[:2], ["input_ids", "attention_mask"])
-            self.assertIn("past_key_values.1.value", inputs)
-            self.assertEqual(outputs[0], "logits")
-            self.assertIn("present.1.value", outputs)
-            self.assertEqual(result.dynamic_axes["present.0.key"][2], "past_sequence_length + sequence_length")
-            # Heads and head size symbolic: the portable cache inputs (optimum_observer.portable_cache).
-            self.assertEqual(
-                result.dynamic_axes["past_key_values.0.key"],
-                {0: "batch_size", 1: "num_key_value_heads", 2: "past_sequence_length", 3: "key_head_size"},
-            )
-            for name in ("config.json", "generation_config.json", "tokenizer.json"):
-                self.assertTrue((scratch / "onnx" / name).is_file(), name)
+        graph = onnx.load(output / "model.onnx").graph
+        inputs = [i.name for i in graph.input]
+        outputs = [o.name for o in graph.output]
+        self.assertEqual(inputs[:2], ["input_ids", "attention_mask"])
+        self.assertIn("past_key_values.1.value", inputs)
+        self.assertEqual(outputs[0], "logits")
+        self.assertIn("present.1.value", outputs)
+        self.assertEqual(result.dynamic_axes["present.0.key"][2], "past_sequence_length + sequence_length")
+        # Heads and head size symbolic: the portable cache inputs (optimum_observer.portable_cache).
+        self.assertEqual(
+            result.dynamic_axes["past_key_values.0.key"],
+            {0: "batch_size", 1: "num_key_value_heads", 2: "past_sequence_length", 3: "key_head_size"},
+        )
+        for name in ("config.json", "generation_config.json", "tokenizer.json"):
+            self.assertTrue((output / name).is_file(), name)

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from optimum_observer import cli, pipeline
+from optimum_observer import Stage, cli, pipeline
 
 
 def main() -> int:
@@ -31,7 +31,8 @@ def main() -> int:
     pipeline._Progress.stage = stage_then_signal
     if model == "--demo":
         return cli.main(["export", "--demo", output])
-    pipeline.export(model, output)
+    # The optional stage runs only when asked for.
+    pipeline.export(model, output, optimize=stage == Stage.OPTIMIZATION.value)
     return 0
 
 

@@ -1,0 +1,182 @@
+"""--optimize and --quantize {int8,int4} (optimum_observer.optimization and the pipeline's stage).
+
+The default cases post-process copies of the session's tiny llama export (grouped-query
+attention, head_dim 32); one export runs the whole stage through `export()`. Other model types
+(qwen3, an observer-only type, a MoE type) run with `-m slow`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import onnx_ir as ir
+import pytest
+import torch
+import transformers
+from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
+from optimum.onnxruntime import ORTModelForCausalLM
+from parameterized import parameterized
+
+import optimum_observer
+from optimum_observer import cli, optimization, tiny_configs, validation
+from optimum_observer.capture import pad_token_id
+from optimum_observer.errors import ObserverExportError, Stage
+from optimum_observer.result import ExportResult
+from tiny_models import save_causal_lm
+
+MODEL_TYPE = "llama"
+
+
+def _ops(directory: Path) -> set[str]:
+    return {node.op_type for node in ir.load(directory / "model.onnx").graph.all_nodes()}
+
+
+def _names(directory: Path) -> tuple[list[str], list[str]]:
+    graph = ir.load(directory / "model.onnx").graph
+    return [v.name for v in graph.inputs], [v.name for v in graph.outputs]
+
+
+class TestPostProcessing(unittest.TestCase):
+    """Post-processing of copies of the session's fp32 export."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fp32 = cls.artifacts.observer_export(MODEL_TYPE).output_dir
+        source = cls.artifacts.causal_lm(MODEL_TYPE)
+        cls.model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+        cls.tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        cls.pad = pad_token_id(cls.model, cls.tokenizer)
+
+    def setUp(self):
+        self.scratch = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.scratch, True)
+
+    def copy(self, name: str) -> Path:
+        return Path(shutil.copytree(self.fp32, self.scratch / name))
+
+    def generation(self, directory: Path):
+        return validation.check_generation(directory, self.model, self.tokenizer, ORTModelForCausalLM, self.pad)
+
+    def test_optimize_fuses_and_keeps_torch_tokens_with_left_padding(self):
+        directory = self.copy("optimized")
+        done = optimization.post_process(directory, "model.onnx", optimize=True)
+
+        for fusion in ("rms_normalization", "skip_rms_normalization", "rotary_embedding", "sdpa"):
+            self.assertGreater(done.fusions.get(fusion, 0), 0, done.fusions)
+        self.assertNotIn("gqa", done.fusions)
+        ops = _ops(directory)
+        self.assertIn("MultiHeadAttention", ops)
+        self.assertIn("SimplifiedLayerNormalization", ops)
+        self.assertNotIn("GroupQueryAttention", ops)
+        self.assertEqual(_names(directory), _names(self.fp32))
+        checks = self.generation(directory)
+        self.assertEqual(len(set(checks[0].prompt_lengths)), 2)  # a left-padded batch
+        for check in checks:
+            self.assertEqual(check.onnx_tokens, check.torch_tokens)
+
+    def test_ungated_group_query_attention_is_wrong_on_left_padded_rows(self):
+        # Why optimization.GATED_FUSIONS holds "gqa": when onnxscript's rewrite honours the mask,
+        # this test fails and the gate can go.
+        directory = self.copy("ungated")
+        model, counts = optimize_for_ort(ir.load(directory / "model.onnx"))
+        ir.save(model, directory / "model.onnx")
+
+        self.assertGreater(counts["gqa"], 0)
+        padded, single = self.generation(directory)
+        self.assertNotEqual(padded.onnx_tokens, padded.torch_tokens)
+        self.assertEqual(single.onnx_tokens, single.torch_tokens)
+
+    def test_gate_is_restored(self):
+        original = _core.fuse_gqa
+        with optimization.gated_fusions():
+            self.assertIsNot(_core.fuse_gqa, original)
+        self.assertIs(_core.fuse_gqa, original)
+        with self.assertRaises(KeyError), optimization.gated_fusions():
+            raise KeyError("inside")
+        self.assertIs(_core.fuse_gqa, original)
+
+    @parameterized.expand([("int8", {"MatMulInteger", "DynamicQuantizeLinear"}), ("int4", {"MatMulNBits"})])
+    def test_quantized_file_loads_in_the_unchanged_class_and_keeps_quality(self, mode, quantized_ops):
+        directory = self.copy(mode)
+        reference = validation.perplexity(directory, self.model, self.tokenizer, ORTModelForCausalLM)
+        done = optimization.post_process(directory, "model.onnx", quantize=mode)
+
+        self.assertLessEqual(quantized_ops, _ops(directory))
+        self.assertEqual(_names(directory), _names(self.fp32))
+        self.assertLess((directory / "model.onnx").stat().st_size, (self.fp32 / "model.onnx").stat().st_size)
+        if mode == "int8":  # the vocabulary projection stays fp32 (optimization.INT8_SETTINGS)
+            self.assertEqual(len(done.kept_fp32), 1 + 2 * tiny_configs.LAYERS)  # lm_head, down_proj, o_proj
+        quality = validation.check_quality(directory, self.model, self.tokenizer, ORTModelForCausalLM, reference)
+        self.assertLessEqual(quality.perplexity_ratio, optimization.MAX_PERPLEXITY_RATIO[mode])
+        self.assertGreater(quality.perplexity_ratio, 0.95)
+        self.assertTrue(all(len(row) == validation.GENERATION_NEW_TOKENS for g in quality.generation for row in g.onnx_tokens))
+
+
+class TestExportStage(unittest.TestCase):
+    def setUp(self):
+        self.scratch = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.scratch, True)
+
+    def test_quality_threshold_fails_loudly_after_the_fused_files_validated(self):
+        output = self.scratch / "onnx"
+        with self.assertRaises(ObserverExportError) as caught:
+            optimum_observer.export(
+                self.artifacts.causal_lm(MODEL_TYPE), output, optimize=True, quantize="int4", max_perplexity_ratio=0.5
+            )
+        error = caught.exception
+        self.assertEqual(error.stage, Stage.OPTIMIZATION)
+        self.assertIn("--max-perplexity-ratio", error.remedy)
+        # The fused file passed the fp32 checks (exact tokens); the quantized one was measured.
+        self.assertTrue(error.report.ok, error.report.table())
+        self.assertGreater(error.report.quality.perplexity_ratio, 0.5)
+        self.assertIn("quantized: perplexity / fp32 file", str(error))
+        self.assertFalse(output.exists())
+
+    def test_unknown_quantize_mode_is_refused_before_any_work(self):
+        with self.assertRaises(ObserverExportError) as caught:
+            optimum_observer.export(self.scratch / "missing-model", self.scratch / "onnx", quantize="int3")
+        self.assertEqual(caught.exception.stage, Stage.OPTIMIZATION)
+        self.assertIn("int8, int4", caught.exception.remedy)
+
+    def test_cli_passes_the_options_to_export(self):
+        result = ExportResult(self.scratch, MODEL_TYPE, "text-generation-with-past", ["model.onnx"], {}, None, {})
+        with mock.patch("optimum_observer.pipeline.export", return_value=result) as export:
+            code = cli.main(
+                ["export", "-m", "some/model", str(self.scratch), "--optimize", "--quantize", "int4",
+                 "--max-perplexity-ratio", "1.2"]
+            )
+        self.assertEqual(code, 0)
+        kwargs = export.call_args.kwargs
+        self.assertEqual((kwargs["optimize"], kwargs["quantize"], kwargs["max_perplexity_ratio"]), (True, "int4", 1.2))
+        with self.assertRaises(SystemExit):
+            cli.main(["export", "-m", "some/model", str(self.scratch), "--quantize", "int3"])
+
+
+@pytest.mark.slow
+class TestMoreTypes(unittest.TestCase):
+    @parameterized.expand(
+        [(t, q) for t in ("qwen3", "starcoder2", "mixtral") for q in ("int8", "int4")],
+        name_func=lambda function, _, param: f"{function.__name__}_{param.args[0]}_{param.args[1]}",
+    )
+    def test_optimize_and_quantize(self, model_type, mode):
+        if (model_type, mode) == ("mixtral", "int8"):
+            # Known and not fixed: quantize_dynamic's strict ONNX shape inference refuses the fused
+            # graph. This case fails once that changes, to become the normal check.
+            with self.assertRaisesRegex(ObserverExportError, "Inferred shape and existing shape differ"):
+                self.assertOptimizedAndQuantized(model_type, mode)
+            return
+        self.assertOptimizedAndQuantized(model_type, mode)
+
+    def assertOptimizedAndQuantized(self, model_type, mode):
+        with tempfile.TemporaryDirectory() as scratch:
+            source = save_causal_lm(model_type, Path(scratch) / "model")
+            result = optimum_observer.export(source, Path(scratch) / "onnx", optimize=True, quantize=mode)
+            self.assertTrue(result.validation.ok, result.validation.table())
+            self.assertLessEqual(result.validation.quality.perplexity_ratio, optimization.MAX_PERPLEXITY_RATIO[mode])
+            model = ORTModelForCausalLM.from_pretrained(result.output_dir)
+            ids = torch.tensor([[5, 6, 7]])
+            self.assertEqual(model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4).shape, (1, 7))
