@@ -481,10 +481,29 @@ def load_results(path: Path, shapes: str | None = None) -> dict[str, TypeResult]
     return {t: TypeResult.from_json(t, r) for t, r in raw["results"].items()}
 
 
-def write_results(path: Path, task: str, results: dict[str, TypeResult], shapes: str = "real") -> None:
+def _revision() -> str:
+    """The git commit of this source tree (with "+changes" when it differs), or "an unknown revision"."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown revision"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def load_caveats(path: Path) -> list[str]:
+    """What the results file at `path` says of how it was measured (see :func:`coverage_document`)."""
+    return list(json.loads(path.read_text()).get("caveats", ())) if path.is_file() else []
+
+
+def write_results(
+    path: Path, task: str, results: dict[str, TypeResult], shapes: str = "real", caveats: Sequence[str] = ()
+) -> None:
     payload = {
         "task": task,
         "shapes": shapes,
+        **({"caveats": list(caveats)} if caveats else {}),
         "versions": versions(),
         "results": {t: results[t].to_json() for t in sorted(results)},
     }
@@ -520,7 +539,11 @@ def run_sweep(
         raise ValueError(f"not model types of {task!r}'s auto mapping: {', '.join(unknown)}")
     path = coverage_path(out, task)
     results = load_results(path, shapes) if resume else {}
+    # A resumed file keeps what it says of how it was measured; a fresh run starts without.
+    caveats = load_caveats(path) if resume else []
     todo = [t for t in wanted if redo or t not in results]
+    if redo and todo:
+        caveats.append(f"re-measured at {_revision()} with --redo: {', '.join(sorted(todo))}")
     legacy_types = legacy_supported_types(task, timeout) if todo else set()
     show = sys.stderr.isatty() if show_progress is None else show_progress
     with (
@@ -532,12 +555,12 @@ def run_sweep(
         for future in concurrent.futures.as_completed(pending):
             model_type = pending[future]
             results[model_type] = future.result()
-            write_results(path, task, results, shapes)
+            write_results(path, task, results, shapes, caveats)
             bar.set_postfix_str(model_type)
             bar.update(1)
             logger.info("%s: observer %s, legacy %s", model_type, results[model_type].observer.status.value,
                         results[model_type].legacy.status.value)  # fmt: skip
-    path.with_suffix(".md").write_text(markdown(task, results, versions(), shapes))
+    path.with_suffix(".md").write_text(markdown(task, results, versions(), shapes, caveats))
     return results
 
 

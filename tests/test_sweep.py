@@ -94,8 +94,12 @@ class TestSweepSample(unittest.TestCase):
             again = self.results["qdqbert"]
             with mock.patch.object(sweep, "sweep_one", return_value=again) as one:
                 redone = sweep.run_sweep(TASK, out, ["qdqbert"], resume=True, redo=True, show_progress=False)
+            caveats = sweep.load_caveats(sweep.coverage_path(out, TASK))
         self.assertEqual([c.args[0] for c in one.call_args_list], ["qdqbert"])
         self.assertEqual(sorted(redone), sorted(self.results))
+        # The file says which rows were measured later than the rest.
+        self.assertEqual(len(caveats), 1)
+        self.assertRegex(caveats[0], r"^re-measured at .+ with --redo: qdqbert$")
 
 
 class TestSweepIsolation(unittest.TestCase):
