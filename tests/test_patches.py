@@ -116,7 +116,10 @@ class TestPerModelSelection(unittest.TestCase):
 
     def test_a_dense_model_gets_only_the_environments_patches(self):
         model = build_tiny_model("llama", "AutoModelForCausalLM")
-        self.assertEqual([p.name for p in for_model(PATCHES, model, "llama")], ["dynamic_layer_lazy_initialization"])
+        self.assertEqual(
+            [p.name for p in for_model(PATCHES, model, "llama")],
+            ["dynamic_layer_lazy_initialization", "type_promotion_number_operands"],
+        )
 
     def test_a_moe_hybrid_gets_its_own_patches_and_no_others(self):
         model = build_tiny_model("jamba", "AutoModelForCausalLM")
@@ -130,6 +133,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "jamba_mamba_mask",
                 "jamba_cache_position_from_cache",
                 "jamba_causal_mask_width",
+                "type_promotion_number_operands",
             ],
         )
         # Known without a model too (what `optimum-observer patches --model-type jamba` lists).
