@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import sys
 import importlib.metadata
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -184,6 +185,24 @@ def lent_generation_parameters() -> Iterator[bool]:
         yield lent
 
 
+def _import_with_lent_names(modules: tuple[str, ...]) -> None:
+    for attempt in range(2):
+        lent_to = sys.modules.get("transformers")
+        try:
+            with lent_names():
+                for module in modules:
+                    importlib.import_module(module)
+            return
+        except ImportError:
+            # transformers 5 can put a new module object in sys.modules["transformers"] while
+            # optimum-onnx's modules import (its __init__ installs a fresh _LazyModule when it runs
+            # again): the names lent to the old object are then missing ("cannot import name
+            # 'AutoModelForVision2Seq' from 'transformers'"). Lend them again to the current one and
+            # import what is left, once.
+            if attempt or sys.modules.get("transformers") is lent_to:
+                raise
+
+
 def import_optimum_modules(modules: tuple[str, ...] = RUNTIME_MODULES) -> None:
     """Imports `modules` of optimum-onnx, lending transformers the names they need when it lacks them.
 
@@ -192,9 +211,7 @@ def import_optimum_modules(modules: tuple[str, ...] = RUNTIME_MODULES) -> None:
             message says which install works.
     """
     try:
-        with lent_names():
-            for module in modules:
-                importlib.import_module(module)
+        _import_with_lent_names(modules)
     except ImportError as error:
         status = legacy_exporter_status()
         why = f" ({status.reason})" if not status.available else ""

@@ -7,6 +7,7 @@ checks on transformers 5 are in test_transformers5.py.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 import unittest
@@ -118,6 +119,17 @@ class TestLentNames(unittest.TestCase):
         with self.assertRaises(optimum_compat.LegacyExporterUnavailable) as caught:
             optimum_compat._exporter_only("get_parameter_dtype")(torch.nn.Linear(1, 1))
         self.assertIn("exporter='observer'", str(caught.exception))
+
+
+class TestImportInAFreshInterpreter(unittest.TestCase):
+    def test_the_runtime_classes_import_with_nothing_imported_before(self):
+        # On transformers 5, importing optimum-onnx's modules puts a new `transformers` module
+        # object in sys.modules midway; the names lent to the old one were lost ("cannot import
+        # name 'AutoModelForVision2Seq' from 'transformers'") until they were lent again.
+        code = "import transformers, legacy_shim.modeling; print(legacy_shim.modeling.ORTModelForCausalLM.__name__)"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        self.assertEqual(done.stdout.strip(), "ORTModelForCausalLM")
 
 
 class _FailingRuntimeModule(types.ModuleType):
