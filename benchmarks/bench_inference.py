@@ -32,7 +32,8 @@ import transformers
 
 from bench_export import feeds
 from measure import export_in_subprocess, onnx_size_mb, paired_latency_ms
-from optimum_observer import optimization, validation
+from optimum_observer import optimization, reference_inputs, validation
+from optimum_observer.tasks import get_task
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK = "text-generation-with-past"
@@ -93,7 +94,7 @@ def torch_perplexity(model, tokenizer) -> float:
 
 
 def greedy(model, tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    padding = validation.left_padding_copy(tokenizer)
+    padding = reference_inputs.left_padding_copy(tokenizer)
     inputs = dict(padding(list(PROMPTS), return_tensors="pt", padding=True))
     settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=padding.pad_token_id)
     with torch.no_grad():
@@ -104,11 +105,13 @@ def greedy(model, tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 def quality(directory: Path, model, tokenizer, inputs, expected: torch.Tensor, reference_ppl: float) -> dict[str, float]:
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    ppl = validation.perplexity(directory, model, tokenizer, ORTModelForCausalLM)
+    ppl = validation.perplexity(
+        validation.ValidationInputs(directory, model, get_task("text-generation-with-past"), ORTModelForCausalLM, tokenizer)
+    )
     onnx_model = ORTModelForCausalLM.from_pretrained(directory)
     got = onnx_model.generate(
         **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-        pad_token_id=validation.left_padding_copy(tokenizer).pad_token_id,
+        pad_token_id=reference_inputs.left_padding_copy(tokenizer).pad_token_id,
     )[:, inputs["input_ids"].shape[1] :]
     return {"ppl_ratio": ppl / reference_ppl, "agreement": (got == expected).float().mean().item()}
 

@@ -41,8 +41,10 @@ from typing import Any
 import torch
 
 from optimum_observer.sweep import PathResult, Status, SweepStage, failed_check, first_line, onnx_bytes, run_observer_path
-from optimum_observer.tasks import Family, get_task
+from optimum_observer.families import family_of
+from optimum_observer.tasks import get_task
 from optimum_observer.tiny_configs import SHAPES
+from optimum_observer.validation import ValidationInputs
 
 logger = logging.getLogger(__name__)
 
@@ -119,68 +121,46 @@ def _check_failure(error: BaseException, task: str) -> PathResult:
     return PathResult(Status.UNVALIDATED, None, f"the sweep's check, not optimum-onnx: {first_line(error)}", task)
 
 
-def max_logits_diff(onnx_model: Any, torch_model: Any, inputs: dict[str, torch.Tensor]) -> float:
-    """Max |logits difference| between the ONNX and torch models on `inputs`, over the
-    positions the attention mask lets through (padded rows are implementation-defined)."""
-    with torch.no_grad():
-        expected = torch_model(**inputs).logits
-    got = onnx_model(**inputs).logits
-    diff = (got.float() - expected.float()).abs() * inputs["attention_mask"][..., None]
-    return diff.max().item()
-
-
 def validate_export(output: Path, torch_model: Any, task: str, atol: float = ATOL) -> PathResult | None:
     """The failing check of an exported directory, or None when every check passed.
 
-    The checks are the observer's own, run on the legacy file through the unchanged runtime
-    class: decoders compare logits on the same inputs then greedy tokens; encoder-decoders
-    greedy tokens; encoders every output of the runtime class.
+    The checks are the observer's own (the task family's), run on the legacy file through the
+    unchanged runtime class: the runtime class's outputs on the family's reference inputs (logits
+    for decoders, every output for encoders; encoder-decoders have none), then greedy tokens.
     """
     contract = get_task(task)
+    family = family_of(contract)
     runtime = runtime_class(task)
     try:
         onnx_model = runtime.from_pretrained(output)
     except Exception as error:
         return _runtime_failure(SweepStage.ORT_LOAD, runtime, error, task)
     blamed = _Blamed(runtime)
+    inputs = ValidationInputs(output, torch_model, contract, blamed, atol=atol)
+    stage = SweepStage.NUMERICAL_PARITY
     try:
-        if contract.family is Family.DECODER:
-            return _validate_decoder(output, _Blamed(onnx_model), torch_model, blamed, task, atol)
-        if contract.family is Family.ENCODER:
-            return _validate_encoder(output, onnx_model, torch_model, blamed, task, atol)
-        return _validate_seq2seq(output, torch_model, blamed, task)
+        batches = family.reference_inputs(torch_model)
+        if family.runtime_fed_by_caller:
+            unfed = _unfed_inputs(onnx_model)
+            if unfed:
+                return _runtime_failure(
+                    stage,
+                    runtime,
+                    f"takes no argument for the graph input(s) {', '.join(unfed)} of optimum-onnx's own export, "
+                    "so it cannot run it",
+                    task,
+                )
+            _add_caller_inputs(batches, onnx_model, torch_model)
+        failure = _failed(stage, runtime, [], family.compare_outputs(inputs, batches), atol, task)
+        if failure is not None:
+            return failure
+        stage = SweepStage.GENERATION_PARITY
+        return _failed(stage, runtime, family.check_generation(inputs), [], atol, task)
     except OptimumRuntimeError as error:
-        stage = SweepStage.GENERATION_PARITY if contract.generates else SweepStage.NUMERICAL_PARITY
         return _runtime_failure(stage, runtime, error, task)
     except Exception as error:
         logger.debug("the check failed on the torch side", exc_info=True)
         return _check_failure(error, task)
-
-
-def _validate_decoder(
-    output: Path, onnx_model: Any, torch_model: Any, runtime: Any, task: str, atol: float
-) -> PathResult | None:
-    from optimum_observer.capture import pad_token_id
-    from optimum_observer.validation import check_generation, generation_inputs
-
-    for inputs in generation_inputs(torch_model, None):
-        try:
-            diff = max_logits_diff(onnx_model, torch_model, inputs)
-        except OptimumRuntimeError as error:
-            return _runtime_failure(SweepStage.NUMERICAL_PARITY, runtime, error, task)
-        if not diff <= atol:
-            return _runtime_failure(
-                SweepStage.NUMERICAL_PARITY, runtime, f"max |logits diff| {diff:.3g} > atol {atol}", task
-            )
-    checks = check_generation(output, torch_model, None, runtime, pad_token_id(torch_model, None))
-    return _failed(SweepStage.GENERATION_PARITY, runtime, checks, [], atol, task)
-
-
-def _validate_seq2seq(output: Path, torch_model: Any, runtime: Any, task: str) -> PathResult | None:
-    from optimum_observer.validation import check_seq2seq_generation
-
-    checks = check_seq2seq_generation(output, torch_model, get_task(task), None, None, runtime)
-    return _failed(SweepStage.GENERATION_PARITY, runtime, checks, [], ATOL, task)
 
 
 #: Inputs an encoder runtime class takes from its caller and never computes, and how a caller
@@ -193,30 +173,18 @@ CALLER_INPUTS = {
 }
 
 
-def _validate_encoder(
-    output: Path, onnx_model: Any, torch_model: Any, runtime: Any, task: str, atol: float
-) -> PathResult | None:
-    from optimum_observer.capture import encoder_batches
-    from optimum_observer.validation import check_runtime_outputs
-
+def _unfed_inputs(onnx_model: Any) -> list[str]:
+    """The graph inputs the runtime class's forward takes no argument for."""
     accepted = inspect.signature(type(onnx_model).forward).parameters
-    unfed = [name for name in onnx_model.input_names if name not in accepted]
-    if unfed:
-        return _runtime_failure(
-            SweepStage.NUMERICAL_PARITY,
-            runtime,
-            f"takes no argument for the graph input(s) {', '.join(unfed)} of optimum-onnx's own export, "
-            "so it cannot run it",
-            task,
-        )
+    return [name for name in onnx_model.input_names if name not in accepted]
+
+
+def _add_caller_inputs(batches: list[dict[str, torch.Tensor]], onnx_model: Any, torch_model: Any) -> None:
     torch_accepts = inspect.signature(torch_model.forward).parameters
-    batches = encoder_batches(torch_model, None)
     for batch in batches:
         for name, compute in CALLER_INPUTS.items():
             if name in onnx_model.input_names and name in torch_accepts and name not in batch:
                 batch[name] = compute(batch)
-    checks = check_runtime_outputs(output, torch_model, get_task(task), None, runtime, atol, batches)
-    return _failed(SweepStage.NUMERICAL_PARITY, runtime, [], checks, atol, task)
 
 
 def _failed(

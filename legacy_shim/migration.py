@@ -35,13 +35,14 @@ import onnx_ir as ir
 import torch
 
 import optimum_observer
-from optimum_observer.capture import pad_token_id
+from optimum_observer.families import family_of
+from optimum_observer.reference_inputs import generation_inputs
 from optimum_observer.sweep import versions
 from optimum_observer.tasks import get_task
 from optimum_observer.tiny_configs import save_tiny_model
-from optimum_observer.validation import check_generation, generation_inputs
+from optimum_observer.validation import ValidationInputs
 
-from .legacy_runner import ATOL, legacy_export, load_torch_model, max_logits_diff, runtime_class
+from .legacy_runner import ATOL, legacy_export, load_torch_model, runtime_class
 from .registry import MigrationEntry, add_migration
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,9 @@ def _latency(onnx_model: Any, vocab: int) -> tuple[float, float]:
 def _measure(directory: Path, torch_model: Any, task: str, export_seconds: float) -> tuple[ExportSide, Any]:
     runtime = runtime_class(task)
     onnx_model = runtime.from_pretrained(directory)
-    inputs = generation_inputs(torch_model, None)
-    checks = check_generation(directory, torch_model, None, runtime, pad_token_id(torch_model, None))
+    family = family_of(get_task(task))
+    inputs = ValidationInputs(directory, torch_model, get_task(task), runtime)
+    checks = family.check_generation(inputs)
     prefill_ms, decode_ms = _latency(onnx_model, torch_model.config.get_text_config().vocab_size)
     graph_inputs, graph_outputs = _graph_io(directory)
     side = ExportSide(
@@ -176,7 +178,7 @@ def _measure(directory: Path, torch_model: Any, task: str, export_seconds: float
         outputs=graph_outputs,
         onnx_bytes=sum(p.stat().st_size for p in directory.glob("*.onnx*")),
         export_seconds=export_seconds,
-        max_diff_vs_torch=max(max_logits_diff(onnx_model, torch_model, i) for i in inputs),
+        max_diff_vs_torch=max(check.max_abs_diff for check in family.compare_outputs(inputs)),
         tokens=[c.onnx_tokens for c in checks],
         prefill_ms=prefill_ms,
         decode_ms=decode_ms,

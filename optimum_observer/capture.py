@@ -1,7 +1,7 @@
 """Capture: run the model the way a user would, under `torch.onnx.InputObserver`.
 
-Takes: a loaded model, the task contract, an optional user `run` callable, tokenizer and
-feature extractor.
+Takes: a loaded model, the task contract, an optional user `run` callable (by default the task
+family's, :mod:`optimum_observer.families`), tokenizer and feature extractor.
 Gives: one :class:`Capture` per graph of the contract: the observed calls of the graph's module
 (the model, or its encoder) that belong to the graph (all, or the generate steps without or with
 a cache), projected onto the graph's inputs (only the inputs the runtime feeds; an empty cache
@@ -15,11 +15,9 @@ model's own outputs back unchanged.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import inspect
 import logging
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,32 +25,13 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
-from .tasks import CACHE, Calls, Family, GraphContract, TaskContract
+from .families import family_of
+from .tasks import CACHE, Calls, GraphContract, TaskContract
 
 logger = logging.getLogger(__name__)
 
 #: calls stored at most per observed module; generate() makes one call per new token.
 MAX_STORED_CALLS = 64
-DEFAULT_PROMPTS = (
-    "Hello, my dog is cute",
-    "The capital of France is Paris, and the capital of Germany is",
-    "Once upon a time",
-)
-#: Durations (seconds) of the synthetic waveforms of the default speech run.
-DEFAULT_AUDIO_SECONDS = (0.7, 1.6, 1.1)
-#: Run hints for the error raised when the run itself fails, per task family.
-_RUN_HINTS = {
-    Family.DECODER: "model.generate on a batch of token ids",
-    Family.SEQ2SEQ: "model.generate on a batch of token ids",
-    Family.SPEECH_SEQ2SEQ: (
-        "model.generate on input_features made by the model's feature extractor from audio at its "
-        "sampling rate (feature_extractor.sampling_rate), of the length the encoder expects"
-    ),
-    Family.ENCODER: (
-        "model(**tokenizer(sentences, padding=True, return_tensors='pt')), or model(pixel_values=...) / "
-        "model(input_values=...) for a model whose main input is an image or a waveform"
-    ),
-}
 
 
 @dataclasses.dataclass
@@ -81,201 +60,6 @@ class Capture:
 
 def _num_leaves(value: Any) -> int:
     return len(pytree.tree_flatten(value)[0])
-
-
-def _vocab_size(model: Any) -> int:
-    # Character-level models (canine) have no vocabulary size; any code point is an id.
-    return getattr(model.config.get_text_config(), "vocab_size", None) or 256
-
-
-def random_token_batch(
-    model: Any, lengths: list[int], generator: torch.Generator, left_padding: bool
-) -> dict[str, torch.Tensor]:
-    """Random ids for prompts of `lengths` tokens, padded with the pad id to the longest (as a
-    tokenizer pads: models that find padding in the ids, RoBERTa's positions, see it), with their mask."""
-    longest = max(lengths)
-    input_ids = torch.randint(3, _vocab_size(model), (len(lengths), longest), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    for row, length in enumerate(lengths):
-        if left_padding:
-            attention_mask[row, : longest - length] = 0
-        else:
-            attention_mask[row, length:] = 0
-    input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id(model, None))
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def default_run(model: Any, tokenizer: Any | None = None, use_cache: bool = True) -> Callable[[Any], Any]:
-    """`generate` over prompts of different lengths with batch 2 then 3, left padded; without a
-    cache (`use_cache=False`), every step recomputes the whole prefix, as the runtime then does."""
-
-    padding_tokenizer = left_padding_copy(tokenizer)
-
-    def run(model: Any) -> list[torch.Tensor]:
-        # Two short prompts, then all three: the batches differ in size and in padded length.
-        batches = [[DEFAULT_PROMPTS[0], DEFAULT_PROMPTS[2]], list(DEFAULT_PROMPTS)]
-        generator = torch.Generator().manual_seed(0)
-        results = []
-        for prompts in batches:
-            if padding_tokenizer is not None:
-                encoded = padding_tokenizer(prompts, return_tensors="pt", padding=True)
-                inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-            else:
-                inputs = random_token_batch(model, [4 + 2 * i for i in range(len(prompts))], generator, True)
-            results.append(
-                model.generate(
-                    **{k: v.to(model.device) for k, v in inputs.items()},
-                    max_new_tokens=3,
-                    min_new_tokens=3,
-                    do_sample=False,
-                    pad_token_id=pad_token_id(model, tokenizer),
-                    use_cache=use_cache,
-                )
-            )
-        return results
-
-    return run
-
-
-def text_batches(model: Any, tokenizer: Any | None) -> list[dict[str, torch.Tensor]]:
-    """Batches of 2 and 3 texts of different lengths, right padded, as an encoder is fed:
-    tokenized when a tokenizer is given (keeping only what `forward` takes), else random ids."""
-    batches = [[DEFAULT_PROMPTS[0], DEFAULT_PROMPTS[2]], list(DEFAULT_PROMPTS)]
-    if tokenizer is None:
-        generator = torch.Generator().manual_seed(0)
-        return [random_token_batch(model, [5 + 3 * i for i in range(len(b))], generator, False) for b in batches]
-    accepted = set(inspect.signature(model.forward).parameters)
-    encoded = [tokenizer(b, return_tensors="pt", padding=True) for b in batches]
-    return [{k: v for k, v in e.items() if k in accepted} for e in encoded]
-
-
-def synthetic_waveforms(sampling_rate: int, seconds: tuple[float, ...]) -> list[Any]:
-    """Sine sweeps of the given durations: real-looking audio without a data set."""
-    import numpy as np
-
-    waves = []
-    for index, duration in enumerate(seconds):
-        t = np.arange(int(duration * sampling_rate)) / sampling_rate
-        waves.append((0.5 * np.sin(2 * math.pi * (220 + 110 * index) * t * (1 + t))).astype(np.float32))
-    return waves
-
-
-def speech_batches(model: Any, feature_extractor: Any | None) -> list[dict[str, torch.Tensor]]:
-    """Batches of 2 and 3 waveforms of different durations through the feature extractor, or
-    random features of the length the encoder expects when there is none."""
-    batches = [DEFAULT_AUDIO_SECONDS[:2], DEFAULT_AUDIO_SECONDS]
-    if feature_extractor is not None:
-        rate = feature_extractor.sampling_rate
-        return [
-            {"input_features": feature_extractor(synthetic_waveforms(rate, b), sampling_rate=rate, return_tensors="pt")[
-                "input_features"
-            ]}
-            for b in batches
-        ]
-    config = model.config
-    frames = 2 * config.max_source_positions
-    generator = torch.Generator().manual_seed(0)
-    return [{"input_features": torch.randn(len(b), config.num_mel_bins, frames, generator=generator)} for b in batches]
-
-
-def default_seq2seq_run(
-    model: Any, family: Family, tokenizer: Any | None = None, feature_extractor: Any | None = None
-) -> Callable[[Any], Any]:
-    """`generate` with batch 2 then 3 over texts (or waveforms) of different lengths."""
-
-    def run(model: Any) -> list[torch.Tensor]:
-        if family is Family.SPEECH_SEQ2SEQ:
-            batches = speech_batches(model, feature_extractor)
-        else:
-            batches = text_batches(model, tokenizer)
-        return [
-            model.generate(
-                **{k: v.to(model.device) for k, v in inputs.items()},
-                max_new_tokens=3,
-                min_new_tokens=3,
-                do_sample=False,
-            )
-            for inputs in batches
-        ]
-
-    return run
-
-
-def image_batches(model: Any) -> list[dict[str, torch.Tensor]]:
-    """Batches of 2 and 3 random images of the size and channels the (vision) config states."""
-    config = getattr(model.config, "vision_config", None) or model.config
-    size = getattr(config, "image_size", 224)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    channels = getattr(config, "num_channels", 3)
-    generator = torch.Generator().manual_seed(0)
-    return [{"pixel_values": torch.rand(b, channels, height, width, generator=generator)} for b in (2, 3)]
-
-
-def waveform_batches(model: Any, sampling_rate: int = 16000) -> list[dict[str, torch.Tensor]]:
-    """Batches of 2 and 3 waveforms of different durations (the batches differ in padded length),
-    normalised and zero padded as a wav2vec2-style feature extractor without attention mask does."""
-    batches = [(DEFAULT_AUDIO_SECONDS[0], DEFAULT_AUDIO_SECONDS[2]), DEFAULT_AUDIO_SECONDS]
-    result = []
-    for seconds in batches:
-        waves = [torch.from_numpy(w) for w in synthetic_waveforms(sampling_rate, seconds)]
-        waves = [(w - w.mean()) / (w.std() + 1e-7) for w in waves]
-        result.append({"input_values": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)})
-    return result
-
-
-def encoder_batches(model: Any, tokenizer: Any | None) -> list[dict[str, torch.Tensor]]:
-    """Batches of 2 and 3 of the model's main input (`model.main_input_name`): texts, images or
-    waveforms."""
-    main_input = getattr(model, "main_input_name", "input_ids")
-    if main_input == "pixel_values":
-        return image_batches(model)
-    if main_input == "input_values":
-        return waveform_batches(model)
-    return text_batches(model, tokenizer)
-
-
-def default_encoder_run(model: Any, tokenizer: Any | None = None) -> Callable[[Any], Any]:
-    """A plain forward over batches of 2 and 3 inputs of different sizes (see `encoder_batches`)."""
-
-    def run(model: Any) -> list[Any]:
-        with torch.no_grad():
-            return [model(**{k: v.to(model.device) for k, v in b.items()}) for b in encoder_batches(model, tokenizer)]
-
-    return run
-
-
-def default_run_for(
-    model: Any, contract: TaskContract, tokenizer: Any | None, feature_extractor: Any | None
-) -> Callable[[Any], Any]:
-    if contract.family is Family.DECODER:
-        return default_run(model, tokenizer, use_cache=contract.with_past)
-    if contract.family is Family.ENCODER:
-        return default_encoder_run(model, tokenizer)
-    return default_seq2seq_run(model, contract.family, tokenizer, feature_extractor)
-
-
-def left_padding_copy(tokenizer: Any | None) -> Any | None:
-    """A copy padding on the left (as batched generation needs); the caller's is left as it is."""
-    if tokenizer is None:
-        return None
-    padding_tokenizer = copy.deepcopy(tokenizer)
-    padding_tokenizer.padding_side = "left"
-    if padding_tokenizer.pad_token is None:
-        padding_tokenizer.pad_token = padding_tokenizer.eos_token or padding_tokenizer.unk_token
-    return padding_tokenizer
-
-
-def pad_token_id(model: Any, tokenizer: Any | None) -> int:
-    for candidate in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
-        # Encoders have no generation config (None): their config names the pad id (RoBERTa's 1).
-        getattr(getattr(model, "config", None), "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
 
 
 def observed_module(model: Any, module: str) -> torch.nn.Module:
@@ -410,14 +194,14 @@ def _run_failure(
             f"{RUN_FAILS_WITHOUT_OBSERVER}: {type(error).__name__}: {error}",
             "the run fails in plain PyTorch as well, so the observer is not the cause: check the run "
             "and the model's code in the installed transformers version (for the default run: "
-            f"{_RUN_HINTS[contract.family]}).",
+            f"{family_of(contract).run_hint}).",
         )
     return ObserverExportError(
         model_type,
         Stage.CAPTURE,
         f"running the model under the observer raised {type(error).__name__}: {error}",
         "check that the model runs in plain PyTorch with the same `run` callable "
-        f"(for the default run: {_RUN_HINTS[contract.family]}).",
+        f"(for the default run: {family_of(contract).run_hint}).",
     )
 
 
@@ -487,7 +271,8 @@ def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_
         "with max_new_tokens >= 3"
     )
     lengths = _sizes(captures, "input_ids", 1)
-    if len(lengths) == 1 and contract.family is Family.DECODER:
+    one_graph_for_every_step = family_of(contract).one_graph_for_every_step
+    if len(lengths) == 1 and one_graph_for_every_step:
         raise ObserverExportError(
             model_type,
             Stage.SYNTHESIS,
@@ -503,7 +288,7 @@ def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_
             next(iter(lengths)),
             hint,
         )
-    if contract.family is Family.DECODER and contract.with_past:
+    if one_graph_for_every_step and contract.with_past:
         (capture,) = captures
         cached = sum("past_key_values" in call.inputs for call in capture.calls)
         if cached < 2:
@@ -536,7 +321,7 @@ def capture(
     feature_extractor: Any | None = None,
 ) -> list[Capture]:
     """Runs `run(model)` with one observer per observed module; one :class:`Capture` per graph."""
-    run = run or default_run_for(model, contract, tokenizer, feature_extractor)
+    run = run or family_of(contract).default_run(model, contract, tokenizer, feature_extractor)
     observers = {name: torch.onnx.InputObserver() for name in contract.observed_modules}
     try:
         with contextlib.ExitStack() as stack:

@@ -18,7 +18,8 @@ import torch
 import transformers
 
 from .errors import ObserverExportError, Stage
-from .tasks import Family, TaskContract
+from .families import family_of
+from .tasks import TaskContract
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def load(
             ) from error
         if tokenizer is None:
             tokenizer = _try_tokenizer(source, hub_kwargs, trust_remote_code)
-        if feature_extractor is None and contract.family is Family.SPEECH_SEQ2SEQ:
+        if feature_extractor is None and family_of(contract).uses_feature_extractor:
             feature_extractor = _try_feature_extractor(source, hub_kwargs, trust_remote_code)
     else:
         loaded = model.to(torch_dtype)
@@ -226,8 +227,8 @@ def load(
 def _check_architecture(model: Any, model_type: str, contract: TaskContract) -> None:
     """An encoder-decoder model for an encoder-decoder task, and a decoder-only one otherwise."""
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    wants_encoder_decoder = contract.family in (Family.SEQ2SEQ, Family.SPEECH_SEQ2SEQ)
-    if contract.family is Family.ENCODER or is_encoder_decoder == wants_encoder_decoder:
+    wants_encoder_decoder = family_of(contract).encoder_decoder
+    if wants_encoder_decoder is None or is_encoder_decoder == wants_encoder_decoder:
         return
     kind = "an encoder-decoder" if is_encoder_decoder else "a decoder-only"
     tasks = "text2text-generation-with-past or automatic-speech-recognition-with-past"

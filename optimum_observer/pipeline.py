@@ -25,7 +25,8 @@ from . import conversion, loading, naming, optimization, packaging, portable_cac
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage
 from .result import ExportResult, ValidationReport
-from .tasks import Family, TaskContract, get_task
+from .families import TaskFamily, family_of
+from .tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def export(
         ObserverExportError: naming the model type, the stage and what to try next.
     """
     contract = get_task(task)
+    family = family_of(contract)
     # Checks that need no model run before any work.
     named = model.config.model_type if hasattr(model, "config") else os.fspath(model)
     conversion.check_opset(opset, named)
@@ -237,17 +239,26 @@ def export(
                     ]
                     packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
                 with progress.stage(Stage.VALIDATION):
-                    report = (
-                        _validate(staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code)
-                        if validate
-                        else None
+                    checking = _Checking(
+                        validation.ValidationInputs(
+                            staging,
+                            loaded.model,
+                            contract,
+                            (runtime_class or validation.default_runtime_class(contract)) if validate else None,
+                            loaded.tokenizer,
+                            loaded.feature_extractor,
+                            atol,
+                            # The export's config is the checkpoint's: code it ships is needed to read it back.
+                            {"trust_remote_code": True} if trust_remote_code else {},
+                        ),
+                        family,
+                        graphs,
+                        model_type,
                     )
+                    report = _validate(checking) if validate else None
                 if post_processing:
                     with progress.stage(Stage.OPTIMIZATION):
-                        post, report = _post_process(
-                            staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code,
-                            optimize, quantize, max_perplexity_ratio, report,
-                        )
+                        post, report = _post_process(checking, optimize, quantize, max_perplexity_ratio, report)
         finally:
             progress.close()
         return ExportResult(
@@ -263,14 +274,22 @@ def export(
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Checking:
+    """What the validation and optimization stages check the staged files with."""
+
+    inputs: validation.ValidationInputs
+    family: TaskFamily
+    graphs: list[_GraphExport]
+    model_type: str
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.inputs.load_kwargs.get("trust_remote_code"))
+
+
 def _post_process(
-    staging: Path,
-    loaded: loading.LoadedModel,
-    graphs: list[_GraphExport],
-    contract: TaskContract,
-    atol: float,
-    runtime_class: Any,
-    trust_remote_code: bool,
+    checking: _Checking,
     optimize: bool,
     quantize: str | None,
     max_perplexity_ratio: float | None,
@@ -278,14 +297,16 @@ def _post_process(
 ) -> tuple[optimization.PostProcessing, ValidationReport | None]:
     """Fusions, then quantization, of every graph file; with a `report` (validation on), the
     fused files are validated like the fp32 ones and the quantized ones for quality."""
-    if quantize and contract.family is not Family.DECODER:
+    inputs, model_type = checking.inputs, checking.model_type
+    if quantize and not checking.family.quantizable:
         raise ObserverExportError(
-            loaded.model_type,
+            model_type,
             Stage.OPTIMIZATION,
-            f"quantization is implemented for decoder tasks (text-generation), not {contract.name}",
+            f"quantization is implemented for decoder tasks (text-generation), not {inputs.contract.name}",
             "export without quantize, or quantize the files with onnxruntime.quantization yourself.",
         )
-    files = [graph.capture.graph.file_name for graph in graphs]
+    staging = inputs.directory
+    files = [graph.capture.graph.file_name for graph in checking.graphs]
     fusions: dict[str, int] = {}
     if optimize:
         for name in files:
@@ -293,10 +314,10 @@ def _post_process(
                 fusions[fusion] = fusions.get(fusion, 0) + count
         if report is not None:
             try:
-                report = _validate(staging, loaded, graphs, contract, atol, runtime_class, trust_remote_code)
+                report = _validate(checking)
             except ObserverExportError as error:
                 raise ObserverExportError(
-                    loaded.model_type,
+                    model_type,
                     Stage.OPTIMIZATION,
                     f"after the ONNX Runtime fusions ({', '.join(f'{k} {v}' for k, v in fusions.items())}): "
                     f"{error.reason}",
@@ -305,35 +326,27 @@ def _post_process(
                 ) from error
     kept: tuple[str, ...] = ()
     if quantize:
-        runtime_class = runtime_class or validation.default_runtime_class(contract)
-        load_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
-        measure = report is not None and runtime_class is not None
-        reference = (
-            validation.perplexity(staging, loaded.model, loaded.tokenizer, runtime_class, load_kwargs)
-            if measure
-            else None
-        )
+        measure = report is not None and inputs.runtime_class is not None
+        reference = validation.perplexity(inputs) if measure else None
         for name in files:
             try:
                 kept += optimization.post_process(staging, name, quantize=quantize).kept_fp32
             except Exception as error:
                 raise ObserverExportError(
-                    loaded.model_type,
+                    model_type,
                     Stage.OPTIMIZATION,
                     f"onnxruntime.quantization could not quantize {name} to {quantize}: "
                     f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                     "try the other quantize mode, or export without quantize (the fp32 file validated).",
                 ) from error
         if measure:
-            quality = validation.check_quality(
-                staging, loaded.model, loaded.tokenizer, runtime_class, reference, load_kwargs
-            )
+            quality = validation.check_quality(inputs, reference)
             report = dataclasses.replace(report, quality=quality)
             if max_perplexity_ratio is None:
                 max_perplexity_ratio = optimization.MAX_PERPLEXITY_RATIO[quantize]
             if quality.perplexity_ratio > max_perplexity_ratio:
                 raise ObserverExportError(
-                    loaded.model_type,
+                    model_type,
                     Stage.OPTIMIZATION,
                     f"{quantize} weights raise the perplexity to {quality.perplexity_ratio:.3f}x the fp32 "
                     f"file's, above the accepted {max_perplexity_ratio}x:\n{report.table()}",
@@ -353,50 +366,38 @@ class _GraphExport:
     program: torch.onnx.ONNXProgram | None = None
 
 
-def _validate(
-    staging: Path,
-    loaded: loading.LoadedModel,
-    graphs: list[_GraphExport],
-    contract: TaskContract,
-    atol: float,
-    runtime_class: Any,
-    trust_remote_code: bool,
-) -> ValidationReport:
+def _validate(checking: _Checking) -> ValidationReport:
+    """Every observed call replayed through its graph, then the family's runtime-class checks."""
+    inputs = checking.inputs
     calls = [
         check
-        for graph in graphs
+        for graph in checking.graphs
         for check in validation.replay_calls(
-            staging / graph.capture.graph.file_name,
+            inputs.directory / graph.capture.graph.file_name,
             graph.capture,
             graph.example,
             naming.input_names(graph.example),
-            atol,
+            inputs.atol,
         )
     ]
-    runtime_class = runtime_class or validation.default_runtime_class(contract)
-    # The export's config is the checkpoint's: code it ships is needed to read it back.
-    load_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     generation, runtime = [], []
-    if runtime_class is not None:
+    if inputs.runtime_class is not None:
         try:
-            generation, runtime = validation.check_runtime_class(
-                staging, loaded.model, contract, loaded.tokenizer, loaded.feature_extractor, runtime_class, atol,
-                load_kwargs,
-            )
+            generation, runtime = checking.family.check_runtime(inputs)
         except Exception as error:
             raise ObserverExportError(
-                loaded.model_type,
+                checking.model_type,
                 Stage.VALIDATION,
-                f"{runtime_class.__name__} could not run the exported model: "
+                f"{inputs.runtime_class.__name__} could not run the exported model: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                _runtime_failure_hint(error, trust_remote_code),
-                report=ValidationReport(atol=atol, calls=calls, generation=[]),
+                _runtime_failure_hint(error, checking.trust_remote_code),
+                report=ValidationReport(atol=inputs.atol, calls=calls, generation=[]),
             ) from error
-    report = ValidationReport(atol=atol, calls=calls, generation=generation, runtime=runtime)
+    report = ValidationReport(atol=inputs.atol, calls=calls, generation=generation, runtime=runtime)
     logger.debug("validation:\n%s", report.table())
     if not report.ok:
         raise ObserverExportError(
-            loaded.model_type,
+            checking.model_type,
             Stage.VALIDATION,
             f"the ONNX model does not match torch:\n{report.table()}",
             _mismatch_remedy(report),

@@ -8,7 +8,8 @@ Gives: a :class:`~optimum_observer.result.ValidationReport` with
   default atol 1e-4; a NaN or inf on either side, where compared, fails). generate() asks torch for the last position's logits only, so logits are
   compared on the positions torch returned;
 * through the runtime class (by default the unchanged `optimum.onnxruntime` class of the task,
-  imported lazily: its public API only): for generation tasks, greedy generation token for token
+  imported lazily: its public API only), the checks each task family runs
+  (:mod:`optimum_observer.families`) from the functions here: for generation tasks, greedy generation token for token
   against `model.generate`, batch 2 with inputs of different lengths (left padded for a decoder
   only model); on a mismatch, the check names what makes torch's tokens unreachable for the
   runtime, when it sees it (a generate that rewrites the prompt, or whose tokens change without
@@ -23,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -32,25 +34,38 @@ import torch
 import torch.utils._pytree as pytree
 
 from .cache_pytree import registered_caches
-from .capture import (
-    DEFAULT_AUDIO_SECONDS,
-    DEFAULT_PROMPTS,
-    Capture,
-    ObservedCall,
-    encoder_batches,
-    left_padding_copy,
-    pad_token_id,
-    random_token_batch,
-    speech_batches,
-    text_batches,
-)
+from .reference_inputs import encoder_batches, generation_inputs, pad_token_id, random_token_batch
 from .result import CallCheck, GenerationCheck, QualityCheck, RuntimeCheck, nonfinite_text
-from .synthesis import ExportExample
-from .tasks import Family, GraphContract, TaskContract
+from .tasks import GraphContract, TaskContract
+
+if TYPE_CHECKING:
+    from .capture import Capture, ObservedCall
+    from .synthesis import ExportExample
 
 logger = logging.getLogger(__name__)
 
 GENERATION_NEW_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationInputs:
+    """What the runtime-class checks compare: the export in `directory`, loaded by `runtime_class`,
+    against the torch `model` it came from, on the task family's reference inputs (built with the
+    tokenizer or feature extractor when there is one)."""
+
+    directory: Path
+    model: Any
+    contract: TaskContract
+    runtime_class: Any
+    tokenizer: Any | None = None
+    feature_extractor: Any | None = None
+    atol: float = 1e-4
+    #: `from_pretrained` arguments of the runtime class (`trust_remote_code`).
+    load_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def load(self, **kwargs: Any) -> Any:
+        """The export loaded by the runtime class."""
+        return self.runtime_class.from_pretrained(self.directory, **self.load_kwargs, **kwargs)
 
 
 def _leaves(value: Any) -> list[torch.Tensor]:
@@ -178,20 +193,6 @@ def replay_calls(
     return checks
 
 
-def generation_inputs(model: Any, tokenizer: Any | None) -> list[dict[str, torch.Tensor]]:
-    """Two batches: two prompts of different lengths left padded, and one prompt alone."""
-    padding_tokenizer = left_padding_copy(tokenizer)
-    if padding_tokenizer is not None:
-        batches = [list(DEFAULT_PROMPTS[1::-1]), [DEFAULT_PROMPTS[2]]]
-        encoded = [padding_tokenizer(b, return_tensors="pt", padding=True) for b in batches]
-        return [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in encoded]
-    generator = torch.Generator().manual_seed(1)
-    return [
-        random_token_batch(model, [9, 5], generator, left_padding=True),
-        random_token_batch(model, [5], generator, left_padding=True),
-    ]
-
-
 def _first_forward_input_ids(
     model: Any, inputs: dict[str, torch.Tensor], settings: dict[str, Any]
 ) -> torch.Tensor | None:
@@ -237,41 +238,35 @@ def _has_past_inputs(directory: Path) -> bool:
     return any(i.name.startswith("past_key_values") for i in session.get_inputs())
 
 
-def check_generation(
-    directory: Path,
-    model: Any,
-    tokenizer: Any | None,
-    runtime_class: Any,
-    pad_token_id: int,
-    load_kwargs: dict[str, Any] | None = None,
-) -> list[GenerationCheck]:
+def check_generation(inputs: ValidationInputs) -> list[GenerationCheck]:
+    """Greedy generation of a decoder-only export through the runtime class against torch's, on
+    left-padded batches (:func:`~optimum_observer.reference_inputs.generation_inputs`)."""
+    model = inputs.model
     # The runtime defaults to use_cache=True and refuses a graph without past inputs (a model
     # exported for `text-generation`); such a graph recomputes the whole prefix every step, and
     # torch is asked to do the same.
-    use_cache = _has_past_inputs(directory)
-    onnx_model = runtime_class.from_pretrained(
-        directory, **(load_kwargs or {}), **({} if use_cache else {"use_cache": False})
-    )
+    use_cache = _has_past_inputs(inputs.directory)
+    onnx_model = inputs.load(**({} if use_cache else {"use_cache": False}))
     checks = []
-    for inputs in generation_inputs(model, tokenizer):
+    for batch in generation_inputs(model, inputs.tokenizer):
         settings = dict(
             max_new_tokens=GENERATION_NEW_TOKENS,
             min_new_tokens=GENERATION_NEW_TOKENS,
             do_sample=False,
-            pad_token_id=pad_token_id,
+            pad_token_id=pad_token_id(model, inputs.tokenizer),
             use_cache=use_cache,
         )
         with torch.no_grad():
-            expected = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **settings)
-        got = onnx_model.generate(**inputs, **settings)
-        prompt_length = inputs["input_ids"].shape[1]
+            expected = model.generate(**{k: v.to(model.device) for k, v in batch.items()}, **settings)
+        got = onnx_model.generate(**batch, **settings)
+        prompt_length = batch["input_ids"].shape[1]
         check = GenerationCheck(
-            prompt_lengths=tuple(int(n) for n in inputs["attention_mask"].sum(-1)),
+            prompt_lengths=tuple(int(n) for n in batch["attention_mask"].sum(-1)),
             torch_tokens=expected[:, prompt_length:].tolist(),
             onnx_tokens=got[:, prompt_length:].tolist(),
         )
         if not check.ok:
-            check = dataclasses.replace(check, caveat=torch_reference_caveat(model, inputs, settings, expected))
+            check = dataclasses.replace(check, caveat=torch_reference_caveat(model, batch, settings, expected))
         checks.append(check)
     return checks
 
@@ -295,84 +290,43 @@ def default_runtime_class(contract: TaskContract) -> Any:
         return None
 
 
-def check_seq2seq_generation(
-    directory: Path,
-    model: Any,
-    contract: TaskContract,
-    tokenizer: Any | None,
-    feature_extractor: Any | None,
-    runtime_class: Any,
-    load_kwargs: dict[str, Any] | None = None,
+def check_encoder_decoder_generation(
+    inputs: ValidationInputs, batch: dict[str, torch.Tensor], prompt_lengths: tuple[int, ...]
 ) -> list[GenerationCheck]:
-    """Greedy generate through the runtime class against torch: the first default batch (two
-    texts or waveforms of different lengths)."""
-    onnx_model = runtime_class.from_pretrained(directory, **(load_kwargs or {}))
-    if contract.family is Family.SPEECH_SEQ2SEQ:
-        inputs = speech_batches(model, feature_extractor)[0]
-        # The waveforms' lengths in milliseconds: the features are all padded to one length.
-        lengths = tuple(int(1000 * seconds) for seconds in DEFAULT_AUDIO_SECONDS[:2])
-    else:
-        inputs = text_batches(model, tokenizer)[0]
-        lengths = tuple(int(n) for n in inputs["attention_mask"].sum(-1))
+    """Greedy generate of an encoder-decoder export through the runtime class against torch's on
+    one batch (`prompt_lengths`: what the table shows of its inputs' lengths)."""
+    model = inputs.model
+    onnx_model = inputs.load()
     settings = dict(
         max_new_tokens=GENERATION_NEW_TOKENS, min_new_tokens=GENERATION_NEW_TOKENS, do_sample=False
     )
     with torch.no_grad():
-        expected = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **settings)
-    got = onnx_model.generate(**inputs, **settings)
-    return [GenerationCheck(prompt_lengths=lengths, torch_tokens=expected.tolist(), onnx_tokens=got.tolist())]
+        expected = model.generate(**{k: v.to(model.device) for k, v in batch.items()}, **settings)
+    got = onnx_model.generate(**batch, **settings)
+    return [GenerationCheck(prompt_lengths=prompt_lengths, torch_tokens=expected.tolist(), onnx_tokens=got.tolist())]
 
 
 def check_runtime_outputs(
-    directory: Path,
-    model: Any,
-    contract: TaskContract,
-    tokenizer: Any | None,
-    runtime_class: Any,
-    atol: float,
-    batches: list[dict[str, torch.Tensor]] | None = None,
-    load_kwargs: dict[str, Any] | None = None,
+    inputs: ValidationInputs, batches: list[dict[str, torch.Tensor]] | None = None
 ) -> list[RuntimeCheck]:
     """Every output of the runtime class against the torch model's, batch by batch; `batches`
     defaults to the encoder batches of the default run (a caller adds inputs the runtime class
-    takes from its caller, as the legacy runner does with `position_ids`); `load_kwargs` go to
-    `from_pretrained` (`trust_remote_code`)."""
-    onnx_model = runtime_class.from_pretrained(directory, **(load_kwargs or {}))
-    (graph,) = contract.graphs
+    takes from its caller, as the legacy runner does with `position_ids`)."""
+    model = inputs.model
+    onnx_model = inputs.load()
+    (graph,) = inputs.contract.graphs
     checks = []
-    for index, inputs in enumerate(encoder_batches(model, tokenizer) if batches is None else batches):
+    for index, batch in enumerate(encoder_batches(model, inputs.tokenizer) if batches is None else batches):
         with torch.no_grad():
-            expected = model(**{k: v.to(model.device) for k, v in inputs.items()})
-        got = onnx_model(**inputs)
+            expected = model(**{k: v.to(model.device) for k, v in batch.items()})
+        got = onnx_model(**batch)
         for output in graph.outputs:
             want, have = output.read(expected), torch.as_tensor(getattr(got, output.name))
             diff = (have.float() - want.float()).abs().max().item() if want.shape == have.shape else math.inf
             nonfinite = nonfinite_sides(want, have) if want.shape == have.shape else ()
-            ok = not nonfinite and diff <= atol
+            ok = not nonfinite and diff <= inputs.atol
             checks.append(RuntimeCheck(index, output.name, diff, ok, nonfinite=nonfinite))
     return checks
-
-
-def check_runtime_class(
-    directory: Path,
-    model: Any,
-    contract: TaskContract,
-    tokenizer: Any | None,
-    feature_extractor: Any | None,
-    runtime_class: Any,
-    atol: float,
-    load_kwargs: dict[str, Any] | None = None,
-) -> tuple[list[GenerationCheck], list[RuntimeCheck]]:
-    """The checks of the task's family through `runtime_class`: greedy generation for the
-    generation tasks, every output for the encoder tasks (the other list is empty)."""
-    if contract.family is Family.DECODER:
-        pad = pad_token_id(model, tokenizer)
-        return check_generation(directory, model, tokenizer, runtime_class, pad, load_kwargs), []
-    if contract.generates:
-        return check_seq2seq_generation(
-            directory, model, contract, tokenizer, feature_extractor, runtime_class, load_kwargs
-        ), []
-    return [], check_runtime_outputs(directory, model, contract, tokenizer, runtime_class, atol, load_kwargs=load_kwargs)
 
 
 #: The text whose perplexity the quantization check measures (plain English, about 120 tokens
@@ -396,32 +350,20 @@ def _quality_ids(model: Any, tokenizer: Any | None) -> torch.Tensor:
     return batch["input_ids"]
 
 
-def perplexity(
-    directory: Path, model: Any, tokenizer: Any | None, runtime_class: Any, load_kwargs: dict[str, Any] | None = None
-) -> float:
-    """Perplexity of the export in `directory`, through `runtime_class`, on :data:`QUALITY_TEXT`."""
-    onnx_model = runtime_class.from_pretrained(directory, **(load_kwargs or {}))
-    ids = _quality_ids(model, tokenizer)
+def perplexity(inputs: ValidationInputs) -> float:
+    """Perplexity of the export, through the runtime class, on :data:`QUALITY_TEXT`."""
+    onnx_model = inputs.load()
+    ids = _quality_ids(inputs.model, inputs.tokenizer)
     logits = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
     loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
     return math.exp(loss.item())
 
 
-def check_quality(
-    directory: Path,
-    model: Any,
-    tokenizer: Any | None,
-    runtime_class: Any,
-    reference_perplexity: float,
-    load_kwargs: dict[str, Any] | None = None,
-) -> QualityCheck:
-    """The quantized export in `directory` against the fp32 file's perplexity and torch's greedy
-    tokens (the left-padded batches of :func:`check_generation`)."""
-    generation = check_generation(
-        directory, model, tokenizer, runtime_class, pad_token_id(model, tokenizer), load_kwargs
-    )
+def check_quality(inputs: ValidationInputs, reference_perplexity: float) -> QualityCheck:
+    """The quantized export against the fp32 file's perplexity and torch's greedy tokens (the
+    left-padded batches of :func:`check_generation`)."""
     return QualityCheck(
         reference_perplexity=reference_perplexity,
-        perplexity=perplexity(directory, model, tokenizer, runtime_class, load_kwargs),
-        generation=generation,
+        perplexity=perplexity(inputs),
+        generation=check_generation(inputs),
     )

@@ -1,8 +1,8 @@
 """An export checked through optimum-onnx's unchanged runtime class where optimum-observer is not installed.
 
 Takes: an exported directory, the torch model it came from, its task contract.
-Gives: :func:`check_without_observer`, the validation's runtime-class checks
-(:func:`optimum_observer.validation.check_runtime_class`, the same functions, not a copy) whose
+Gives: :func:`check_without_observer`, the validation's runtime-class checks (the task family's
+:meth:`~optimum_observer.families.TaskFamily.check_runtime`, the same functions, not a copy) whose
 runtime class runs in another interpreter of this environment, one where optimum-observer cannot
 be imported and its hook never ran: `python -I -S` (no .pth file processed, so neither the
 editable install nor the hook exists) with site-packages put back on `sys.path`
@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .families import family_of
 from .result import ValidationReport
 from .tasks import TaskContract
-from .validation import check_runtime_class
+from .validation import ValidationInputs
 
 #: Runs first in that interpreter: site-packages back on the path (its .pth files unprocessed),
 #: and a refusal to go on if optimum-observer is importable after all.
@@ -172,8 +173,10 @@ def check_without_observer(
         RuntimeWithoutObserverError: the class failed to load or to run the export there (the
             message is its last error line).
     """
+    family = family_of(contract)
     recording = _Recording(model)
-    check_runtime_class(directory, model, contract, tokenizer, feature_extractor, recording, atol)
+    inputs = ValidationInputs(directory, model, contract, recording, tokenizer, feature_extractor, atol)
+    family.check_runtime(inputs)
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     inputs, outputs, spec_path = scratch / "inputs.npz", scratch / "outputs.npz", scratch / "spec.json"
@@ -196,5 +199,5 @@ def check_without_observer(
         raise RuntimeWithoutObserverError(lines[-1] if lines else f"exit status {done.returncode}")
     with np.load(outputs) as returned:
         replaying = _Replaying(recording.calls, dict(returned.items()))
-    generation, runtime = check_runtime_class(directory, model, contract, tokenizer, feature_extractor, replaying, atol)
+    generation, runtime = family.check_runtime(dataclasses.replace(inputs, runtime_class=replaying))
     return ValidationReport(atol=atol, calls=[], generation=generation, runtime=runtime)

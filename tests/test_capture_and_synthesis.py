@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from optimum_observer import capture
+from optimum_observer import reference_inputs
+from optimum_observer.families import family_of
+from optimum_observer.tasks import get_task
 from stages import capture_and_synthesize, load_tiny
 
 
@@ -22,7 +24,8 @@ class TinyLlamaCase(unittest.TestCase):
 
 class TestCapture(TinyLlamaCase):
     def test_observing_does_not_change_what_the_run_returns(self):
-        run = capture.default_run(self.loaded.model, self.loaded.tokenizer)
+        contract = get_task("text-generation-with-past")
+        run = family_of(contract).default_run(self.loaded.model, contract, self.loaded.tokenizer)
         plain = run(self.loaded.model)
         captured, _ = capture_and_synthesize(self.loaded)
         self.assertEqual(len(plain), len(captured.return_value))
@@ -89,6 +92,6 @@ class TestPadding(unittest.TestCase):
             generation_config = None
             config = transformers.RobertaConfig(vocab_size=50, pad_token_id=1)
 
-        batch = capture.random_token_batch(Encoder(), [2, 5], torch.Generator().manual_seed(0), left_padding=False)
+        batch = reference_inputs.random_token_batch(Encoder(), [2, 5], torch.Generator().manual_seed(0), left_padding=False)
         self.assertEqual(batch["attention_mask"][0].tolist(), [1, 1, 0, 0, 0])
         self.assertEqual(batch["input_ids"][0, 2:].tolist(), [1, 1, 1])

@@ -21,7 +21,7 @@ from optimum.exporters.onnx import main_export
 from parameterized import parameterized
 
 import optimum_observer
-from optimum_observer.capture import encoder_batches, text_batches
+from optimum_observer.reference_inputs import encoder_batches, text_batches
 from optimum_observer.tiny_configs import save_tiny_model
 from optimum_observer.tasks import get_task
 from legacy import legacy_tasks

@@ -23,9 +23,9 @@ from parameterized import parameterized
 
 import optimum_observer
 from optimum_observer import cli, optimization, tiny_configs, validation
-from optimum_observer.capture import pad_token_id
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.result import ExportResult
+from optimum_observer.tasks import get_task
 from tiny_models import save_causal_lm
 
 MODEL_TYPE = "llama"
@@ -49,7 +49,6 @@ class TestPostProcessing(unittest.TestCase):
         source = cls.artifacts.causal_lm(MODEL_TYPE)
         cls.model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
         cls.tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        cls.pad = pad_token_id(cls.model, cls.tokenizer)
 
     def setUp(self):
         self.scratch = Path(tempfile.mkdtemp())
@@ -58,8 +57,13 @@ class TestPostProcessing(unittest.TestCase):
     def copy(self, name: str) -> Path:
         return Path(shutil.copytree(self.fp32, self.scratch / name))
 
+    def checked(self, directory: Path) -> validation.ValidationInputs:
+        return validation.ValidationInputs(
+            directory, self.model, get_task("text-generation-with-past"), ORTModelForCausalLM, self.tokenizer
+        )
+
     def generation(self, directory: Path):
-        return validation.check_generation(directory, self.model, self.tokenizer, ORTModelForCausalLM, self.pad)
+        return validation.check_generation(self.checked(directory))
 
     def test_optimize_fuses_and_keeps_torch_tokens_with_left_padding(self):
         directory = self.copy("optimized")
@@ -102,7 +106,7 @@ class TestPostProcessing(unittest.TestCase):
     @parameterized.expand([("int8", {"MatMulInteger", "DynamicQuantizeLinear"}), ("int4", {"MatMulNBits"})])
     def test_quantized_file_loads_in_the_unchanged_class_and_keeps_quality(self, mode, quantized_ops):
         directory = self.copy(mode)
-        reference = validation.perplexity(directory, self.model, self.tokenizer, ORTModelForCausalLM)
+        reference = validation.perplexity(self.checked(directory))
         done = optimization.post_process(directory, "model.onnx", quantize=mode)
 
         self.assertLessEqual(quantized_ops, _ops(directory))
@@ -110,7 +114,7 @@ class TestPostProcessing(unittest.TestCase):
         self.assertLess((directory / "model.onnx").stat().st_size, (self.fp32 / "model.onnx").stat().st_size)
         if mode == "int8":  # the vocabulary projection stays fp32 (optimization.INT8_SETTINGS)
             self.assertEqual(len(done.kept_fp32), 1 + 2 * tiny_configs.LAYERS)  # lm_head, down_proj, o_proj
-        quality = validation.check_quality(directory, self.model, self.tokenizer, ORTModelForCausalLM, reference)
+        quality = validation.check_quality(self.checked(directory), reference)
         self.assertLessEqual(quality.perplexity_ratio, optimization.MAX_PERPLEXITY_RATIO[mode])
         self.assertGreater(quality.perplexity_ratio, 0.95)
         self.assertTrue(all(len(row) == validation.GENERATION_NEW_TOKENS for g in quality.generation for row in g.onnx_tokens))

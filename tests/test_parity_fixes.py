@@ -10,7 +10,8 @@ import torch
 
 import optimum_observer
 from optimum_observer import capture, loading, sweep, validation
-from optimum_observer.capture import ObservedCall, position_offset, random_token_batch
+from optimum_observer.capture import ObservedCall, position_offset
+from optimum_observer.reference_inputs import random_token_batch
 from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from optimum_observer.tasks import get_task
 from optimum_observer.cache_pytree import registered_caches

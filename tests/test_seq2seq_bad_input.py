@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from optimum_observer import Stage
-from optimum_observer.capture import synthetic_waveforms
+from optimum_observer.reference_inputs import synthetic_waveforms
 from failure_case import ExportFailureCase
 from tiny_families import save_seq2seq_lm, save_whisper, whisper_feature_extractor
 from tiny_models import save_causal_lm

@@ -19,7 +19,7 @@ import optimum_observer
 from legacy_shim import state_runtime
 from legacy_shim.modeling import ORTModelForCausalLM
 from optimum_observer.cache_pytree import registered_caches
-from optimum_observer.capture import random_token_batch
+from optimum_observer.reference_inputs import random_token_batch
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.patches import PATCHES, applied, plain_tensor_buffers
 from optimum_observer.tiny_configs import build_tiny_model

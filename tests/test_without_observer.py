@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from optimum_observer import tiny_configs, without_observer
+from optimum_observer.families import family_of
 from optimum_observer.tasks import get_task
-from optimum_observer.validation import check_runtime_class
+from optimum_observer.validation import ValidationInputs
 
 TASK = get_task("feature-extraction")
 
@@ -51,7 +52,7 @@ class TestRecordAndReplay(unittest.TestCase):
     def setUpClass(cls):
         cls.model = tiny_configs.build_tiny_model("bert", TASK.auto_model_class).eval()
         cls.recording = without_observer._Recording(cls.model)
-        check_runtime_class(Path("unused"), cls.model, TASK, None, None, cls.recording, 1e-4)
+        family_of(TASK).check_runtime(ValidationInputs(Path("unused"), cls.model, TASK, cls.recording))
 
     def _replayed(self, shift: float):
         outputs = {}
@@ -60,7 +61,7 @@ class TestRecordAndReplay(unittest.TestCase):
                 hidden = self.model(**call.tensors).last_hidden_state.numpy()
             outputs[f"{index}.last_hidden_state"] = hidden + np.float32(shift)
         replaying = without_observer._Replaying(self.recording.calls, outputs)
-        return check_runtime_class(Path("unused"), self.model, TASK, None, None, replaying, 1e-4)[1]
+        return family_of(TASK).check_runtime(ValidationInputs(Path("unused"), self.model, TASK, replaying)).outputs
 
     def test_every_call_the_checks_make_is_recorded(self):
         self.assertEqual([c.method for c in self.recording.calls], ["__call__", "__call__"])

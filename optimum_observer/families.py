@@ -1,0 +1,247 @@
+"""Task families: how each kind of task is run by default and checked through its runtime class.
+
+Takes: a task contract (its :class:`~optimum_observer.tasks.Family`).
+Gives: one :class:`TaskFamily` object per family (:func:`family_of`), which owns what differs
+between decoder-only generation, encoder-decoder generation (text or speech) and encoders:
+
+* :meth:`TaskFamily.reference_inputs`: the batches its runtime check feeds (and, for most
+  families, the default run too);
+* :meth:`TaskFamily.default_run`: how the model is run when the caller passes no `run`;
+* :meth:`TaskFamily.check_runtime`: the checks validation runs through the runtime class
+  (greedy generation, or every output), built from :mod:`optimum_observer.validation`;
+* a few facts the stages ask about instead of branching on the family: the architecture it
+  needs, whether it loads a feature extractor, whether one graph serves every step.
+
+The stages look the family up once and call it; a new family (vision-language, issue 17) is one
+more class registered in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from . import reference_inputs
+from .result import GenerationCheck, RuntimeCheck
+from .tasks import Family, TaskContract
+from .validation import (
+    ValidationInputs,
+    check_encoder_decoder_generation,
+    check_generation,
+    check_runtime_outputs,
+)
+
+Batch = dict[str, torch.Tensor]
+#: new tokens per generate call of the default runs: at least 2 cached steps per batch.
+DEFAULT_RUN_NEW_TOKENS = 3
+
+
+class RuntimeChecks(NamedTuple):
+    """The runtime class's checks of one export: greedy generation, or outputs (one is empty)."""
+
+    generation: list[GenerationCheck]
+    outputs: list[RuntimeCheck]
+
+
+def _generate_greedily(model: Any, batch: Batch, **settings: Any) -> torch.Tensor:
+    return model.generate(
+        **{k: v.to(model.device) for k, v in batch.items()},
+        max_new_tokens=DEFAULT_RUN_NEW_TOKENS,
+        min_new_tokens=DEFAULT_RUN_NEW_TOKENS,
+        do_sample=False,
+        **settings,
+    )
+
+
+class TaskFamily(abc.ABC):
+    """What one family of tasks runs by default and checks through its runtime class."""
+
+    family: ClassVar[Family]
+    #: the default run in words, for the error of a run that fails.
+    run_hint: ClassVar[str]
+    #: the architecture it exports: True an encoder-decoder model, False a decoder-only one,
+    #: None either (encoders).
+    encoder_decoder: ClassVar[bool | None]
+    #: its inputs are made by a feature extractor, loaded with the model when it has one.
+    uses_feature_extractor: ClassVar[bool] = False
+    #: one graph serves the prompt and every later step (decoder-only): the run must show the
+    #: sequence axis at two lengths, and a task with past at least two cached steps.
+    one_graph_for_every_step: ClassVar[bool] = False
+    #: its files can be quantized (optimization.py measures quality on generated text).
+    quantizable: ClassVar[bool] = False
+    #: its runtime class takes every graph input from its caller, computing none (encoders): an
+    #: input its forward takes no argument for cannot be fed.
+    runtime_fed_by_caller: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+        """The batches the runtime check feeds the runtime class and torch."""
+
+    @abc.abstractmethod
+    def default_run(
+        self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> Callable[[Any], Any]:
+        """The `run` used when the caller gives none: the model run the way its users run it."""
+
+    def check_generation(self, inputs: ValidationInputs) -> list[GenerationCheck]:
+        """Greedy generation through the runtime class against torch's; none for a family that
+        does not generate."""
+        return []
+
+    def compare_outputs(self, inputs: ValidationInputs, batches: list[Batch] | None = None) -> list[RuntimeCheck]:
+        """The runtime class's outputs against torch's on `batches` (default: the reference
+        inputs); none where the runtime class's forward needs more than the reference inputs."""
+        return []
+
+    def check_runtime(self, inputs: ValidationInputs) -> RuntimeChecks:
+        """What validation checks through the runtime class: greedy generation by default."""
+        return RuntimeChecks(self.check_generation(inputs), [])
+
+
+class DecoderFamily(TaskFamily):
+    family = Family.DECODER
+    run_hint = "model.generate on a batch of token ids"
+    encoder_decoder = False
+    one_graph_for_every_step = True
+    quantizable = True
+
+    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+        return reference_inputs.generation_inputs(model, tokenizer)
+
+    def default_run(
+        self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> Callable[[Any], Any]:
+        """`generate` over prompts of different lengths with batch 2 then 3, left padded; without a
+        cache (a task without past), every step recomputes the whole prefix, as the runtime then does."""
+        padding_tokenizer = reference_inputs.left_padding_copy(tokenizer)
+        prompts = reference_inputs.DEFAULT_PROMPTS
+
+        def run(model: Any) -> list[torch.Tensor]:
+            # Two short prompts, then all three: the batches differ in size and in padded length.
+            batches = [[prompts[0], prompts[2]], list(prompts)]
+            generator = torch.Generator().manual_seed(0)
+            results = []
+            for texts in batches:
+                if padding_tokenizer is not None:
+                    encoded = padding_tokenizer(texts, return_tensors="pt", padding=True)
+                    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+                else:
+                    lengths = [4 + 2 * i for i in range(len(texts))]
+                    batch = reference_inputs.random_token_batch(model, lengths, generator, True)
+                pad = reference_inputs.pad_token_id(model, tokenizer)
+                results.append(_generate_greedily(model, batch, pad_token_id=pad, use_cache=contract.with_past))
+            return results
+
+        return run
+
+    def check_generation(self, inputs: ValidationInputs) -> list[GenerationCheck]:
+        return check_generation(inputs)
+
+    def compare_outputs(self, inputs: ValidationInputs, batches: list[Batch] | None = None) -> list[RuntimeCheck]:
+        """Logits on the positions the attention mask lets through (a padded row's are
+        implementation-defined)."""
+        model = inputs.model
+        onnx_model = inputs.load()
+        checks = []
+        for index, batch in enumerate(self.reference_inputs(model, inputs.tokenizer) if batches is None else batches):
+            with torch.no_grad():
+                expected = model(**batch).logits
+            got = torch.as_tensor(onnx_model(**batch).logits)
+            diff = ((got.float() - expected.float()).abs() * batch["attention_mask"][..., None]).max().item()
+            checks.append(RuntimeCheck(index, "logits", diff, diff <= inputs.atol))
+        return checks
+
+
+class EncoderDecoderFamily(TaskFamily):
+    """Text in, text out: the encoder reads the input once, the decoder generates."""
+
+    family = Family.SEQ2SEQ
+    run_hint = "model.generate on a batch of token ids"
+    encoder_decoder = True
+
+    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+        return reference_inputs.text_batches(model, tokenizer)
+
+    def prompt_lengths(self, batch: Batch) -> tuple[int, ...]:
+        """How the generation table names a batch's inputs."""
+        return tuple(int(n) for n in batch["attention_mask"].sum(-1))
+
+    def default_run(
+        self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> Callable[[Any], Any]:
+        """`generate` with batch 2 then 3 over the reference inputs (different lengths)."""
+
+        def run(model: Any) -> list[torch.Tensor]:
+            return [_generate_greedily(model, b) for b in self.reference_inputs(model, tokenizer, feature_extractor)]
+
+        return run
+
+    def check_generation(self, inputs: ValidationInputs) -> list[GenerationCheck]:
+        """The first reference batch (two inputs of different lengths)."""
+        batch = self.reference_inputs(inputs.model, inputs.tokenizer, inputs.feature_extractor)[0]
+        return check_encoder_decoder_generation(inputs, batch, self.prompt_lengths(batch))
+
+
+class SpeechFamily(EncoderDecoderFamily):
+    """Audio in, text out: waveforms of different durations through the feature extractor."""
+
+    family = Family.SPEECH_SEQ2SEQ
+    run_hint = (
+        "model.generate on input_features made by the model's feature extractor from audio at its "
+        "sampling rate (feature_extractor.sampling_rate), of the length the encoder expects"
+    )
+    uses_feature_extractor = True
+
+    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+        return reference_inputs.speech_batches(model, feature_extractor)
+
+    def prompt_lengths(self, batch: Batch) -> tuple[int, ...]:
+        # The waveforms' lengths in milliseconds: the features are all padded to one length.
+        return tuple(int(1000 * seconds) for seconds in reference_inputs.DEFAULT_AUDIO_SECONDS[: len(batch["input_features"])])
+
+
+class EncoderFamily(TaskFamily):
+    """One forward: texts, images or waveforms (the model's main input) in, every output checked."""
+
+    family = Family.ENCODER
+    run_hint = (
+        "model(**tokenizer(sentences, padding=True, return_tensors='pt')), or model(pixel_values=...) / "
+        "model(input_values=...) for a model whose main input is an image or a waveform"
+    )
+    encoder_decoder = None
+    runtime_fed_by_caller = True
+
+    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+        return reference_inputs.encoder_batches(model, tokenizer)
+
+    def default_run(
+        self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> Callable[[Any], Any]:
+        """A plain forward over the reference inputs (batches of 2 and 3 of different sizes)."""
+
+        def run(model: Any) -> list[Any]:
+            with torch.no_grad():
+                return [model(**{k: v.to(model.device) for k, v in b.items()}) for b in self.reference_inputs(model, tokenizer)]
+
+        return run
+
+    def compare_outputs(self, inputs: ValidationInputs, batches: list[Batch] | None = None) -> list[RuntimeCheck]:
+        """Every output of the contract, within atol."""
+        return check_runtime_outputs(inputs, batches)
+
+    def check_runtime(self, inputs: ValidationInputs) -> RuntimeChecks:
+        return RuntimeChecks([], self.compare_outputs(inputs))
+
+
+FAMILIES: dict[Family, TaskFamily] = {
+    family.family: family for family in (DecoderFamily(), EncoderDecoderFamily(), SpeechFamily(), EncoderFamily())
+}
+
+
+def family_of(contract: TaskContract) -> TaskFamily:
+    """The family object of a task."""
+    return FAMILIES[contract.family]
+

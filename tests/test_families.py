@@ -1,0 +1,106 @@
+"""Task families: one object per family owns its default run, reference inputs and runtime check."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import unittest
+from pathlib import Path
+
+import torch
+
+from optimum_observer import tiny_configs
+from optimum_observer.families import FAMILIES, RuntimeChecks, family_of
+from optimum_observer.tasks import TASKS, Family, get_task
+from optimum_observer.validation import ValidationInputs
+
+PACKAGE = Path(importlib.util.find_spec("optimum_observer").origin).parent
+#: The modules that may name a family: where families are declared and where they are implemented.
+FAMILY_MODULES = ("tasks.py", "families.py")
+
+
+class _TorchAsRuntime:
+    """A runtime class whose model is the torch model itself (no ONNX file needed)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.__name__ = "TorchAsRuntime"
+
+    def from_pretrained(self, directory, **kwargs):
+        return self
+
+    def __call__(self, **inputs):
+        with torch.no_grad():
+            return self.model(**inputs)
+
+    def generate(self, **inputs):
+        with torch.no_grad():
+            return self.model.generate(**inputs)
+
+
+class TestRegistry(unittest.TestCase):
+    def test_every_family_has_one_object(self):
+        self.assertEqual(set(FAMILIES), set(Family))
+        for family, family_object in FAMILIES.items():
+            self.assertIs(family_object.family, family)
+
+    def test_every_task_finds_its_family(self):
+        for contract in TASKS.values():
+            self.assertIs(family_of(contract).family, contract.family)
+
+    def test_no_stage_branches_on_the_family(self):
+        """Stages call the family object; only the modules declaring families name a member."""
+        found = []
+        for path in sorted(PACKAGE.rglob("*.py")):
+            if path.name in FAMILY_MODULES:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Family":
+                    found.append(f"{path.name}: Family.{node.attr}")
+        self.assertEqual(found, [])
+
+
+class TestEncoderFamily(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.contract = get_task("feature-extraction")
+        cls.model = tiny_configs.build_tiny_model("bert", cls.contract.auto_model_class).eval()
+        cls.family = family_of(cls.contract)
+
+    def test_the_default_run_feeds_the_reference_inputs(self):
+        fed = []
+        handle = self.model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].shape), with_kwargs=True)
+        self.addCleanup(handle.remove)
+        self.family.default_run(self.model, self.contract)(self.model)
+        self.assertEqual(fed, [b["input_ids"].shape for b in self.family.reference_inputs(self.model)])
+
+    def test_its_runtime_check_compares_every_output_and_generates_nothing(self):
+        inputs = ValidationInputs(Path("unused"), self.model, self.contract, _TorchAsRuntime(self.model))
+        checks = self.family.check_runtime(inputs)
+        self.assertIsInstance(checks, RuntimeChecks)
+        self.assertEqual(checks.generation, [])
+        self.assertEqual([(c.index, c.output, c.ok) for c in checks.outputs], [(0, "last_hidden_state", True), (1, "last_hidden_state", True)])
+
+
+class TestDecoderFamily(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.contract = get_task("text-generation-with-past")
+        cls.model = tiny_configs.build_tiny_model("llama", cls.contract.auto_model_class).eval()
+        cls.family = family_of(cls.contract)
+
+    def test_its_outputs_are_the_logits_on_the_reference_inputs(self):
+        inputs = ValidationInputs(Path("unused"), self.model, self.contract, _TorchAsRuntime(self.model))
+        checks = self.family.compare_outputs(inputs)
+        self.assertEqual([(c.output, c.max_abs_diff) for c in checks], [("logits", 0.0), ("logits", 0.0)])
+
+    def test_the_stages_ask_it_instead_of_naming_it(self):
+        self.assertTrue(self.family.one_graph_for_every_step)
+        self.assertTrue(self.family.quantizable)
+        self.assertFalse(self.family.encoder_decoder)
+        self.assertFalse(family_of(get_task("text2text-generation-with-past")).quantizable)
+        self.assertTrue(family_of(get_task("automatic-speech-recognition-with-past")).uses_feature_extractor)
+
+
+if __name__ == "__main__":
+    unittest.main()
