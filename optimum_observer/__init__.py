@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import ObserverExportError, Stage
+from .errors import ErrorKind, ObserverExportError, Stage
 from .result import CallCheck, ExportResult, GenerationCheck, ValidationReport
 from .tasks import supported_tasks
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CallCheck",
+    "ErrorKind",
     "ExportResult",
     "GenerationCheck",
     "ObserverExportError",

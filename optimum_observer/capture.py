@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
+from .errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
 from .families import family_of
 from .tasks import CACHE, Calls, GraphContract, TaskContract
 
@@ -195,6 +195,7 @@ def _run_failure(
             "the run fails in plain PyTorch as well, so the observer is not the cause: check the run "
             "and the model's code in the installed transformers version (for the default run: "
             f"{family_of(contract).run_hint}).",
+            kind=ErrorKind.MODEL_RUN,
         )
     return ObserverExportError(
         model_type,

@@ -8,6 +8,11 @@ The graph's module (the model, or its encoder) is wrapped in a module whose `for
 exactly the graph's inputs by name, passes each as the `forward` argument it was observed in,
 and returns the contract's outputs as a tuple, so graph inputs and outputs come in a known
 order for the naming stage. The export runs inside the patches of :mod:`optimum_observer.patches`.
+
+One `torch.onnx.export` call runs two stages: torch.export (step 1: the graph captured, by the
+exporter's own capture strategies) and the ONNX conversion (steps 2 and 3: decompositions, then
+translation at the opset). A failure names the one that failed, from the exporter's error class
+(`TorchExportError` or `ConversionError`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.onnx._internal.exporter._errors import TorchExportError
 from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import ObserverExportError, Stage
@@ -45,7 +51,7 @@ def check_opset(opset: int | None, model_type: str) -> None:
         return
     raise ObserverExportError(
         model_type,
-        Stage.EXPORT,
+        Stage.ONNX_CONVERSION,
         f"opset {opset} is outside the opsets torch.onnx.export(dynamo=True) produces "
         f"({supported.start} to {supported.stop - 1})",
         f"pass an opset from {supported.start} to {supported.stop - 1}, or none for the exporter's "
@@ -145,25 +151,42 @@ def convert(
                 verbose=False,
             )
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ObserverExportError(
-            model_type,
-            Stage.EXPORT,
-            f"torch.onnx.export(dynamo=True) rejected the model: {type(error).__name__}: {first_line}",
-            "this usually means a data-dependent branch or an operator torch.export cannot trace; "
-            "rerun with logging at DEBUG for the full error, and check "
-            "optimum_observer.patches for a fix of the same kind.",
-        ) from error
+        raise _export_error(error, model_type) from error
     produced = program.model.opset_imports.get("")
     if opset is not None and produced != opset:
         raise ObserverExportError(
             model_type,
-            Stage.EXPORT,
+            Stage.ONNX_CONVERSION,
             f"the exported graph has opset {produced}, not the requested {opset} (the version "
             "conversion failed)",
             f"pass opset={produced} or none.",
         )
     return program
+
+
+def _export_error(error: Exception, model_type: str) -> ObserverExportError:
+    """The stage `torch.onnx.export(dynamo=True)` failed at, by its error class: `TorchExportError`
+    is step 1 (torch.export could not capture the graph), anything else steps 2 and 3
+    (`ConversionError`: decompositions or the translation of an operator to ONNX)."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, TorchExportError):
+        return ObserverExportError(
+            model_type,
+            Stage.TORCH_EXPORT,
+            f"torch.export rejected the model: {type(error).__name__}: {first_line}",
+            "this usually means a data-dependent branch or code torch.export cannot trace; rerun with "
+            "logging at DEBUG for the full error, and check optimum_observer.patches for a fix of the "
+            "same kind.",
+        )
+    return ObserverExportError(
+        model_type,
+        Stage.ONNX_CONVERSION,
+        f"torch.onnx.export(dynamo=True) could not translate the exported program to ONNX: "
+        f"{type(error).__name__}: {first_line}",
+        "this usually means an operator without an ONNX implementation or with arguments torchlib "
+        "does not take (DispatchError); rerun with logging at DEBUG for the full error, and check "
+        "optimum_observer.patches for a fix of the same kind.",
+    )
 
 
 def check_axes(program: torch.onnx.ONNXProgram, example: ExportExample, model_type: str, file_name: str) -> None:
@@ -174,7 +197,7 @@ def check_axes(program: torch.onnx.ONNXProgram, example: ExportExample, model_ty
     if restricted:
         raise ObserverExportError(
             model_type,
-            Stage.EXPORT,
+            Stage.TORCH_EXPORT,
             f"torch.export bounded dynamic axes of {file_name} below sizes the run fed: "
             f"{'; '.join(restricted)}, so the graph would be wrong for inputs past the bound",
             "the model's code bounds that axis (a check, a slice of a fixed-size buffer, a padding "

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import capture as capture_stage
 from . import conversion, loading, naming, optimization, packaging, portable_cache, signals, synthesis, validation
 from .cache_pytree import registered_caches
-from .errors import ObserverExportError, Stage
+from .errors import ObserverExportError, Stage, stage_errors
 from .result import ExportResult, ValidationReport
 from .families import TaskFamily, family_of
 from .tasks import get_task
@@ -38,21 +38,28 @@ EXPORT_LOCK = threading.RLock()
 
 
 class _Progress:
-    """Times each stage and shows it on a progress bar when asked to."""
+    """Times each stage and shows it on a progress bar when asked to; an unexpected exception in
+    a stage comes out as that stage's :class:`ObserverExportError` (:func:`errors.stage_errors`)."""
 
-    def __init__(self, show: bool, stages: int = len(Stage)):
+    def __init__(self, show: bool, model_type: str, stages: int = len(Stage)):
         self.timings: dict[str, float] = {}
+        #: named in the errors of the stages (the path until the model is loaded).
+        self.model_type = model_type
         self._bar = tqdm(total=stages, desc="observer export", unit="stage", disable=not show)
 
     @contextlib.contextmanager
-    def stage(self, stage: Stage) -> Iterator[None]:
-        self._bar.set_postfix_str(stage.value)
+    def stage(self, *stages: Stage) -> Iterator[None]:
+        """One or more consecutive stages that run as one step (torch.export and the ONNX
+        conversion run in one `torch.onnx.export` call): timed together, under their joined names."""
+        name = " / ".join(stage.value for stage in stages)
+        self._bar.set_postfix_str(name)
         start = time.perf_counter()
         try:
-            yield
+            with stage_errors(self.model_type, stages[0]):
+                yield
         finally:
-            self.timings[stage.value] = time.perf_counter() - start
-            self._bar.update(1)
+            self.timings[name] = time.perf_counter() - start
+            self._bar.update(len(stages))
 
     def close(self) -> None:
         self._bar.close()
@@ -180,6 +187,7 @@ def export(
         post_processing = optimize or quantize is not None
         progress = _Progress(
             sys.stderr.isatty() if show_progress is None else show_progress,
+            named,
             len(Stage) if post_processing else len(Stage) - 1,
         )
         try:
@@ -195,7 +203,7 @@ def export(
                     hub_kwargs=hub_kwargs,
                     feature_extractor=feature_extractor,
                 )
-            model_type = loaded.model_type
+            model_type = progress.model_type = loaded.model_type
             with registered_caches():
                 with progress.stage(Stage.CAPTURE):
                     captures = capture_stage.capture(
@@ -204,7 +212,9 @@ def export(
                 with progress.stage(Stage.SYNTHESIS):
                     graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
                     capture_stage.check_observed_sizes(captures, contract, model_type)
-                with progress.stage(Stage.EXPORT):
+                # One torch.onnx.export call runs both: the exporter's capture strategies and its
+                # dynamic-shape handling are kept; a failure names the step that failed.
+                with progress.stage(Stage.TORCH_EXPORT, Stage.ONNX_CONVERSION):
                     # Only the patches whose targets this model is built from (and the environment's).
                     selected = conversion.patches_for(loaded.model, model_type)
                     for graph in graphs:

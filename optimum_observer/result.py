@@ -104,21 +104,33 @@ class ValidationReport:
         sides = {side for check in (*self.calls, *self.runtime) for side in check.nonfinite}
         return tuple(side for side in ("torch", "ONNX Runtime") if side in sides)
 
+    def _rows(self) -> list[tuple[str, bool, tuple[str, ...]]]:
+        """One table row per check: the row, whether the check passed, the lines under it."""
+        rows = []
+        for c in self.calls:
+            verdict = "ok" if c.ok else f"FAIL {c.error}".strip()
+            row = f"{f'observed call {c.index} ({c.graph})':<48} {c.max_abs_diff:>12.3g}  {verdict}"
+            rows.append((row, c.ok, ()))
+        for r in self.runtime:
+            verdict = "ok" if r.ok else f"FAIL {nonfinite_text(r.nonfinite)}".strip()
+            row = f"{f'runtime class, batch {r.index}: {r.output}':<48} {r.max_abs_diff:>12.3g}  {verdict}"
+            rows.append((row, r.ok, ()))
+        for i, g in enumerate(self.generation):
+            verdict = "ok" if g.ok else f"FAIL {g.caveat}".strip()
+            tokens = () if g.ok else (f"    torch: {g.torch_tokens}", f"    onnx : {g.onnx_tokens}")
+            rows.append((f"{'greedy generation ' + str(i):<48} {'':>12}  {verdict}", g.ok, tokens))
+        return rows
+
+    def failures(self) -> list[str]:
+        """The table rows of the checks that failed, in table order."""
+        return [row.strip() for row, ok, _ in self._rows() if not ok]
+
     def table(self) -> str:
         """A plain-text table of every check, for logs and error messages."""
         lines = [f"{'check':<48} {'max |diff|':>12}  result"]
-        for c in self.calls:
-            verdict = "ok" if c.ok else f"FAIL {c.error}".strip()
-            lines.append(f"{f'observed call {c.index} ({c.graph})':<48} {c.max_abs_diff:>12.3g}  {verdict}")
-        for r in self.runtime:
-            verdict = "ok" if r.ok else f"FAIL {nonfinite_text(r.nonfinite)}".strip()
-            lines.append(f"{f'runtime class, batch {r.index}: {r.output}':<48} {r.max_abs_diff:>12.3g}  {verdict}")
-        for i, g in enumerate(self.generation):
-            verdict = "ok" if g.ok else f"FAIL {g.caveat}".strip()
-            lines.append(f"{'greedy generation ' + str(i):<48} {'':>12}  {verdict}")
-            if not g.ok:
-                lines.append(f"    torch: {g.torch_tokens}")
-                lines.append(f"    onnx : {g.onnx_tokens}")
+        for row, _, details in self._rows():
+            lines.append(row)
+            lines.extend(details)
         if self.quality is not None:
             q = self.quality
             lines.append(

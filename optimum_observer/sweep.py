@@ -47,7 +47,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
+from .errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
 from .tasks import get_task, supported_tasks
 from .tiny_configs import SHAPES
 
@@ -216,20 +216,28 @@ def versions() -> dict[str, str]:
 # --- the observer worker (runs in its own process) --------------------------------------
 
 
+#: The sweep stage of each export stage (validation's depends on which check failed).
+_SWEEP_STAGES = {
+    Stage.LOAD: SweepStage.LOAD,
+    Stage.CAPTURE: SweepStage.CAPTURE,
+    Stage.SYNTHESIS: SweepStage.CAPTURE,
+    Stage.TORCH_EXPORT: SweepStage.TORCH_EXPORT,
+    Stage.ONNX_CONVERSION: SweepStage.ONNX_CONVERSION,
+    Stage.NAMING: SweepStage.ONNX_CONVERSION,
+    Stage.PACKAGING: SweepStage.ONNX_CONVERSION,
+}
+
+
 def classify_observer_error(error: BaseException, task: str) -> SweepStage:
-    """The sweep stage of an exception raised by :func:`optimum_observer.export` for `task`."""
-    if not isinstance(error, ObserverExportError):
-        module = type(error).__module__ or ""
+    """The sweep stage of an exception raised by :func:`optimum_observer.export` for `task`, from
+    its attributes (stage, kind, report): an internal error, or an exception outside the stages,
+    is a crash unless ONNX Runtime raised it (it could not load a file)."""
+    if not isinstance(error, ObserverExportError) or error.kind is ErrorKind.INTERNAL:
+        cause = error.__cause__ if isinstance(error, ObserverExportError) else error
+        module = type(cause).__module__ or ""
         return SweepStage.ORT_LOAD if module.startswith("onnxruntime") else SweepStage.CRASH
-    if error.stage == Stage.LOAD:
-        return SweepStage.LOAD
-    if error.stage in (Stage.CAPTURE, Stage.SYNTHESIS):
-        return SweepStage.CAPTURE
-    if error.stage == Stage.EXPORT:
-        cause = type(error.__cause__).__name__
-        return SweepStage.TORCH_EXPORT if cause == "TorchExportError" else SweepStage.ONNX_CONVERSION
-    if error.stage in (Stage.NAMING, Stage.PACKAGING):
-        return SweepStage.ONNX_CONVERSION
+    if error.stage in _SWEEP_STAGES:
+        return _SWEEP_STAGES[error.stage]
     if _replay_failed(error) or not get_task(task).generates:
         return SweepStage.NUMERICAL_PARITY
     return SweepStage.GENERATION_PARITY
@@ -243,18 +251,30 @@ def _replay_failed(error: ObserverExportError) -> bool:
 
 def failed_in_runtime_class(error: BaseException) -> bool:
     """A validation failure of the runtime class's checks only (the replay passed)."""
-    return isinstance(error, ObserverExportError) and error.stage == Stage.VALIDATION and not _replay_failed(error)
+    return (
+        isinstance(error, ObserverExportError)
+        and error.stage == Stage.VALIDATION
+        and error.kind is not ErrorKind.INTERNAL
+        and not _replay_failed(error)
+    )
 
 
 def _describe(error: BaseException) -> str:
+    """One line for the table: what the model or a library raised, or the reason with the first
+    failing check of the validation report."""
     if not isinstance(error, ObserverExportError):
         return first_line(error)
-    if error.stage in (Stage.CAPTURE, Stage.EXPORT) and error.__cause__ is not None:
+    if error.kind is ErrorKind.INTERNAL:
+        return first_line(error.__cause__)
+    if error.stage in _RAISED_BY_THE_MODEL_OR_TORCH and error.__cause__ is not None:
         cause = first_line(root_cause(error))
-        fails_in_torch = error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER)
-        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if fails_in_torch else cause
-    failed_rows = [line.strip() for line in error.reason.splitlines() if "FAIL" in line]
-    return first_line(error.reason) + (f" [{failed_rows[0]}]" if failed_rows else "")
+        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if error.kind is ErrorKind.MODEL_RUN else cause
+    failures = error.report.failures() if error.report is not None else []
+    return first_line(error.reason) + (f" [{failures[0]}]" if failures else "")
+
+
+#: Stages whose failures chain what the model's run or torch's exporter raised: the table shows that.
+_RAISED_BY_THE_MODEL_OR_TORCH = (Stage.CAPTURE, Stage.TORCH_EXPORT, Stage.ONNX_CONVERSION)
 
 
 def run_observer_path(
@@ -357,8 +377,7 @@ def _without_past_after(error: ObserverExportError, task: str) -> str | None:
     """The task without past, when `task` has a cache and the model's own run of it fails in
     plain torch (cpmant's generate with a cache): that model generates by recomputing the prefix."""
     without_past = task.removesuffix("-with-past")
-    failed_in_torch = error.stage == Stage.CAPTURE and error.reason.startswith(RUN_FAILS_WITHOUT_OBSERVER)
-    if failed_in_torch and get_task(task).with_past and without_past in supported_tasks():
+    if error.kind is ErrorKind.MODEL_RUN and get_task(task).with_past and without_past in supported_tasks():
         return without_past
     return None
 

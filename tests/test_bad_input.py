@@ -65,7 +65,7 @@ class TestBadInput(ExportFailureCase):
         source = save_causal_lm("llama", self.scratch / "llama", with_tokenizer=False)
         model = DataDependentLlama.from_pretrained(source)
         error = self.export_error(model)
-        self.assertFailsCleanly(error, "llama", Stage.EXPORT)
+        self.assertFailsCleanly(error, "llama", Stage.TORCH_EXPORT)
         self.assertIsNotNone(error.__cause__)
 
     def test_a_failed_export_leaves_an_existing_output_untouched(self):

@@ -36,7 +36,7 @@ class TestCommandLine(unittest.TestCase):
             done = run_cli("export", "-m", str(Path(scratch) / "missing"), str(output), "--local-files-only")
             self.assertEqual(done.returncode, 1)
             self.assertIn("error: [", done.stderr)
-            self.assertIn("stage 1/8 (load)", done.stderr)
+            self.assertIn("stage 1/9 (load)", done.stderr)
             self.assertNotIn("Traceback", done.stderr)
             self.assertFalse(output.exists())
 

@@ -61,7 +61,7 @@ class TestSpecialisedAxes(unittest.TestCase):
         program = _program(_BoundedLength(), example)
         with self.assertRaises(ObserverExportError) as caught:
             check_axes(program, example, "bounded", "model.onnx")
-        self.assertEqual(caught.exception.stage, Stage.EXPORT)
+        self.assertEqual(caught.exception.stage, Stage.TORCH_EXPORT)
         self.assertIn("input_ids axis 1 (sequence_length) <= 5, observed 7", caught.exception.reason)
         check_axes(_program(_FreeLength(), example), example, "free", "model.onnx")  # no bound: no error
 

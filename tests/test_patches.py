@@ -45,12 +45,12 @@ def _tiny_export_error(model_type: str, *without: str) -> ObserverExportError:
 class TestPatchesFixTheirFailure(unittest.TestCase):
     def test_lazy_initialization_patch(self):
         error = _export_error("llama", "dynamic_layer_lazy_initialization")
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         self.assertIn("is not in the constants dictionary", str(error.__cause__))
 
     def test_dense_moe_patch(self):
         error = _export_error("mixtral", "dense_mixtral_moe")
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         self.assertIn("data-dependent", str(error.__cause__))
 
 
@@ -183,7 +183,7 @@ class TestExpertLoopPatches(unittest.TestCase):
 
     def assertFailsWithout(self, model_type: str, patch_name: str) -> None:
         error = _tiny_export_error(model_type, patch_name)
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         self.assertIn("data-dependent", str(error.__cause__))
 
     # Default suite: tests/test_real_shapes.py exports and validates deepseek_v2 (MLA, keys of 48
@@ -205,7 +205,7 @@ class TestRealRotaryPatches(unittest.TestCase):
         error = _tiny_export_error(
             model_type, f"real_{module_name}_rotary_embedding", f"real_{module_name}_apply_rotary_emb"
         )
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.ONNX_CONVERSION)
         self.assertIn("complex", str(error.__cause__))
 
 

@@ -34,12 +34,12 @@ class TestSwitchTransformersPatches(Seq2SeqPatchCase):
 
     def test_router_cast_patch(self):
         error = conversion_error(self.observed, "switch_router_cast_if_needed")
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         self.assertIn("Couldn't swap", str(error.__cause__))
 
     def test_dense_experts_patch(self):
         error = conversion_error(self.observed, "dense_switch_transformers_experts")
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         self.assertRegex(str(error.__cause__), "data-dependent|data dependent|GuardOnDataDependent")
 
 
@@ -48,7 +48,7 @@ class TestPegasusXPatches(Seq2SeqPatchCase):
 
     def test_decoder_mask_patch(self):
         error = conversion_error(self.observed, "pegasus_x_decoder_mask_while_exporting")
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         # The causal mask, one position longer than the keys, broadcasts the attention weights.
         self.assertRegex(str(error.__cause__), "Expected size for first two dimensions|must match the size")
 
@@ -59,7 +59,7 @@ class TestBigBirdPegasusPatches(Seq2SeqPatchCase):
 
     def test_decoder_mask_patch(self):
         error = conversion_error(self.observed, "bigbird_pegasus_decoder_mask_while_exporting")
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         self.assertIn("must match the size of tensor b", str(error.__cause__))
 
 
@@ -68,5 +68,5 @@ class TestFsmtPatches(Seq2SeqPatchCase):
 
     def test_decoder_config_patch(self):
         error = conversion_error(self.observed, "fsmt_decoder_config")
-        self.assertEqual(error.stage, Stage.EXPORT)
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
         self.assertIn("has no attribute 'config'", str(error.__cause__))

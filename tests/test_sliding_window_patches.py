@@ -106,7 +106,7 @@ class SlidingWindowCase:
     def test_export_fails_on_data_dependent_sizes_without(self, patch):
         with self.assertRaises(ObserverExportError) as caught:
             self.encoder(without=patch)
-        self.assertEqual(caught.exception.stage, Stage.EXPORT)
+        self.assertEqual(caught.exception.stage, Stage.TORCH_EXPORT)
         self.assertRegex(str(caught.exception.__cause__), "data-dependent|GuardOnDataDependent")
 
     @pytest.mark.slow

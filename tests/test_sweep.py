@@ -10,7 +10,7 @@ from pathlib import Path
 from unittest import mock
 
 from optimum_observer import sweep
-from optimum_observer.errors import ObserverExportError, Stage
+from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
 from optimum_observer.result import CallCheck, GenerationCheck, RuntimeCheck, ValidationReport
 from optimum_observer.sweep import PathResult, Runtime, Status, SweepStage, TypeResult
 
@@ -122,22 +122,42 @@ class TestSweepIsolation(unittest.TestCase):
 
 
 class TestStageClassification(unittest.TestCase):
-    def _error(self, stage: Stage, reason: str = "boom", cause: BaseException | None = None, report=None):
-        error = ObserverExportError("llama", stage, reason, "try again", report=report)
+    def _error(self, stage: Stage, reason: str = "boom", cause: BaseException | None = None, report=None, kind=None):
+        error = ObserverExportError("llama", stage, reason, "try again", report=report, kind=kind or ErrorKind.FAILED)
         error.__cause__ = cause
         return error
 
-    def test_export_failures_split_into_torch_export_and_conversion(self):
-        torch_export_error = type("TorchExportError", (RuntimeError,), {})("guard")
+    def test_export_failures_are_classified_by_their_stage(self):
+        # The exporter's error class names no longer matter: the stage says which step failed.
+        cause = RuntimeError("guard")
         self.assertEqual(
-            sweep.classify_observer_error(self._error(Stage.EXPORT, cause=torch_export_error), TASK),
-            SweepStage.TORCH_EXPORT,
+            sweep.classify_observer_error(self._error(Stage.TORCH_EXPORT, cause=cause), TASK), SweepStage.TORCH_EXPORT
         )
-        conversion_error = type("ConversionError", (RuntimeError,), {})("no onnx function")
         self.assertEqual(
-            sweep.classify_observer_error(self._error(Stage.EXPORT, cause=conversion_error), TASK),
+            sweep.classify_observer_error(self._error(Stage.ONNX_CONVERSION, cause=cause), TASK),
             SweepStage.ONNX_CONVERSION,
         )
+
+    def test_an_internal_error_is_a_crash_unless_onnx_runtime_raised_it(self):
+        onnxruntime_error = type("Fail", (RuntimeError,), {"__module__": "onnxruntime.capi"})("cannot load")
+        internal = self._error(Stage.NAMING, "internal error: KeyError: x", KeyError("x"), kind=ErrorKind.INTERNAL)
+        loading = self._error(Stage.VALIDATION, "internal error: Fail", onnxruntime_error, kind=ErrorKind.INTERNAL)
+        self.assertEqual(sweep.classify_observer_error(internal, TASK), SweepStage.CRASH)
+        self.assertEqual(sweep.classify_observer_error(loading, TASK), SweepStage.ORT_LOAD)
+        self.assertFalse(sweep.failed_in_runtime_class(loading))
+        self.assertEqual(sweep._describe(internal), "KeyError: 'x'")
+
+    def test_a_run_that_fails_without_the_observer_is_known_by_its_kind(self):
+        error = self._error(Stage.CAPTURE, "the model broke", ValueError("no cache"), kind=ErrorKind.MODEL_RUN)
+        self.assertEqual(sweep._without_past_after(error, TASK), "text-generation")
+        self.assertEqual(sweep._describe(error), f"{RUN_FAILS_WITHOUT_OBSERVER}: ValueError: no cache")
+        # The same words in the reason of another kind of failure decide nothing.
+        worded = self._error(Stage.CAPTURE, f"{RUN_FAILS_WITHOUT_OBSERVER}: ...", ValueError("no cache"))
+        self.assertIsNone(sweep._without_past_after(worded, TASK))
+
+    def test_a_validation_failure_is_described_from_its_report(self):
+        error = self._error(Stage.VALIDATION, "the ONNX model does not match torch", report=self.GENERATION_FAILED)
+        self.assertRegex(sweep._describe(error), r"^the ONNX model does not match torch \[greedy generation 0 +FAIL\]$")
 
     REPLAY_FAILED = ValidationReport(1e-4, [CallCheck(0, 0.5, False)], [GenerationCheck((3,), [[1]], [[1]])])
     GENERATION_FAILED = ValidationReport(1e-4, [CallCheck(0, 0.0, True)], [GenerationCheck((3,), [[1]], [[2]])])
