@@ -77,7 +77,9 @@ class TaskFamily(abc.ABC):
     runtime_fed_by_caller: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+    def reference_inputs(
+        self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> list[Batch]:
         """The batches the runtime check feeds the runtime class and torch."""
 
     @abc.abstractmethod
@@ -108,7 +110,9 @@ class DecoderFamily(TaskFamily):
     one_graph_for_every_step = True
     quantizable = True
 
-    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+    def reference_inputs(
+        self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> list[Batch]:
         return reference_inputs.generation_inputs(model, tokenizer)
 
     def default_run(
@@ -162,7 +166,9 @@ class EncoderDecoderFamily(TaskFamily):
     run_hint = "model.generate on a batch of token ids"
     encoder_decoder = True
 
-    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+    def reference_inputs(
+        self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> list[Batch]:
         return reference_inputs.text_batches(model, tokenizer)
 
     def prompt_lengths(self, batch: Batch) -> tuple[int, ...]:
@@ -195,12 +201,15 @@ class SpeechFamily(EncoderDecoderFamily):
     )
     uses_feature_extractor = True
 
-    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+    def reference_inputs(
+        self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> list[Batch]:
         return reference_inputs.speech_batches(model, feature_extractor)
 
     def prompt_lengths(self, batch: Batch) -> tuple[int, ...]:
         # The waveforms' lengths in milliseconds: the features are all padded to one length.
-        return tuple(int(1000 * seconds) for seconds in reference_inputs.DEFAULT_AUDIO_SECONDS[: len(batch["input_features"])])
+        seconds = reference_inputs.DEFAULT_AUDIO_SECONDS[: len(batch["input_features"])]
+        return tuple(int(1000 * duration) for duration in seconds)
 
 
 class EncoderFamily(TaskFamily):
@@ -214,7 +223,9 @@ class EncoderFamily(TaskFamily):
     encoder_decoder = None
     runtime_fed_by_caller = True
 
-    def reference_inputs(self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None) -> list[Batch]:
+    def reference_inputs(
+        self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> list[Batch]:
         return reference_inputs.encoder_batches(model, tokenizer)
 
     def default_run(
@@ -224,7 +235,8 @@ class EncoderFamily(TaskFamily):
 
         def run(model: Any) -> list[Any]:
             with torch.no_grad():
-                return [model(**{k: v.to(model.device) for k, v in b.items()}) for b in self.reference_inputs(model, tokenizer)]
+                batches = self.reference_inputs(model, tokenizer)
+                return [model(**{k: v.to(model.device) for k, v in b.items()}) for b in batches]
 
         return run
 

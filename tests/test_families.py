@@ -69,7 +69,9 @@ class TestEncoderFamily(unittest.TestCase):
 
     def test_the_default_run_feeds_the_reference_inputs(self):
         fed = []
-        handle = self.model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].shape), with_kwargs=True)
+        handle = self.model.register_forward_pre_hook(
+            lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape), with_kwargs=True
+        )
         self.addCleanup(handle.remove)
         self.family.default_run(self.model, self.contract)(self.model)
         self.assertEqual(fed, [b["input_ids"].shape for b in self.family.reference_inputs(self.model)])
@@ -79,7 +81,8 @@ class TestEncoderFamily(unittest.TestCase):
         checks = self.family.check_runtime(inputs)
         self.assertIsInstance(checks, RuntimeChecks)
         self.assertEqual(checks.generation, [])
-        self.assertEqual([(c.index, c.output, c.ok) for c in checks.outputs], [(0, "last_hidden_state", True), (1, "last_hidden_state", True)])
+        compared = [(c.index, c.output, c.ok) for c in checks.outputs]
+        self.assertEqual(compared, [(0, "last_hidden_state", True), (1, "last_hidden_state", True)])
 
 
 class TestDecoderFamily(unittest.TestCase):

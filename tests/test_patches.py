@@ -45,7 +45,7 @@ def _tiny_export_error(model_type: str, *without: str) -> ObserverExportError:
 class TestPatchesFixTheirFailure(unittest.TestCase):
     def test_lazy_initialization_patch(self):
         error = _export_error("llama", "dynamic_layer_lazy_initialization")
-        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
+        self.assertEqual(error.stage, Stage.ONNX_CONVERSION)
         self.assertIn("is not in the constants dictionary", str(error.__cause__))
 
     def test_dense_moe_patch(self):
