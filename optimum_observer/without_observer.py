@@ -175,8 +175,8 @@ def check_without_observer(
     """
     family = family_of(contract)
     recording = _Recording(model)
-    inputs = ValidationInputs(directory, model, contract, recording, tokenizer, feature_extractor, atol)
-    family.check_runtime(inputs)
+    validation_inputs = ValidationInputs(directory, model, contract, recording, tokenizer, feature_extractor, atol)
+    family.check_runtime(validation_inputs)
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     inputs, outputs, spec_path = scratch / "inputs.npz", scratch / "outputs.npz", scratch / "spec.json"
@@ -199,5 +199,5 @@ def check_without_observer(
         raise RuntimeWithoutObserverError(lines[-1] if lines else f"exit status {done.returncode}")
     with np.load(outputs) as returned:
         replaying = _Replaying(recording.calls, dict(returned.items()))
-    generation, runtime = family.check_runtime(dataclasses.replace(inputs, runtime_class=replaying))
+    generation, runtime = family.check_runtime(dataclasses.replace(validation_inputs, runtime_class=replaying))
     return ValidationReport(atol=atol, calls=[], generation=generation, runtime=runtime)

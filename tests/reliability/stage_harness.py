@@ -22,9 +22,10 @@ def main() -> int:
     original = pipeline._Progress.stage
 
     @contextlib.contextmanager
-    def stage_then_signal(self, entered):
-        with original(self, entered):
-            if entered.value == stage:
+    def stage_then_signal(self, *entered):
+        # torch.export and the ONNX conversion are entered together (one exporter call).
+        with original(self, *entered):
+            if stage in [s.value for s in entered]:
                 os.kill(os.getpid(), signum)
             yield
 
