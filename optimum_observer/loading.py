@@ -219,7 +219,16 @@ def load(
         loaded = model.to(torch_dtype)
         model_type = loaded.config.model_type
     _check_architecture(loaded, model_type, contract)
-    loaded = loaded.to(device).eval()
+    try:
+        loaded = loaded.to(device).eval()
+    except (RuntimeError, AssertionError) as error:  # torch asserts when it was built without CUDA
+        raise ObserverExportError(
+            model_type,
+            Stage.LOAD,
+            f"the model cannot be moved to device {device!r}: {type(error).__name__}: {error}",
+            "pass a device this machine has: device='cpu', or a CUDA device when torch was built with "
+            "CUDA and one is visible (torch.cuda.is_available()).",
+        ) from error
     loaded.config.use_cache = contract.with_past
     return LoadedModel(model=loaded, model_type=model_type, tokenizer=tokenizer, feature_extractor=feature_extractor)
 

@@ -170,7 +170,10 @@ def export(
     """
     contract = get_task(task)
     family = family_of(contract)
-    # Checks that need no model run before any work.
+    # Checks that need no model run before any work; a dtype or device torch does not know is a
+    # ValueError / RuntimeError of the caller's arguments, not a failure of a stage.
+    loading.resolve_dtype(dtype)
+    torch.device(device)
     named = model.config.model_type if hasattr(model, "config") else os.fspath(model)
     conversion.check_opset(opset, named)
     optimization.check_quantize(quantize, named)

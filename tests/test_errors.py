@@ -93,6 +93,28 @@ class TestUnexpectedExceptions(ExportFailureCase):
         error = self.export_error(self.model, run=lambda model: None)
         self.assertEqual((error.stage, error.kind), (Stage.CAPTURE, ErrorKind.FAILED))
 
+    def test_arguments_torch_does_not_know_are_refused_before_any_stage_as_before(self):
+        with mock.patch.object(pipeline.loading, "load") as load:
+            with self.assertRaises(ValueError):
+                pipeline.export(self.model, self.output, dtype="fp64", **self.export_kwargs)
+            with self.assertRaises(RuntimeError):
+                pipeline.export(self.model, self.output, device="no-such-device", **self.export_kwargs)
+        load.assert_not_called()
+
+    def test_a_device_the_machine_lacks_is_a_load_failure_with_a_remedy(self):
+        move = torch.nn.Module.to
+
+        def to(module, *args, **kwargs):
+            if args == ("cpu",):
+                raise RuntimeError("no such device here")
+            return move(module, *args, **kwargs)
+
+        with mock.patch.object(torch.nn.Module, "to", to):
+            error = self.export_error(self.model, device="cpu")
+        self.assertFailsCleanly(error, "llama", Stage.LOAD)
+        self.assertIs(error.kind, ErrorKind.FAILED)
+        self.assertIn("device='cpu'", error.remedy)
+
     def test_ctrl_c_and_termination_pass_through_unchanged(self):
         for interruption in (KeyboardInterrupt(), Terminated(15)):
             with self.subTest(type(interruption).__name__):
