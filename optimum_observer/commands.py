@@ -46,7 +46,7 @@ def discover(group: str = ENTRY_POINT_GROUP) -> dict[str, Command]:
             logger.warning("command %r (%s) could not be loaded: %s", entry_point.name, entry_point.value, error)
             continue
         if not isinstance(command, Command):
-            logger.warning("command %r (%s) is not an optimum_observer.commands.Command", entry_point.name, entry_point.value)
+            logger.warning("command %r (%s) is not a Command", entry_point.name, entry_point.value)
             continue
         commands[entry_point.name] = command
     return commands
