@@ -1,6 +1,6 @@
 """The legacy export path for sweeps and comparisons: optimum-onnx's `main_export`, validated.
 
-Takes: a saved model directory and a task. Gives: an `legacy_shim.tooling.sweep.PathResult`
+Takes: a saved model directory and a task. Gives: a `legacy_shim.tooling.sweep.PathResult`
 (the sweep's JSON result format): the legacy export through optimum-onnx's unchanged
 `main_export`, then the unchanged `optimum.onnxruntime` class loading it, logits on the same
 inputs as torch (numerical parity), and greedy generation token for token (generation parity).
