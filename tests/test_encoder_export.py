@@ -22,7 +22,7 @@ from parameterized import parameterized
 
 import optimum_observer
 from optimum_observer.capture import encoder_batches, text_batches
-from optimum_observer.tiny_configs import save_tiny_model
+from legacy_shim.tooling.tiny_configs import save_tiny_model
 from optimum_observer.tasks import get_task
 from legacy import legacy_tasks
 from tiny_families import save_encoder

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .result import ValidationReport
-from .tasks import TaskContract
-from .validation import check_runtime_class
+from optimum_observer.result import ValidationReport
+from optimum_observer.tasks import TaskContract
+from optimum_observer.validation import check_runtime_class
 
 #: Runs first in that interpreter: site-packages back on the path (its .pth files unprocessed),
 #: and a refusal to go on if optimum-observer is importable after all.
