@@ -1,4 +1,4 @@
-"""Scoped pytree registration of transformers cache classes.
+"""Scoped pytree registration of transformers cache classes, one codec per cache kind.
 
 Takes: nothing. Gives: a context manager, :func:`registered_caches`, inside which
 `DynamicCache` flattens to `[layer0.keys, layer0.values, layer1.keys, ...]` (initialised layers
@@ -8,7 +8,14 @@ layer0.cross.keys, layer0.cross.values, layer1...]` (Optimum's `past_key_values.
 `.decoder.value`, `.encoder.key`, `.encoder.value`), and the state-space caches (`MambaCache`,
 `FalconMambaCache`, `Mamba2Cache`) to `[layer0.conv_state, layer0.ssm_state, layer1...]`
 (`past_key_values.{i}.conv_state`, `.ssm_state`: fixed-size states, only the batch varies), so
-`torch.onnx.InputObserver` can record them and `torch.export` can take them.
+`torch.onnx.InputObserver` can record them and `torch.export` can take them; and the Optimum
+names of those leaves (:func:`cache_leaf_names`, :func:`relative_leaf_names`).
+
+Each kind of cache is one :class:`CacheCodec` (flatten, unflatten, the names of one layer's
+leaves); :data:`CACHE_CODECS` maps each cache class, named as a `"module:Class"` target, to its
+codec. A target is resolved when :func:`registered_caches` is entered, so importing this module
+imports no `transformers.models` package, and a class this transformers version lacks is skipped
+with a debug log, never an import error.
 
 Why: transformers 4.56+ no longer registers `DynamicCache` at import, and torch 2.13's observer
 then fails at the first `generate` call with `'DynamicCache' object has no attribute 'clone'`.
@@ -21,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -30,13 +39,37 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+logger = logging.getLogger(__name__)
+
+_KEY_VALUE = ("key", "value")
+STATE_LEAF_SUFFIXES = ("conv_state", "ssm_state")
+
 
 @dataclasses.dataclass(frozen=True)
-class _Saved:
-    node: Any
-    serialized: Any
-    fx_spec: Any
-    fx_exact: Any
+class CacheCodec:
+    """How one kind of cache becomes pytree leaves, in Optimum's order, and back."""
+
+    #: cache -> (leaves, context): the context is the structure without the tensors.
+    flatten: Callable[[Any], tuple[list[torch.Tensor], Any]]
+    #: (leaves, context) -> the cache.
+    unflatten: Callable[[Iterable[torch.Tensor], Any], Any]
+    #: The Optimum name suffix of each leaf of one layer, in flattened order; None where layers
+    #: hold different tensors and the context's second item lists each layer's suffixes.
+    leaf_suffixes: tuple[str, ...] | None
+
+    def flatten_with_keys(self, cache: Any) -> tuple[list[tuple[pytree.KeyEntry, torch.Tensor]], Any]:
+        leaves, context = self.flatten(cache)
+        return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
+
+    def flatten_spec(self, cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
+        return self.flatten(cache)[0]
+
+    def relative_leaf_names(self, context: Any, count: int) -> list[str]:
+        """`{layer}.{suffix}` of each of the `count` leaves flattened with `context`."""
+        if self.leaf_suffixes is None:
+            layers = context[1] or ()
+            return [f"{layer}.{suffix}" for layer, suffixes in enumerate(layers) for suffix in suffixes]
+        return [leaf_name("", index, self.leaf_suffixes)[1:] for index in range(count)]
 
 
 def _flatten_dynamic_cache(cache: DynamicCache) -> tuple[list[torch.Tensor], int]:
@@ -47,12 +80,7 @@ def _flatten_dynamic_cache(cache: DynamicCache) -> tuple[list[torch.Tensor], int
     return leaves, len(leaves) // 2
 
 
-def _flatten_dynamic_cache_with_keys(cache: DynamicCache):
-    leaves, context = _flatten_dynamic_cache(cache)
-    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
-
-
-def _unflatten_dynamic_cache(leaves: Any, num_layers: int) -> DynamicCache:
+def _unflatten_dynamic_cache(leaves: Iterable[torch.Tensor], num_layers: int) -> DynamicCache:
     leaves = list(leaves)
     cache = DynamicCache()
     for layer_idx in range(num_layers):
@@ -60,8 +88,7 @@ def _unflatten_dynamic_cache(leaves: Any, num_layers: int) -> DynamicCache:
     return cache
 
 
-def _flatten_spec_dynamic_cache(cache: DynamicCache, spec: pytree.TreeSpec) -> list[torch.Tensor]:
-    return _flatten_dynamic_cache(cache)[0]
+DYNAMIC_CACHE = CacheCodec(_flatten_dynamic_cache, _unflatten_dynamic_cache, _KEY_VALUE)
 
 
 def _flatten_encoder_decoder_cache(cache: EncoderDecoderCache) -> tuple[list[torch.Tensor], int]:
@@ -76,12 +103,7 @@ def _flatten_encoder_decoder_cache(cache: EncoderDecoderCache) -> tuple[list[tor
     return leaves, num_layers
 
 
-def _flatten_encoder_decoder_cache_with_keys(cache: EncoderDecoderCache):
-    leaves, context = _flatten_encoder_decoder_cache(cache)
-    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
-
-
-def _unflatten_encoder_decoder_cache(leaves: Any, num_layers: int) -> EncoderDecoderCache:
+def _unflatten_encoder_decoder_cache(leaves: Iterable[torch.Tensor], num_layers: int) -> EncoderDecoderCache:
     leaves = list(leaves)
     self_attention, cross_attention = DynamicCache(), DynamicCache()
     for layer in range(num_layers):
@@ -91,14 +113,11 @@ def _unflatten_encoder_decoder_cache(leaves: Any, num_layers: int) -> EncoderDec
     return EncoderDecoderCache(self_attention, cross_attention)
 
 
-def _flatten_spec_encoder_decoder_cache(cache: EncoderDecoderCache, spec: pytree.TreeSpec) -> list[torch.Tensor]:
-    return _flatten_encoder_decoder_cache(cache)[0]
-
-
-def _state_cache_attributes(cache: Any) -> tuple[tuple[str, Any], ...]:
-    # Everything but the states themselves (sizes, dtype), so the cache is rebuilt as it was.
-    return tuple(sorted((k, v) for k, v in vars(cache).items() if k not in _STATE_FIELDS))
-
+ENCODER_DECODER_CACHE = CacheCodec(
+    _flatten_encoder_decoder_cache,
+    _unflatten_encoder_decoder_cache,
+    ("decoder.key", "decoder.value", "encoder.key", "encoder.value"),
+)
 
 #: Not part of the context: the states, and the batch size, which differs between calls.
 _STATE_FIELDS = ("conv_states", "ssm_states", "max_batch_size")
@@ -111,15 +130,12 @@ def _flatten_state_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ...
     leaves: list[torch.Tensor] = []
     for layer in range(len(conv_states)):
         leaves.extend((conv_states[layer], ssm_states[layer]))
-    return leaves, (type(cache), _state_cache_attributes(cache))
+    # Everything but the states themselves (sizes, dtype), so the cache is rebuilt as it was.
+    attributes = tuple(sorted((k, v) for k, v in vars(cache).items() if k not in _STATE_FIELDS))
+    return leaves, (type(cache), attributes)
 
 
-def _flatten_state_cache_with_keys(cache: Any):
-    leaves, context = _flatten_state_cache(cache)
-    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
-
-
-def _unflatten_state_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
+def _unflatten_state_cache(leaves: Iterable[torch.Tensor], context: tuple[Any, ...]) -> Any:
     cls, attributes = context
     leaves = list(leaves)
     cache = cls.__new__(cls)
@@ -130,37 +146,15 @@ def _unflatten_state_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
     return cache
 
 
-def _flatten_spec_state_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
-    return _flatten_state_cache(cache)[0]
-
-
 #: Caches of state-space models: per layer a convolution window and an SSM state of fixed size
-#: (batch, ...), as (module under transformers.models, class).
-STATE_CACHES = (
-    ("mamba.modeling_mamba", "MambaCache"),
-    ("falcon_mamba.modeling_falcon_mamba", "FalconMambaCache"),
-    ("mamba2.modeling_mamba2", "Mamba2Cache"),
-)
-STATE_LEAF_SUFFIXES = ("conv_state", "ssm_state")
-
-
-def _state_cache_classes(caches: tuple[tuple[str, str], ...] = STATE_CACHES) -> tuple[type, ...]:
-    classes = []
-    for module, name in caches:
-        try:
-            classes.append(getattr(importlib.import_module(f"transformers.models.{module}"), name))
-        except (ImportError, AttributeError):  # an older or newer transformers without it
-            continue
-    return tuple(classes)
+#: (batch, ...).
+STATE_CACHE = CacheCodec(_flatten_state_cache, _unflatten_state_cache, STATE_LEAF_SUFFIXES)
 
 
 def _is_placeholder(tensor: torch.Tensor) -> bool:
     # Hybrid caches hold `torch.tensor([[]] * batch)` (batch, 0) or `torch.tensor([])` where a
     # layer has no such cache; real keys, values and states have 3 dimensions or more.
     return tensor.dim() < 3 and tensor.shape[-1] == 0
-
-
-_KEY_VALUE = ("key", "value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +164,7 @@ class _HybridLayout:
     #: leaf suffix -> the cache attribute holding that tensor per layer (a list or a dict)
     fields: tuple[tuple[str, str], ...]
     #: the suffixes each layer holds, or None before the attention layers' first step
-    layers: Any
+    layers: Callable[[Any], tuple[tuple[str, ...], ...] | None]
     #: what stands where a layer has no such tensor: an empty tensor, or None (qwen3_next)
     none_placeholder: bool = False
 
@@ -212,53 +206,14 @@ def _gated_delta_hybrid_layers(cache: Any) -> tuple[tuple[str, ...], ...] | None
     return tuple(layers)
 
 
-_MAMBA_HYBRID = _HybridLayout(
-    fields=(
-        ("key", "key_cache"), ("value", "value_cache"),
-        ("conv_state", "conv_states"), ("ssm_state", "ssm_states"),
-    ),  # fmt: skip
-    layers=_mamba_hybrid_layers,
-)
-_SHORT_CONV_HYBRID = _HybridLayout(
-    fields=(("key", "key_cache"), ("value", "value_cache"), ("conv_state", "conv_cache")),
-    layers=_short_conv_hybrid_layers,
-)
-
-_GATED_DELTA_HYBRID = _HybridLayout(
-    fields=(
-        ("key", "key_cache"), ("value", "value_cache"),
-        ("conv_state", "conv_states"), ("recurrent_state", "recurrent_states"),
-    ),
-    layers=_gated_delta_hybrid_layers,
-    none_placeholder=True,
-)  # fmt: skip
-
-#: Hybrid caches: attention layers' keys and values next to SSM or convolution layers' states,
-#: each layer holding placeholders for what it does not have: (module, class, layout).
-HYBRID_CACHES = (
-    ("bamba.modeling_bamba", "HybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
-    ("granitemoehybrid.modeling_granitemoehybrid", "HybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
-    ("jamba.modeling_jamba", "HybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
-    ("falcon_h1.modeling_falcon_h1", "FalconHybridMambaAttentionDynamicCache", _MAMBA_HYBRID),
-    ("zamba.modeling_zamba", "ZambaHybridDynamicCache", _MAMBA_HYBRID),
-    ("zamba2.modeling_zamba2", "Zamba2HybridDynamicCache", _MAMBA_HYBRID),
-    ("lfm2.modeling_lfm2", "Lfm2HybridConvCache", _SHORT_CONV_HYBRID),
-    ("qwen3_next.modeling_qwen3_next", "Qwen3NextDynamicCache", _GATED_DELTA_HYBRID),
-)
-
 #: Per call, not per structure: flags and counters hybrid caches update as generation goes.
 _PER_CALL = ("has_previous_state", "seqlen_offset")
 
 
-def _layout(cache: Any) -> _HybridLayout:
-    return _HYBRID_LAYOUTS[type(cache)]
-
-
-def _flatten_hybrid_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
+def _flatten_hybrid_cache(layout: _HybridLayout, cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
     # Per layer, what it holds (keys and values if it attends, its states if it has them).
     # Before the first step the attention layers hold placeholders: like an empty DynamicCache,
     # such a cache has nothing to export (the runtime feeds a 0-length past and zero states).
-    layout = _layout(cache)
     layers = layout.layers(cache)
     leaves = [
         getattr(cache, layout.attribute(suffix))[index]
@@ -272,14 +227,10 @@ def _flatten_hybrid_cache(cache: Any) -> tuple[list[torch.Tensor], tuple[Any, ..
     return leaves, (type(cache), layers, containers, attributes)
 
 
-def _flatten_hybrid_cache_with_keys(cache: Any):
-    leaves, context = _flatten_hybrid_cache(cache)
-    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
-
-
-def _unflatten_hybrid_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
+def _unflatten_hybrid_cache(
+    layout: _HybridLayout, leaves: Iterable[torch.Tensor], context: tuple[Any, ...]
+) -> Any:
     cls, layers, containers, attributes = context
-    layout = _HYBRID_LAYOUTS[cls]
     leaves = list(leaves)
     cache = cls.__new__(cls)
     vars(cache).update({k: list(v) if isinstance(v, tuple) else v for k, v in attributes})
@@ -298,8 +249,38 @@ def _unflatten_hybrid_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
     return cache
 
 
-def _flatten_spec_hybrid_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
-    return _flatten_hybrid_cache(cache)[0]
+def _hybrid_codec(layout: _HybridLayout) -> CacheCodec:
+    """Hybrid caches: attention layers' keys and values next to SSM or convolution layers'
+    states, each layer holding placeholders for what it does not have."""
+    flatten = functools.partial(_flatten_hybrid_cache, layout)
+    return CacheCodec(flatten, functools.partial(_unflatten_hybrid_cache, layout), None)
+
+
+MAMBA_HYBRID_CACHE = _hybrid_codec(
+    _HybridLayout(
+        fields=(
+            ("key", "key_cache"), ("value", "value_cache"),
+            ("conv_state", "conv_states"), ("ssm_state", "ssm_states"),
+        ),  # fmt: skip
+        layers=_mamba_hybrid_layers,
+    )
+)
+SHORT_CONV_HYBRID_CACHE = _hybrid_codec(
+    _HybridLayout(
+        fields=(("key", "key_cache"), ("value", "value_cache"), ("conv_state", "conv_cache")),
+        layers=_short_conv_hybrid_layers,
+    )
+)
+GATED_DELTA_HYBRID_CACHE = _hybrid_codec(
+    _HybridLayout(
+        fields=(
+            ("key", "key_cache"), ("value", "value_cache"),
+            ("conv_state", "conv_states"), ("recurrent_state", "recurrent_states"),
+        ),  # fmt: skip
+        layers=_gated_delta_hybrid_layers,
+        none_placeholder=True,
+    )
+)
 
 
 def _linear_attention_layers(cache: Any) -> tuple[tuple[str, ...], ...]:
@@ -323,12 +304,7 @@ def _flatten_linear_attention_cache(cache: Any) -> tuple[list[torch.Tensor], tup
     return leaves, (type(cache), layers)
 
 
-def _flatten_linear_attention_cache_with_keys(cache: Any):
-    leaves, context = _flatten_linear_attention_cache(cache)
-    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
-
-
-def _unflatten_linear_attention_cache(leaves: Any, context: tuple[Any, ...]) -> Any:
+def _unflatten_linear_attention_cache(leaves: Iterable[torch.Tensor], context: tuple[Any, ...]) -> Any:
     cls, layers = context
     cache, position = cls(), iter(list(leaves))
     for index, suffixes in enumerate(layers):
@@ -339,62 +315,53 @@ def _unflatten_linear_attention_cache(leaves: Any, context: tuple[Any, ...]) -> 
     return cache
 
 
-def _flatten_spec_linear_attention_cache(cache: Any, spec: pytree.TreeSpec) -> list[torch.Tensor]:
-    return _flatten_linear_attention_cache(cache)[0]
+LINEAR_ATTENTION_CACHE = CacheCodec(_flatten_linear_attention_cache, _unflatten_linear_attention_cache, None)
 
-
-_LINEAR_ATTENTION_CACHE_REGISTRATION = dict(
-    flatten_fn=_flatten_linear_attention_cache,
-    unflatten_fn=_unflatten_linear_attention_cache,
-    flatten_with_keys_fn=_flatten_linear_attention_cache_with_keys,
-    flatten_spec_fn=_flatten_spec_linear_attention_cache,
-)
-LINEAR_ATTENTION_CACHES = (("minimax.modeling_minimax", "MiniMaxCache"),)
-
-_HYBRID_CACHE_REGISTRATION = dict(
-    flatten_fn=_flatten_hybrid_cache,
-    unflatten_fn=_unflatten_hybrid_cache,
-    flatten_with_keys_fn=_flatten_hybrid_cache_with_keys,
-    flatten_spec_fn=_flatten_spec_hybrid_cache,
-)
-
-_HYBRID_LAYOUTS: dict[type, _HybridLayout] = {
-    cls: layout
-    for module, name, layout in HYBRID_CACHES
-    for cls in _state_cache_classes(((module, name),))
-}
-
-_STATE_CACHE_REGISTRATION = dict(
-    flatten_fn=_flatten_state_cache,
-    unflatten_fn=_unflatten_state_cache,
-    flatten_with_keys_fn=_flatten_state_cache_with_keys,
-    flatten_spec_fn=_flatten_spec_state_cache,
-)
-
-_REGISTRATIONS = {
-    DynamicCache: dict(
-        flatten_fn=_flatten_dynamic_cache,
-        unflatten_fn=_unflatten_dynamic_cache,
-        flatten_with_keys_fn=_flatten_dynamic_cache_with_keys,
-        flatten_spec_fn=_flatten_spec_dynamic_cache,
+#: Every cache class registered, as a "module:Class" target resolved on entering
+#: :func:`registered_caches`, with its codec; in registration order.
+CACHE_CODECS: dict[str, CacheCodec] = {
+    "transformers.cache_utils:DynamicCache": DYNAMIC_CACHE,
+    "transformers.cache_utils:EncoderDecoderCache": ENCODER_DECODER_CACHE,
+    "transformers.models.mamba.modeling_mamba:MambaCache": STATE_CACHE,
+    "transformers.models.falcon_mamba.modeling_falcon_mamba:FalconMambaCache": STATE_CACHE,
+    "transformers.models.mamba2.modeling_mamba2:Mamba2Cache": STATE_CACHE,
+    "transformers.models.bamba.modeling_bamba:HybridMambaAttentionDynamicCache": MAMBA_HYBRID_CACHE,
+    "transformers.models.granitemoehybrid.modeling_granitemoehybrid:HybridMambaAttentionDynamicCache": (
+        MAMBA_HYBRID_CACHE
     ),
-    EncoderDecoderCache: dict(
-        flatten_fn=_flatten_encoder_decoder_cache,
-        unflatten_fn=_unflatten_encoder_decoder_cache,
-        flatten_with_keys_fn=_flatten_encoder_decoder_cache_with_keys,
-        flatten_spec_fn=_flatten_spec_encoder_decoder_cache,
+    "transformers.models.jamba.modeling_jamba:HybridMambaAttentionDynamicCache": MAMBA_HYBRID_CACHE,
+    "transformers.models.falcon_h1.modeling_falcon_h1:FalconHybridMambaAttentionDynamicCache": (
+        MAMBA_HYBRID_CACHE
     ),
-    **{cls: _STATE_CACHE_REGISTRATION for cls in _state_cache_classes()},
-    **{cls: _HYBRID_CACHE_REGISTRATION for cls in _HYBRID_LAYOUTS},
-    **{cls: _LINEAR_ATTENTION_CACHE_REGISTRATION for cls in _state_cache_classes(LINEAR_ATTENTION_CACHES)},
+    "transformers.models.zamba.modeling_zamba:ZambaHybridDynamicCache": MAMBA_HYBRID_CACHE,
+    "transformers.models.zamba2.modeling_zamba2:Zamba2HybridDynamicCache": MAMBA_HYBRID_CACHE,
+    "transformers.models.lfm2.modeling_lfm2:Lfm2HybridConvCache": SHORT_CONV_HYBRID_CACHE,
+    "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextDynamicCache": GATED_DELTA_HYBRID_CACHE,
+    "transformers.models.minimax.modeling_minimax:MiniMaxCache": LINEAR_ATTENTION_CACHE,
 }
 
-#: The Optimum name suffix of each leaf of one layer, in flattened order.
-LEAF_SUFFIXES: dict[type, tuple[str, ...]] = {
-    DynamicCache: ("key", "value"),
-    EncoderDecoderCache: ("decoder.key", "decoder.value", "encoder.key", "encoder.value"),
-    **{cls: STATE_LEAF_SUFFIXES for cls in _state_cache_classes()},
-}
+
+def _resolve(target: str) -> type | None:
+    module, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:  # an older or newer transformers without it
+        logger.debug("cache class %s not registered: %s", target, error)
+        return None
+
+
+def _codecs() -> dict[type, CacheCodec]:
+    """The cache classes this transformers has, each with its codec."""
+    resolved = ((_resolve(target), codec) for target, codec in CACHE_CODECS.items())
+    return {cls: codec for cls, codec in resolved if cls is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Saved:
+    node: Any
+    serialized: Any
+    fx_spec: Any
+    fx_exact: Any
 
 
 def _save(cls: type) -> _Saved:
@@ -425,7 +392,7 @@ def _restore(cls: type, saved: _Saved) -> None:
         fx_pytree.SUPPORTED_NODES_EXACT_MATCH[cls] = saved.fx_exact
 
 
-def leaf_name(prefix: str, index: int, suffixes: tuple[str, ...] = LEAF_SUFFIXES[DynamicCache]) -> str:
+def leaf_name(prefix: str, index: int, suffixes: tuple[str, ...] = _KEY_VALUE) -> str:
     """The Optimum name of flattened cache leaf `index`: `{prefix}.{layer}.{suffix}`, with
     `suffixes` the names of one layer's leaves (`key`, `value` for a `DynamicCache`)."""
     return f"{prefix}.{index // len(suffixes)}.{suffixes[index % len(suffixes)]}"
@@ -434,19 +401,16 @@ def leaf_name(prefix: str, index: int, suffixes: tuple[str, ...] = LEAF_SUFFIXES
 def relative_leaf_names(cls: type, context: Any, count: int) -> list[str]:
     """`{layer}.{suffix}` of each flattened leaf of a cache of type `cls` (with its pytree
     context): fixed suffixes per layer, or for a hybrid cache what each layer holds."""
-    if cls in _HYBRID_LAYOUTS or _REGISTRATIONS.get(cls) is _LINEAR_ATTENTION_CACHE_REGISTRATION:
-        return [f"{layer}.{suffix}" for layer, suffixes in enumerate(context[1] or ()) for suffix in suffixes]
-    suffixes = LEAF_SUFFIXES.get(cls, LEAF_SUFFIXES[DynamicCache])
-    return [leaf_name("", index, suffixes)[1:] for index in range(count)]
+    return _codecs().get(cls, DYNAMIC_CACHE).relative_leaf_names(context, count)
 
 
 def cache_leaf_names(prefix: str, cache: Any, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """The graph names of a cache object's flattened leaves (`suffixes` overrides the class's)."""
-    registration = _REGISTRATIONS[type(cache)]
-    leaves, context = registration["flatten_fn"](cache)
+    codec = _codecs()[type(cache)]
+    leaves, context = codec.flatten(cache)
     if suffixes is not None:
         return [leaf_name(prefix, index, suffixes) for index in range(len(leaves))]
-    return [f"{prefix}.{name}" for name in relative_leaf_names(type(cache), context, len(leaves))]
+    return [f"{prefix}.{name}" for name in codec.relative_leaf_names(context, len(leaves))]
 
 
 def is_registered(cls: type) -> bool:
@@ -454,24 +418,26 @@ def is_registered(cls: type) -> bool:
 
 
 def registered_cache_classes() -> tuple[type, ...]:
-    return tuple(_REGISTRATIONS)
+    """The cache classes :func:`registered_caches` registers here (resolving their targets)."""
+    return tuple(_codecs())
 
 
 @contextlib.contextmanager
 def registered_caches() -> Iterator[None]:
     """Registers the cache classes as pytree nodes for the duration of the block."""
-    saved = {cls: _save(cls) for cls in _REGISTRATIONS}
+    codecs = _codecs()
+    saved = {cls: _save(cls) for cls in codecs}
     try:
-        for cls, fns in _REGISTRATIONS.items():
+        for cls, codec in codecs.items():
             _remove(cls)
             pytree._private_register_pytree_node(
                 cls,
-                fns["flatten_fn"],
-                fns["unflatten_fn"],
+                codec.flatten,
+                codec.unflatten,
                 serialized_type_name=f"optimum_observer.{cls.__module__}.{cls.__qualname__}",
-                flatten_with_keys_fn=fns["flatten_with_keys_fn"],
+                flatten_with_keys_fn=codec.flatten_with_keys,
             )
-            fx_pytree.register_pytree_flatten_spec(cls, fns["flatten_spec_fn"])
+            fx_pytree.register_pytree_flatten_spec(cls, codec.flatten_spec)
         yield
     finally:
         for cls, previous in saved.items():

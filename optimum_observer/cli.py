@@ -1,5 +1,7 @@
 """Command line: `optimum-observer export ...` (also `python -m optimum_observer export ...`),
-`optimum-observer patches [--model-type T]`."""
+`optimum-observer patches [--model-type T]`, and the subcommands installed through the
+`optimum_observer.commands` entry points (:mod:`optimum_observer.commands`; this project's
+maintainer tooling adds `sweep`, `compare` and `migrate` that way)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import contextlib
 import logging
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .commands import Command, discover
 from .demo import DEMO_MODEL_TYPE, save_tiny_causal_lm
 from .errors import ObserverExportError
 from .optimization import MAX_PERPLEXITY_RATIO, QUANTIZE_MODES
@@ -56,16 +59,6 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
 
 
-def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
-    from .sweep import add_sweep_arguments
-
-    parser = subparsers.add_parser(
-        "sweep", help="export a tiny model of every model type of a task both ways and record coverage"
-    )
-    add_sweep_arguments(parser)
-    parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
-
-
 def _patches_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("patches", help="list the export patches: target, failure fixed, present here")
     parser.add_argument(
@@ -95,39 +88,22 @@ def _run_patches(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Subcommands that need the legacy exporter, run by `legacy_shim.migration` in a child process:
-#: optimum_observer never imports legacy_shim or optimum-onnx's exporter.
-MIGRATION_COMMANDS = {
-    "compare": "export one model type with both exporters and report side by side",
-    "migrate": "move a model type to the observer in legacy_shim's migration registry when compare shows parity",
-}
-MIGRATION_MODULE = "legacy_shim.migration"
-
-
-def _migration_parsers(subparsers: argparse._SubParsersAction) -> None:
-    # Listed for --help only: main() forwards these commands with their arguments untouched.
-    for name, help_text in MIGRATION_COMMANDS.items():
-        subparsers.add_parser(name, help=help_text, add_help=False)
-
-
-def _run_migration_command(command: str, arguments: Sequence[str]) -> int:
-    import importlib.util
-    import subprocess
-
-    if importlib.util.find_spec(MIGRATION_MODULE.split(".")[0]) is None:
-        print(f"error: `{command}` needs the legacy_shim package, which is not installed", file=sys.stderr)
-        return 1
-    return subprocess.run([sys.executable, "-m", MIGRATION_MODULE, command, *arguments]).returncode
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Mapping[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; `commands` are the installed entry-point commands (:func:`discover` by default)."""
     parser = argparse.ArgumentParser(prog="optimum-observer", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _export_parser(subparsers)
-    _sweep_parser(subparsers)
     _patches_parser(subparsers)
-    _migration_parsers(subparsers)
+    for name, command in (discover() if commands is None else commands).items():
+        command.add_arguments(subparsers.add_parser(name, help=command.help))
     return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO (DEBUG with `verbose`) for this project; the exporter libraries only from WARNING."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -168,20 +144,13 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in MIGRATION_COMMANDS:
-        return _run_migration_command(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    commands = discover()
+    args = build_parser(commands).parse_args(argv)
     if args.command == "patches":
         return _run_patches(args)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("onnx_ir", "onnxscript", "torch"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    if args.command == "sweep":
-        from .sweep import run_from_args
-
-        return run_from_args(args)
+    if args.command in commands:
+        return commands[args.command].run(args)
+    configure_logging(args.verbose)
     try:
         with termination_raises():
             return _run_export(args)

@@ -116,8 +116,8 @@ def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 
 def run_without_observer(code: str, cwd: Path) -> subprocess.CompletedProcess:
     """Runs `code` in an interpreter of this environment as it is without optimum-observer (no
-    hook, package not importable): the sweep's :func:`optimum_observer.without_observer.run_without_observer`."""
-    from optimum_observer.without_observer import run_without_observer as run
+    hook, package not importable): the sweep's :func:`legacy_shim.tooling.without_observer.run_without_observer`."""
+    from legacy_shim.tooling.without_observer import run_without_observer as run
 
     return run(code, cwd=cwd, env=_env(), timeout=600)
 

@@ -1,18 +1,23 @@
-"""The scoped DynamicCache registration: layout, restoration, and the failure it fixes."""
+"""The scoped cache registration: layout, restoration, lazy cache classes, and the failure it fixes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers
 import torch.utils._pytree as pytree
 from transformers import DynamicCache
+from packaging.version import Version
 from transformers.integrations.executorch import register_dynamic_cache_export_support
 
-from optimum_observer.cache_pytree import is_registered, leaf_name, registered_caches
+from optimum_observer import cache_pytree
+from optimum_observer.cache_pytree import is_registered, leaf_name, registered_cache_classes, registered_caches
 from tiny_models import save_causal_lm
 
 
@@ -71,3 +76,37 @@ class TestRegisteredCaches(unittest.TestCase):
         with registered_caches(), observer(model):
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)
         self.assertGreaterEqual(observer.num_obs(), 2)
+
+
+#: Targets this transformers does not have: a module, and a class in a module that exists.
+_MISSING = {
+    "transformers.models.no_such_model.modeling_no_such_model:NoSuchCache": cache_pytree.STATE_CACHE,
+    "transformers.cache_utils:NoSuchCache": cache_pytree.DYNAMIC_CACHE,
+}
+
+
+class TestLazyCacheClasses(unittest.TestCase):
+    def test_a_missing_class_is_skipped_and_the_registration_restored(self):
+        with mock.patch.dict(cache_pytree.CACHE_CODECS, _MISSING):
+            with self.assertLogs(cache_pytree.logger, "DEBUG") as logs:
+                with registered_caches():
+                    self.assertTrue(is_registered(DynamicCache))
+                    self.assertEqual(len(pytree.tree_flatten(_cache())[0]), 4)
+            self.assertEqual(len(registered_cache_classes()), len(cache_pytree.CACHE_CODECS) - len(_MISSING))
+        self.assertEqual(sum("NoSuchCache not registered" in line for line in logs.output), 2)
+        self.assertEqual([c.__name__ for c in registered_cache_classes() if is_registered(c)], [])
+
+    @unittest.skipIf(Version(transformers.__version__).major >= 5, "transformers 5 moved or removed state caches")
+    def test_every_target_resolves_on_the_default_install(self):
+        self.assertEqual(len(registered_cache_classes()), len(cache_pytree.CACHE_CODECS))
+
+    def test_importing_the_module_imports_no_model_package(self):
+        modules = {target.partition(":")[0] for target in cache_pytree.CACHE_CODECS}
+        packages = sorted(m for m in modules if m.startswith("transformers.models."))
+        code = (
+            "import sys, optimum_observer.cache_pytree\n"
+            f"print([m for m in {packages!r} if m in sys.modules])"
+        )
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(run.stdout.strip(), "[]")

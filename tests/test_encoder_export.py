@@ -21,8 +21,8 @@ from optimum.exporters.onnx import main_export
 from parameterized import parameterized
 
 import optimum_observer
+from legacy_shim.tooling.tiny_configs import save_tiny_model
 from optimum_observer.reference_inputs import encoder_batches, text_batches
-from optimum_observer.tiny_configs import save_tiny_model
 from optimum_observer.tasks import get_task
 from legacy import legacy_tasks
 from tiny_families import save_encoder

@@ -14,7 +14,8 @@ from unittest import mock
 import torch
 
 from failure_case import ExportFailureCase
-from optimum_observer import conversion, pipeline, synthesis, tiny_configs
+from legacy_shim.tooling import tiny_configs
+from optimum_observer import conversion, pipeline, synthesis
 from optimum_observer.errors import ErrorKind, ObserverExportError, Stage
 from optimum_observer.families import RuntimeChecks
 from optimum_observer.result import GenerationCheck

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from optimum_observer import tiny_configs
+from legacy_shim.tooling import tiny_configs
 from optimum_observer.families import FAMILIES, RuntimeChecks, family_of
 from optimum_observer.tasks import TASKS, Family, get_task
 from optimum_observer.validation import ValidationInputs

@@ -1,47 +1,104 @@
-"""One-way layers: optimum_observer stands on its own.
+"""One-way layers: optimum_observer stands on its own, legacy_shim routes, the tooling sits on top.
 
-`optimum_observer` never imports `legacy_shim` (the Optimum API layer above it) nor optimum-onnx's
-exporter (`optimum.exporters`): transformers 5 support and users without optimum-onnx depend on
-it. Its one use of optimum is the runtime class validation loads an export with by default
-(`optimum.onnxruntime`, optional), in validation.py. The check reads every module's imports
-(subpackages such as `patches/` and function-level imports included) from the source (nothing
-is imported).
+- `optimum_observer` never imports `legacy_shim` (the Optimum API layer above it, tooling
+  included) nor optimum-onnx's exporter (`optimum.exporters`): transformers 5 support and users
+  without optimum-onnx depend on it. Its one use of optimum is the runtime class validation loads
+  an export with by default (`optimum.onnxruntime`, optional), in validation.py.
+- `legacy_shim.tooling` (sweep, tiny configs, legacy runner, compare/migrate) depends on both
+  packages and nothing depends on it: no module of `optimum_observer` or of legacy_shim outside
+  `tooling/` imports it (its commands reach the CLI through entry points; tests may import it).
+- A legacy-routed decision, and `main_export`'s routing up to the call into optimum-onnx, import
+  no `optimum_observer` module beyond its task list: measured in a fresh interpreter.
+
+The static checks read every module's imports (subpackages, function-level and relative imports,
+and `importlib.import_module` / `__import__` of a literal name) from the source; nothing is imported.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
 import unittest
 from pathlib import Path
 
+from legacy_shim.optimum_compat import legacy_exporter_status
+
 #: Found, not imported (importing it would load torch and transformers).
 PACKAGE = Path(importlib.util.find_spec("optimum_observer").origin).parent
+SHIM = Path(importlib.util.find_spec("legacy_shim").origin).parent
+TOOLING = "legacy_shim.tooling"
 FORBIDDEN = ("legacy_shim", "optimum.exporters", "optimum.commands")
 #: module file -> imports allowed there despite the rule above (with the reason in the docstring).
 ALLOWED = {"validation.py": ("optimum.onnxruntime",)}
 #: Everything else under optimum.* is forbidden too, unless allowed above.
 OPTIMUM = "optimum"
+#: What `import optimum_observer` itself loads (the package's __init__): the task list and the
+#: light types it re-exports. A routing decision may load these and nothing more of the package.
+TASK_LIST_MODULES = {"optimum_observer", "optimum_observer.errors", "optimum_observer.result", "optimum_observer.tasks"}
 
 
-def imported_names(source: str) -> list[str]:
+def imported_names(source: str, package: str = "") -> list[str]:
+    """Every module name `source` imports, relative imports resolved against `package` (the
+    importing module's package); `from a import b` gives `a` and `a.b` (b may be a submodule)."""
     names = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.append(base)
+            names.extend(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+        elif isinstance(node, ast.Call) and _is_dynamic_import(node.func) and node.args:
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                names.append(first.value)
     return names
 
 
+def _is_dynamic_import(func: ast.expr) -> bool:
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    return name in ("import_module", "__import__")
+
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def violations(file_name: str, source: str) -> list[str]:
+    """What a module of optimum_observer imports that it must not."""
     allowed = ALLOWED.get(file_name, ())
     found = []
-    for name in imported_names(source):
-        if any(name == a or name.startswith(a + ".") for a in allowed):
+    for name in imported_names(source, "optimum_observer"):
+        if _matches(name, allowed):
             continue
-        if any(name == f or name.startswith(f + ".") for f in FORBIDDEN) or name.split(".")[0] == OPTIMUM:
+        if _matches(name, FORBIDDEN) or name.split(".")[0] == OPTIMUM:
             found.append(f"{file_name} imports {name}")
+    return found
+
+
+def tooling_violations(module: str, source: str, package: str) -> list[str]:
+    """`module` (not itself tooling) importing legacy_shim.tooling; `package` is its package."""
+    if _matches(module, (TOOLING,)):
+        return []
+    imported = imported_names(source, package)
+    return sorted({f"{module} imports {name}" for name in imported if _matches(name, (TOOLING,))})
+
+
+def _modules(root: Path, package: str) -> list[tuple[str, str, str]]:
+    """(module name, its package, source) of every module under `root`."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        is_init = parts[-1] == "__init__"
+        name = ".".join([package, *parts[:-1]] if is_init else [package, *parts])
+        found.append((name, name if is_init else name.rpartition(".")[0], path.read_text()))
     return found
 
 
@@ -50,11 +107,100 @@ class TestLayering(unittest.TestCase):
         found = [v for path in sorted(PACKAGE.rglob("*.py")) for v in violations(path.name, path.read_text())]
         self.assertEqual(found, [])
 
+    def test_nothing_in_the_product_packages_imports_the_tooling(self):
+        modules = _modules(PACKAGE, "optimum_observer") + _modules(SHIM, "legacy_shim")
+        self.assertIn(f"{TOOLING}.sweep", [name for name, _, _ in modules])  # the scan reached the tooling
+        found = [v for name, package, source in modules for v in tooling_violations(name, source, package)]
+        self.assertEqual(found, [])
+
     def test_a_violation_is_caught(self):
         source = "def f():\n    from legacy_shim import main_export\n    import optimum.exporters.onnx\n"
         self.assertEqual(
             violations("capture.py", source),
-            ["capture.py imports legacy_shim", "capture.py imports optimum.exporters.onnx"],
+            [
+                "capture.py imports legacy_shim",
+                "capture.py imports legacy_shim.main_export",
+                "capture.py imports optimum.exporters.onnx",
+            ],
         )
         self.assertEqual(violations("capture.py", "import optimum.onnxruntime\n"), ["capture.py imports optimum.onnxruntime"])
         self.assertEqual(violations("validation.py", "import optimum.onnxruntime as o\n"), [])
+        self.assertEqual(
+            violations("cli.py", "from legacy_shim.tooling import sweep\n"),
+            ["cli.py imports legacy_shim.tooling", "cli.py imports legacy_shim.tooling.sweep"],
+        )
+
+    def test_a_tooling_import_from_a_product_module_is_caught_in_every_spelling(self):
+        spellings = {
+            "from .tooling import sweep": f"{TOOLING}.sweep",
+            "from . import tooling": TOOLING,
+            "from .tooling.migration import compare": f"{TOOLING}.migration",
+            "import legacy_shim.tooling.legacy_runner": f"{TOOLING}.legacy_runner",
+            "import importlib\nimportlib.import_module('legacy_shim.tooling.sweep')": f"{TOOLING}.sweep",
+        }
+        for source, imported in spellings.items():
+            with self.subTest(source=source):
+                found = tooling_violations("legacy_shim.router", source + "\n", "legacy_shim")
+                self.assertIn(f"legacy_shim.router imports {imported}", found)
+        found = tooling_violations("optimum_observer.cli", "from legacy_shim.tooling import commands\n", "optimum_observer")
+        self.assertIn("optimum_observer.cli imports legacy_shim.tooling.commands", found)
+        # The tooling itself may import its own modules (and the product packages).
+        self.assertEqual(tooling_violations(f"{TOOLING}.migration", "from .sweep import versions\n", TOOLING), [])
+
+
+#: Run in a fresh interpreter: optimum-onnx's own imports first (what the legacy route needs anyway,
+#: the baseline), then a legacy-routed decision, then a legacy-routed `main_export` with optimum-onnx's
+#: exporter replaced by a stub (its routing only). Prints the modules each step added.
+ROUTING_PROBE = r"""
+import json, sys
+from unittest import mock
+import transformers
+transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(sys.argv[1])
+import optimum.exporters.onnx.model_configs, optimum.exporters.tasks
+baseline = set(sys.modules)
+
+import legacy_shim
+decision = legacy_shim.decide(legacy_shim.RouteRequest("gpt2", "text-generation-with-past"))
+assert decision.exporter.value == "legacy", decision.explain()
+decided = set(sys.modules)
+
+import legacy_shim.routes
+calls = []
+with mock.patch.object(legacy_shim.routes, "upstream_main_export", return_value=lambda **kw: calls.append(kw)):
+    routed = legacy_shim.main_export(sys.argv[1], sys.argv[2], task="text-generation-with-past")
+assert routed.route.value == "legacy" and len(calls) == 1, routed
+exported = set(sys.modules)
+print(json.dumps({"decide": sorted(decided - baseline), "main_export": sorted(exported - baseline)}))
+"""
+
+
+@unittest.skipUnless(legacy_exporter_status().available, "no legacy route here: optimum-onnx's exporter cannot run")
+class TestLegacyRoutingStaysLight(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        with tempfile.TemporaryDirectory() as scratch:
+            done = subprocess.run(
+                [sys.executable, "-c", ROUTING_PROBE, f"{scratch}/model", f"{scratch}/out"],
+                capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+        if done.returncode:
+            raise AssertionError(done.stderr)
+        cls.added = json.loads(done.stdout.splitlines()[-1])
+
+    def test_a_legacy_decision_imports_only_the_observer_task_list(self):
+        ours = {m for m in self.added["decide"] if m.split(".")[0] == "optimum_observer"}
+        self.assertLessEqual(ours, TASK_LIST_MODULES)
+
+    def test_legacy_routed_main_export_imports_only_the_observer_task_list(self):
+        ours = {m for m in self.added["main_export"] if m.split(".")[0] == "optimum_observer"}
+        self.assertLessEqual(ours, TASK_LIST_MODULES)
+
+    def test_legacy_routing_loads_neither_the_exporters_nor_the_runtime_classes_nor_the_tooling(self):
+        heavy = ("torch.onnx", "onnxscript", "onnx_ir", "onnxruntime", "legacy_shim.modeling", TOOLING)
+        for step, added in self.added.items():
+            with self.subTest(step=step):
+                self.assertEqual([m for m in added if _matches(m, heavy)], [])
+
+
+if __name__ == "__main__":
+    unittest.main()

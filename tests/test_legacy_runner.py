@@ -17,9 +17,8 @@ from unittest import mock
 import optimum.onnxruntime
 import transformers
 
-from legacy_shim import legacy_runner
-from optimum_observer import tiny_configs
-from optimum_observer.sweep import Status, SweepStage
+from legacy_shim.tooling import legacy_runner, tiny_configs
+from legacy_shim.tooling.sweep import Status, SweepStage
 from shim_helpers import graph_io
 
 TASK = "feature-extraction"

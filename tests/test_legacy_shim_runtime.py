@@ -247,7 +247,7 @@ class TestTextConfigsRegisteredOnlyAsSubConfigs(unittest.TestCase):
     @parameterized.expand([("emu3", "Emu3TextConfig"), ("mllama", "MllamaTextConfig")])
     def test_unregistered_config_finds_the_class(self, model_type, class_name):
         from optimum_observer.loading import unregistered_config
-        from optimum_observer.tiny_configs import build_tiny_model
+        from legacy_shim.tooling.tiny_configs import build_tiny_model
 
         build_tiny_model(model_type, "AutoModelForCausalLM").config.save_pretrained(self.scratch)
         with self.assertRaises(ValueError):
@@ -263,7 +263,7 @@ class TestTextConfigsRegisteredOnlyAsSubConfigs(unittest.TestCase):
 
     def test_emu3_export_generates_through_the_shim_runtime(self):
         import optimum_observer
-        from optimum_observer.tiny_configs import build_tiny_model
+        from legacy_shim.tooling.tiny_configs import build_tiny_model
 
         model = build_tiny_model("emu3", "AutoModelForCausalLM")
         output = self.scratch / "onnx"

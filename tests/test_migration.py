@@ -11,7 +11,8 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from legacy_shim import migration, registry
+from legacy_shim import registry
+from legacy_shim.tooling import migration
 
 TASK = "text-generation-with-past"
 

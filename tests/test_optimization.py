@@ -22,7 +22,8 @@ from optimum.onnxruntime import ORTModelForCausalLM
 from parameterized import parameterized
 
 import optimum_observer
-from optimum_observer import cli, optimization, tiny_configs, validation
+from legacy_shim.tooling import tiny_configs
+from optimum_observer import cli, optimization, validation
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.result import ExportResult
 from optimum_observer.tasks import get_task

@@ -9,14 +9,15 @@ from pathlib import Path
 import torch
 
 import optimum_observer
-from optimum_observer import capture, loading, sweep, validation
+from legacy_shim.tooling import sweep
+from optimum_observer import capture, loading, validation
 from optimum_observer.capture import ObservedCall, position_offset
 from optimum_observer.reference_inputs import random_token_batch
 from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ObserverExportError, Stage
 from optimum_observer.tasks import get_task
 from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.result import CallCheck
-from optimum_observer.tiny_configs import build_tiny_model
+from legacy_shim.tooling.tiny_configs import build_tiny_model
 from stages import CONTRACT, Observed, convert_without, load, observe, replay_without
 
 

@@ -27,7 +27,7 @@ from optimum_observer.patches import (
     for_model_type,
     no_op_rule_constants,
 )
-from optimum_observer.tiny_configs import build_tiny_model
+from legacy_shim.tooling.tiny_configs import build_tiny_model
 from stages import conversion_error, load, load_tiny, observe
 
 
@@ -38,7 +38,7 @@ def _export_error(model_type: str, *without: str) -> ObserverExportError:
 
 
 def _tiny_export_error(model_type: str, *without: str) -> ObserverExportError:
-    """The sweep's tiny model (optimum_observer.tiny_configs), converted without the patches `without`."""
+    """The sweep's tiny model (legacy_shim.tooling.tiny_configs), converted without the patches `without`."""
     return conversion_error(observe(load(build_tiny_model(model_type, "AutoModelForCausalLM"))), *without)
 
 

@@ -5,7 +5,7 @@ Real checkpoints use grouped-query attention (fewer key/value heads than heads),
 values of different head sizes). optimum-onnx 0.1.0's `ORTModelForCausalLM` sizes its first-step
 cache from the config with per-type lists that miss all of the types below, so ONNX Runtime
 refused the cache it built ("Got invalid dimensions for input: past_key_values..."). Each model
-here is the sweep's tiny real-shaped model of its type (`optimum_observer.tiny_configs`), exported
+here is the sweep's tiny real-shaped model of its type (`legacy_shim.tooling.tiny_configs`), exported
 with `optimum_observer.export`'s defaults (validation included), and must give torch's greedy
 tokens (batch of two prompts of different lengths, left-padded, 8 new tokens) through:
 
@@ -31,7 +31,7 @@ from parameterized import parameterized
 import optimum_observer
 from legacy_shim import runtime_cache
 from legacy_shim.routes import upstream_main_export
-from optimum_observer import tiny_configs
+from legacy_shim.tooling import tiny_configs
 from shim_helpers import run_without_observer
 from tiny_models import build_tokenizer, save_causal_lm
 

@@ -26,7 +26,7 @@ from parameterized import parameterized
 import optimum_observer
 from optimum_observer.reference_inputs import speech_batches, text_batches
 from legacy import legacy_tasks
-from optimum_observer.tiny_configs import save_tiny_model
+from legacy_shim.tooling.tiny_configs import save_tiny_model
 from tiny_families import save_seq2seq_lm, save_whisper
 from tiny_models import build_tokenizer
 

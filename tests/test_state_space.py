@@ -22,7 +22,7 @@ from optimum_observer.cache_pytree import registered_caches
 from optimum_observer.reference_inputs import random_token_batch
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.patches import PATCHES, applied, plain_tensor_buffers
-from optimum_observer.tiny_configs import build_tiny_model
+from legacy_shim.tooling.tiny_configs import build_tiny_model
 from stages import load, observe, replay_without
 
 #: Per tiny model: (state inputs, layers with attention keys/values). Mamba layers hold a conv

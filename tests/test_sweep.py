@@ -9,10 +9,10 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
-from optimum_observer import sweep
+from legacy_shim.tooling import sweep
 from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
 from optimum_observer.result import CallCheck, GenerationCheck, RuntimeCheck, ValidationReport
-from optimum_observer.sweep import PathResult, Runtime, Status, SweepStage, TypeResult
+from legacy_shim.tooling.sweep import PathResult, Runtime, Status, SweepStage, TypeResult
 
 TASK = "text-generation-with-past"
 #: gpt2 passes both paths, the observer's through optimum-onnx's class where optimum-observer is

@@ -8,7 +8,7 @@ import torch
 import transformers
 from parameterized import parameterized
 
-from optimum_observer import tiny_configs
+from legacy_shim.tooling import tiny_configs
 
 #: A sample per family: dense decoders, MoE, multi-head latent attention, encoders used as
 #: decoders, decoders of encoder-decoder models, state-space / hybrid, composite configs whose

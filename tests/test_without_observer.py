@@ -1,6 +1,6 @@
 """Checks through optimum-onnx's unchanged class where optimum-observer is not installed.
 
-The interpreter of :func:`optimum_observer.without_observer.run_without_observer` has
+The interpreter of :func:`legacy_shim.tooling.without_observer.run_without_observer` has
 site-packages but neither package nor the hook; the checks it serves are the validation's own,
 recorded then replayed with what that interpreter's runtime class returned. (The sweep sample in
 test_sweep.py runs the whole path: gpt2 passes there, mamba fails there with optimum-onnx's error.)
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from optimum_observer import tiny_configs, without_observer
+from legacy_shim.tooling import tiny_configs, without_observer
 from optimum_observer.families import family_of
 from optimum_observer.tasks import get_task
 from optimum_observer.validation import ValidationInputs

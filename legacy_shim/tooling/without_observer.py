@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .families import family_of
-from .result import ValidationReport
-from .tasks import TaskContract
-from .validation import ValidationInputs
+from optimum_observer.families import family_of
+from optimum_observer.result import ValidationReport
+from optimum_observer.tasks import TaskContract
+from optimum_observer.validation import ValidationInputs
 
 #: Runs first in that interpreter: site-packages back on the path (its .pth files unprocessed),
 #: and a refusal to go on if optimum-observer is importable after all.

@@ -1,6 +1,6 @@
 """The legacy export path for sweeps and comparisons: optimum-onnx's `main_export`, validated.
 
-Takes: a saved model directory and a task. Gives: an `optimum_observer.sweep.PathResult`
+Takes: a saved model directory and a task. Gives: a `legacy_shim.tooling.sweep.PathResult`
 (the sweep's JSON result format): the legacy export through optimum-onnx's unchanged
 `main_export`, then the unchanged `optimum.onnxruntime` class loading it, logits on the same
 inputs as torch (numerical parity), and greedy generation token for token (generation parity).
@@ -17,9 +17,9 @@ the model): that export is recorded as "exported, not validated", not as a failu
 It lives in `legacy_shim` because `optimum_observer` must not import optimum-onnx's exporter:
 the sweep runs it as a command,
 
-    python -m legacy_shim.legacy_runner supported --task text-generation-with-past
-    python -m legacy_shim.legacy_runner run MODEL_DIR --task T --output DIR --result FILE.json
-    python -m legacy_shim.legacy_runner observer MODEL_TYPE --task T --workdir DIR --result FILE.json
+    python -m legacy_shim.tooling.legacy_runner supported --task text-generation-with-past
+    python -m legacy_shim.tooling.legacy_runner run MODEL_DIR --task T --output DIR --result FILE.json
+    python -m legacy_shim.tooling.legacy_runner observer MODEL_TYPE --task T --workdir DIR --result FILE.json
 
 `observer` is the sweep's observer path validated through legacy_shim's runtime class instead of
 the unchanged one: the sweep runs it when the unchanged runtime fails to load or generate with
@@ -40,11 +40,12 @@ from typing import Any
 
 import torch
 
-from optimum_observer.sweep import PathResult, Status, SweepStage, failed_check, first_line, onnx_bytes, run_observer_path
 from optimum_observer.families import family_of
 from optimum_observer.tasks import get_task
-from optimum_observer.tiny_configs import SHAPES
 from optimum_observer.validation import ValidationInputs
+
+from .sweep import PathResult, Status, SweepStage, failed_check, first_line, onnx_bytes, run_observer_path
+from .tiny_configs import SHAPES
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def supported_model_types(task: str) -> list[str]:
 
 def shim_runtime_class(task: str) -> type:
     """legacy_shim's runtime class of the task (optimum's, plus the runtime fixes)."""
-    from . import modeling
+    from .. import modeling
 
     return getattr(modeling, get_task(task).runtime_class, None) or runtime_class(task)
 
@@ -196,7 +197,7 @@ def _failed(
 
 def legacy_export(model_dir: Path, output: Path, task: str) -> float:
     """optimum-onnx's own `main_export` (also when the unchanged-code hook wrapped it); seconds."""
-    from .routes import upstream_main_export
+    from ..routes import upstream_main_export
 
     start = time.perf_counter()
     upstream_main_export()(str(model_dir), str(output), task=task, do_validation=False, no_post_process=False)
@@ -217,7 +218,7 @@ def run_legacy_path(model_dir: Path, task: str, output: Path) -> PathResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m legacy_shim.legacy_runner", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m legacy_shim.tooling.legacy_runner", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     supported = commands.add_parser("supported", help="print the model types optimum-onnx supports for a task")
     supported.add_argument("--task", required=True)

@@ -4,7 +4,7 @@ Takes: a model type and a task. Gives:
 
 * :func:`compare`: a :class:`Comparison` of the legacy export (optimum-onnx's unchanged
   `main_export`) and the observer export of the same tiny random model
-  (`optimum_observer.tiny_configs`): graph inputs/outputs, logits on the same inputs (each
+  (`legacy_shim.tooling.tiny_configs`): graph inputs/outputs, logits on the same inputs (each
   against torch and against each other), greedy tokens, file size, ONNX Runtime prefill and
   decode latency. Both exports are loaded and run through the same unchanged
   `optimum.onnxruntime` class, so the numbers compare the files, not two runtimes.
@@ -12,10 +12,10 @@ Takes: a model type and a task. Gives:
   (:func:`legacy_shim.registry.add_migration`) only when the comparison shows parity, with the
   comparison's summary as the entry's evidence; otherwise raises :class:`MigrationRefused`.
 
-Command line (also `optimum-observer compare|migrate ...`, which forwards here)::
+Command line (also `optimum-observer compare|migrate ...`, :mod:`legacy_shim.tooling.commands`)::
 
-    python -m legacy_shim.migration compare --model-type llama --task text-generation-with-past
-    python -m legacy_shim.migration migrate llama --task text-generation-with-past
+    python -m legacy_shim.tooling.migration compare --model-type llama --task text-generation-with-past
+    python -m legacy_shim.tooling.migration migrate llama --task text-generation-with-past
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ import torch
 import optimum_observer
 from optimum_observer.families import family_of
 from optimum_observer.reference_inputs import generation_inputs
-from optimum_observer.sweep import versions
 from optimum_observer.tasks import get_task
-from optimum_observer.tiny_configs import save_tiny_model
 from optimum_observer.validation import ValidationInputs
 
+from ..registry import MigrationEntry, add_migration
+from .commands import COMPARE, MIGRATE
 from .legacy_runner import ATOL, legacy_export, load_torch_model, runtime_class
-from .registry import MigrationEntry, add_migration
+from .sweep import versions
+from .tiny_configs import save_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -227,25 +228,17 @@ def migrate(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="optimum-observer", description="Compare the exporters; migrate a type.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    compare_parser = commands.add_parser("compare", help="export one model type both ways and report side by side")
-    compare_parser.add_argument("--model-type", required=True)
-    compare_parser.add_argument("--task", default="text-generation-with-past")
-    migrate_parser = commands.add_parser(
-        "migrate", help="move a model type to the observer exporter in the router's registry, if compare shows parity"
-    )
-    migrate_parser.add_argument("model_type")
-    migrate_parser.add_argument("--task", default="text-generation-with-past")
-    migrate_parser.add_argument("--since", help="version the move ships in (default: this optimum-observer version)")
-    migrate_parser.add_argument("--registry", type=Path, help="registry file (default: legacy_shim/migrated.json)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "compare":
-        comparison = compare(args.model_type, args.task)
-        print(comparison.table())
-        return 0 if comparison.parity else 1
+def run_compare(args: argparse.Namespace) -> int:
+    """`compare` (arguments: :func:`legacy_shim.tooling.commands.compare_arguments`); 1 without parity."""
+    _configure_logging()
+    comparison = compare(args.model_type, args.task)
+    print(comparison.table())
+    return 0 if comparison.parity else 1
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """`migrate` (arguments: :func:`legacy_shim.tooling.commands.migrate_arguments`); 1 when refused."""
+    _configure_logging()
     comparison = compare(args.model_type, args.task)
     print(comparison.table())
     try:
@@ -255,6 +248,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"migrated: {entry.to_json()}")
     return 0
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optimum-observer", description="Compare the exporters; migrate a type.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in (("compare", COMPARE), ("migrate", MIGRATE)):
+        command.add_arguments(commands.add_parser(name, help=command.help))
+    args = parser.parse_args(argv)
+    return (COMPARE if args.command == "compare" else MIGRATE).run(args)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,20 @@ Gives: `coverage-{task}.json` (one :class:`TypeResult` per model type, with the 
 measured on) and the Markdown table `coverage-{task}.md` beside it; optionally a combined
 document over every task swept into the directory (`docs/coverage.md`).
 
-Per model type, a worker process (`python -m optimum_observer.sweep worker ...`) builds the tiny
-model of :mod:`optimum_observer.tiny_configs` (real checkpoint shapes by default, `shapes=`),
+Per model type, a worker process (`python -m legacy_shim.tooling.sweep worker ...`) builds the tiny
+model of :mod:`legacy_shim.tooling.tiny_configs` (real checkpoint shapes by default, `shapes=`),
 saves it, and runs the observer export with its validation (observed-call replay, then greedy
 generation, or every output for the encoder tasks, through the unchanged `optimum.onnxruntime`
 class in that process, where the environment's hook is on). A passing export is then checked
 the same way in an interpreter where optimum-observer is not installed
-(:mod:`optimum_observer.without_observer`); an export the unchanged class fails with is validated
+(:mod:`legacy_shim.tooling.without_observer`); an export the unchanged class fails with is validated
 again through `legacy_shim`'s runtime class. Each passing row records the best of the three
 (:class:`Runtime`): the headline count is the first, what users of plain optimum-onnx get.
 
 When the legacy exporter supports the pair, a second process runs the legacy path on the same
 saved model, with the hook off: optimum-onnx's `main_export` and its runtime classes as they
-ship. That path is a command, not an import: `optimum_observer` never imports optimum-onnx's
-exporter or `legacy_shim`; `legacy_shim.legacy_runner` speaks the same JSON result format
+ship. That path is a command, not an import, so that the hook is off there:
+`legacy_shim.tooling.legacy_runner` speaks the same JSON result format
 (:class:`PathResult`). A crash or a hang in one type is recorded (stage `crash` / `time limit`)
 and the sweep goes on; results are written after every type, so an interrupted sweep resumes
 where it stopped (`resume=True`).
@@ -47,17 +47,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
-from .tasks import get_task, supported_tasks
+from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
+from optimum_observer.tasks import get_task, supported_tasks
+
 from .tiny_configs import SHAPES
 
 logger = logging.getLogger(__name__)
 
-LEGACY_RUNNER_MODULE = "legacy_shim.legacy_runner"
+LEGACY_RUNNER_MODULE = "legacy_shim.tooling.legacy_runner"
 DEFAULT_TIMEOUT_SECONDS = 300.0
 #: Turns the unchanged-code hook off in a process (legacy_shim._hook.DISABLE_ENV_VAR).
 HOOK_DISABLE_ENV_VAR = "OPTIMUM_OBSERVER_DISABLE"
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SweepStage(str, enum.Enum):
@@ -280,14 +281,14 @@ _RAISED_BY_THE_MODEL_OR_TORCH = (Stage.CAPTURE, Stage.TORCH_EXPORT, Stage.ONNX_C
 def run_observer_path(
     model_type: str, task: str, workdir: Path, runtime_class: Any = None, shapes: str = "real"
 ) -> PathResult:
-    """Builds the tiny model (`shapes`: see :mod:`optimum_observer.tiny_configs`) into
+    """Builds the tiny model (`shapes`: see :mod:`legacy_shim.tooling.tiny_configs`) into
     `workdir/model`, then exports it to `workdir/observer`; a model whose own generate fails in
     plain torch with its cache (cpmant) is exported without past.
 
     `runtime_class` validates the export (default: the unchanged optimum class, here with the
     hook; a pass is then checked again without optimum-observer); another class is recorded as
     legacy_shim's (:attr:`Runtime.SHIM`)."""
-    from .pipeline import export
+    from optimum_observer.pipeline import export
     from .tiny_configs import build_tiny_model
 
     contract = get_task(task)
@@ -443,7 +444,7 @@ def sweep_one(
     with tempfile.TemporaryDirectory(prefix=f"sweep-{model_type}-") as scratch:
         workdir = Path(scratch)
         result_file = workdir / "observer.json"
-        command = [sys.executable, "-m", "optimum_observer.sweep", "worker", model_type, "--task", task,
+        command = [sys.executable, "-m", "legacy_shim.tooling.sweep", "worker", model_type, "--task", task,
                    "--workdir", str(workdir), "--result", str(result_file), "--shapes", shapes]  # fmt: skip
         observer = run_path_process(command, result_file, timeout, task)
         if _runtime_may_be_the_limit(observer) and legacy_types is not None:
@@ -502,7 +503,7 @@ def load_results(path: Path, shapes: str | None = None) -> dict[str, TypeResult]
 
 def _revision() -> str:
     """The git commit of this source tree (with "+changes" when it differs), or "an unknown revision"."""
-    root = Path(__file__).resolve().parent.parent
+    root = _PROJECT_ROOT
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
@@ -544,7 +545,7 @@ def run_sweep(
     redo: bool = False,
 ) -> dict[str, TypeResult]:
     """Sweeps `model_types` (default: the task's whole auto mapping), `jobs` types at a time, on
-    tiny models of `shapes` ("real" or "mha", see :mod:`optimum_observer.tiny_configs`);
+    tiny models of `shapes` ("real" or "mha", see :mod:`legacy_shim.tooling.tiny_configs`);
     returns every result in the coverage file, including those kept from an earlier run when
     resuming. With `redo`, the types of `model_types` are measured again even when the file has
     them (the others are kept): a fix re-measured without re-running the whole table."""
@@ -765,7 +766,7 @@ def coverage_document(out: Path) -> str:
     header = (
         "# Architecture coverage\n\n"
         "Generated by `optimum-observer sweep` (do not edit by hand): every model type of each task's "
-        "transformers auto mapping, as a tiny random model (`optimum_observer.tiny_configs`; real checkpoint "
+        "transformers auto mapping, as a tiny random model (`legacy_shim.tooling.tiny_configs`; real checkpoint "
         "shapes unless a table says `shapes='mha'`: grouped-query attention, explicit head_dim, MLA), exported "
         "through the observer stack and through the legacy exporter (optimum-onnx `main_export`) where it "
         "supports the type; each path is validated (replay of the observed calls / logits on the same "
@@ -841,7 +842,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optimum_observer.sweep worker")
+    parser = argparse.ArgumentParser(prog="python -m legacy_shim.tooling.sweep worker")
     parser.add_argument("model_type")
     parser.add_argument("--task", required=True)
     parser.add_argument("--workdir", type=Path, required=True)
@@ -856,5 +857,5 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["worker"]:
-        sys.exit("usage: python -m optimum_observer.sweep worker MODEL_TYPE --task T --workdir D --result F [--shapes S]")
+        sys.exit("usage: python -m legacy_shim.tooling.sweep worker MODEL_TYPE --task T --workdir D --result F [--shapes S]")
     sys.exit(_worker_main(sys.argv[2:]))
