@@ -1,0 +1,194 @@
+"""End-to-end: a tiny random llava exported for image-text-to-text by observing generate().
+
+The model has real-checkpoint shapes at tiny sizes: a CLIP vision tower (24 px images, 8 px
+patches: 9 image tokens after the CLS token is dropped) and a llama text model with grouped-query
+attention (4 query heads, 2 key/value heads, explicit head_dim). Its processor is built locally
+(CLIPImageProcessor, a BPE tokenizer trained on the fly with an `<image>` token, LlavaProcessor
+putting one placeholder per image feature): no hub access. One export (about 10 s) is shared by
+the class; it writes the three graphs of optimum_observer.vision_language and
+legacy_shim.ORTModelForImageTextToText generates from them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import transformers
+
+import optimum_observer
+from legacy_shim import ORTModelForImageTextToText
+from optimum_observer import ObserverExportError, vision_language
+from optimum_observer.errors import Stage
+from tiny_models import build_tokenizer
+
+FILES = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
+NEW_TOKENS = 8
+IMAGE_SIZE, PATCH_SIZE = 24, 8
+PROMPTS = ("<image>\nUSER: What is this?", "<image>\nUSER: Once upon a time, the capital of France was")
+
+
+def tiny_processor() -> transformers.LlavaProcessor:
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    # A llama tokenizer returns no token_type_ids (the trained BPE one would, and llava takes none).
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def tiny_llava(processor: transformers.LlavaProcessor) -> transformers.LlavaForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    config = transformers.LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=len(tokenizer) + 8,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def images(sizes: tuple[tuple[int, int], ...], channels: int = 3) -> list[np.ndarray]:
+    generator = np.random.default_rng(0)
+    return [generator.integers(0, 256, (h, w, channels), dtype=np.uint8) for h, w in sizes]
+
+
+class TestLlavaExport(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.processor = tiny_processor()
+        cls.model = tiny_llava(cls.processor)
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.output = Path(cls.tmp.name) / "llava-onnx"
+        cls.result = optimum_observer.export(
+            cls.model,
+            cls.output,
+            task="image-text-to-text",
+            tokenizer=cls.processor.tokenizer,
+            runtime_class=ORTModelForImageTextToText,
+        )
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_writes_three_graphs_with_optimum_names(self):
+        self.assertEqual(self.result.onnx_files, list(FILES))
+        names = {}
+        for file in FILES:
+            session = ort.InferenceSession(str(self.output / file), providers=["CPUExecutionProvider"])
+            names[file] = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        self.assertEqual(names["vision_encoder.onnx"], (["pixel_values"], ["image_features"]))
+        self.assertEqual(names["embed_tokens.onnx"], (["input_ids"], ["inputs_embeds"]))
+        past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+        present = [name.replace("past_key_values", "present") for name in past]
+        self.assertEqual(
+            names["decoder_model_merged.onnx"],
+            (["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]),
+        )
+
+    def test_image_and_sequence_axes_are_dynamic(self):
+        axes = self.result.dynamic_axes
+        self.assertEqual(axes["vision_encoder.onnx:pixel_values"], {0: "batch_size"})
+        self.assertEqual(axes["embed_tokens.onnx:input_ids"], {0: "batch_size", 1: "sequence_length"})
+        self.assertEqual(
+            axes["decoder_model_merged.onnx:attention_mask"], {0: "batch_size", 1: "past_sequence_length + sequence_length"}
+        )
+        self.assertEqual(axes["decoder_model_merged.onnx:past_key_values.0.key"][2], "past_sequence_length")
+
+    def test_every_observed_call_replays_within_atol(self):
+        calls = self.result.validation.calls
+        self.assertEqual({c.graph for c in calls}, set(FILES))
+        # generate() over batches of 2 and 3: the vision tower once per batch, the embedding and
+        # the decoder once per step (prompt, then 2 cached steps of the 3 new tokens).
+        self.assertEqual(sum(c.graph == "vision_encoder.onnx" for c in calls), 2)
+        self.assertEqual(sum(c.graph == "decoder_model_merged.onnx" for c in calls), 6)
+        self.assertTrue(all(c.ok for c in calls), self.result.validation.table())
+        self.assertTrue(self.result.validation.ok)
+
+    def test_processor_batch_generates_torchs_greedy_tokens(self):
+        batch = self.processor(
+            images=images(((40, 30), (24, 50))), text=list(PROMPTS), padding=True, return_tensors="pt"
+        )
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        self.assertNotEqual(lengths[0], lengths[1])
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
+        got = onnx_model.generate(**batch, **settings)
+        self.assertEqual(got.shape, (2, batch["input_ids"].shape[1] + NEW_TOKENS))
+        self.assertEqual(got.tolist(), expected.tolist())
+
+    def test_the_model_is_given_back_unrouted(self):
+        self.assertIs(type(self.model.get_decoder()), transformers.LlamaModel)
+        self.assertIs(type(self.model.get_output_embeddings()), torch.nn.Linear)
+        self.assertIs(type(self.model.get_input_embeddings()), torch.nn.Embedding)
+        self.assertNotIn("get_image_features", vars(self.model.model))
+        self.assertNotIn("forward", vars(self.model))
+
+    def test_runtime_refuses_an_image_of_the_wrong_channel_count(self):
+        batch = self.processor(images=images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
+        with self.assertRaisesRegex(ValueError, r"pixel_values of shape \(1, 1, 24, 24\).*image processor"):
+            onnx_model.generate(
+                input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:, :1], max_new_tokens=2
+            )
+
+
+class TestVisionLanguageBadInput(unittest.TestCase):
+    def test_a_run_with_one_channel_images_names_model_stage_and_remedy(self):
+        processor = tiny_processor()
+        model = tiny_llava(processor)
+        batch = vision_language.reference_batches(model, processor.tokenizer.pad_token_id)[0]
+        batch["pixel_values"] = batch["pixel_values"][:, :1]
+
+        def run(model):
+            return model.generate(**batch, max_new_tokens=3, do_sample=False)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaises(ObserverExportError) as caught:
+                optimum_observer.export(model, Path(tmp) / "out", task="image-text-to-text", run=run)
+            self.assertFalse((Path(tmp) / "out").exists())
+        error = caught.exception
+        self.assertEqual((error.model_type, error.stage), ("llava", Stage.CAPTURE))
+        self.assertIn("fails in plain PyTorch as well", str(error))
+        self.assertIn("processor(images=", str(error))
