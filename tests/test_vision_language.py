@@ -22,7 +22,7 @@ import transformers
 
 import optimum_observer
 from legacy_shim import ORTModelForImageTextToText
-from optimum_observer import ObserverExportError, vision_language
+from optimum_observer import ObserverExportError, patches, vision_language
 from optimum_observer.errors import Stage
 from tiny_models import build_tokenizer
 
@@ -192,3 +192,43 @@ class TestVisionLanguageBadInput(unittest.TestCase):
         self.assertEqual((error.model_type, error.stage), ("llava", Stage.CAPTURE))
         self.assertIn("fails in plain PyTorch as well", str(error))
         self.assertIn("processor(images=", str(error))
+
+
+class TestVisionParts(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = tiny_llava(tiny_processor())
+
+    def export_vision_encoder(self) -> torch.export.ExportedProgram:
+        pixel_values = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+        return torch.export.export(
+            vision_language.VisionEncoder(self.model),
+            (),
+            {"pixel_values": pixel_values},
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim.DYNAMIC}},
+        )
+
+    def test_the_image_axis_needs_the_llava_features_patch(self):
+        # torch.export's wording of what torch.onnx.export reports as "inferred a static shape".
+        with self.assertRaisesRegex(Exception, r"pixel_values'\].size\(\)\[0\] as dynamic but your code specialized it"):
+            self.export_vision_encoder()
+        (patch,) = [p for p in patches.PATCHES if p.name == "llava_image_features_in_one_tensor"]
+        with patches.applied([patch]):
+            program = self.export_vision_encoder()
+        one_image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        with torch.no_grad():
+            expected = vision_language.VisionEncoder(self.model)(pixel_values=one_image).image_features
+            got = program.module()(pixel_values=one_image).image_features
+        self.assertEqual(got.shape, (1, (IMAGE_SIZE // PATCH_SIZE) ** 2, 64))
+        torch.testing.assert_close(got, expected)
+
+    def test_routing_is_undone_when_the_run_raises(self):
+        parts = {name: part(self.model) for name, part in vision_language.PARTS.items()}
+        with self.assertRaises(RuntimeError):
+            with vision_language.routed(self.model, parts):
+                self.assertIs(self.model.get_decoder(), parts["text_decoder"])
+                raise RuntimeError("run failed")
+        self.assertIs(type(self.model.get_decoder()), transformers.LlamaModel)
+        self.assertIs(type(self.model.get_output_embeddings()), torch.nn.Linear)
+        self.assertIs(type(self.model.get_input_embeddings()), torch.nn.Embedding)
+        self.assertNotIn("get_image_features", vars(self.model.model))
