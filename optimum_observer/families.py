@@ -69,6 +69,8 @@ class TaskFamily(abc.ABC):
     encoder_decoder: ClassVar[bool | None]
     #: its inputs are made by a feature extractor, loaded with the model when it has one.
     uses_feature_extractor: ClassVar[bool] = False
+    #: the transformers auto class of that preprocessor (saved with the export).
+    preprocessor_class: ClassVar[str] = "AutoFeatureExtractor"
     #: one graph serves the prompt and every later step (decoder-only): the run must show the
     #: sequence axis at two lengths, and a task with past at least two cached steps.
     one_graph_for_every_step: ClassVar[bool] = False
@@ -265,6 +267,10 @@ class VisionLanguageFamily(TaskFamily):
         "image per prompt, on batches of 2 and 3 prompts of different lengths"
     )
     encoder_decoder = False
+    # The processor (tokenizer and image processor) is saved with the export for its users; the
+    # default run builds its batches without it (vision_language.reference_batches).
+    uses_feature_extractor = True
+    preprocessor_class = "AutoProcessor"
 
     def reference_inputs(
         self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None

@@ -4,9 +4,12 @@ The model has real-checkpoint shapes at tiny sizes: a CLIP vision tower (24 px i
 patches: 9 image tokens after the CLS token is dropped) and a llama text model with grouped-query
 attention (4 query heads, 2 key/value heads, explicit head_dim). Its processor is built locally
 (CLIPImageProcessor, a BPE tokenizer trained on the fly with an `<image>` token, LlavaProcessor
-putting one placeholder per image feature): no hub access. One export (about 10 s) is shared by
-the class; it writes the three graphs of optimum_observer.vision_language and
-legacy_shim.ORTModelForImageTextToText generates from them.
+putting one placeholder per image feature): no hub access. One export (about 10 s), through
+Optimum's entry point `legacy_shim.main_export` from the saved model and processor (the router
+sends the pair to optimum_observer.export, which validates it with
+legacy_shim.ORTModelForImageTextToText), is shared by the class; it writes the three graphs of
+optimum_observer.vision_language, and the runtime class generates torch's tokens from them with
+the processor saved beside them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import transformers
 
 import optimum_observer
-from legacy_shim import ORTModelForImageTextToText
+from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
 from optimum_observer import ObserverExportError, patches, vision_language
 from optimum_observer.errors import Stage
 from tiny_models import build_tokenizer
@@ -33,11 +36,16 @@ PROMPTS = ("<image>\nUSER: What is this?", "<image>\nUSER: Once upon a time, the
 
 
 def tiny_processor() -> transformers.LlavaProcessor:
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.padding_side = "left"
-    # A llama tokenizer returns no token_type_ids (the trained BPE one would, and llava takes none).
-    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    trained = build_tokenizer()
+    # As a llama tokenizer: no token_type_ids (llava takes none), padding on the left; given to the
+    # constructor, so that the saved tokenizer keeps them.
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=trained.backend_tokenizer,
+        **trained.special_tokens_map,
+        additional_special_tokens=["<image>"],
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    )
     image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -97,21 +105,24 @@ class TestLlavaExport(unittest.TestCase):
         cls.processor = tiny_processor()
         cls.model = tiny_llava(cls.processor)
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.output = Path(cls.tmp.name) / "llava-onnx"
-        cls.result = optimum_observer.export(
-            cls.model,
-            cls.output,
-            task="image-text-to-text",
-            tokenizer=cls.processor.tokenizer,
-            runtime_class=ORTModelForImageTextToText,
-        )
+        source, cls.output = Path(cls.tmp.name) / "llava", Path(cls.tmp.name) / "llava-onnx"
+        cls.model.save_pretrained(source)
+        cls.processor.save_pretrained(source)
+        cls.route = main_export(str(source), str(cls.output), task="image-text-to-text")
+        cls.result = cls.route.observer_result
 
     @classmethod
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
-    def test_writes_three_graphs_with_optimum_names(self):
+    def test_main_export_routes_the_task_to_the_observer(self):
+        self.assertEqual(self.route.route, Exporter.OBSERVER)
+        self.assertIn("no OnnxConfig for llava / image-text-to-text", self.route.decision.reason)
+
+    def test_writes_three_graphs_with_optimum_names_and_the_processor(self):
         self.assertEqual(self.result.onnx_files, list(FILES))
+        for saved in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+            self.assertTrue((self.output / saved).is_file(), saved)
         names = {}
         for file in FILES:
             session = ort.InferenceSession(str(self.output / file), providers=["CPUExecutionProvider"])
@@ -145,7 +156,9 @@ class TestLlavaExport(unittest.TestCase):
         self.assertTrue(self.result.validation.ok)
 
     def test_processor_batch_generates_torchs_greedy_tokens(self):
-        batch = self.processor(
+        processor = transformers.AutoProcessor.from_pretrained(self.output)
+        self.assertIsInstance(processor, transformers.LlavaProcessor)
+        batch = processor(
             images=images(((40, 30), (24, 50))), text=list(PROMPTS), padding=True, return_tensors="pt"
         )
         lengths = batch["attention_mask"].sum(-1).tolist()
