@@ -295,8 +295,11 @@ def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_
             next(iter(lengths)),
             hint,
         )
-    if one_graph_for_every_step and contract.with_past:
-        (capture,) = captures
+    # The graphs that serve the prompt and every cached step (a decoder-only model's, a
+    # vision-language model's decoder) need the cache seen at two lengths.
+    for capture in captures:
+        if capture.graph.calls is not Calls.ALL or "past_key_values" not in capture.graph.input_names:
+            continue
         cached = sum("past_key_values" in call.inputs for call in capture.calls)
         if cached < 2:
             raise ObserverExportError(
@@ -306,7 +309,7 @@ def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_
                 f"lengths; the run made {cached}, so the graph would have "
                 + ("no past inputs" if not cached else "its past length fixed"),
                 "generate at least 3 new tokens with the cache on (model.generate(..., "
-                "max_new_tokens=3, use_cache=True)), or export for text-generation (no cache).",
+                "max_new_tokens=3, use_cache=True)), or, for a decoder-only model, export for text-generation (no cache).",
             )
     batches = _sizes(captures, "input_ids", 0) or _sizes(captures, contract.graphs[0].inputs[0].name, 0)
     if len(batches) == 1:

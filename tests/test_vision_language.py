@@ -171,6 +171,24 @@ class TestLlavaExport(unittest.TestCase):
         self.assertEqual(got.shape, (2, batch["input_ids"].shape[1] + NEW_TOKENS))
         self.assertEqual(got.tolist(), expected.tolist())
 
+    def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
+        # Three images for two prompts: the features go to the image tokens in order.
+        text = ["<image><image>\nUSER: Compare these two.", PROMPTS[1]]
+        batch = self.processor(images=images(((30, 30), (24, 40), (50, 24))), text=text, padding=True, return_tensors="pt")
+        self.assertEqual(tuple(batch["pixel_values"].shape), (3, 3, IMAGE_SIZE, IMAGE_SIZE))
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        got = ORTModelForImageTextToText.from_pretrained(self.output).generate(**batch, **settings)
+        self.assertEqual(got.tolist(), expected.tolist())
+
+    def test_runtime_refuses_text_without_the_image_placeholders(self):
+        batch = self.processor(images=images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
+        text_only = self.processor.tokenizer(["USER: What is this?"], return_tensors="pt")
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
+        with self.assertRaisesRegex(ValueError, r"tokens: 0, features 9; build the prompt with the model's processor"):
+            onnx_model.generate(**text_only, pixel_values=batch["pixel_values"], max_new_tokens=2)
+
     def test_the_model_is_given_back_unrouted(self):
         self.assertIs(type(self.model.get_decoder()), transformers.LlamaModel)
         self.assertIs(type(self.model.get_output_embeddings()), torch.nn.Linear)
@@ -205,6 +223,23 @@ class TestVisionLanguageBadInput(unittest.TestCase):
         self.assertEqual((error.model_type, error.stage), ("llava", Stage.CAPTURE))
         self.assertIn("fails in plain PyTorch as well", str(error))
         self.assertIn("processor(images=", str(error))
+
+
+    def test_a_run_with_one_cached_step_is_refused_before_export(self):
+        processor = tiny_processor()
+        model = tiny_llava(processor)
+        batch = vision_language.reference_batches(model, processor.tokenizer.pad_token_id)[0]
+
+        def run(model):
+            return model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaises(ObserverExportError) as caught:
+                optimum_observer.export(model, Path(tmp) / "out", task="image-text-to-text", run=run)
+        error = caught.exception
+        self.assertEqual(error.stage, Stage.SYNTHESIS)
+        self.assertIn("needs calls that read a cache (past_key_values), seen at two lengths", str(error))
+        self.assertIn("max_new_tokens=3", str(error))
 
 
 class TestVisionParts(unittest.TestCase):
