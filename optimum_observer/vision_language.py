@@ -70,11 +70,15 @@ class VisionEncoder(torch.nn.Module):
     def __init__(self, model: Any):
         super().__init__()
         self.inner = _inner(model)
+        #: the model's own `get_image_features` returned one tensor per image (llava), not one
+        #: tensor (gemma3): what :func:`routed` hands back to the model's code.
+        self.returns_list = False
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = True) -> VisionEncoderOutput:
         features = type(self.inner).get_image_features(self.inner, pixel_values=pixel_values)
-        if not isinstance(features, torch.Tensor):
-            # llava returns one tensor per image; every image has the same token count.
+        self.returns_list = not isinstance(features, torch.Tensor)
+        if self.returns_list:
+            # Every image has the same token count here.
             features = torch.stack(tuple(features))
         return VisionEncoderOutput(image_features=features)
 
@@ -165,9 +169,10 @@ def routed(model: Any, parts: dict[str, torch.nn.Module]) -> Iterator[None]:
     had_features = "get_image_features" in vars(inner)
     vision = parts[VISION_ENCODER]
 
-    def get_image_features(pixel_values: torch.Tensor, **settings: Any) -> list[torch.Tensor]:
+    def get_image_features(pixel_values: torch.Tensor, **settings: Any) -> torch.Tensor | list[torch.Tensor]:
         # The settings are the config's (what generate passes); the part reads the same config.
-        return list(vision(pixel_values=pixel_values).image_features)
+        features = vision(pixel_values=pixel_values).image_features
+        return list(features) if vision.returns_list else features
 
     try:
         model.set_input_embeddings(_Returning(parts[TEXT_EMBEDDING], "inputs_embeds"))

@@ -280,3 +280,29 @@ class TestVisionParts(unittest.TestCase):
         self.assertIs(type(self.model.get_output_embeddings()), torch.nn.Linear)
         self.assertIs(type(self.model.get_input_embeddings()), torch.nn.Embedding)
         self.assertNotIn("get_image_features", vars(self.model.model))
+
+    def test_routing_hands_back_one_tensor_where_the_model_returns_one(self):
+        # gemma3's get_image_features returns one tensor (llava's a list): under the routing its
+        # own generate gives the same tokens (gemma3 itself does not export yet: issue 17).
+        config = transformers.Gemma3Config(
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+            ),
+            text_config=dict(
+                model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+            ),
+            mm_tokens_per_image=4, image_token_index=290, boi_token_index=291, eoi_token_index=292,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.Gemma3ForConditionalGeneration(config).eval()
+        batch = vision_language.reference_batches(model, 0)[0]
+        settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            expected = model.generate(**batch, **settings)
+            parts = {name: part(model) for name, part in vision_language.PARTS.items()}
+            with vision_language.routed(model, parts):
+                got = model.generate(**batch, **settings)
+        self.assertFalse(parts["vision_encoder"].returns_list)
+        self.assertEqual(got.tolist(), expected.tolist())
