@@ -14,12 +14,14 @@ the image placeholder tokens one to one, in order (llava's `masked_scatter`), th
 the prompt with zero-length past tensors and on one token at a time with the cache fed back by
 name, its positions counted from the attention mask as transformers' generate counts them
 (left padding). Greedy decoding only. optimum-onnx 0.1.0 has no class for the task, so this one
-is not a subclass of an upstream class; it stands alone on ONNX Runtime.
+is not a subclass of an upstream class; it stands alone on ONNX Runtime. `from_pretrained(...,
+export=True)` exports through the router first, like the other `ORTModelFor*` classes.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import onnxruntime as ort
 import torch
 import transformers
 
+TASK = "image-text-to-text"
 VISION_ENCODER_FILE = "vision_encoder.onnx"
 TEXT_EMBEDDING_FILE = "embed_tokens.onnx"
 TEXT_DECODER_FILE = "decoder_model_merged.onnx"
@@ -62,11 +65,25 @@ class ORTModelForImageTextToText:
     def from_pretrained(
         cls,
         model_id: str | os.PathLike,
+        export: bool = False,
         provider: str = "CPUExecutionProvider",
         session_options: ort.SessionOptions | None = None,
         config: Any = None,
+        exporter: str = "auto",
         **kwargs: Any,
     ) -> ORTModelForImageTextToText:
+        """Loads an export from `model_id`; with `export=True`, `model_id` is a transformers model
+        (id or directory) exported first through the router (`legacy_shim.main_export`, `exporter`
+        as there; the other keyword arguments go to it) into a temporary directory kept with the
+        model, as optimum's classes do."""
+        if export:
+            from .export import main_export
+
+            temporary = tempfile.TemporaryDirectory()
+            main_export(str(model_id), temporary.name, task=TASK, exporter=exporter, **kwargs)
+            model = cls.from_pretrained(temporary.name, provider=provider, session_options=session_options)
+            model._temporary_directory = temporary
+            return model
         directory = Path(model_id)
         missing = [f for f in (VISION_ENCODER_FILE, TEXT_EMBEDDING_FILE, TEXT_DECODER_FILE) if not (directory / f).is_file()]
         if missing:

@@ -105,10 +105,10 @@ class TestLlavaExport(unittest.TestCase):
         cls.processor = tiny_processor()
         cls.model = tiny_llava(cls.processor)
         cls.tmp = tempfile.TemporaryDirectory()
-        source, cls.output = Path(cls.tmp.name) / "llava", Path(cls.tmp.name) / "llava-onnx"
-        cls.model.save_pretrained(source)
-        cls.processor.save_pretrained(source)
-        cls.route = main_export(str(source), str(cls.output), task="image-text-to-text")
+        cls.source, cls.output = Path(cls.tmp.name) / "llava", Path(cls.tmp.name) / "llava-onnx"
+        cls.model.save_pretrained(cls.source)
+        cls.processor.save_pretrained(cls.source)
+        cls.route = main_export(str(cls.source), str(cls.output), task="image-text-to-text")
         cls.result = cls.route.observer_result
 
     @classmethod
@@ -170,6 +170,16 @@ class TestLlavaExport(unittest.TestCase):
         got = onnx_model.generate(**batch, **settings)
         self.assertEqual(got.shape, (2, batch["input_ids"].shape[1] + NEW_TOKENS))
         self.assertEqual(got.tolist(), expected.tolist())
+
+    def test_from_pretrained_with_export_generates_torchs_greedy_tokens(self):
+        # A second export (about 10 s), through the runtime class's own entry point.
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.source, export=True)
+        self.assertTrue((onnx_model.model_save_dir / "decoder_model_merged.onnx").is_file())
+        batch = self.processor(images=images(((30, 30), (24, 40))), text=list(PROMPTS), padding=True, return_tensors="pt")
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        self.assertEqual(onnx_model.generate(**batch, **settings).tolist(), expected.tolist())
 
     def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
         # Three images for two prompts: the features go to the image tokens in order.
