@@ -309,7 +309,8 @@ def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_
                 f"lengths; the run made {cached}, so the graph would have "
                 + ("no past inputs" if not cached else "its past length fixed"),
                 "generate at least 3 new tokens with the cache on (model.generate(..., "
-                "max_new_tokens=3, use_cache=True)), or, for a decoder-only model, export for text-generation (no cache).",
+                "max_new_tokens=3, use_cache=True)), or, for a decoder-only model, export for "
+                "text-generation (no cache).",
             )
     batches = _sizes(captures, "input_ids", 0) or _sizes(captures, contract.graphs[0].inputs[0].name, 0)
     if len(batches) == 1:

@@ -72,7 +72,8 @@ class TaskFamily(abc.ABC):
     #: the transformers auto class of that preprocessor (saved with the export).
     preprocessor_class: ClassVar[str] = "AutoFeatureExtractor"
     #: one graph serves the prompt and every later step (decoder-only): the run must show the
-    #: sequence axis at two lengths, and a task with past at least two cached steps.
+    #: sequence axis at two lengths. (Every graph fed a cache on all steps, this one or a
+    #: vision-language decoder, needs at least two cached steps: capture.check_observed_sizes.)
     one_graph_for_every_step: ClassVar[bool] = False
     #: its files can be quantized (optimization.py measures quality on generated text).
     quantizable: ClassVar[bool] = False
