@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 import transformers
+from parameterized import parameterized
 
 import optimum_observer
 from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
@@ -316,3 +318,52 @@ class TestVisionParts(unittest.TestCase):
                 got = model.generate(**batch, **settings)
         self.assertFalse(parts["vision_encoder"].returns_list)
         self.assertEqual(got.tolist(), expected.tolist())
+
+
+#: Other types whose image features replace their placeholder tokens one to one, at tiny sizes
+#: (grouped-query attention in every text model).
+_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=300, max_position_embeddings=256,
+)  # fmt: skip
+ONE_TO_ONE_CONFIGS = {
+    "internvl": lambda: transformers.InternVLConfig(
+        vision_config=dict(
+            model_type="internvl_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, image_size=[56, 56], patch_size=[14, 14],
+        ),
+        text_config=dict(model_type="qwen2", **_TEXT),
+        image_token_id=290,
+        downsample_ratio=0.5,
+    ),  # fmt: skip
+    "vipllava": lambda: transformers.VipLlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+            num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        ),
+        text_config=dict(model_type="llama", **_TEXT),
+        image_token_index=290,
+        vision_feature_layers=[-1, -2, -3, -4, -5],
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.slow
+class TestOneToOneTypes(unittest.TestCase):
+    """The default run and validation (every observed call replayed, 8 greedy tokens through
+    ORTModelForImageTextToText on batch 2 with different prompt lengths, one image each); about
+    10 s each, so in the slow run (`python -m pytest -m slow tests/test_vision_language.py`)."""
+
+    @parameterized.expand(sorted(ONE_TO_ONE_CONFIGS))
+    def test_exports_and_generates_torchs_greedy_tokens(self, model_type):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForImageTextToText.from_config(ONE_TO_ONE_CONFIGS[model_type]()).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = optimum_observer.export(
+                model, Path(tmp) / "out", task="image-text-to-text", runtime_class=ORTModelForImageTextToText
+            )
+        self.assertEqual(result.model_type, model_type)
+        self.assertTrue(result.validation.ok)
+        (generation,) = result.validation.generation
+        self.assertEqual(len(set(generation.prompt_lengths)), 2)
+        self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
