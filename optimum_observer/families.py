@@ -27,6 +27,7 @@ from typing import Any, ClassVar, ContextManager, NamedTuple
 import torch
 
 from . import reference_inputs, vision_language
+from .errors import ObserverExportError, Stage
 from .result import GenerationCheck, RuntimeCheck
 from .tasks import Family, TaskContract
 from .validation import (
@@ -281,11 +282,28 @@ class VisionLanguageFamily(TaskFamily):
     def default_run(
         self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
     ) -> Callable[[Any], Any]:
-        """`generate` with batch 2 then 3 over the reference inputs (left padded, one image each)."""
+        """`generate` with batch 2 then 3 over the reference inputs (left padded, one image each).
+
+        The inputs are built first, outside the observed run: a model whose images take more than
+        llava's layout (image sizes, grids, tiles) fails there, which is a gap of this run, not a
+        failure of the model's own run."""
         pad = reference_inputs.pad_token_id(model, tokenizer)
+        try:
+            batches = self.reference_inputs(model, tokenizer)
+        except Exception as error:
+            raise ObserverExportError(
+                model.config.model_type,
+                Stage.CAPTURE,
+                f"the default run cannot build image-text inputs for this model ({type(error).__name__}: "
+                f"{error}): it feeds pixel_values of [images, channels, height, width] and one placeholder "
+                "token per image feature, as llava-style models take them",
+                "pass a `run` callable that calls model.generate(**processor(images=..., text=..., "
+                "return_tensors='pt')) with the model's own processor; models with image sizes, grids or "
+                "tiles are not exported yet (docs/vision_language.md, issue 17).",
+            ) from error
 
         def run(model: Any) -> list[torch.Tensor]:
-            return [_generate_greedily(model, b, pad_token_id=pad) for b in self.reference_inputs(model, tokenizer)]
+            return [_generate_greedily(model, b, pad_token_id=pad) for b in batches]
 
         return run
 
