@@ -19,6 +19,7 @@ _EXPORTS = {
     "ORTModelForSequenceClassification": ".modeling",
     "ORTModelForSeq2SeqLM": ".modeling",
     "ORTModelForSpeechSeq2Seq": ".modeling",
+    "ORTModelForImageTextToText": ".vision_language",
     "Decision": ".router",
     "DecisionSource": ".router",
     "EXPORTER_ENV_VAR": ".router",

@@ -180,3 +180,8 @@ class ORTModelForSpeechSeq2Seq(RoutedExport, SafeAxisInference, GenerationSeams,
 class ORTModelForWhisper(ORTModelForSpeechSeq2Seq, modeling_seq2seq.ORTModelForWhisper):
     """`ORTModelForSpeechSeq2Seq` for whisper: upstream's whisper class (Whisper's generate) with
     this module's fixes."""
+
+
+# optimum-onnx 0.1.0 has no class for image-text-to-text; the shim's own class stands alone (its
+# module docstring), and is found here by task like the others (routes._runtime_class).
+from .vision_language import ORTModelForImageTextToText  # noqa: E402

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from . import vision_language
 from .errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
 from .families import family_of
 from .tasks import CACHE, Calls, GraphContract, TaskContract
@@ -63,8 +64,13 @@ def _num_leaves(value: Any) -> int:
 
 
 def observed_module(model: Any, module: str) -> torch.nn.Module:
-    """The module a graph is observed on: the model, or its encoder."""
-    return model if module == "model" else model.get_encoder()
+    """The module a graph is observed on: the model, its encoder, or a part of a vision-language
+    model (a new module around the model's own submodules, :data:`vision_language.PARTS`)."""
+    if module == "model":
+        return model
+    if module in vision_language.PARTS:
+        return vision_language.PARTS[module](model)
+    return model.get_encoder()
 
 
 def _named(args: tuple[Any, ...], kwargs: dict[str, Any], signature_names: list[str]) -> dict[str, Any]:
@@ -289,8 +295,11 @@ def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_
             next(iter(lengths)),
             hint,
         )
-    if one_graph_for_every_step and contract.with_past:
-        (capture,) = captures
+    # The graphs that serve the prompt and every cached step (a decoder-only model's, a
+    # vision-language model's decoder) need the cache seen at two lengths.
+    for capture in captures:
+        if capture.graph.calls is not Calls.ALL or "past_key_values" not in capture.graph.input_names:
+            continue
         cached = sum("past_key_values" in call.inputs for call in capture.calls)
         if cached < 2:
             raise ObserverExportError(
@@ -300,7 +309,8 @@ def check_observed_sizes(captures: list[Capture], contract: TaskContract, model_
                 f"lengths; the run made {cached}, so the graph would have "
                 + ("no past inputs" if not cached else "its past length fixed"),
                 "generate at least 3 new tokens with the cache on (model.generate(..., "
-                "max_new_tokens=3, use_cache=True)), or export for text-generation (no cache).",
+                "max_new_tokens=3, use_cache=True)), or, for a decoder-only model, export for "
+                "text-generation (no cache).",
             )
     batches = _sizes(captures, "input_ids", 0) or _sizes(captures, contract.graphs[0].inputs[0].name, 0)
     if len(batches) == 1:
@@ -322,12 +332,15 @@ def capture(
     feature_extractor: Any | None = None,
 ) -> list[Capture]:
     """Runs `run(model)` with one observer per observed module; one :class:`Capture` per graph."""
-    run = run or family_of(contract).default_run(model, contract, tokenizer, feature_extractor)
+    family = family_of(contract)
+    run = run or family.default_run(model, contract, tokenizer, feature_extractor)
+    modules = {name: observed_module(model, name) for name in contract.observed_modules}
     observers = {name: torch.onnx.InputObserver() for name in contract.observed_modules}
     try:
         with contextlib.ExitStack() as stack:
             for name, observer in observers.items():
-                stack.enter_context(_observing(observer, observed_module(model, name)))
+                stack.enter_context(_observing(observer, modules[name]))
+            stack.enter_context(family.routed(model, modules))
             return_value = run(model)
     except Exception as error:
         raise _run_failure(model, run, contract, model_type, error) from error

@@ -12,19 +12,22 @@ between decoder-only generation, encoder-decoder generation (text or speech) and
 * a few facts the stages ask about instead of branching on the family: the architecture it
   needs, whether it loads a feature extractor, whether one graph serves every step.
 
-The stages look the family up once and call it; a new family (vision-language, issue 17) is one
-more class registered in :data:`FAMILIES`.
+The stages look the family up once and call it; vision-language generation (issue 17) is the
+fifth, :class:`VisionLanguageFamily`, whose run goes through the model's parts
+(:meth:`TaskFamily.routed`).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, ContextManager, NamedTuple
 
 import torch
 
-from . import reference_inputs
+from . import reference_inputs, vision_language
+from .errors import ObserverExportError, Stage
 from .result import GenerationCheck, RuntimeCheck
 from .tasks import Family, TaskContract
 from .validation import (
@@ -67,8 +70,11 @@ class TaskFamily(abc.ABC):
     encoder_decoder: ClassVar[bool | None]
     #: its inputs are made by a feature extractor, loaded with the model when it has one.
     uses_feature_extractor: ClassVar[bool] = False
+    #: the transformers auto class of that preprocessor (saved with the export).
+    preprocessor_class: ClassVar[str] = "AutoFeatureExtractor"
     #: one graph serves the prompt and every later step (decoder-only): the run must show the
-    #: sequence axis at two lengths, and a task with past at least two cached steps.
+    #: sequence axis at two lengths. (Every graph fed a cache on all steps, this one or a
+    #: vision-language decoder, needs at least two cached steps: capture.check_observed_sizes.)
     one_graph_for_every_step: ClassVar[bool] = False
     #: its files can be quantized (optimization.py measures quality on generated text).
     quantizable: ClassVar[bool] = False
@@ -87,6 +93,11 @@ class TaskFamily(abc.ABC):
         self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
     ) -> Callable[[Any], Any]:
         """The `run` used when the caller gives none: the model run the way its users run it."""
+
+    def routed(self, model: Any, modules: dict[str, torch.nn.Module]) -> ContextManager[None]:
+        """What makes the model's own run call the observed `modules` (by contract module name),
+        for the capture's run; the observed modules of most families are the model's own."""
+        return contextlib.nullcontext()
 
     def check_generation(self, inputs: ValidationInputs) -> list[GenerationCheck]:
         """Greedy generation through the runtime class against torch's; none for a family that
@@ -248,8 +259,68 @@ class EncoderFamily(TaskFamily):
         return RuntimeChecks([], self.compare_outputs(inputs))
 
 
+class VisionLanguageFamily(TaskFamily):
+    """Images and text in, text out: generate() over prompts of two lengths with one image each,
+    observed on the model's three parts (:mod:`optimum_observer.vision_language`)."""
+
+    family = Family.VISION_LANGUAGE
+    run_hint = (
+        "model.generate(**processor(images=..., text=..., padding=True, return_tensors='pt')) with one "
+        "image per prompt, on batches of 2 and 3 prompts of different lengths"
+    )
+    encoder_decoder = False
+    # The processor (tokenizer and image processor) is saved with the export for its users; the
+    # default run builds its batches without it (vision_language.reference_batches).
+    uses_feature_extractor = True
+    preprocessor_class = "AutoProcessor"
+
+    def reference_inputs(
+        self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> list[Batch]:
+        return vision_language.reference_batches(model, reference_inputs.pad_token_id(model, tokenizer))
+
+    def default_run(
+        self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> Callable[[Any], Any]:
+        """`generate` with batch 2 then 3 over the reference inputs (left padded, one image each).
+
+        The inputs are built first, outside the observed run: a model whose images take more than
+        llava's layout (image sizes, grids, tiles) fails there, which is a gap of this run, not a
+        failure of the model's own run."""
+        pad = reference_inputs.pad_token_id(model, tokenizer)
+        try:
+            batches = self.reference_inputs(model, tokenizer)
+        except Exception as error:
+            raise ObserverExportError(
+                model.config.model_type,
+                Stage.CAPTURE,
+                f"the default run cannot build image-text inputs for this model ({type(error).__name__}: "
+                f"{error}): it feeds pixel_values of [images, channels, height, width] and one placeholder "
+                "token per image feature, as llava-style models take them",
+                "pass a `run` callable that calls model.generate(**processor(images=..., text=..., "
+                "return_tensors='pt')) with the model's own processor; models with image sizes, grids or "
+                "tiles are not exported yet (docs/vision_language.md, issue 17).",
+            ) from error
+
+        def run(model: Any) -> list[torch.Tensor]:
+            return [_generate_greedily(model, b, pad_token_id=pad) for b in batches]
+
+        return run
+
+    def routed(self, model: Any, modules: dict[str, torch.nn.Module]) -> ContextManager[None]:
+        return vision_language.routed(model, modules)
+
+    def check_generation(self, inputs: ValidationInputs) -> list[GenerationCheck]:
+        """The first reference batch (two prompts of different lengths, one image each); the
+        generate call is the same as an encoder-decoder model's."""
+        batch = self.reference_inputs(inputs.model, inputs.tokenizer)[0]
+        lengths = tuple(int(n) for n in batch["attention_mask"].sum(-1))
+        return check_encoder_decoder_generation(inputs, batch, lengths)
+
+
 FAMILIES: dict[Family, TaskFamily] = {
-    family.family: family for family in (DecoderFamily(), EncoderDecoderFamily(), SpeechFamily(), EncoderFamily())
+    family.family: family
+    for family in (DecoderFamily(), EncoderDecoderFamily(), SpeechFamily(), EncoderFamily(), VisionLanguageFamily())
 }
 
 

@@ -213,8 +213,9 @@ def load(
             ) from error
         if tokenizer is None:
             tokenizer = _try_tokenizer(source, hub_kwargs, trust_remote_code)
-        if feature_extractor is None and family_of(contract).uses_feature_extractor:
-            feature_extractor = _try_feature_extractor(source, hub_kwargs, trust_remote_code)
+        family = family_of(contract)
+        if feature_extractor is None and family.uses_feature_extractor:
+            feature_extractor = _try_feature_extractor(source, hub_kwargs, trust_remote_code, family.preprocessor_class)
     else:
         loaded = model.to(torch_dtype)
         model_type = loaded.config.model_type
@@ -250,9 +251,11 @@ def _check_architecture(model: Any, model_type: str, contract: TaskContract) -> 
     )
 
 
-def _try_feature_extractor(source: str, hub_kwargs: dict[str, Any], trust_remote_code: bool) -> Any | None:
+def _try_feature_extractor(
+    source: str, hub_kwargs: dict[str, Any], trust_remote_code: bool, auto_class: str = "AutoFeatureExtractor"
+) -> Any | None:
     try:
-        return transformers.AutoFeatureExtractor.from_pretrained(
+        return getattr(transformers, auto_class).from_pretrained(
             source, trust_remote_code=trust_remote_code, **hub_kwargs
         )
     except Exception as error:

@@ -36,6 +36,8 @@ AXIS_NAMES: tuple[tuple[str, int, str], ...] = (
     ("input_features", 0, "batch_size"),
     ("pixel_values", 0, "batch_size"),
     ("input_values", 0, "batch_size"),
+    ("inputs_embeds", 0, "batch_size"),
+    ("inputs_embeds", 1, "sequence_length"),
     ("input_values", 1, "sequence_length"),
     ("input_ids", 1, "sequence_length"),
     ("past_key_values.*.encoder.*", 2, "encoder_sequence_length"),

@@ -100,7 +100,8 @@ class GraphContract:
     file_name: str
     inputs: tuple[ContractInput, ...]
     outputs: tuple[ContractOutput, ...]
-    #: "model" (the model's own forward) or "encoder" (`model.get_encoder()`).
+    #: "model" (the model's own forward), "encoder" (`model.get_encoder()`) or a part of a
+    #: vision-language model (:data:`VISION_ENCODER`, :data:`TEXT_EMBEDDING`, :data:`TEXT_DECODER`).
     module: str = "model"
     calls: Calls = Calls.ALL
     #: `use_cache` passed to forward at export; None for modules that do not take it.
@@ -122,6 +123,12 @@ class Family(str, enum.Enum):
     SEQ2SEQ = "encoder-decoder generation"
     SPEECH_SEQ2SEQ = "speech encoder-decoder generation"
     ENCODER = "encoder"
+    VISION_LANGUAGE = "vision-language generation"
+
+
+#: The parts of a vision-language model its graphs are observed on (GraphContract.module; the
+#: modules are in :mod:`optimum_observer.vision_language`).
+VISION_ENCODER, TEXT_EMBEDDING, TEXT_DECODER = "vision_encoder", "text_embedding", "text_decoder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +231,44 @@ def _seq2seq(name: str, auto_model_class: str, runtime_class: str, encoder_input
     )
 
 
+def _image_text_to_text() -> TaskContract:
+    """Three graphs, one per part of the model (file names and roles: see
+    :mod:`optimum_observer.vision_language`); the runtime merges the image features into the
+    embeddings between the first two and the third."""
+    return TaskContract(
+        name="image-text-to-text",
+        auto_model_class="AutoModelForImageTextToText",
+        runtime_class="ORTModelForImageTextToText",
+        graphs=(
+            GraphContract(
+                "vision_encoder.onnx",
+                _inputs("pixel_values"),
+                _outputs("image_features"),
+                module=VISION_ENCODER,
+                use_cache=None,
+            ),
+            GraphContract(
+                "embed_tokens.onnx", _inputs("input_ids"), _outputs("inputs_embeds"), module=TEXT_EMBEDDING, use_cache=None
+            ),
+            GraphContract(
+                "decoder_model_merged.onnx",
+                _inputs("inputs_embeds", "attention_mask", "position_ids")
+                + (ContractInput("past_key_values", alternatives=(CACHE,)),),
+                (
+                    # The decoder part returns its logits as `last_hidden_state` (it stands in for
+                    # the model's decoder during the run, see vision_language.TextDecoder).
+                    ContractOutput("logits", "last_hidden_state"),
+                    ContractOutput("present", "past_key_values", alternatives=(CACHE,)),
+                ),
+                module=TEXT_DECODER,
+                use_cache=True,
+            ),
+        ),
+        family=Family.VISION_LANGUAGE,
+        with_past=True,
+    )
+
+
 TASKS: dict[str, TaskContract] = {
     contract.name: contract
     for contract in (
@@ -258,6 +303,7 @@ TASKS: dict[str, TaskContract] = {
             "end_logits",
         ),
         _encoder_task("fill-mask", "AutoModelForMaskedLM", "ORTModelForMaskedLM", "logits"),
+        _image_text_to_text(),
     )
 }
 

@@ -279,7 +279,7 @@ def default_runtime_class(contract: TaskContract) -> Any:
         import optimum.onnxruntime as optimum_runtime
 
         return getattr(optimum_runtime, contract.runtime_class)
-    except ImportError as error:
+    except (ImportError, AttributeError) as error:  # AttributeError: a class optimum-onnx lacks
         logger.warning(
             "optimum.onnxruntime.%s cannot be imported (%s): generation parity is not checked. Pass "
             "runtime_class= (legacy_shim's classes load on transformers 5), or export through "

@@ -1,0 +1,192 @@
+"""`ORTModelForImageTextToText`: greedy generation from an image-text-to-text export.
+
+Takes: a directory written by `optimum_observer.export(..., task="image-text-to-text")`:
+``vision_encoder.onnx`` (pixel_values -> image_features), ``embed_tokens.onnx`` (input_ids ->
+inputs_embeds), ``decoder_model_merged.onnx`` (inputs_embeds, attention_mask, position_ids,
+past_key_values.{i}.key|value -> logits, present.{i}.key|value) and ``config.json`` (see
+:mod:`optimum_observer.vision_language` for the convention).
+Gives: Optimum's calling style, `from_pretrained(directory)` and
+`generate(**processor(images=..., text=..., padding=True, return_tensors="pt"), max_new_tokens=...)`,
+returning the prompt and the new tokens as `model.generate` does.
+
+What it runs: the vision encoder once, the image features merged into the token embeddings at
+the image placeholder tokens one to one, in order (llava's `masked_scatter`), then the decoder on
+the prompt with zero-length past tensors and on one token at a time with the cache fed back by
+name, its positions counted from the attention mask as transformers' generate counts them
+(left padding). Greedy decoding only. optimum-onnx 0.1.0 has no class for the task, so this one
+is not a subclass of an upstream class; it stands alone on ONNX Runtime. `from_pretrained(...,
+export=True)` exports through the router first, like the other `ORTModelFor*` classes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import transformers
+
+TASK = "image-text-to-text"
+VISION_ENCODER_FILE = "vision_encoder.onnx"
+TEXT_EMBEDDING_FILE = "embed_tokens.onnx"
+TEXT_DECODER_FILE = "decoder_model_merged.onnx"
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _array(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """transformers' generate positions: the mask counted from 0, 1 on padding, last `new_tokens`."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    positions[attention_mask == 0] = 1
+    return positions[:, -new_tokens:].astype(np.int64)
+
+
+class ORTModelForImageTextToText:
+    """Image-text-to-text generation with ONNX Runtime (see the module docstring)."""
+
+    def __init__(self, directory: Path, config: Any, sessions: dict[str, ort.InferenceSession], generation_config: Any):
+        self.model_save_dir = directory
+        self.config = config
+        self.generation_config = generation_config
+        self.vision_encoder = sessions[VISION_ENCODER_FILE]
+        self.embed_tokens = sessions[TEXT_EMBEDDING_FILE]
+        self.decoder = sessions[TEXT_DECODER_FILE]
+        self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self._past_type = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.decoder.get_inputs()}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str | os.PathLike,
+        export: bool = False,
+        provider: str = "CPUExecutionProvider",
+        session_options: ort.SessionOptions | None = None,
+        config: Any = None,
+        exporter: str = "auto",
+        **kwargs: Any,
+    ) -> ORTModelForImageTextToText:
+        """Loads an export from `model_id`; with `export=True`, `model_id` is a transformers model
+        (id or directory) exported first through the router (`legacy_shim.main_export`, `exporter`
+        as there; the other keyword arguments go to it) into a temporary directory kept with the
+        model, as optimum's classes do."""
+        if export:
+            from .export import main_export
+
+            temporary = tempfile.TemporaryDirectory()
+            main_export(str(model_id), temporary.name, task=TASK, exporter=exporter, **kwargs)
+            model = cls.from_pretrained(temporary.name, provider=provider, session_options=session_options)
+            model._temporary_directory = temporary
+            return model
+        directory = Path(model_id)
+        missing = [f for f in (VISION_ENCODER_FILE, TEXT_EMBEDDING_FILE, TEXT_DECODER_FILE) if not (directory / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{directory} has no {', '.join(missing)}: export the model for image-text-to-text first "
+                "(optimum_observer.export(model, directory, task='image-text-to-text'))."
+            )
+        config = config or transformers.AutoConfig.from_pretrained(directory, **kwargs)
+        try:
+            generation_config = transformers.GenerationConfig.from_pretrained(directory)
+        except OSError:
+            generation_config = transformers.GenerationConfig.from_model_config(config)
+        sessions = {
+            name: ort.InferenceSession(str(directory / name), sess_options=session_options, providers=[provider])
+            for name in (VISION_ENCODER_FILE, TEXT_EMBEDDING_FILE, TEXT_DECODER_FILE)
+        }
+        return cls(directory, config, sessions, generation_config)
+
+    def _check_images(self, pixel_values: np.ndarray) -> None:
+        expected = self.vision_encoder.get_inputs()[0].shape[1:]
+        if pixel_values.ndim != 4 or any(isinstance(e, int) and e != g for e, g in zip(expected, pixel_values.shape[1:])):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)}: the vision encoder takes images of "
+                f"[num_images, {', '.join(map(str, expected))}]; make them with the model's image processor "
+                "(processor(images=..., text=..., return_tensors='pt')), which resizes them and gives them "
+                "the channels the model expects."
+            )
+
+    def merged_embeddings(self, input_ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
+        """The prompt's embeddings, the image features in place of the image placeholder tokens."""
+        embeds = self.embed_tokens.run(None, {"input_ids": input_ids})[0]
+        placeholders = input_ids == int(self.config.image_token_id)
+        if pixel_values is None:
+            if placeholders.any():
+                raise ValueError("input_ids hold image tokens but no pixel_values were given.")
+            return embeds
+        self._check_images(pixel_values)
+        features = self.vision_encoder.run(None, {"pixel_values": pixel_values})[0]
+        features = features.reshape(-1, embeds.shape[-1])
+        if int(placeholders.sum()) != features.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {int(placeholders.sum())}, "
+                f"features {features.shape[0]}; build the prompt with the model's processor, which puts "
+                "one image token per image feature."
+            )
+        embeds[placeholders] = features.astype(embeds.dtype)
+        return embeds
+
+    def _empty_past(self, batch_size: int) -> dict[str, np.ndarray]:
+        text = self.config.get_text_config()
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return {name: np.zeros((batch_size, heads, 0, head_dim), self._past_type[name]) for name in self.past_names}
+
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        do_sample: bool = False,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor:
+        """Greedy generation; returns the prompt followed by the new tokens (finished rows padded)."""
+        if do_sample or (kwargs.get("num_beams") or 1) > 1:
+            raise NotImplementedError("ORTModelForImageTextToText generates greedily only (do_sample=False, num_beams=1).")
+        settings = self.generation_config
+        max_new_tokens = max_new_tokens or settings.max_new_tokens or 20
+        min_new_tokens = min_new_tokens or settings.min_new_tokens or 0
+        eos = settings.eos_token_id if eos_token_id is None else eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = pad_token_id if pad_token_id is not None else settings.pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+
+        ids = _array(input_ids).astype(np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else _array(attention_mask).astype(np.int64)
+        images = None if pixel_values is None else _array(pixel_values)
+        if images is not None:
+            images = images.astype(_NUMPY_TYPES.get(self.vision_encoder.get_inputs()[0].type, np.float32))
+        embeds = self.merged_embeddings(ids, images)
+        past = self._empty_past(ids.shape[0])
+        finished = np.zeros(ids.shape[0], dtype=bool)
+        tokens = ids
+        for step in range(max_new_tokens):
+            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": _positions(mask, embeds.shape[1])}
+            outputs = self.decoder.run(None, {**feeds, **past})
+            names = [o.name for o in self.decoder.get_outputs()]
+            logits = outputs[names.index("logits")][:, -1, :].astype(np.float32)
+            if step < min_new_tokens and eos:
+                logits[:, eos] = -np.inf
+            next_tokens = np.where(finished, pad, logits.argmax(-1)).astype(np.int64)
+            finished |= np.isin(next_tokens, eos)
+            tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
+            if finished.all():
+                break
+            past = {
+                name.replace("present.", "past_key_values.", 1): value
+                for name, value in zip(names, outputs)
+                if name.startswith("present.")
+            }
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
+            embeds = self.embed_tokens.run(None, {"input_ids": next_tokens[:, None]})[0]
+        return torch.from_numpy(tokens)

@@ -1,0 +1,392 @@
+"""End-to-end: a tiny random llava exported for image-text-to-text by observing generate().
+
+The model has real-checkpoint shapes at tiny sizes: a CLIP vision tower (24 px images, 8 px
+patches: 9 image tokens after the CLS token is dropped) and a llama text model with grouped-query
+attention (4 query heads, 2 key/value heads, explicit head_dim). Its processor is built locally
+(CLIPImageProcessor, a BPE tokenizer trained on the fly with an `<image>` token, LlavaProcessor
+putting one placeholder per image feature): no hub access. One export (about 10 s), through
+Optimum's entry point `legacy_shim.main_export` from the saved model and processor (the router
+sends the pair to optimum_observer.export, which validates it with
+legacy_shim.ORTModelForImageTextToText), is shared by the class; it writes the three graphs of
+optimum_observer.vision_language, and the runtime class generates torch's tokens from them with
+the processor saved beside them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from parameterized import parameterized
+
+import optimum_observer
+from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
+from optimum_observer import ObserverExportError, patches, vision_language
+from optimum_observer.errors import ErrorKind, Stage
+from tiny_models import build_tokenizer
+
+FILES = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
+NEW_TOKENS = 8
+IMAGE_SIZE, PATCH_SIZE = 24, 8
+PROMPTS = ("<image>\nUSER: What is this?", "<image>\nUSER: Once upon a time, the capital of France was")
+
+
+def tiny_processor() -> transformers.LlavaProcessor:
+    trained = build_tokenizer()
+    # As a llama tokenizer: no token_type_ids (llava takes none), padding on the left; given to the
+    # constructor, so that the saved tokenizer keeps them.
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=trained.backend_tokenizer,
+        **trained.special_tokens_map,
+        additional_special_tokens=["<image>"],
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def tiny_llava(processor: transformers.LlavaProcessor) -> transformers.LlavaForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    config = transformers.LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=len(tokenizer) + 8,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def images(sizes: tuple[tuple[int, int], ...], channels: int = 3) -> list[np.ndarray]:
+    generator = np.random.default_rng(0)
+    return [generator.integers(0, 256, (h, w, channels), dtype=np.uint8) for h, w in sizes]
+
+
+class TestLlavaExport(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.processor = tiny_processor()
+        cls.model = tiny_llava(cls.processor)
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.source, cls.output = Path(cls.tmp.name) / "llava", Path(cls.tmp.name) / "llava-onnx"
+        cls.model.save_pretrained(cls.source)
+        cls.processor.save_pretrained(cls.source)
+        cls.route = main_export(str(cls.source), str(cls.output), task="image-text-to-text")
+        cls.result = cls.route.observer_result
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_main_export_routes_the_task_to_the_observer(self):
+        self.assertEqual(self.route.route, Exporter.OBSERVER)
+        self.assertIn("no OnnxConfig for llava / image-text-to-text", self.route.decision.reason)
+
+    def test_writes_three_graphs_with_optimum_names_and_the_processor(self):
+        self.assertEqual(self.result.onnx_files, list(FILES))
+        for saved in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+            self.assertTrue((self.output / saved).is_file(), saved)
+        names = {}
+        for file in FILES:
+            session = ort.InferenceSession(str(self.output / file), providers=["CPUExecutionProvider"])
+            names[file] = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        self.assertEqual(names["vision_encoder.onnx"], (["pixel_values"], ["image_features"]))
+        self.assertEqual(names["embed_tokens.onnx"], (["input_ids"], ["inputs_embeds"]))
+        past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+        present = [name.replace("past_key_values", "present") for name in past]
+        self.assertEqual(
+            names["decoder_model_merged.onnx"],
+            (["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]),
+        )
+
+    def test_image_and_sequence_axes_are_dynamic(self):
+        axes = self.result.dynamic_axes
+        self.assertEqual(axes["vision_encoder.onnx:pixel_values"], {0: "batch_size"})
+        self.assertEqual(axes["embed_tokens.onnx:input_ids"], {0: "batch_size", 1: "sequence_length"})
+        self.assertEqual(
+            axes["decoder_model_merged.onnx:attention_mask"], {0: "batch_size", 1: "past_sequence_length + sequence_length"}
+        )
+        self.assertEqual(axes["decoder_model_merged.onnx:past_key_values.0.key"][2], "past_sequence_length")
+
+    def test_every_observed_call_replays_within_atol(self):
+        calls = self.result.validation.calls
+        self.assertEqual({c.graph for c in calls}, set(FILES))
+        # generate() over batches of 2 and 3: the vision tower once per batch, the embedding and
+        # the decoder once per step (prompt, then 2 cached steps of the 3 new tokens).
+        self.assertEqual(sum(c.graph == "vision_encoder.onnx" for c in calls), 2)
+        self.assertEqual(sum(c.graph == "decoder_model_merged.onnx" for c in calls), 6)
+        self.assertTrue(all(c.ok for c in calls), self.result.validation.table())
+        self.assertTrue(self.result.validation.ok)
+
+    def test_processor_batch_generates_torchs_greedy_tokens(self):
+        processor = transformers.AutoProcessor.from_pretrained(self.output)
+        self.assertIsInstance(processor, transformers.LlavaProcessor)
+        batch = processor(
+            images=images(((40, 30), (24, 50))), text=list(PROMPTS), padding=True, return_tensors="pt"
+        )
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        self.assertNotEqual(lengths[0], lengths[1])
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
+        got = onnx_model.generate(**batch, **settings)
+        self.assertEqual(got.shape, (2, batch["input_ids"].shape[1] + NEW_TOKENS))
+        self.assertEqual(got.tolist(), expected.tolist())
+
+    def test_from_pretrained_with_export_generates_torchs_greedy_tokens(self):
+        # A second export (about 10 s), through the runtime class's own entry point.
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.source, export=True)
+        self.assertTrue((onnx_model.model_save_dir / "decoder_model_merged.onnx").is_file())
+        batch = self.processor(images=images(((30, 30), (24, 40))), text=list(PROMPTS), padding=True, return_tensors="pt")
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        self.assertEqual(onnx_model.generate(**batch, **settings).tolist(), expected.tolist())
+
+    def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
+        # Three images for two prompts: the features go to the image tokens in order.
+        text = ["<image><image>\nUSER: Compare these two.", PROMPTS[1]]
+        batch = self.processor(images=images(((30, 30), (24, 40), (50, 24))), text=text, padding=True, return_tensors="pt")
+        self.assertEqual(tuple(batch["pixel_values"].shape), (3, 3, IMAGE_SIZE, IMAGE_SIZE))
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        got = ORTModelForImageTextToText.from_pretrained(self.output).generate(**batch, **settings)
+        self.assertEqual(got.tolist(), expected.tolist())
+
+    def test_runtime_refuses_text_without_the_image_placeholders(self):
+        batch = self.processor(images=images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
+        text_only = self.processor.tokenizer(["USER: What is this?"], return_tensors="pt")
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
+        with self.assertRaisesRegex(ValueError, r"tokens: 0, features 9; build the prompt with the model's processor"):
+            onnx_model.generate(**text_only, pixel_values=batch["pixel_values"], max_new_tokens=2)
+
+    def test_the_model_is_given_back_unrouted(self):
+        self.assertIs(type(self.model.get_decoder()), transformers.LlamaModel)
+        self.assertIs(type(self.model.get_output_embeddings()), torch.nn.Linear)
+        self.assertIs(type(self.model.get_input_embeddings()), torch.nn.Embedding)
+        self.assertNotIn("get_image_features", vars(self.model.model))
+        self.assertNotIn("forward", vars(self.model))
+
+    def test_runtime_refuses_an_image_of_the_wrong_channel_count(self):
+        batch = self.processor(images=images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
+        onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
+        with self.assertRaisesRegex(ValueError, r"pixel_values of shape \(1, 1, 24, 24\).*image processor"):
+            onnx_model.generate(
+                input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:, :1], max_new_tokens=2
+            )
+
+
+class TestVisionLanguageBadInput(unittest.TestCase):
+    def test_a_run_with_one_channel_images_names_model_stage_and_remedy(self):
+        processor = tiny_processor()
+        model = tiny_llava(processor)
+        batch = vision_language.reference_batches(model, processor.tokenizer.pad_token_id)[0]
+        batch["pixel_values"] = batch["pixel_values"][:, :1]
+
+        def run(model):
+            return model.generate(**batch, max_new_tokens=3, do_sample=False)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaises(ObserverExportError) as caught:
+                optimum_observer.export(model, Path(tmp) / "out", task="image-text-to-text", run=run)
+            self.assertFalse((Path(tmp) / "out").exists())
+        error = caught.exception
+        self.assertEqual((error.model_type, error.stage), ("llava", Stage.CAPTURE))
+        self.assertIn("fails in plain PyTorch as well", str(error))
+        self.assertIn("processor(images=", str(error))
+
+
+    def test_a_run_with_one_cached_step_is_refused_before_export(self):
+        processor = tiny_processor()
+        model = tiny_llava(processor)
+        batch = vision_language.reference_batches(model, processor.tokenizer.pad_token_id)[0]
+
+        def run(model):
+            return model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaises(ObserverExportError) as caught:
+                optimum_observer.export(model, Path(tmp) / "out", task="image-text-to-text", run=run)
+        error = caught.exception
+        self.assertEqual(error.stage, Stage.SYNTHESIS)
+        self.assertIn("needs calls that read a cache (past_key_values), seen at two lengths", str(error))
+        self.assertIn("max_new_tokens=3", str(error))
+
+
+    def test_a_model_whose_images_need_their_sizes_is_a_gap_of_the_default_run(self):
+        # llava_next's images need image_sizes (and a token count per size): not exported yet, and
+        # not the model's failure.
+        config = transformers.LlavaNextConfig(
+            vision_config=dict(
+                model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+            ),
+            text_config=dict(model_type="llama", **_TEXT),
+            image_token_index=290,
+            image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE]],
+        )  # fmt: skip
+        model = transformers.LlavaNextForConditionalGeneration(config).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaises(ObserverExportError) as caught:
+                optimum_observer.export(model, Path(tmp) / "out", task="image-text-to-text")
+        error = caught.exception
+        self.assertEqual((error.model_type, error.stage, error.kind), ("llava_next", Stage.CAPTURE, ErrorKind.FAILED))
+        self.assertIn("the default run cannot build image-text inputs for this model (TypeError", error.reason)
+        self.assertIn("image_sizes", error.reason)
+        self.assertIn("pass a `run` callable", error.remedy)
+
+
+class TestVisionParts(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = tiny_llava(tiny_processor())
+
+    def export_vision_encoder(self) -> torch.export.ExportedProgram:
+        pixel_values = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+        return torch.export.export(
+            vision_language.VisionEncoder(self.model),
+            (),
+            {"pixel_values": pixel_values},
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim.DYNAMIC}},
+        )
+
+    def test_the_image_axis_needs_the_llava_features_patch(self):
+        # torch.export's wording of what torch.onnx.export reports as "inferred a static shape".
+        with self.assertRaisesRegex(Exception, r"pixel_values'\].size\(\)\[0\] as dynamic but your code specialized it"):
+            self.export_vision_encoder()
+        (patch,) = [p for p in patches.PATCHES if p.name == "llava_image_features_in_one_tensor"]
+        with patches.applied([patch]):
+            program = self.export_vision_encoder()
+        one_image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        with torch.no_grad():
+            expected = vision_language.VisionEncoder(self.model)(pixel_values=one_image).image_features
+            got = program.module()(pixel_values=one_image).image_features
+        self.assertEqual(got.shape, (1, (IMAGE_SIZE // PATCH_SIZE) ** 2, 64))
+        torch.testing.assert_close(got, expected)
+
+    def test_routing_is_undone_when_the_run_raises(self):
+        parts = {name: part(self.model) for name, part in vision_language.PARTS.items()}
+        with self.assertRaises(RuntimeError):
+            with vision_language.routed(self.model, parts):
+                self.assertIs(self.model.get_decoder(), parts["text_decoder"])
+                raise RuntimeError("run failed")
+        self.assertIs(type(self.model.get_decoder()), transformers.LlamaModel)
+        self.assertIs(type(self.model.get_output_embeddings()), torch.nn.Linear)
+        self.assertIs(type(self.model.get_input_embeddings()), torch.nn.Embedding)
+        self.assertNotIn("get_image_features", vars(self.model.model))
+
+    def test_routing_hands_back_one_tensor_where_the_model_returns_one(self):
+        # gemma3's get_image_features returns one tensor (llava's a list): under the routing its
+        # own generate gives the same tokens (gemma3 itself does not export yet: issue 17).
+        config = transformers.Gemma3Config(
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+            ),
+            text_config=dict(
+                model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+            ),
+            mm_tokens_per_image=4, image_token_index=290, boi_token_index=291, eoi_token_index=292,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.Gemma3ForConditionalGeneration(config).eval()
+        batch = vision_language.reference_batches(model, 0)[0]
+        settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            expected = model.generate(**batch, **settings)
+            parts = {name: part(model) for name, part in vision_language.PARTS.items()}
+            with vision_language.routed(model, parts):
+                got = model.generate(**batch, **settings)
+        self.assertFalse(parts["vision_encoder"].returns_list)
+        self.assertEqual(got.tolist(), expected.tolist())
+
+
+#: Other types whose image features replace their placeholder tokens one to one, at tiny sizes
+#: (grouped-query attention in every text model).
+_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=300, max_position_embeddings=256,
+)  # fmt: skip
+ONE_TO_ONE_CONFIGS = {
+    "internvl": lambda: transformers.InternVLConfig(
+        vision_config=dict(
+            model_type="internvl_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, image_size=[56, 56], patch_size=[14, 14],
+        ),
+        text_config=dict(model_type="qwen2", **_TEXT),
+        image_token_id=290,
+        downsample_ratio=0.5,
+    ),  # fmt: skip
+    "vipllava": lambda: transformers.VipLlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+            num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        ),
+        text_config=dict(model_type="llama", **_TEXT),
+        image_token_index=290,
+        vision_feature_layers=[-1, -2, -3, -4, -5],
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.slow
+class TestOneToOneTypes(unittest.TestCase):
+    """The default run and validation (every observed call replayed, 8 greedy tokens through
+    ORTModelForImageTextToText on batch 2 with different prompt lengths, one image each); about
+    10 s each, so in the slow run (`python -m pytest -m slow tests/test_vision_language.py`)."""
+
+    @parameterized.expand(sorted(ONE_TO_ONE_CONFIGS))
+    def test_exports_and_generates_torchs_greedy_tokens(self, model_type):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForImageTextToText.from_config(ONE_TO_ONE_CONFIGS[model_type]()).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = optimum_observer.export(
+                model, Path(tmp) / "out", task="image-text-to-text", runtime_class=ORTModelForImageTextToText
+            )
+        self.assertEqual(result.model_type, model_type)
+        self.assertTrue(result.validation.ok)
+        (generation,) = result.validation.generation
+        self.assertEqual(len(set(generation.prompt_lengths)), 2)
+        self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
