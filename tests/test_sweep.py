@@ -43,6 +43,12 @@ class TestSweepSample(unittest.TestCase):
             self.assertGreater(observer.export_seconds, 0)
             self.assertGreater(observer.onnx_bytes, 10_000)
 
+    def test_passing_types_record_the_patches_their_export_applied(self):
+        self.assertIn("mamba_unified_mixer", self.results["mamba"].observer.patches)
+        self.assertNotIn("mamba_unified_mixer", self.results["gpt2"].observer.patches)
+        raw = json.loads(sweep.coverage_path(self.out, TASK).read_text())
+        self.assertEqual(tuple(raw["results"]["mamba"]["observer"]["patches"]), self.results["mamba"].observer.patches)
+
     def test_an_export_plain_optimum_onnx_generates_with_is_at_level_a(self):
         gpt2 = self.results["gpt2"].observer
         self.assertEqual(gpt2.runtime, Runtime.WITHOUT_OBSERVER, gpt2.note)
@@ -183,7 +189,8 @@ class TestStageClassification(unittest.TestCase):
     def test_path_result_round_trips_through_json(self):
         result = PathResult(Status.FAIL, SweepStage.CAPTURE, "IndexError: x", TASK, None, None)
         self.assertEqual(PathResult.from_json(json.loads(json.dumps(result.to_json()))), result)
-        passed = PathResult(Status.PASS, None, "", TASK, 1.0, 10, Runtime.WITH_HOOK, "without optimum-observer: x")
+        passed = PathResult(Status.PASS, None, "", TASK, 1.0, 10, Runtime.WITH_HOOK, "without optimum-observer: x",
+                            patches=("dynamic_layer_lazy_initialization",))
         self.assertEqual(PathResult.from_json(json.loads(json.dumps(passed.to_json()))), passed)
 
     def test_results_written_before_the_runtime_levels_still_load(self):

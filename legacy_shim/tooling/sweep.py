@@ -132,6 +132,8 @@ class PathResult:
     failed_in_runtime_class: bool = False
     #: seconds the check through the unchanged class without optimum-observer took (its subprocess)
     without_observer_seconds: float | None = None
+    #: for an observer pass: the patches the export applied (`ExportResult.patches`), in order
+    patches: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -151,6 +153,7 @@ class PathResult:
                 "stage": SweepStage(raw["stage"]) if raw.get("stage") else None,
                 # Files before the three levels wrote a runtime on every row, failures included.
                 "runtime": Runtime.from_json(raw.get("runtime")) if status == Status.PASS else None,
+                "patches": tuple(raw.get("patches", ())),
             }
         )
 
@@ -324,7 +327,7 @@ def run_observer_path(
     seconds = sum(v for k, v in result.timings.items() if k != Stage.VALIDATION.value)
     logger.info("%s exported in %.1fs (validation %.1fs)", model_type, seconds, time.perf_counter() - start - seconds)
     size = onnx_bytes(result.output_dir, result.onnx_files)
-    passed = PathResult(Status.PASS, None, "", task, round(seconds, 2), size)
+    passed = PathResult(Status.PASS, None, "", task, round(seconds, 2), size, patches=tuple(result.patches))
     if runtime_class is not None:
         return dataclasses.replace(passed, runtime=Runtime.SHIM)
     return _checked_without_observer(passed, model, result.output_dir, workdir / "without-observer")
