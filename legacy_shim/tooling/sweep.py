@@ -31,7 +31,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import enum
-import importlib.util
 import inspect
 import json
 import logging
@@ -50,14 +49,13 @@ from tqdm.auto import tqdm
 from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
 from optimum_observer.tasks import get_task, supported_tasks
 
+from .._hook import DISABLE_ENV_VAR
 from .tiny_configs import SHAPES
 
 logger = logging.getLogger(__name__)
 
 LEGACY_RUNNER_MODULE = "legacy_shim.tooling.legacy_runner"
 DEFAULT_TIMEOUT_SECONDS = 300.0
-#: Turns the unchanged-code hook off in a process (legacy_shim._hook.DISABLE_ENV_VAR).
-HOOK_DISABLE_ENV_VAR = "OPTIMUM_OBSERVER_DISABLE"
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -403,7 +401,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 #: The legacy path runs optimum-onnx as it ships: the hook would route its exports and patch its
 #: runtime classes.
-_LEGACY_ENV = {HOOK_DISABLE_ENV_VAR: "1"}
+_LEGACY_ENV = {DISABLE_ENV_VAR: "1"}
 
 
 def run_path_process(
@@ -424,15 +422,8 @@ def run_path_process(
     return PathResult.failure(SweepStage.CRASH, f"exit status {completed.returncode}: {detail}", task)
 
 
-def legacy_runner_available() -> bool:
-    return importlib.util.find_spec(LEGACY_RUNNER_MODULE.split(".")[0]) is not None
-
-
-def legacy_supported_types(task: str, timeout: float) -> set[str] | None:
-    """The model types the legacy exporter supports for `task`, asked of the legacy runner;
-    None when the runner is not installed."""
-    if not legacy_runner_available():
-        return None
+def legacy_supported_types(task: str, timeout: float) -> set[str]:
+    """The model types the legacy exporter supports for `task`, asked of the legacy runner."""
     completed = subprocess.run(
         [sys.executable, "-m", LEGACY_RUNNER_MODULE, "supported", "--task", task],
         env=_child_env(), capture_output=True, text=True, timeout=timeout, cwd=_PROJECT_ROOT, check=True,
@@ -441,7 +432,7 @@ def legacy_supported_types(task: str, timeout: float) -> set[str] | None:
 
 
 def sweep_one(
-    model_type: str, task: str, timeout: float, legacy_types: set[str] | None, shapes: str = "real"
+    model_type: str, task: str, timeout: float, legacy_types: set[str], shapes: str = "real"
 ) -> TypeResult:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{model_type}-") as scratch:
@@ -450,11 +441,9 @@ def sweep_one(
         command = [sys.executable, "-m", "legacy_shim.tooling.sweep", "worker", model_type, "--task", task,
                    "--workdir", str(workdir), "--result", str(result_file), "--shapes", shapes]  # fmt: skip
         observer = run_path_process(command, result_file, timeout, task)
-        if _runtime_may_be_the_limit(observer) and legacy_types is not None:
+        if _runtime_may_be_the_limit(observer):
             observer = _through_shim_runtime(model_type, task, timeout, workdir, observer, shapes)
-        if legacy_types is None:
-            legacy = PathResult(Status.SKIPPED, error="legacy runner not installed", task=task)
-        elif model_type not in legacy_types:
+        if model_type not in legacy_types:
             legacy = PathResult(Status.UNSUPPORTED, error="optimum-onnx has no OnnxConfig for this task", task=task)
         elif not (workdir / "model" / "config.json").is_file():
             legacy = PathResult(Status.SKIPPED, error="no tiny model was built", task=task)
