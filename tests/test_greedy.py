@@ -1,0 +1,68 @@
+"""Greedy generation for models without generate(): the loop gives generate's tokens, and the
+decoder family's default run drives such a model through it."""
+
+from __future__ import annotations
+
+import unittest
+
+import torch
+
+from legacy_shim.tooling import tiny_configs
+from optimum_observer import greedy
+from optimum_observer.families import family_of
+from optimum_observer.reference_inputs import generation_inputs
+from optimum_observer.tasks import get_task
+
+CONTRACT = get_task("text-generation-with-past")
+
+
+class TestGreedyLoop(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = tiny_configs.build_tiny_model("llama", CONTRACT.auto_model_class).eval()
+
+    def test_it_gives_the_tokens_of_generate_with_and_without_cache(self):
+        for use_cache in (True, False):
+            for batch in generation_inputs(self.model, None):
+                settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=use_cache)
+                with torch.no_grad():
+                    expected = self.model.generate(**batch, **settings)
+                got = greedy.greedy_loop(self.model, batch, **settings)
+                self.assertTrue(torch.equal(got, expected), (use_cache, got.tolist(), expected.tolist()))
+
+    def test_it_pads_a_row_after_its_end_of_sequence_token(self):
+        batch = generation_inputs(self.model, None)[0]
+        first = greedy.greedy_loop(self.model, batch, max_new_tokens=1)[:, -1]
+        saved, self.model.generation_config.eos_token_id = self.model.generation_config.eos_token_id, int(first[0])
+        try:
+            got = greedy.greedy_loop(self.model, batch, max_new_tokens=4, pad_token_id=0)
+            with torch.no_grad():
+                expected = self.model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        finally:
+            self.model.generation_config.eos_token_id = saved
+        self.assertTrue(torch.equal(got, expected), (got.tolist(), expected.tolist()))
+        self.assertEqual(got[0, -3:].tolist(), [0, 0, 0])
+
+
+class TestDefaultRunWithoutGenerate(unittest.TestCase):
+    def test_the_decoder_default_run_loops_over_forward(self):
+        # open-llama's own loop with a cache fails in plain torch in transformers 4.57 (its
+        # prepare_inputs_for_generation asks the tuple its forward returns for get_seq_length), so
+        # it is exported for text-generation: every step feeds the whole prefix.
+        contract = get_task("text-generation")
+        model = tiny_configs.build_tiny_model("open-llama", contract.auto_model_class).eval()
+        self.assertFalse(greedy.has_generate(model))
+        lengths = []
+        handle = model.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape), with_kwargs=True
+        )
+        try:
+            results = family_of(contract).default_run(model, contract)(model)
+        finally:
+            handle.remove()
+        self.assertEqual([tuple(r.shape) for r in results], [(2, 9), (3, 11)])
+        self.assertEqual([tuple(s) for s in lengths], [(2, 6), (2, 7), (2, 8), (3, 8), (3, 9), (3, 10)])
+
+
+if __name__ == "__main__":
+    unittest.main()
