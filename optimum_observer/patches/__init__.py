@@ -12,7 +12,12 @@ group's module show each failure happening without its patch.
 from __future__ import annotations
 
 from . import environment, kv_cache, masks, moe, rotary, sliding_window, state_space, vision
-from .environment import exact_no_op_constants, no_op_rule_constants, plain_tensor_buffers
+from .environment import (
+    exact_no_op_constants,
+    no_op_rule_constants,
+    plain_tensor_buffers,
+    split_to_sequence_folding_guard,
+)
 from .registry import (
     Applied,
     MissingTarget,
@@ -60,4 +65,5 @@ __all__ = [
     "modules_used",
     "no_op_rule_constants",
     "plain_tensor_buffers",
+    "split_to_sequence_folding_guard",
 ]
