@@ -57,7 +57,9 @@ def _step_inputs(
     # prepare_inputs_for_generation needs them; older models' ignore them).
     cache_position = torch.arange(0 if cache is None else ids.shape[1] - 1, ids.shape[1], device=ids.device)
     if prepare is not None:
-        inputs = prepare(ids, past_key_values=cache, attention_mask=mask, use_cache=use_cache, cache_position=cache_position)
+        inputs = prepare(
+            ids, past_key_values=cache, attention_mask=mask, use_cache=use_cache, cache_position=cache_position
+        )
     else:
         inputs = {"input_ids": ids[:, -1:] if cache is not None else ids, "attention_mask": mask}
         if mask is not None:
