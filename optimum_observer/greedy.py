@@ -8,8 +8,8 @@ A model with `generate` is asked for it. Some classes of transformers 4.57 have 
 models written before 4.50, when `PreTrainedModel` stopped inheriting `GenerationMixin`: open-llama,
 mega, transfo-xl, xlm-prophetnet); their users run forward in a loop, and so does
 :func:`greedy_loop`: each step's inputs come from the model's own `prepare_inputs_for_generation`
-when it has one (what its `generate` called), the cache forward returned is fed back, and the
-highest logit is taken. The exported graph is still used through the runtime class's `generate`
+when it has one (what its `generate` called), the cache forward returned is fed back (key/value
+tuples as the `DynamicCache` their forward reads), and the highest logit is taken. The exported graph is still used through the runtime class's `generate`
 (its own `GenerationMixin`), which this loop stands in for on the torch side.
 """
 
@@ -71,6 +71,21 @@ def _step_inputs(
     return {k: v for k, v in inputs.items() if v is not None and (any_keyword or k in accepted)}
 
 
+def _as_cache(cache: Any) -> Any:
+    """The cache forward returned, ready to be fed back: key/value pairs returned as tuples (the
+    legacy format, which the deprecated models' forward still returns) become the `DynamicCache`
+    their forward reads (`past_key_values.get_seq_length()`, annotated `Optional[Cache]`)."""
+    legacy = isinstance(cache, tuple) and cache and all(
+        isinstance(layer, tuple) and len(layer) == 2 and all(isinstance(t, torch.Tensor) for t in layer)
+        for layer in cache
+    )
+    if not legacy:
+        return cache
+    from transformers import DynamicCache
+
+    return DynamicCache.from_legacy_cache(cache)
+
+
 def greedy_loop(
     model: Any,
     inputs: dict[str, torch.Tensor],
@@ -106,7 +121,7 @@ def greedy_loop(
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             if use_cache:
-                cache = next((outputs[name] for name in CACHE_OUTPUTS if outputs.get(name) is not None), None)
+                cache = _as_cache(next((outputs[name] for name in CACHE_OUTPUTS if outputs.get(name) is not None), None))
             if eos:
                 finished |= torch.isin(new, torch.tensor(eos, device=device))
                 if bool(finished.all()):

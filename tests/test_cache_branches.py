@@ -10,9 +10,10 @@ import unittest
 import pytest
 import torch
 from parameterized import parameterized
-from transformers.models.prophetnet.modeling_prophetnet import ProphetNetForCausalLM, ngram_attention_bias
+from transformers.models.prophetnet.modeling_prophetnet import ngram_attention_bias
 
 from legacy_shim.tooling.tiny_configs import build_tiny_model
+from optimum_observer import greedy
 from optimum_observer.errors import Stage
 from optimum_observer.patches import applied, cache_branches
 from optimum_observer.patches.masks import _ngram_attention_bias
@@ -23,11 +24,12 @@ CONTRACT = get_task("text-generation-with-past")
 WITHOUT_PAST = get_task("text-generation")
 
 
-def _prophetnet(ngram: int) -> torch.nn.Module:
-    config = copy.deepcopy(build_tiny_model("prophetnet", CONTRACT.auto_model_class).config)
+def _model(model_type: str, ngram: int) -> torch.nn.Module:
+    model = build_tiny_model(model_type, CONTRACT.auto_model_class)
+    config = copy.deepcopy(model.config)
     config.ngram = ngram
     torch.manual_seed(0)
-    return ProphetNetForCausalLM(config).eval()
+    return type(model)(config).eval()
 
 
 def _prompt_then_three_steps(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -43,14 +45,15 @@ def _prompt_then_three_steps(model: torch.nn.Module) -> list[torch.Tensor]:
             outputs += [step.logits, step.logits_ngram]
             token = step.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(token)], -1)
-            step = model(input_ids=token, attention_mask=mask, past_key_values=step.past_key_values, use_cache=True)
+            cache = greedy._as_cache(step.past_key_values)  # XLM-ProphetNet returns tuples, reads a Cache
+            step = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
     return [o for o in outputs if o is not None]
 
 
 class TestProphetNetDecoderWithoutCacheBranches(unittest.TestCase):
-    @parameterized.expand([(1,), (2,), (3,)])
-    def test_it_computes_what_upstream_computes(self, ngram):
-        model = _prophetnet(ngram)
+    @parameterized.expand([(t, n) for t in ("prophetnet", "xlm-prophetnet") for n in (1, 2, 3)])
+    def test_it_computes_what_upstream_computes(self, model_type, ngram):
+        model = _model(model_type, ngram)
         expected = _prompt_then_three_steps(model)
         with applied(cache_branches.PATCHES):
             got = _prompt_then_three_steps(model)
@@ -67,8 +70,18 @@ class TestProphetNetDecoderWithoutCacheBranches(unittest.TestCase):
         self.assertIn("only supported for `decoder_input_ids` of length 1", str(error.__cause__))
 
     @pytest.mark.slow
-    def test_one_graph_serves_the_prompt_and_the_cached_steps(self):
-        observed = observe(load(build_tiny_model("prophetnet", CONTRACT.auto_model_class)))
+    def test_xlm_prophetnet_export_fails_without_it(self):
+        error = conversion_error(
+            observe(load(build_tiny_model("xlm-prophetnet", CONTRACT.auto_model_class))),
+            "xlm_prophetnet_decoder_without_cache_branches",
+        )
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
+        self.assertIn("only supported for `decoder_input_ids` of length 1", str(error.__cause__))
+
+    @parameterized.expand([("prophetnet",), ("xlm-prophetnet",)])
+    @pytest.mark.slow
+    def test_one_graph_serves_the_prompt_and_the_cached_steps(self, model_type):
+        observed = observe(load(build_tiny_model(model_type, CONTRACT.auto_model_class)))
         with tempfile.TemporaryDirectory() as scratch:
             checks = replay_without(observed, scratch)
         self.assertTrue(len(checks) >= 3 and all(c.ok for c in checks), checks)

@@ -45,23 +45,39 @@ class TestGreedyLoop(unittest.TestCase):
 
 
 class TestDefaultRunWithoutGenerate(unittest.TestCase):
-    def test_the_decoder_default_run_loops_over_forward(self):
-        # open-llama's own loop with a cache fails in plain torch in transformers 4.57 (its
-        # prepare_inputs_for_generation asks the tuple its forward returns for get_seq_length), so
-        # it is exported for text-generation: every step feeds the whole prefix.
-        contract = get_task("text-generation")
-        model = tiny_configs.build_tiny_model("open-llama", contract.auto_model_class).eval()
+    def test_the_decoder_default_run_loops_over_forward_with_its_cache(self):
+        model = tiny_configs.build_tiny_model("open-llama", CONTRACT.auto_model_class).eval()
         self.assertFalse(greedy.has_generate(model))
-        lengths = []
+        calls = []
         handle = model.register_forward_pre_hook(
-            lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape), with_kwargs=True
+            lambda module, args, kwargs: calls.append(
+                (tuple(kwargs["input_ids"].shape), type(kwargs.get("past_key_values")).__name__)
+            ),
+            with_kwargs=True,
         )
         try:
-            results = family_of(contract).default_run(model, contract)(model)
+            results = family_of(CONTRACT).default_run(model, CONTRACT)(model)
         finally:
             handle.remove()
         self.assertEqual([tuple(r.shape) for r in results], [(2, 9), (3, 11)])
-        self.assertEqual([tuple(s) for s in lengths], [(2, 6), (2, 7), (2, 8), (3, 8), (3, 9), (3, 10)])
+        # Per batch: the prompt without a cache, then each new token with the cache forward
+        # returned (tuples, fed back as the DynamicCache open-llama's forward reads).
+        cached = [(2, 1), "DynamicCache"], [(3, 1), "DynamicCache"]
+        self.assertEqual(
+            [list(c) for c in calls],
+            [[(2, 6), "NoneType"], *[cached[0]] * 2, [(3, 8), "NoneType"], *[cached[1]] * 2],
+        )
+
+    def test_a_legacy_cache_is_fed_back_as_a_dynamic_cache(self):
+        from transformers import DynamicCache
+
+        pairs = tuple((torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)) for _ in range(2))
+        cache = greedy._as_cache(pairs)
+        self.assertIsInstance(cache, DynamicCache)
+        self.assertEqual(cache.get_seq_length(), 3)
+        self.assertTrue(torch.equal(cache.layers[1].values, pairs[1][1]))
+        dynamic = DynamicCache()
+        self.assertIs(greedy._as_cache(dynamic), dynamic)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,102 @@ def _prophetnet_decoder_forward(
     return output if return_dict else output.to_tuple()
 
 
+def _xlm_prophetnet_decoder_forward(
+    self: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    cross_attn_head_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    inputs_embeds: torch.Tensor | None = None,
+    use_cache: bool | None = None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+    return_dict: bool | None = None,
+) -> Any:
+    """XLMProphetNetDecoder.forward (transformers 4.57, deprecated models) with
+    :func:`_stream_inputs` in place of its branches on `past_key_values is not None`; as upstream,
+    each layer gets its own key/value pair and returns its present one."""
+    use_cache = use_cache if use_cache is not None else self.config.use_cache
+    output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+    output_hidden_states = (
+        output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+    )
+    return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `decoder_input_ids` and `decoder_inputs_embeds`.")
+    if inputs_embeds is None:
+        inputs_embeds = self.word_embeddings(input_ids)
+    past_length = 0
+    if past_key_values is not None:
+        past_length = (
+            past_key_values.get_seq_length()
+            if hasattr(past_key_values, "get_seq_length")
+            else past_key_values[0][0].shape[2]
+        )
+    sequence_length = inputs_embeds.shape[1]
+
+    hidden_states, main_mask, predict_mask, main_buckets, predict_buckets, position_ids = _stream_inputs(
+        self, inputs_embeds, attention_mask, past_length
+    )
+    extended_encoder_attention_mask = None
+    if encoder_attention_mask is not None:
+        extended_encoder_attention_mask = (
+            1.0 - encoder_attention_mask[:, None, None, :].repeat(1, self.config.num_decoder_attention_heads, 1, 1)
+        ) * torch.finfo(self.dtype).min
+        extended_encoder_attention_mask = extended_encoder_attention_mask.to(inputs_embeds.dtype)
+    if self.embeddings_layer_norm:
+        hidden_states = self.embeddings_layer_norm(hidden_states)
+    hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+    main_states, ngram_states, presents = [], [], []
+    main_attentions, ngram_attentions, cross_attentions = [], [], []
+    for index, decoder_layer in enumerate(self.layers):
+        if output_hidden_states:
+            main_states.append(hidden_states[:, :sequence_length])
+            ngram_states.append(hidden_states[:, sequence_length:])
+        layer_outputs = decoder_layer(
+            hidden_states,
+            attention_mask=main_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attn_mask=extended_encoder_attention_mask,
+            layer_head_mask=head_mask[index] if head_mask is not None else None,
+            cross_attn_layer_head_mask=cross_attn_head_mask[index] if cross_attn_head_mask is not None else None,
+            extended_predict_attention_mask=predict_mask,
+            main_relative_position_buckets=main_buckets,
+            predict_relative_position_buckets=predict_buckets,
+            position_ids=position_ids,
+            past_key_values=past_key_values[index] if past_key_values is not None else None,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = layer_outputs[0]
+        if use_cache:
+            presents.append(layer_outputs[4 if output_attentions else 1])
+        if output_attentions:
+            main_attentions.append(layer_outputs[1])
+            ngram_attentions.append(layer_outputs[2])
+            if self.config.add_cross_attention:
+                cross_attentions.append(layer_outputs[3])
+    if output_hidden_states:
+        main_states.append(hidden_states[:, :sequence_length])
+        ngram_states.append(hidden_states[:, sequence_length:])
+
+    output = sys.modules[type(self).__module__].XLMProphetNetDecoderModelOutput(
+        last_hidden_state=hidden_states[:, :sequence_length],
+        last_hidden_state_ngram=hidden_states[:, sequence_length:] if self.config.ngram > 0 else None,
+        past_key_values=tuple(presents) if use_cache else None,
+        hidden_states=tuple(main_states) if output_hidden_states else None,
+        hidden_states_ngram=tuple(ngram_states) if output_hidden_states and self.config.ngram > 0 else None,
+        attentions=tuple(main_attentions) if output_attentions else None,
+        ngram_attentions=tuple(ngram_attentions) if output_attentions else None,
+        cross_attentions=tuple(cross_attentions) if output_attentions and self.config.add_cross_attention else None,
+    )
+    return output if return_dict else output.to_tuple()
+
+
 _PROPHETNET_BRANCHES = (
     "AssertionError: At the moment `use_cache` is only supported for `decoder_input_ids` of length 1 "
     "(the decoder picks positions, relative buckets and masks with `if past_key_values_length != 0`; "
@@ -208,6 +304,12 @@ PATCHES = (
         name="prophetnet_decoder_without_cache_branches",
         target="transformers.models.prophetnet.modeling_prophetnet:ProphetNetDecoder.forward",
         replacement=_prophetnet_decoder_forward,
+        fixes=_PROPHETNET_BRANCHES,
+    ),
+    Patch(
+        name="xlm_prophetnet_decoder_without_cache_branches",
+        target="transformers.models.deprecated.xlm_prophetnet.modeling_xlm_prophetnet:XLMProphetNetDecoder.forward",
+        replacement=_xlm_prophetnet_decoder_forward,
         fixes=_PROPHETNET_BRANCHES,
     ),
 )
