@@ -106,22 +106,6 @@ def _cpmant_attention_mask(
     return mask_1d.view(batch, seqlen, 1) & mask_1d.view(batch, 1, seqlen) & attention_mask
 
 
-def _ngram_attention_bias(sequence_length: int, ngram: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """ProphetNet's `ngram_attention_bias` from comparisons instead of in-place fills of views.
-
-    Upstream starts from a block of `finfo.min`, fills the diagonal of each stream's predict block
-    with 0 (`fill_diagonal_` on `right_block[stream]`, a view) and zeroes each stream's main block
-    below its diagonal shifted by the stream (`triu_(-stream + 1)`) and in its first column. Stream
-    `s`'s query `i` thus sees main key `j` when `j <= i - s` or `j == 0`, and its own predict key."""
-    rows = torch.arange(sequence_length, device=device)[:, None]
-    columns = torch.arange(sequence_length, device=device)[None, :]
-    streams = torch.arange(ngram, device=device)[:, None, None]
-    main_visible = (columns <= rows - streams) | (columns == 0)
-    predict_visible = (columns == rows).expand(ngram, sequence_length, sequence_length)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(torch.cat([main_visible, predict_visible], dim=2), zero, torch.finfo(dtype).min)
-
-
 _GIT_FIRST_STEP = (
     "first generate step (empty cache) of the exported GIT decoder neither causal nor padded: "
     "observed call 0 off by about 0.02 (GitModel branches on `past_key_values_length > 0` in "
@@ -129,14 +113,6 @@ _GIT_FIRST_STEP = (
 )
 
 PATCHES = (
-    Patch(
-        name="xlm_prophetnet_ngram_attention_bias_without_view_mutation",
-        target="transformers.models.deprecated.xlm_prophetnet.modeling_xlm_prophetnet:ngram_attention_bias",
-        replacement=_ngram_attention_bias,
-        fixes="RuntimeError: During torch.compile, encountered a mutation on a view chain of length 2, where "
-        "view 1 was an as_strided() call (`ngram_attention_bias` fills the diagonal of a view in place: "
-        "`right_block[stream_idx].fill_diagonal_(0, wrap=False)`)",
-    ),
     Patch(
         name="pegasus_x_decoder_mask_while_exporting",
         target="transformers.models.pegasus_x.modeling_pegasus_x:is_torchdynamo_compiling",
