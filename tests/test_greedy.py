@@ -30,6 +30,20 @@ class TestGreedyLoop(unittest.TestCase):
                 got = greedy.greedy_loop(self.model, batch, **settings)
                 self.assertTrue(torch.equal(got, expected), (use_cache, got.tolist(), expected.tolist()))
 
+    def test_without_prepare_inputs_it_feeds_the_runtimes_inputs(self):
+        """A model with neither generate nor prepare_inputs_for_generation gets the new token, the
+        mask, the runtime's position_ids and its cache: generate's tokens for llama."""
+        batch = generation_inputs(self.model, None)[0]
+        settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        self.model.prepare_inputs_for_generation = None
+        try:
+            got = greedy.greedy_loop(self.model, batch, **settings)
+        finally:
+            del self.model.prepare_inputs_for_generation
+        self.assertTrue(torch.equal(got, expected), (got.tolist(), expected.tolist()))
+
     def test_it_pads_a_row_after_its_end_of_sequence_token(self):
         batch = generation_inputs(self.model, None)[0]
         first = greedy.greedy_loop(self.model, batch, max_new_tokens=1)[:, -1]
