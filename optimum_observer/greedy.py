@@ -101,6 +101,12 @@ def greedy_loop(
     `pad_token_id`. Only greedy decoding: `do_sample=True` is refused."""
     if do_sample:
         raise ValueError(f"{type(model).__name__} has no generate(); the loop that stands in for it is greedy only")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"{type(model).__name__} has no generate(), and the greedy loop that stands in for it drives "
+            "decoder-only models only (an encoder-decoder model's run needs its encoder outputs fed to every "
+            "decoder step)"
+        )
     device = next(model.parameters()).device
     ids = inputs["input_ids"].to(device)
     mask = inputs.get("attention_mask")

@@ -58,6 +58,14 @@ class TestGreedyLoop(unittest.TestCase):
         self.assertEqual(got[0, -3:].tolist(), [0, 0, 0])
 
 
+class TestEncoderDecoderWithoutGenerate(unittest.TestCase):
+    def test_the_loop_refuses_it_by_name(self):
+        model = tiny_configs.build_tiny_model("xlm-prophetnet", "AutoModelForSeq2SeqLM").eval()
+        batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+        with self.assertRaisesRegex(NotImplementedError, "XLMProphetNetForConditionalGeneration has no generate"):
+            greedy.generate(model, batch, max_new_tokens=2)
+
+
 class TestDefaultRunWithoutGenerate(unittest.TestCase):
     def test_the_decoder_default_run_loops_over_forward_with_its_cache(self):
         model = tiny_configs.build_tiny_model("open-llama", CONTRACT.auto_model_class).eval()
