@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .cache_pytree import is_legacy_key_value_cache
+
 #: Where forward returns its cache, in the order `GenerationMixin` looks for it.
 CACHE_OUTPUTS = ("past_key_values", "cache_params", "state", "mems", "past_buckets_states")
 
@@ -75,11 +77,7 @@ def _as_cache(cache: Any) -> Any:
     """The cache forward returned, ready to be fed back: key/value pairs returned as tuples (the
     legacy format, which the deprecated models' forward still returns) become the `DynamicCache`
     their forward reads (`past_key_values.get_seq_length()`, annotated `Optional[Cache]`)."""
-    legacy = isinstance(cache, tuple) and cache and all(
-        isinstance(layer, tuple) and len(layer) == 2 and all(isinstance(t, torch.Tensor) for t in layer)
-        for layer in cache
-    )
-    if not legacy:
+    if not is_legacy_key_value_cache(cache):
         return cache
     from transformers import DynamicCache
 
