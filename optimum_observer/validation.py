@@ -10,7 +10,8 @@ Gives: a :class:`~optimum_observer.result.ValidationReport` with
 * through the runtime class (by default the unchanged `optimum.onnxruntime` class of the task,
   imported lazily: its public API only), the checks each task family runs
   (:mod:`optimum_observer.families`) from the functions here: for generation tasks, greedy generation token for token
-  against `model.generate`, batch 2 with inputs of different lengths (left padded for a decoder
+  against `model.generate` (:func:`optimum_observer.greedy.generate`: a greedy loop over forward
+  for a model without it), batch 2 with inputs of different lengths (left padded for a decoder
   only model); on a mismatch, the check names what makes torch's tokens unreachable for the
   runtime, when it sees it (a generate that rewrites the prompt, or whose tokens change without
   its cache); for encoder tasks, every output on batches of 2 and 3 texts of different lengths
@@ -33,6 +34,7 @@ import onnxruntime as ort
 import torch
 import torch.utils._pytree as pytree
 
+from . import greedy
 from .cache_pytree import registered_caches
 from .reference_inputs import encoder_batches, generation_inputs, pad_token_id, random_token_batch
 from .result import CallCheck, GenerationCheck, QualityCheck, RuntimeCheck, nonfinite_text
@@ -206,7 +208,7 @@ def _first_forward_input_ids(
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            model.generate(**inputs, **settings)
+            greedy.generate(model, inputs, **settings)
     finally:
         handle.remove()
     return seen[0] if seen else None
@@ -227,7 +229,7 @@ def torch_reference_caveat(
             f"{tuple(inputs['input_ids'].shape)}: its prepare_inputs_for_generation rewrites the prompt)"
         )
     with torch.no_grad():
-        without_cache = model.generate(**inputs, **{**settings, "use_cache": False})
+        without_cache = greedy.generate(model, inputs, **{**settings, "use_cache": False})
     if not torch.equal(without_cache.cpu(), expected.cpu()):
         return "(torch itself generates other tokens without its cache)"
     return ""
@@ -257,7 +259,7 @@ def check_generation(inputs: ValidationInputs) -> list[GenerationCheck]:
             use_cache=use_cache,
         )
         with torch.no_grad():
-            expected = model.generate(**{k: v.to(model.device) for k, v in batch.items()}, **settings)
+            expected = greedy.generate(model, {k: v.to(model.device) for k, v in batch.items()}, **settings)
         got = onnx_model.generate(**batch, **settings)
         prompt_length = batch["input_ids"].shape[1]
         check = GenerationCheck(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from optimum_observer import greedy
 from optimum_observer.families import family_of
 from optimum_observer.result import ValidationReport
 from optimum_observer.tasks import TaskContract
@@ -121,8 +122,9 @@ class _Recording:
 
     def generate(self, **arguments: Any) -> torch.Tensor:
         self._record("generate", arguments)
+        tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
         with torch.no_grad():
-            return self._model.generate(**arguments)
+            return greedy.generate(self._model, tensors, **{k: v for k, v in arguments.items() if k not in tensors})
 
     def __call__(self, **arguments: Any) -> Any:
         self._record("__call__", arguments)
