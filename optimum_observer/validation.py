@@ -95,15 +95,17 @@ def _feeds(call: ObservedCall, example: ExportExample, names: list[str]) -> dict
     return feeds
 
 
-def _carried(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`feeds` as the graph takes them: states in their value slots
-    (:func:`optimum_observer.portable_cache.carry_states_as_values`)."""
-    return {
-        portable_cache.carried_name(name): (
-            array.reshape(portable_cache.carried_shape(array.shape)) if portable_cache.carried_name(name) != name else array
-        )
-        for name, array in feeds.items()
-    }
+def _carried(feeds: dict[str, np.ndarray], session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """`feeds` as the graph takes them: states in the value slots of a graph that carries them
+    (:func:`optimum_observer.portable_cache.carry_states_as_values`), others as they are."""
+    graph_inputs = {value.name for value in session.get_inputs()}
+    carried = {}
+    for name, array in feeds.items():
+        slot = portable_cache.carried_name(name)
+        if slot != name and slot in graph_inputs:
+            name, array = slot, array.reshape(portable_cache.carried_shape(array.shape))
+        carried[name] = array
+    return carried
 
 
 def _visible(shape: torch.Size, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -172,7 +174,7 @@ def replay_calls(
     with registered_caches():
         for index, call in enumerate(capture.calls):
             try:
-                got = session.run(None, _carried(_feeds(call, example, input_names)))
+                got = session.run(None, _carried(_feeds(call, example, input_names), session))
             except Exception as error:
                 checks.append(
                     CallCheck(index, float("inf"), False, f"{type(error).__name__}: {error}", onnx_path.name)
