@@ -298,6 +298,46 @@ class TestRuntimeSizeAttributes(unittest.TestCase):
         self.assertEqual(runtime_size_attributes(AutoConfig.for_model("jamba")), {})
 
 
+def _state_graph() -> "ir.Model":
+    """`present.0.conv_state = past_key_values.0.conv_state + 1`, a (batch, 3, 2) state."""
+    import onnx_ir as ir
+
+    past = ir.Value(name="past_key_values.0.conv_state", type=ir.TensorType(ir.DataType.FLOAT),
+                    shape=ir.Shape(["batch_size", 3, 2]))  # fmt: skip
+    one = ir.Value(name="one", const_value=ir.tensor(np.ones((), dtype=np.float32)))
+    present = ir.Value(name="present.0.conv_state", type=ir.TensorType(ir.DataType.FLOAT),
+                       shape=ir.Shape(["batch_size", 3, 2]))  # fmt: skip
+    graph = ir.Graph([past], [present], nodes=[ir.node("Add", [past, one], outputs=[present])],
+                     initializers=[one], opset_imports={"": 18})  # fmt: skip
+    return ir.Model(graph, ir_version=9)
+
+
+class TestCarriedStates(unittest.TestCase):
+    def setUp(self):
+        import onnx_ir as ir
+
+        from optimum_observer.portable_cache import carry_states_as_values
+
+        model = _state_graph()
+        self.axes = carry_states_as_values(model)
+        self.session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def test_names_and_declared_shapes(self):
+        self.assertEqual([(i.name, i.shape) for i in self.session.get_inputs()],
+                         [("past_key_values.0.value.conv_state", ["batch_size", *STATE_AXIS_NAMES.values()])])  # fmt: skip
+        self.assertEqual([(o.name, o.shape) for o in self.session.get_outputs()],
+                         [("present.0.value.conv_state", ["batch_size", 3, 1, 2])])  # fmt: skip
+        self.assertEqual(self.axes["past_key_values.0.value.conv_state"], {0: "batch_size", **STATE_AXIS_NAMES})
+
+    def test_empty_cache_of_any_head_layout_is_zeros_and_the_output_is_fed_back_as_is(self):
+        # optimum's first step: (batch, heads, 0, head_size) from the config, any sizes.
+        (first,) = self.session.run(None, {"past_key_values.0.value.conv_state": np.zeros((2, 5, 0, 7), np.float32)})
+        np.testing.assert_array_equal(first, np.ones((2, 3, 1, 2), np.float32))
+        state = np.arange(12, dtype=np.float32).reshape(2, 3, 1, 2)
+        (second,) = self.session.run(None, {"past_key_values.0.value.conv_state": state})
+        np.testing.assert_array_equal(second, state + 1)
+
+
 class TestStateRuntime(unittest.TestCase):
     def test_first_step_shapes(self):
         self.assertEqual(state_runtime.first_step_shape(["batch_size", 128, 4], 3), (3, 128, 4))
@@ -306,11 +346,11 @@ class TestStateRuntime(unittest.TestCase):
         )
 
     def test_state_inputs_are_told_from_key_value_caches(self):
-        self.assertTrue(state_runtime.has_state_inputs(["input_ids", "past_key_values.0.conv_state"]))
+        self.assertTrue(state_runtime.has_state_inputs(["input_ids", "past_key_values.0.value.conv_state"]))
         self.assertFalse(
             state_runtime.has_state_inputs(["input_ids", "past_key_values.0.key", "past_key_values.0.value"])
         )
-        self.assertEqual(state_runtime.present_name("past_key_values.3.ssm_state"), "present.3.ssm_state")
+        self.assertEqual(state_runtime.present_name("past_key_values.3.value.ssm_state"), "present.3.value.ssm_state")
 
 
 class _BufferParameter(torch.nn.Module):
