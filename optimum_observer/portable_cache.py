@@ -45,6 +45,7 @@ turns what it is fed into the state: the empty first-step tensor of any `(heads,
 
 from __future__ import annotations
 
+import math
 import re
 
 import onnx_ir as ir
@@ -90,9 +91,9 @@ def make_cache_inputs_portable(model: ir.Model) -> dict[str, dict[int, str]]:
     return rewritten
 
 
-#: Graph inputs and outputs holding a state (any cache leaf that is not a key or a value).
-_STATE_INPUT = re.compile(r"^past_key_values\.(\d+)\.(?!(?:key|value|decoder|encoder)$)(\w+)$")
-_STATE_OUTPUT = re.compile(r"^present\.(\d+)\.(?!(?:key|value|decoder|encoder)$)(\w+)$")
+#: Graph inputs and outputs holding a state: a per-layer cache leaf that is not a key or a value
+#: (an encoder-decoder cache's `past_key_values.0.decoder.key` has one more part).
+_STATE = re.compile(r"^(?:past_key_values|present)\.\d+\.(?!(?:key|value)$)\w+$")
 #: The slot a state is carried in: optimum's runtime feeds a name holding `.key` or `.value`.
 STATE_SLOT = "value"
 #: Names of the carried inputs' symbolic non-batch axes.
@@ -102,7 +103,7 @@ STATE_AXIS_NAMES = {1: "state_axis_1", 2: "state_axis_2", 3: "state_axis_3"}
 def carried_name(name: str) -> str:
     """`past_key_values.3.conv_state` -> `past_key_values.3.value.conv_state` (and `present.*`
     alike); any other name unchanged."""
-    if _STATE_INPUT.match(name) or _STATE_OUTPUT.match(name):
+    if _STATE.match(name):
         prefix, _, state = name.rpartition(".")
         return f"{prefix}.{STATE_SLOT}.{state}"
     return name
@@ -124,15 +125,12 @@ def carried_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
         return (batch, 1, 1, rest[0])
     if len(rest) == 2:
         return (batch, rest[0], 1, rest[1])
-    middle = 1
-    for size in rest[1:-1]:
-        middle *= size
-    return (batch, rest[0], middle, rest[-1])
+    return (batch, rest[0], math.prod(rest[1:-1]), rest[-1])
 
 
-def _constant(graph_nodes: list[ir.Node], name: str, values: list[int]) -> ir.Value:
+def _constant(nodes: list[ir.Node], name: str, values: list[int]) -> ir.Value:
     value = ir.Value(name=name)
-    graph_nodes.append(
+    nodes.append(
         ir.node("Constant", inputs=[], attributes={"value": ir.tensor(values, dtype=ir.DataType.INT64)}, outputs=[value])
     )
     return value
@@ -141,6 +139,11 @@ def _constant(graph_nodes: list[ir.Node], name: str, values: list[int]) -> ir.Va
 def _batch_axis(dim: object) -> dict[int, str]:
     name = getattr(dim, "value", None)
     return {0: name} if isinstance(name, str) else {}
+
+
+def _dynamic_state(shape: ir.Shape | None) -> bool:
+    """Not a state of fixed size (only the batch varies): left as it is."""
+    return shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in list(shape)[1:])
 
 
 def carry_states_as_values(model: ir.Model) -> dict[str, dict[int, str]]:
@@ -152,15 +155,10 @@ def carry_states_as_values(model: ir.Model) -> dict[str, dict[int, str]]:
     for position, old in enumerate(list(graph.inputs)):
         name = old.name or ""
         shape = old.shape
-        if not _STATE_INPUT.match(name) or shape is None or len(shape) < 2:
+        if not (name.startswith("past_key_values.") and _STATE.match(name)) or _dynamic_state(shape):
             continue
-        state_dims = list(shape)[1:]
-        if not all(isinstance(d, int) for d in state_dims):
-            continue
-        size = 1
-        for d in state_dims:
-            size *= d
-        batch = shape[0]
+        batch, *state_dims = shape
+        size = math.prod(state_dims)
         new = ir.Value(
             name=carried_name(name),
             type=old.type,
@@ -193,11 +191,9 @@ def carry_states_as_values(model: ir.Model) -> dict[str, dict[int, str]]:
     for position, old in enumerate(list(graph.outputs)):
         name = old.name or ""
         shape = old.shape
-        if not _STATE_OUTPUT.match(name) or shape is None or len(shape) < 2:
+        if not (name.startswith("present.") and _STATE.match(name)) or _dynamic_state(shape):
             continue
         dims = list(shape)
-        if not all(isinstance(d, int) for d in dims[1:]):
-            continue
         layout = carried_shape(dims)
         if tuple(dims) == layout:
             old.name = carried_name(name)
