@@ -7,6 +7,7 @@ optimum-onnx's class with the hook, and through it where optimum-observer is not
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import unittest
@@ -174,7 +175,58 @@ class TestEveryStateSpacePatchIsNeeded(unittest.TestCase):
         self.assertFalse(all(c.ok for c in checks), f"{model_type} replays right without {patch_name}")
 
 
+GREEDY = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+@functools.cache
+def _torch_greedy(model_type: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """Left-padded prompts and torch's greedy tokens for them."""
+    model, _ = _exported(model_type)
+    prompts = _prompts(model, seed=5)
+    with torch.no_grad():
+        return prompts, model.generate(**prompts, **GREEDY).tolist()
+
+
 class TestStateSpaceExport(unittest.TestCase):
+    """Each export's names and shapes, and generation through legacy_shim's class; for
+    THROUGH_OPTIMUM_BY_DEFAULT also through `optimum.onnxruntime.ORTModelForCausalLM`, which feeds
+    only inputs named `.key` / `.value` (by position, the first step an empty
+    `(batch, heads, 0, head_size)` sized from the config): with the hook, and in an interpreter
+    without optimum-observer. One class, so that a worker of `--dist loadscope` exports each
+    model once for all of them."""
+
+    def test_unchanged_class_without_observer_generates_torch_tokens(self):
+        # One interpreter where neither optimum_observer nor legacy_shim can be imported (so no
+        # hook) generates with both exports.
+        with tempfile.TemporaryDirectory() as scratch:
+            specs = {t: _generate_spec(_exported(t)[1], _torch_greedy(t)[0], GREEDY, Path(scratch) / t)
+                     for t in THROUGH_OPTIMUM_BY_DEFAULT}  # fmt: skip
+            done = without_observer.run_without_observer(without_observer.RUNTIME_SCRIPT, *map(str, specs.values()))
+            self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+            for model_type, spec in specs.items():
+                with self.subTest(model_type), np.load(spec.parent / "outputs.npz") as returned:
+                    self.assertEqual(returned["0.output"].tolist(), _torch_greedy(model_type)[1])
+
+    @parameterized.expand(THROUGH_OPTIMUM_BY_DEFAULT)
+    def test_class_with_the_hook_generates_torch_tokens(self, model_type):
+        onnx_model = optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(_exported(model_type)[1])
+        self.assertTrue(onnx_model.cache_fed_by_name)  # the hook's runtime, not upstream's
+        prompts, expected = _torch_greedy(model_type)
+        self.assertEqual(onnx_model.generate(**prompts, **GREEDY).tolist(), expected)
+
+    def test_exported_config_loads_and_builds_the_same_model(self):
+        # config.json carries the `num_attention_heads` optimum's __init__ reads; transformers
+        # keeps it as an unused attribute and builds the same model from that config.
+        model, out = _exported("mamba2")
+        self.assertFalse(hasattr(model.config, "num_attention_heads"))
+        config = AutoConfig.from_pretrained(out)
+        self.assertEqual((config.num_attention_heads, config.hidden_size), (1, model.config.hidden_size))
+        rebuilt = AutoModelForCausalLM.from_config(config)
+        self.assertIs(type(rebuilt), type(model))
+        self.assertEqual(
+            {k: v.shape for k, v in rebuilt.state_dict().items()}, {k: v.shape for k, v in model.state_dict().items()}
+        )
+
     @parameterized.expand(EXPORTED_BY_DEFAULT)
     def test_export_names_states_and_generates_through_the_shim(self, model_type):
         self.assertExportNamesStatesAndGeneratesThroughTheShim(model_type)
@@ -218,55 +270,6 @@ class TestStateSpaceExport(unittest.TestCase):
                 return_dict_in_generate=True, pad_token_id=0,
             )  # fmt: skip
         torch.testing.assert_close(torch.stack(got.logits), expected, atol=1e-4, rtol=1e-4)
-
-
-class TestStatesThroughOptimumOnnx(unittest.TestCase):
-    """The same exports through `optimum.onnxruntime.ORTModelForCausalLM`, which feeds only inputs
-    named `.key` / `.value` (by position, the first step an empty `(batch, heads, 0, head_size)`
-    sized from the config): here with the hook, and in an interpreter without optimum-observer."""
-
-    SETTINGS = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-
-    @classmethod
-    def setUpClass(cls):
-        cls.prompts, cls.expected = {}, {}
-        for model_type in THROUGH_OPTIMUM_BY_DEFAULT:
-            model, _ = _exported(model_type)
-            cls.prompts[model_type] = _prompts(model, seed=5)  # left-padded
-            with torch.no_grad():
-                cls.expected[model_type] = model.generate(**cls.prompts[model_type], **cls.SETTINGS).tolist()
-
-    def test_unchanged_class_without_observer_generates_torch_tokens(self):
-        # One interpreter where neither optimum_observer nor legacy_shim can be imported (so no
-        # hook) generates with both exports.
-        with tempfile.TemporaryDirectory() as scratch:
-            specs = {t: _generate_spec(_exported(t)[1], self.prompts[t], self.SETTINGS, Path(scratch) / t)
-                     for t in THROUGH_OPTIMUM_BY_DEFAULT}  # fmt: skip
-            done = without_observer.run_without_observer(without_observer.RUNTIME_SCRIPT, *map(str, specs.values()))
-            self.assertEqual(done.returncode, 0, done.stderr[-2000:])
-            for model_type, spec in specs.items():
-                with self.subTest(model_type), np.load(spec.parent / "outputs.npz") as returned:
-                    self.assertEqual(returned["0.output"].tolist(), self.expected[model_type])
-
-    @parameterized.expand(THROUGH_OPTIMUM_BY_DEFAULT)
-    def test_class_with_the_hook_generates_torch_tokens(self, model_type):
-        onnx_model = optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(_exported(model_type)[1])
-        self.assertTrue(onnx_model.cache_fed_by_name)  # the hook's runtime, not upstream's
-        got = onnx_model.generate(**self.prompts[model_type], **self.SETTINGS)
-        self.assertEqual(got.tolist(), self.expected[model_type])
-
-    def test_exported_config_loads_and_builds_the_same_model(self):
-        # config.json carries the `num_attention_heads` optimum's __init__ reads; transformers
-        # keeps it as an unused attribute and builds the same model from that config.
-        model, out = _exported("mamba2")
-        self.assertFalse(hasattr(model.config, "num_attention_heads"))
-        config = AutoConfig.from_pretrained(out)
-        self.assertEqual((config.num_attention_heads, config.hidden_size), (1, model.config.hidden_size))
-        rebuilt = AutoModelForCausalLM.from_config(config)
-        self.assertIs(type(rebuilt), type(model))
-        self.assertEqual(
-            {k: v.shape for k, v in rebuilt.state_dict().items()}, {k: v.shape for k, v in model.state_dict().items()}
-        )
 
 
 def _generate_spec(directory: Path, prompts: dict[str, torch.Tensor], settings: dict, scratch: Path) -> Path:
