@@ -16,10 +16,12 @@ same after any number of tokens).
 
     python benchmarks/bench_portable_cache.py [--repeat 40] [--only tiny|llama-100M|mamba2-100M]
 
-One run, 2026-12-04, 2 shared cores under load, `--only mamba2-100M --repeat 40` (79.3M
-parameters: 8 layers, hidden 768, 24 heads of 64, state 128; 16 state inputs): decode step
-static 116.71 / portable 114.55 ms at batch 1 (0.98x), 241.71 / 291.76 ms at batch 4 (1.21x);
-see the README ("Real checkpoint shapes", the cost paragraphs).
+2026-12-04, 2 cores shared with other jobs (load average ~9), `--only mamba2-100M --repeat 40`
+(79.3M parameters: 8 layers, hidden 768, 24 heads of 64, state 128; 16 state inputs), decode
+step static / portable: first run 116.71 / 114.55 ms at batch 1 (0.98x), 241.71 / 291.76 ms at
+batch 4 (1.21x); second run 120.16 / 128.95 ms (1.07x), 239.60 / 243.63 ms (1.02x). The runs
+disagree by more than the effect: not measurable under that load (README, "Real checkpoint
+shapes", the cost paragraphs).
 """
 
 from __future__ import annotations
