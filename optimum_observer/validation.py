@@ -34,7 +34,7 @@ import onnxruntime as ort
 import torch
 import torch.utils._pytree as pytree
 
-from . import greedy
+from . import greedy, portable_cache
 from .cache_pytree import registered_caches
 from .reference_inputs import encoder_batches, generation_inputs, pad_token_id, random_token_batch
 from .result import CallCheck, GenerationCheck, QualityCheck, RuntimeCheck, nonfinite_text
@@ -94,6 +94,19 @@ def _feeds(call: ObservedCall, example: ExportExample, names: list[str]) -> dict
             tensor = fill(shape, dtype=leaf.dtype)
         feeds[name] = tensor.detach().cpu().numpy()
     return feeds
+
+
+def _carried(feeds: dict[str, np.ndarray], session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """`feeds` as the graph takes them: states in the value slots of a graph that carries them
+    (:func:`optimum_observer.portable_cache.carry_states_as_values`), others as they are."""
+    graph_inputs = {value.name for value in session.get_inputs()}
+    carried = {}
+    for name, array in feeds.items():
+        slot = portable_cache.carried_name(name)
+        if slot != name and slot in graph_inputs:
+            name, array = slot, array.reshape(portable_cache.carried_shape(array.shape))
+        carried[name] = array
+    return carried
 
 
 def _visible(shape: torch.Size, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -162,7 +175,7 @@ def replay_calls(
     with registered_caches():
         for index, call in enumerate(capture.calls):
             try:
-                got = session.run(None, _feeds(call, example, input_names))
+                got = session.run(None, _carried(_feeds(call, example, input_names), session))
             except Exception as error:
                 checks.append(
                     CallCheck(index, float("inf"), False, f"{type(error).__name__}: {error}", onnx_path.name)
@@ -173,8 +186,10 @@ def replay_calls(
             if len(got) != len(expected):
                 error = f"{len(got)} outputs, torch returned {len(expected)}"
             mask = call.inputs.get("attention_mask")
-            for want, have in zip(expected, got):
+            for output, want, have in zip(session.get_outputs(), expected, got):
                 have = torch.from_numpy(have)
+                if portable_cache.is_carried_state(output.name):
+                    want = want.reshape(portable_cache.carried_shape(tuple(want.shape)))
                 if want.dim() == 3 and have.dim() == 3 and want.shape[1] < have.shape[1]:
                     have = have[:, -want.shape[1] :]
                 if have.shape != want.shape:
