@@ -203,12 +203,14 @@ class EncoderDecoderFamily(TaskFamily):
 
 
 class SpeechFamily(EncoderDecoderFamily):
-    """Audio in, text out: waveforms of different durations through the feature extractor."""
+    """Audio in, text out: waveforms of different durations through the feature extractor
+    (the model's main input: `input_features`, or moonshine's raw `input_values`)."""
 
     family = Family.SPEECH_SEQ2SEQ
     run_hint = (
-        "model.generate on input_features made by the model's feature extractor from audio at its "
-        "sampling rate (feature_extractor.sampling_rate), of the length the encoder expects"
+        "model.generate(**feature_extractor(waveforms, sampling_rate=feature_extractor.sampling_rate, "
+        "padding=True, return_tensors='pt')) with the model's own feature extractor (its main input, "
+        "input_features or input_values, and the attention mask when it makes one)"
     )
     uses_feature_extractor = True
 
@@ -219,7 +221,8 @@ class SpeechFamily(EncoderDecoderFamily):
 
     def prompt_lengths(self, batch: Batch) -> tuple[int, ...]:
         # The waveforms' lengths in milliseconds: the features are all padded to one length.
-        seconds = reference_inputs.DEFAULT_AUDIO_SECONDS[: len(batch["input_features"])]
+        rows = len(next(iter(batch.values())))
+        seconds = next(b for b in reference_inputs.SPEECH_BATCH_SECONDS if len(b) == rows)
         return tuple(int(1000 * duration) for duration in seconds)
 
 
