@@ -219,6 +219,29 @@ class SpeechFamily(EncoderDecoderFamily):
     ) -> list[Batch]:
         return reference_inputs.speech_batches(model, feature_extractor)
 
+    def default_run(
+        self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> Callable[[Any], Any]:
+        """`generate` with batch 2 then 3 over the reference inputs, built first, outside the
+        observed run: a model whose inputs they cannot be built for fails there, which is a gap of
+        this run, not a failure of the model's own run."""
+        try:
+            batches = self.reference_inputs(model, tokenizer, feature_extractor)
+        except Exception as error:
+            raise ObserverExportError(
+                model.config.model_type,
+                Stage.CAPTURE,
+                f"the default run cannot build speech inputs for this model ({type(error).__name__}: {error})",
+                "pass the model's feature extractor (feature_extractor=...; saved with a checkpoint as "
+                "preprocessor_config.json), or a `run` callable that calls model.generate on the inputs "
+                "the model's processor makes from audio.",
+            ) from error
+
+        def run(model: Any) -> list[torch.Tensor]:
+            return [_generate_greedily(model, b) for b in batches]
+
+        return run
+
     def prompt_lengths(self, batch: Batch) -> tuple[int, ...]:
         # The waveforms' lengths in milliseconds: the features are all padded to one length.
         rows = len(next(iter(batch.values())))

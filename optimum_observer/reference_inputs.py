@@ -101,8 +101,7 @@ def speech_batches(model: Any, feature_extractor: Any | None) -> list[dict[str, 
     if not all(hasattr(config, key) for key in _WHISPER_FEATURE_SIZES):
         raise ValueError(
             f"no feature extractor was given, and {type(config).__name__} does not state the sizes of random "
-            f"input features ({', '.join(_WHISPER_FEATURE_SIZES)}): pass the model's feature extractor "
-            "(feature_extractor=...) or save its preprocessor_config.json with the model"
+            f"input features of whisper's layout ({', '.join(_WHISPER_FEATURE_SIZES)})"
         )
     frames = 2 * config.max_source_positions
     generator = torch.Generator().manual_seed(0)

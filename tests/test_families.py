@@ -151,3 +151,13 @@ class TestSpeechInputs(unittest.TestCase):
         self.assertEqual(encoder.input_names, ("input_values", "attention_mask"))
         self.assertEqual(contract.graphs[0].input_names, ("input_features", "attention_mask"))
         self.assertEqual(contract.for_model(moonshine).graphs[1:], contract.graphs[1:])
+
+    def test_a_model_without_feature_extractor_nor_whisper_sizes_is_a_gap_of_the_default_run(self):
+        from optimum_observer.errors import ObserverExportError, Stage
+
+        model, _ = self.build("speech_to_text")
+        with self.assertRaises(ObserverExportError) as caught:
+            family_of(get_task(SPEECH)).default_run(model, get_task(SPEECH))
+        self.assertEqual(caught.exception.stage, Stage.CAPTURE)
+        self.assertIn("cannot build speech inputs", str(caught.exception))
+        self.assertIn("feature_extractor=", str(caught.exception))
