@@ -205,6 +205,11 @@ BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
         "encoder": {"model_type": "bert"},
         "decoder": {"model_type": "bert", "is_decoder": True, "add_cross_attention": True},
     },
+    # Its checkpoints pair a wav2vec2-style encoder with a text decoder (facebook/s2t-wav2vec2-large-en-de).
+    "speech-encoder-decoder": {
+        "encoder": {"model_type": "wav2vec2"},
+        "decoder": {"model_type": "bert", "is_decoder": True, "add_cross_attention": True},
+    },
 }
 
 #: Head-size keys that are not free for a type, kept at hidden // heads with real shapes too:
