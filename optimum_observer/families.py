@@ -209,12 +209,14 @@ class EncoderDecoderFamily(TaskFamily):
 
 
 class SpeechFamily(EncoderDecoderFamily):
-    """Audio in, text out: waveforms of different durations through the feature extractor."""
+    """Audio in, text out: waveforms of different durations through the feature extractor
+    (the model's main input: `input_features`, or moonshine's raw `input_values`)."""
 
     family = Family.SPEECH_SEQ2SEQ
     run_hint = (
-        "model.generate on input_features made by the model's feature extractor from audio at its "
-        "sampling rate (feature_extractor.sampling_rate), of the length the encoder expects"
+        "model.generate(**feature_extractor(waveforms, sampling_rate=feature_extractor.sampling_rate, "
+        "padding=True, return_tensors='pt')) with the model's own feature extractor (its main input, "
+        "input_features or input_values, and the attention mask when it makes one)"
     )
     uses_feature_extractor = True
 
@@ -223,9 +225,33 @@ class SpeechFamily(EncoderDecoderFamily):
     ) -> list[Batch]:
         return reference_inputs.speech_batches(model, feature_extractor)
 
+    def default_run(
+        self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
+    ) -> Callable[[Any], Any]:
+        """`generate` with batch 2 then 3 over the reference inputs, built first, outside the
+        observed run: a model whose inputs they cannot be built for fails there, which is a gap of
+        this run, not a failure of the model's own run."""
+        try:
+            batches = self.reference_inputs(model, tokenizer, feature_extractor)
+        except Exception as error:
+            raise ObserverExportError(
+                model.config.model_type,
+                Stage.CAPTURE,
+                f"the default run cannot build speech inputs for this model ({type(error).__name__}: {error})",
+                "pass the model's feature extractor (feature_extractor=...; saved with a checkpoint as "
+                "preprocessor_config.json), or a `run` callable that calls model.generate on the inputs "
+                "the model's processor makes from audio.",
+            ) from error
+
+        def run(model: Any) -> list[torch.Tensor]:
+            return [_generate_greedily(model, b) for b in batches]
+
+        return run
+
     def prompt_lengths(self, batch: Batch) -> tuple[int, ...]:
         # The waveforms' lengths in milliseconds: the features are all padded to one length.
-        seconds = reference_inputs.DEFAULT_AUDIO_SECONDS[: len(batch["input_features"])]
+        rows = len(next(iter(batch.values())))
+        seconds = next(b for b in reference_inputs.SPEECH_BATCH_SECONDS if len(b) == rows)
         return tuple(int(1000 * duration) for duration in seconds)
 
 

@@ -207,6 +207,7 @@ def export(
                     feature_extractor=feature_extractor,
                 )
             model_type = progress.model_type = loaded.model_type
+            contract = contract.for_model(loaded.model)
             with registered_caches():
                 with progress.stage(Stage.CAPTURE):
                     captures = capture_stage.capture(

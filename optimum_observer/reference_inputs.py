@@ -23,6 +23,9 @@ DEFAULT_PROMPTS = (
 )
 #: Durations (seconds) of the synthetic waveforms of the default speech run.
 DEFAULT_AUDIO_SECONDS = (0.7, 1.6, 1.1)
+#: The speech batches of 2 and 3 waveforms: their longest differ, so a model fed features of the
+#: audio's own length (not whisper's fixed window) is seen at two lengths.
+SPEECH_BATCH_SECONDS = ((DEFAULT_AUDIO_SECONDS[0], DEFAULT_AUDIO_SECONDS[2]), DEFAULT_AUDIO_SECONDS)
 
 
 def _vocab_size(model: Any) -> int:
@@ -71,21 +74,42 @@ def synthetic_waveforms(sampling_rate: int, seconds: tuple[float, ...]) -> list[
 
 
 def speech_batches(model: Any, feature_extractor: Any | None) -> list[dict[str, torch.Tensor]]:
-    """Batches of 2 and 3 waveforms of different durations through the feature extractor, or
-    random features of the length the encoder expects when there is none."""
-    batches = [DEFAULT_AUDIO_SECONDS[:2], DEFAULT_AUDIO_SECONDS]
+    """Batches of 2 and 3 waveforms of different durations, as the model's users feed them.
+
+    Through the feature extractor when there is one (keeping what `forward` takes: whisper's
+    `input_features`, speech_to_text's features and attention mask, moonshine's `input_values`);
+    without one, by the model's main input: raw waveforms for `input_values`, random features of
+    whisper's layout for `input_features` when the config states its sizes."""
+    batches = SPEECH_BATCH_SECONDS
     if feature_extractor is not None:
         rate = feature_extractor.sampling_rate
-        return [
-            {"input_features": feature_extractor(synthetic_waveforms(rate, b), sampling_rate=rate, return_tensors="pt")[
-                "input_features"
-            ]}
+        accepted = set(inspect.signature(model.forward).parameters)
+        # An extractor that pads on its own (whisper's, to its fixed window) keeps its padding;
+        # one that does not pads a batch to its longest waveform, as a batched call must.
+        padding = inspect.signature(feature_extractor.__call__).parameters.get("padding")
+        pads = padding is not None and padding.default not in (False, None)
+        settings = {} if pads else {"padding": True}
+        encoded = [
+            feature_extractor(synthetic_waveforms(rate, b), sampling_rate=rate, return_tensors="pt", **settings)
             for b in batches
         ]
+        return [{k: v for k, v in e.items() if k in accepted} for e in encoded]
+    main_input = getattr(model, "main_input_name", "input_features")
+    if main_input == "input_values":
+        return waveform_batches(model, batches)
     config = model.config
+    if not all(hasattr(config, key) for key in _WHISPER_FEATURE_SIZES):
+        raise ValueError(
+            f"no feature extractor was given, and {type(config).__name__} does not state the sizes of random "
+            f"input features of whisper's layout ({', '.join(_WHISPER_FEATURE_SIZES)})"
+        )
     frames = 2 * config.max_source_positions
     generator = torch.Generator().manual_seed(0)
-    return [{"input_features": torch.randn(len(b), config.num_mel_bins, frames, generator=generator)} for b in batches]
+    return [{main_input: torch.randn(len(b), config.num_mel_bins, frames, generator=generator)} for b in batches]
+
+
+#: The config sizes of random whisper-layout features (batch, mel bins, 2 x encoder positions).
+_WHISPER_FEATURE_SIZES = ("num_mel_bins", "max_source_positions")
 
 
 def image_batches(model: Any) -> list[dict[str, torch.Tensor]]:
@@ -98,10 +122,14 @@ def image_batches(model: Any) -> list[dict[str, torch.Tensor]]:
     return [{"pixel_values": torch.rand(b, channels, height, width, generator=generator)} for b in (2, 3)]
 
 
-def waveform_batches(model: Any, sampling_rate: int = 16000) -> list[dict[str, torch.Tensor]]:
-    """Batches of 2 and 3 waveforms of different durations (the batches differ in padded length),
-    normalised and zero padded as a wav2vec2-style feature extractor without attention mask does."""
-    batches = [(DEFAULT_AUDIO_SECONDS[0], DEFAULT_AUDIO_SECONDS[2]), DEFAULT_AUDIO_SECONDS]
+def waveform_batches(
+    model: Any, batches: tuple[tuple[float, ...], ...] | None = None, sampling_rate: int = 16000
+) -> list[dict[str, torch.Tensor]]:
+    """Batches of waveforms of different durations (default: 2 and 3, the batches differ in
+    padded length), normalised and zero padded as a wav2vec2-style feature extractor without
+    attention mask does."""
+    if batches is None:
+        batches = SPEECH_BATCH_SECONDS
     result = []
     for seconds in batches:
         waves = [torch.from_numpy(w) for w in synthetic_waveforms(sampling_rate, seconds)]

@@ -53,6 +53,10 @@ class ContractInput:
     #: other `forward` argument names that carry the same input in some architectures (the
     #: state-space models take their cache as `cache_params`).
     alternatives: tuple[str, ...] = ()
+    #: the model's main input, named after the model's `main_input_name` (a speech model takes
+    #: `input_features` or, moonshine, the raw waveform as `input_values`; the runtime class feeds
+    #: the graph input of that name): :meth:`TaskContract.for_model`.
+    main_input: bool = False
 
     @property
     def source(self) -> str:
@@ -148,6 +152,20 @@ class TaskContract:
     def observed_modules(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(g.module for g in self.graphs))
 
+    def for_model(self, model: Any) -> TaskContract:
+        """This contract with its main inputs named as `model.main_input_name` says."""
+        main_input_name = getattr(model, "main_input_name", None)
+        if not main_input_name:
+            return self
+
+        def renamed(graph: GraphContract) -> GraphContract:
+            inputs = tuple(
+                dataclasses.replace(i, name=main_input_name, argument=None) if i.main_input else i for i in graph.inputs
+            )
+            return dataclasses.replace(graph, inputs=inputs)
+
+        return dataclasses.replace(self, graphs=tuple(renamed(g) for g in self.graphs))
+
 
 def _inputs(*names: str) -> tuple[ContractInput, ...]:
     return tuple(ContractInput(name) for name in names)
@@ -198,7 +216,7 @@ def _seq2seq(name: str, auto_model_class: str, runtime_class: str, encoder_input
         graphs=(
             GraphContract(
                 "encoder_model.onnx",
-                _inputs(encoder_input, "attention_mask"),
+                (ContractInput(encoder_input, main_input=True), ContractInput("attention_mask")),
                 _outputs("last_hidden_state"),
                 module="encoder",
                 use_cache=None,

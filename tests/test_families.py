@@ -107,3 +107,57 @@ class TestDecoderFamily(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+SPEECH = "automatic-speech-recognition-with-past"
+
+
+class TestSpeechInputs(unittest.TestCase):
+    """The speech family feeds a model its own inputs (its main input, made by the feature extractor
+    its checkpoints ship, from audio of two lengths), not whisper's features."""
+
+    @staticmethod
+    def build(model_type):
+        model = tiny_configs.build_tiny_model(model_type, "AutoModelForSpeechSeq2Seq").eval()
+        return model, tiny_configs.tiny_feature_extractor(model_type, model.config)
+
+    def test_speech_to_text_is_fed_filter_banks_of_the_audio_length_with_their_mask(self):
+        model, feature_extractor = self.build("speech_to_text")
+        batches = family_of(get_task(SPEECH)).reference_inputs(model, feature_extractor=feature_extractor)
+        self.assertEqual([sorted(b) for b in batches], [["attention_mask", "input_features"]] * 2)
+        features = [b["input_features"] for b in batches]
+        self.assertEqual([f.shape[0] for f in features], [2, 3])
+        self.assertEqual({f.shape[2] for f in features}, {model.config.input_feat_per_channel})
+        # Padded to each batch's longest waveform: the export sees the frame axis at two lengths.
+        self.assertNotEqual(features[0].shape[1], features[1].shape[1])
+        self.assertEqual(batches[0]["attention_mask"].sum(-1).unique().numel(), 2)
+        with torch.no_grad():
+            self.assertEqual(model.generate(**batches[0], max_new_tokens=2).shape[0], 2)
+
+    def test_moonshine_is_fed_the_raw_waveform(self):
+        model, feature_extractor = self.build("moonshine")
+        family = family_of(get_task(SPEECH))
+        with_extractor = family.reference_inputs(model, feature_extractor=feature_extractor)
+        self.assertEqual([sorted(b) for b in with_extractor], [["attention_mask", "input_values"]] * 2)
+        self.assertEqual(with_extractor[1]["input_values"].shape, (3, int(1.6 * feature_extractor.sampling_rate)))
+        without = family.reference_inputs(model)
+        self.assertEqual([sorted(b) for b in without], [["input_values"]] * 2)
+        self.assertEqual(without[0]["input_values"].dim(), 2)
+
+    def test_the_encoder_graph_takes_the_main_input_of_the_model(self):
+        contract = get_task(SPEECH)
+        moonshine, _ = self.build("moonshine")
+        encoder = contract.for_model(moonshine).graphs[0]
+        self.assertEqual(encoder.input_names, ("input_values", "attention_mask"))
+        self.assertEqual(contract.graphs[0].input_names, ("input_features", "attention_mask"))
+        self.assertEqual(contract.for_model(moonshine).graphs[1:], contract.graphs[1:])
+
+    def test_a_model_without_feature_extractor_nor_whisper_sizes_is_a_gap_of_the_default_run(self):
+        from optimum_observer.errors import ObserverExportError, Stage
+
+        model, _ = self.build("speech_to_text")
+        with self.assertRaises(ObserverExportError) as caught:
+            family_of(get_task(SPEECH)).default_run(model, get_task(SPEECH))
+        self.assertEqual(caught.exception.stage, Stage.CAPTURE)
+        self.assertIn("cannot build speech inputs", str(caught.exception))
+        self.assertIn("feature_extractor=", str(caught.exception))

@@ -211,3 +211,30 @@ class TestSpeechExport(Seq2SeqCase):
         expected = greedy(model, inputs)
         self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "onnx"), inputs), expected)
         self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "legacy"), inputs), expected)
+
+    @parameterized.expand([("speech_to_text", "input_features")])
+    @pytest.mark.slow
+    def test_observer_and_legacy_exports_of_a_non_whisper_model_generate_the_same_tokens(self, model_type, main_input):
+        """The model's own inputs, not whisper's: speech_to_text's filter banks of (batch, frames,
+        80) with their attention mask, made by its feature extractor from audio of two lengths (the
+        default suite checks the inputs alone: tests/test_families.py TestSpeechInputs)."""
+        self.assertObserverAndLegacySpeechExportsGenerateTheSameTokens(model_type, main_input)
+
+    def assertObserverAndLegacySpeechExportsGenerateTheSameTokens(self, model_type: str, main_input: str) -> None:
+        # The sweep's tiny model, saved with the feature extractor its checkpoints ship.
+        source = save_tiny_model(model_type, "AutoModelForSpeechSeq2Seq", self.scratch / "model")
+        result = optimum_observer.export(source, self.scratch / "onnx", task=SPEECH, show_progress=False)
+        self.assertExportMatchesTorch(result)
+        self.assertOptimumNames(self.scratch / "onnx", main_input)
+        main_export(source, self.scratch / "legacy", task=SPEECH, library_name="transformers")
+
+        model = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(source).eval()
+        feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(source)
+        inputs = speech_batches(model, feature_extractor)[0]
+        self.assertEqual(sorted(inputs), sorted([main_input, "attention_mask"]))
+        encoder = onnx.load(self.scratch / "onnx" / "encoder_model.onnx").graph.input[0]
+        self.assertEqual(encoder.type.tensor_type.shape.dim[1].dim_param, f"{main_input}_dim_1")
+        self.assertEqual(inputs["attention_mask"].sum(-1).unique().numel(), 2)
+        expected = greedy(model, inputs)
+        self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "onnx"), inputs), expected)
+        self.assertEqual(greedy(ORTModelForSpeechSeq2Seq.from_pretrained(self.scratch / "legacy"), inputs), expected)

@@ -81,6 +81,15 @@ def load_torch_model(model_dir: Path, task: str) -> Any:
     return auto_class.from_pretrained(model_dir).eval()
 
 
+def load_feature_extractor(model_dir: Path) -> Any | None:
+    """The feature extractor saved with the model (the sweep saves a speech model's), or None."""
+    import transformers
+
+    if not (Path(model_dir) / "preprocessor_config.json").is_file():
+        return None
+    return transformers.AutoFeatureExtractor.from_pretrained(model_dir)
+
+
 class OptimumRuntimeError(RuntimeError):
     """optimum-onnx's runtime class raised while loading or running an export."""
 
@@ -122,12 +131,15 @@ def _check_failure(error: BaseException, task: str) -> PathResult:
     return PathResult(Status.UNVALIDATED, None, f"the sweep's check, not optimum-onnx: {first_line(error)}", task)
 
 
-def validate_export(output: Path, torch_model: Any, task: str, atol: float = ATOL) -> PathResult | None:
+def validate_export(
+    output: Path, torch_model: Any, task: str, atol: float = ATOL, feature_extractor: Any | None = None
+) -> PathResult | None:
     """The failing check of an exported directory, or None when every check passed.
 
     The checks are the observer's own (the task family's), run on the legacy file through the
     unchanged runtime class: the runtime class's outputs on the family's reference inputs (logits
-    for decoders, every output for encoders; encoder-decoders have none), then greedy tokens.
+    for decoders, every output for encoders; encoder-decoders have none), then greedy tokens; a
+    speech model's inputs are made by its `feature_extractor`, as the observer path's are.
     """
     contract = get_task(task)
     family = family_of(contract)
@@ -137,10 +149,10 @@ def validate_export(output: Path, torch_model: Any, task: str, atol: float = ATO
     except Exception as error:
         return _runtime_failure(SweepStage.ORT_LOAD, runtime, error, task)
     blamed = _Blamed(runtime)
-    inputs = ValidationInputs(output, torch_model, contract, blamed, atol=atol)
+    inputs = ValidationInputs(output, torch_model, contract, blamed, feature_extractor=feature_extractor, atol=atol)
     stage = SweepStage.NUMERICAL_PARITY
     try:
-        batches = family.reference_inputs(torch_model)
+        batches = family.reference_inputs(torch_model, feature_extractor=feature_extractor)
         if family.runtime_fed_by_caller:
             unfed = _unfed_inputs(onnx_model)
             if unfed:
@@ -210,7 +222,9 @@ def run_legacy_path(model_dir: Path, task: str, output: Path) -> PathResult:
     except Exception as error:
         logger.debug("legacy export failed", exc_info=True)
         return PathResult.failure(SweepStage.ONNX_CONVERSION, f"optimum-onnx's main_export: {first_line(error)}", task)
-    failure = validate_export(output, load_torch_model(model_dir, task), task)
+    failure = validate_export(
+        output, load_torch_model(model_dir, task), task, feature_extractor=load_feature_extractor(model_dir)
+    )
     if failure is not None:
         return failure
     files = sorted(p.name for p in output.glob("*.onnx*"))

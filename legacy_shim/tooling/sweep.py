@@ -290,7 +290,7 @@ def run_observer_path(
     hook; a pass is then checked again without optimum-observer); another class is recorded as
     legacy_shim's (:attr:`Runtime.SHIM`)."""
     from optimum_observer.pipeline import export
-    from .tiny_configs import build_tiny_model
+    from .tiny_configs import build_tiny_model, tiny_feature_extractor
 
     contract = get_task(task)
     try:
@@ -299,20 +299,38 @@ def run_observer_path(
         # after it (in training mode, dropout made torch's own tokens random).
         model = build_tiny_model(model_type, contract.auto_model_class, shapes=shapes).eval()
         model.save_pretrained(workdir / "model")
+        # Saved with the model, as a checkpoint ships it: the legacy path's check loads it there.
+        feature_extractor = tiny_feature_extractor(model_type, model.config)
+        if feature_extractor is not None:
+            feature_extractor.save_pretrained(workdir / "model")
     except Exception as error:
         return PathResult.failure(SweepStage.CONFIG_BUILD, error, task)
     task = _task_for(model, task)
     start = time.perf_counter()
     try:
         try:
-            result = export(model, workdir / "observer", task=task, show_progress=False, runtime_class=runtime_class)
+            result = export(
+                model,
+                workdir / "observer",
+                task=task,
+                show_progress=False,
+                runtime_class=runtime_class,
+                feature_extractor=feature_extractor,
+            )
         except ObserverExportError as error:
             without_past = _without_past_after(error, task)
             if without_past is None:
                 raise
             logger.info("%s: generate fails with its cache in plain torch, exporting %s", model_type, without_past)
             task = without_past
-            result = export(model, workdir / "observer", task=task, show_progress=False, runtime_class=runtime_class)
+            result = export(
+                model,
+                workdir / "observer",
+                task=task,
+                show_progress=False,
+                runtime_class=runtime_class,
+                feature_extractor=feature_extractor,
+            )
     except Exception as error:
         logger.debug("observer export of %s failed", model_type, exc_info=True)
         return PathResult(
@@ -328,17 +346,23 @@ def run_observer_path(
     passed = PathResult(Status.PASS, None, "", task, round(seconds, 2), size, patches=tuple(result.patches))
     if runtime_class is not None:
         return dataclasses.replace(passed, runtime=Runtime.SHIM)
-    return _checked_without_observer(passed, model, result.output_dir, workdir / "without-observer")
+    return _checked_without_observer(
+        passed, model, result.output_dir, workdir / "without-observer", feature_extractor
+    )
 
 
-def _checked_without_observer(passed: PathResult, model: Any, output_dir: Path, scratch: Path) -> PathResult:
+def _checked_without_observer(
+    passed: PathResult, model: Any, output_dir: Path, scratch: Path, feature_extractor: Any | None = None
+) -> PathResult:
     """`passed` (validated through the unchanged class with the hook) at level (a) when the same
     checks pass through that class without optimum-observer, else at (b) with the reason."""
     from .without_observer import RuntimeWithoutObserverError, check_without_observer
 
     start = time.perf_counter()
     try:
-        report = check_without_observer(output_dir, model, get_task(passed.task), scratch)
+        report = check_without_observer(
+            output_dir, model, get_task(passed.task), scratch, feature_extractor=feature_extractor
+        )
         failure = failed_check(report.generation, report.runtime, report.atol)
     except RuntimeWithoutObserverError as error:
         failure = str(error)

@@ -3,7 +3,7 @@
 Takes: a `model_type` (a key of transformers' `CONFIG_MAPPING`) and an auto-model class name.
 Gives: :func:`tiny_config`, the type's default config shrunk so that the model has a few
 hundred thousand parameters, and :func:`save_tiny_model`, that model with random weights
-saved to a directory.
+saved to a directory (with the feature extractor its checkpoints ship, :func:`tiny_feature_extractor`).
 
 The shrink is generic: every size attribute that appears in the config (at any depth, so nested
 `text_config` / `vision_config` / `decoder` configs shrink too) is set by the tables below, and
@@ -47,7 +47,8 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(
         (
             "num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers",
-            "num_decoder_layers", "num_encoder_layers", "num_blocks",
+            "num_decoder_layers", "num_encoder_layers", "num_blocks", "encoder_num_hidden_layers",
+            "decoder_num_hidden_layers",
         ),
         LAYERS,
     ),
@@ -64,7 +65,8 @@ SIZES: dict[str, int] = {
             "num_attention_heads", "n_head", "n_heads", "num_heads", "num_key_value_heads",
             "decoder_attention_heads", "encoder_attention_heads", "attention_heads",
             "num_decoder_attention_heads", "num_encoder_attention_heads", "linear_num_key_heads",
-            "linear_num_value_heads", "kv_n_heads",
+            "linear_num_value_heads", "kv_n_heads", "encoder_num_attention_heads", "decoder_num_attention_heads",
+            "encoder_num_key_value_heads", "decoder_num_key_value_heads",
         ),
         HEADS,
     ),
@@ -117,6 +119,9 @@ SIZES: dict[str, int] = {
 }
 
 #: Key/value head counts: `KV_HEADS` with real shapes, `HEADS` (listed in SIZES) with "mha".
+#: Moonshine's `encoder_/decoder_num_key_value_heads` are not among them: its checkpoints
+#: (moonshine-tiny, -base) have as many key/value heads as heads, and its attention (4.57.6)
+#: views the queries with the key/value head count, so fewer key/value heads cannot run at all.
 _KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads", "num_query_groups")
 #: Explicit attention head sizes: `REAL_HEAD_DIM` with real shapes, `HEAD_DIM` with "mha".
 _HEAD_SIZE_KEYS = ("head_dim", "d_kv", "attention_head_size", "d_head", "kv_channels", "attention_head_dim")
@@ -200,6 +205,11 @@ BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
         "encoder": {"model_type": "bert"},
         "decoder": {"model_type": "bert", "is_decoder": True, "add_cross_attention": True},
     },
+    # Its checkpoints pair a wav2vec2-style encoder with a text decoder (facebook/s2t-wav2vec2-large-en-de).
+    "speech-encoder-decoder": {
+        "encoder": {"model_type": "wav2vec2"},
+        "decoder": {"model_type": "bert", "is_decoder": True, "add_cross_attention": True},
+    },
 }
 
 #: Head-size keys that are not free for a type, kept at hidden // heads with real shapes too:
@@ -212,6 +222,20 @@ DERIVED_HEAD_SIZES: dict[str, tuple[str, ...]] = {
     "xlnet": ("d_head",),
     "helium": ("head_dim",),
     "blt": ("head_dim",),
+}
+
+#: The feature extractor settings a type's checkpoints ship (their preprocessor_config.json), as
+#: keyword -> value or function of the config, for the types whose inputs only their feature
+#: extractor makes right: the tiny model is run as its users run it, on audio through it. The
+#: class is the one transformers' AutoFeatureExtractor maps the type to.
+FEATURE_EXTRACTORS: dict[str, dict[str, Any]] = {
+    # facebook/s2t-small-librispeech-asr: 80 filter banks per channel, with attention mask.
+    "speech_to_text": {
+        "feature_size": lambda config: config.input_feat_per_channel * config.input_channels,
+        "num_mel_bins": lambda config: config.input_feat_per_channel,
+    },
+    # UsefulSensors/moonshine-tiny: the raw waveform, not normalised, with attention mask.
+    "moonshine": {"feature_size": 1, "do_normalize": False, "return_attention_mask": True},
 }
 
 #: What a causal-LM head needs whatever the type: encoder architectures (bert, roberta,
@@ -365,6 +389,17 @@ def build_tiny_model(
     return model
 
 
+def tiny_feature_extractor(model_type: str, config: transformers.PretrainedConfig) -> Any | None:
+    """The feature extractor of :data:`FEATURE_EXTRACTORS` for `config`, or None for a type without one."""
+    settings = FEATURE_EXTRACTORS.get(model_type)
+    if settings is None:
+        return None
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+
+    extractor_class = getattr(transformers, FEATURE_EXTRACTOR_MAPPING_NAMES[model_type])
+    return extractor_class(**{k: v(config) if callable(v) else v for k, v in settings.items()})
+
+
 def _pad_token_id(config: transformers.PretrainedConfig) -> int:
     text_config = config.get_text_config()
     for candidate in (text_config.pad_token_id, text_config.eos_token_id):
@@ -378,7 +413,11 @@ def _pad_token_id(config: transformers.PretrainedConfig) -> int:
 def save_tiny_model(
     model_type: str, auto_model_class: str, directory: Path, seed: int = 0, shapes: str = "real", **overrides: Any
 ) -> Path:
-    """Builds :func:`build_tiny_model` and saves it (config, generation config, weights) to `directory`."""
+    """Builds :func:`build_tiny_model` and saves it (config, generation config, weights, and its
+    feature extractor when the type has one in :data:`FEATURE_EXTRACTORS`) to `directory`."""
     model = build_tiny_model(model_type, auto_model_class, seed, shapes, **overrides)
     model.save_pretrained(directory)
+    feature_extractor = tiny_feature_extractor(model_type, model.config)
+    if feature_extractor is not None:
+        feature_extractor.save_pretrained(directory)
     return Path(directory)
