@@ -11,7 +11,7 @@ group's module show each failure happening without its patch.
 
 from __future__ import annotations
 
-from . import environment, kv_cache, masks, moe, rotary, sliding_window, state_space, vision
+from . import environment, kv_cache, masks, moe, recurrent, rotary, sliding_window, state_space, vision
 from .environment import exact_no_op_constants, no_op_rule_constants, plain_tensor_buffers
 from .registry import (
     Applied,
@@ -33,6 +33,7 @@ GROUPS: dict[str, tuple[Patch, ...]] = {
     "masks": masks.PATCHES,
     "sliding window": sliding_window.PATCHES,
     "state-space mixers": state_space.PATCHES,
+    "recurrent loops": recurrent.PATCHES,
     "vision features": vision.PATCHES,
     "exporter environment": environment.PATCHES,
 }

@@ -1,0 +1,150 @@
+"""Scoped patches that make the loops over time of recurrent language models exportable.
+
+Takes: nothing. Gives: :data:`PATCHES` (see :mod:`optimum_observer.patches.registry`).
+
+Why: RWKV's attention on CPU (`rwkv_linear_attention_cpu`) and xLSTM's mLSTM backend step through
+the sequence in a Python loop (`for current_index in range(seq_length)`). torch.export unrolls
+the loop to the example's length and so fixes the sequence axis the contract declares dynamic:
+"Received user-specified dim hint Dim.DYNAMIC, but tracing inferred a static shape of 3 for
+dimension inputs['input_ids'].shape[1]". The replacements run the same per-step update under
+`torch.ops.higher_order.scan`, which exports to one ONNX `Scan` whatever the length.
+
+xLSTM's backend also picks its kernel by the length in Python: one step for a single token, its
+chunkwise form for whole chunks of `chunk_size` tokens, the step loop for the rest. The
+replacement scans the step for every length: exactly torch's path below `chunk_size` tokens
+(the sweep's prompts), and for longer prompts the recurrent form the chunkwise one computes in
+parallel (equal up to rounding and the chunk's own stabiliser).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._higher_order_ops.scan import scan
+
+from .registry import Patch
+
+_LOOP_OVER_TIME = (
+    "Received user-specified dim hint Dim.DYNAMIC, but tracing inferred a static shape of N for "
+    "dimension inputs['input_ids'].shape[1] (a Python loop over the sequence, unrolled to the "
+    "example's length)"
+)
+
+
+def _rwkv_linear_attention_scanned(
+    time_decay: torch.Tensor,
+    time_first: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: list[torch.Tensor] | None = None,
+    return_state: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """`rwkv_linear_attention_cpu` with its loop over the sequence (axis 1 of `key`) as a scan:
+    the same numerically stable WKV update, step by step."""
+    if state is None:
+        num_state = torch.zeros_like(key[:, 0], dtype=torch.float32)
+        den_state = torch.zeros_like(key[:, 0], dtype=torch.float32)
+        max_state = torch.zeros_like(key[:, 0], dtype=torch.float32) - 1e38
+    else:
+        num_state, den_state, max_state = state
+    time_decay = -torch.exp(time_decay)
+
+    def step(
+        carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor], xs: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        num, den, largest = carry
+        current_key, current_value = xs
+        current_key = current_key.float()
+        max_for_output = torch.maximum(largest, current_key + time_first)
+        e1 = torch.exp(largest - max_for_output)
+        e2 = torch.exp(current_key + time_first - max_for_output)
+        output = ((e1 * num + e2 * current_value) / (e1 * den + e2)).to(key.dtype)
+        max_for_state = torch.maximum(largest + time_decay, current_key)
+        e1 = torch.exp(largest + time_decay - max_for_state)
+        e2 = torch.exp(current_key - max_for_state)
+        carry = (
+            (e1 * num + e2 * current_value).contiguous(),
+            (e1 * den + e2).contiguous(),
+            max_for_state.contiguous(),
+        )
+        return carry, output
+
+    initial = (num_state.contiguous(), den_state.contiguous(), max_state.contiguous())
+    (num_state, den_state, max_state), outputs = scan(step, initial, (key.movedim(1, 0), value.movedim(1, 0)))
+    if return_state or state is not None:
+        state = [num_state, den_state, max_state]
+    return outputs.movedim(0, 1), state
+
+
+def _xlstm_backend_scanned(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def forward(
+        self: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        igate: torch.Tensor,
+        fgate: torch.Tensor,
+        c_initial: torch.Tensor | None = None,
+        n_initial: torch.Tensor | None = None,
+        m_initial: torch.Tensor | None = None,
+        return_last_states: bool = False,
+        mode: str | None = None,
+    ) -> Any:
+        """`xLSTMBackend.forward` in inference mode: the step kernel scanned over the sequence
+        (axis 2 of `query`) for every length; training goes to the original."""
+        if "inference" not in (mode or self.config.mode):
+            return original(
+                self, query, key, value, igate, fgate, c_initial, n_initial, m_initial, return_last_states, mode
+            )
+        batch_size, heads, _, qk_head_dim = key.shape
+        state_dtype = getattr(torch, self.config.inference_state_dtype)
+        zeros = functools.partial(torch.zeros, device=key.device, dtype=torch.float32)
+        initial = (
+            c_initial if c_initial is not None else zeros(batch_size, heads, qk_head_dim, value.shape[-1]),
+            n_initial if n_initial is not None else zeros(batch_size, heads, qk_head_dim),
+            m_initial if m_initial is not None else zeros(batch_size, heads, 1),
+        )
+
+        def step(
+            carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor], xs: tuple[torch.Tensor, ...]
+        ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+            query_t, key_t, value_t, igate_t, fgate_t = xs
+            hidden, states = self.step_kernel_fn(
+                query=query_t,
+                key=key_t,
+                value=value_t,
+                igate=igate_t[..., None],
+                fgate=fgate_t[..., None],
+                cstate=carry[0],
+                nstate=carry[1],
+                mstate=carry[2],
+                eps=self.config.eps,
+                dtype_state=state_dtype,
+            )
+            return tuple(s.contiguous() for s in states), hidden
+
+        xs = tuple(t.movedim(2, 0) for t in (query, key, value, igate, fgate))
+        states, hidden = scan(step, tuple(s.contiguous() for s in initial), xs)
+        return hidden.movedim(0, 2), states
+
+    return forward
+
+
+PATCHES = (
+    Patch(
+        name="rwkv_scanned_linear_attention",
+        target="transformers.models.rwkv.modeling_rwkv:rwkv_linear_attention_cpu",
+        replacement=_rwkv_linear_attention_scanned,
+        fixes=_LOOP_OVER_TIME,
+    ),
+    Patch(
+        name="xlstm_scanned_backend",
+        target="transformers.models.xlstm.modeling_xlstm:xLSTMBackend.forward",
+        wrap=_xlstm_backend_scanned,
+        fixes=_LOOP_OVER_TIME,
+    ),
+)
