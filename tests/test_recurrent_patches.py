@@ -1,4 +1,4 @@
-"""Recurrent language models whose layers loop over time in Python (rwkv, xlstm): with their
+"""Recurrent language models whose layers loop over time in Python (rwkv, xlstm, recurrent_gemma): with their
 patches (optimum_observer/patches/recurrent.py) one graph serves every sequence length; without
 them torch.export unrolls the loop and fixes the sequence axis the contract declares dynamic."""
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import optimum_observer
 from legacy_shim.tooling.tiny_configs import build_tiny_model
 from optimum_observer.errors import ObserverExportError, Stage
-from optimum_observer.patches import PATCHES, applied
+from optimum_observer.patches import PATCHES, applied, for_model_runs
 from optimum_observer.tasks import get_task
 from stages import load, observe, replay_without
 
@@ -49,7 +50,8 @@ class TestRwkvScannedAttention(unittest.TestCase):
         model = build_tiny_model("rwkv", "AutoModelForCausalLM").eval()
         program = _exported(model, "rwkv_scanned_linear_attention").module()
         for length in (1, 4, 9):
-            ids = torch.randint(3, model.config.vocab_size, (3, length), generator=torch.Generator().manual_seed(length))
+            generator = torch.Generator().manual_seed(length)
+            ids = torch.randint(3, model.config.vocab_size, (3, length), generator=generator)
             with torch.no_grad():
                 expected = model(input_ids=ids, use_cache=False).logits
                 got = program(input_ids=ids, use_cache=False).logits
@@ -102,3 +104,61 @@ class TestScannedXlstmBackend(unittest.TestCase):
         torch.testing.assert_close(got_next, expected_next)
         for a, b in zip((*got_states, *got_next_states), (*states, *next_states)):
             torch.testing.assert_close(a, b)
+
+
+def _recurrent_gemma() -> torch.nn.Module:
+    return build_tiny_model("recurrent_gemma", "AutoModelForCausalLM").eval()
+
+
+def _generate_without_cache(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(batch, max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0)
+
+
+class TestRecurrentGemmaWithoutCache(unittest.TestCase):
+    """transformers 4.57's RG-LRU reads the state its previous call left on the module, also
+    without a cache: the model's own generate(use_cache=False) fails on a batch of another size."""
+
+    def setUp(self):
+        generator = torch.Generator().manual_seed(0)
+        self.pair, self.triple = (torch.randint(3, 256, (n, 5), generator=generator) for n in (2, 3))
+
+    def test_the_models_own_run_fails_without_the_patch(self):
+        model = _recurrent_gemma()
+        _generate_without_cache(model, self.pair)
+        with self.assertRaisesRegex(RuntimeError, r"size of tensor a \(3\) must match the size of tensor b \(2\)"):
+            _generate_without_cache(model, self.triple)
+
+    def test_with_it_every_run_is_a_fresh_models(self):
+        model = _recurrent_gemma()
+        patches = for_model_runs(PATCHES, model, "recurrent_gemma")
+        self.assertEqual([p.name for p in patches], ["recurrent_gemma_no_state_without_cache"])
+        with applied(patches):
+            _generate_without_cache(model, self.pair)
+            got = _generate_without_cache(model, self.triple)
+        torch.testing.assert_close(got, _generate_without_cache(_recurrent_gemma(), self.triple))
+
+    def test_the_scanned_rg_lru_computes_upstreams_values(self):
+        # Upstream's loop, prefill from zeros and a one-token step from its state, against the scan.
+        model = _recurrent_gemma()
+        lru = next(m for m in model.modules() if type(m).__name__ == "RecurrentGemmaRglru")
+        generator = torch.Generator().manual_seed(1)
+        prompt = torch.randn(2, 6, model.config.lru_width, generator=generator)
+        token = torch.randn(2, 1, model.config.lru_width, generator=generator)
+        positions = torch.tensor([[1, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+        results = []
+        for patches in ([], [p for p in PATCHES if p.name == "recurrent_gemma_scanned_rg_lru"]):
+            with applied(patches), torch.no_grad():
+                lru.recurrent_states = None
+                results.append((lru(prompt, positions), lru(token, positions[:, -1:] + 1), lru.recurrent_states))
+        for got, expected in zip(*reversed(results)):
+            torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow
+class TestRecurrentGemmaExport(unittest.TestCase):
+    def test_exports_and_generates_as_torch(self):
+        with tempfile.TemporaryDirectory() as scratch:
+            result = optimum_observer.export(_recurrent_gemma(), Path(scratch) / "onnx", task="text-generation")
+        self.assertTrue(result.validation.ok, result.validation.table())
+        self.assertIn("recurrent_gemma_no_state_without_cache", result.patches)

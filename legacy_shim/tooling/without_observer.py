@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from optimum_observer.families import family_of
+from optimum_observer.patches import PATCHES, applied, for_model_runs
 from optimum_observer.result import ValidationReport
 from optimum_observer.tasks import TaskContract
 from optimum_observer.validation import ValidationInputs
@@ -176,7 +177,9 @@ def check_without_observer(
     family = family_of(contract)
     recording = _Recording(model)
     validation_inputs = ValidationInputs(directory, model, contract, recording, tokenizer, feature_extractor, atol)
-    family.check_runtime(validation_inputs)
+    # The torch reference runs as in the export's validation: with the patches its own run needs.
+    with applied(for_model_runs(PATCHES, model, model.config.model_type)):
+        family.check_runtime(validation_inputs)
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     inputs, outputs, spec_path = scratch / "inputs.npz", scratch / "outputs.npz", scratch / "spec.json"

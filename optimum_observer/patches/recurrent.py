@@ -2,18 +2,27 @@
 
 Takes: nothing. Gives: :data:`PATCHES` (see :mod:`optimum_observer.patches.registry`).
 
-Why: RWKV's attention on CPU (`rwkv_linear_attention_cpu`) and xLSTM's mLSTM backend step through
-the sequence in a Python loop (`for current_index in range(seq_length)`). torch.export unrolls
-the loop to the example's length and so fixes the sequence axis the contract declares dynamic:
-"Received user-specified dim hint Dim.DYNAMIC, but tracing inferred a static shape of 3 for
+Why: RWKV's attention on CPU (`rwkv_linear_attention_cpu`), xLSTM's mLSTM backend and
+RecurrentGemma's RG-LRU step through the sequence in a Python loop (`for t in range(seq_len)`).
+torch.export unrolls the loop to the example's length and so fixes the sequence axis the
+contract declares dynamic: "Received user-specified dim hint Dim.DYNAMIC, but tracing inferred a static shape of 3 for
 dimension inputs['input_ids'].shape[1]". The replacements run the same per-step update under
 `torch.ops.higher_order.scan`, which exports to one ONNX `Scan` whatever the length.
 
 xLSTM's backend also picks its kernel by the length in Python: one step for a single token, its
 chunkwise form for whole chunks of `chunk_size` tokens, the step loop for the rest. The
-replacement scans the step for every length: exactly torch's path below `chunk_size` tokens
-(the sweep's prompts), and for longer prompts the recurrent form the chunkwise one computes in
-parallel (equal up to rounding and the chunk's own stabiliser).
+replacement scans the step for every length: exactly torch's path below `chunk_size` tokens, and
+for longer prompts the recurrent form of what the chunkwise one computes in parallel (in
+transformers 4.57 the native chunkwise kernel itself raises: "'Tensor' object is not callable",
+then a wrong `view` of the states once that is fixed).
+
+RecurrentGemma's RG-LRU keeps its state on the module (`rg_lru.recurrent_states`) and reads it
+on the next call even when the model runs without a cache, so the model's own
+`generate(use_cache=False)` on a batch of 3 after one of 2 fails in plain torch ("The size of
+tensor a (3) must match the size of tensor b (2)"; transformers 4.57). The patch starts every
+call without a cache from no state and keeps none, as upstream's prefill with a cache does
+(for equal batch sizes the values are upstream's: its recurrence resets at position 0). It is
+applied around the model's own runs too (:attr:`~optimum_observer.patches.registry.Patch.model_runs`).
 """
 
 from __future__ import annotations
@@ -134,6 +143,61 @@ def _xlstm_backend_scanned(original: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
+def _rg_lru_scanned(self: torch.nn.Module, activations: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """`RecurrentGemmaRglru.forward` with its loop over the sequence as a scan, from the state on
+    the module (zeros when there is none), for every length; the input normalisation is
+    `sqrt(1 - a^2)` as upstream computes it eagerly (upstream skips it while tracing)."""
+    batch_size, seq_len, lru_width = activations.shape
+    reset = position_ids[:, :, None] == 0
+    reshaped = activations.reshape(batch_size * seq_len, self.num_attention_heads, self.block_width).permute(1, 0, 2)
+
+    def gate(bias: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        res = torch.baddbmm(bias[:, None, :], reshaped, weight)
+        return torch.sigmoid(res.transpose(0, 1).reshape(batch_size, seq_len, lru_width))
+
+    input_gate = gate(self.input_gate_bias, self.input_gate_weight)
+    log_recurrent_gate = -8.0 * gate(self.recurrent_gate_bias, self.recurrent_gate_weight)
+    log_recurrent_gate = log_recurrent_gate * torch.nn.functional.softplus(self.recurrent_param)
+    recurrent_gate = torch.exp(log_recurrent_gate) * ~reset
+    multiplier = reset + ~reset * torch.sqrt(1 - torch.exp(2 * log_recurrent_gate))
+    normalized = activations * input_gate * multiplier.type(activations.dtype)
+    state = self.recurrent_states
+    if state is None:
+        state = torch.zeros((batch_size, lru_width), dtype=torch.float32, device=activations.device)
+
+    def step(carry: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_t, input_t = xs
+        carry = (gate_t.float() * carry + input_t.float()).contiguous()
+        return carry, carry.to(activations.dtype, copy=True)
+
+    state, outputs = scan(step, state.float().contiguous(), (recurrent_gate.movedim(1, 0), normalized.movedim(1, 0)))
+    self.recurrent_states = state
+    return outputs.movedim(0, 1)
+
+
+def _recurrent_gemma_block_without_stale_state(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def forward(
+        self: torch.nn.Module,
+        input_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache_position: torch.Tensor,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """`RecurrentGemmaRecurrentBlock.forward`; without a cache, from no RG-LRU state and
+        keeping none."""
+        if use_cache:
+            return original(self, input_states, position_ids, attention_mask, cache_position, use_cache)
+        self.rg_lru.recurrent_states = None
+        try:
+            return original(self, input_states, position_ids, attention_mask, cache_position, use_cache)
+        finally:
+            self.rg_lru.recurrent_states = None
+
+    return forward
+
+
 PATCHES = (
     Patch(
         name="rwkv_scanned_linear_attention",
@@ -146,5 +210,20 @@ PATCHES = (
         target="transformers.models.xlstm.modeling_xlstm:xLSTMBackend.forward",
         wrap=_xlstm_backend_scanned,
         fixes=_LOOP_OVER_TIME,
+    ),
+    Patch(
+        name="recurrent_gemma_scanned_rg_lru",
+        target="transformers.models.recurrent_gemma.modeling_recurrent_gemma:RecurrentGemmaRglru.forward",
+        replacement=_rg_lru_scanned,
+        fixes=_LOOP_OVER_TIME,
+    ),
+    Patch(
+        name="recurrent_gemma_no_state_without_cache",
+        target="transformers.models.recurrent_gemma.modeling_recurrent_gemma:RecurrentGemmaRecurrentBlock.forward",
+        wrap=_recurrent_gemma_block_without_stale_state,
+        fixes="RuntimeError: The size of tensor a (3) must match the size of tensor b (2) at non-singleton "
+        "dimension 0 (without a cache, the RG-LRU reads the state the previous call left on the module: "
+        "the model's own generate(use_cache=False) fails when the batch size changes)",
+        model_runs=True,
     ),
 )
