@@ -11,7 +11,7 @@ group's module show each failure happening without its patch.
 
 from __future__ import annotations
 
-from . import environment, kv_cache, masks, moe, recurrent, rotary, sliding_window, state_space, vision
+from . import environment, kv_cache, masks, moe, positions, recurrent, rotary, sliding_window, state_space, vision
 from .environment import exact_no_op_constants, no_op_rule_constants, plain_tensor_buffers
 from .registry import (
     Applied,
@@ -31,6 +31,7 @@ GROUPS: dict[str, tuple[Patch, ...]] = {
     "kv cache": kv_cache.PATCHES,
     "MoE dispatch": moe.PATCHES,
     "rotary": rotary.PATCHES,
+    "position embeddings": positions.PATCHES,
     "masks": masks.PATCHES,
     "sliding window": sliding_window.PATCHES,
     "state-space mixers": state_space.PATCHES,
