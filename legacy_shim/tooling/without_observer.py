@@ -177,8 +177,10 @@ def check_without_observer(
     family = family_of(contract)
     recording = _Recording(model)
     validation_inputs = ValidationInputs(directory, model, contract, recording, tokenizer, feature_extractor, atol)
-    # The torch reference runs as in the export's validation: with the patches its own run needs.
-    with applied(for_model_runs(PATCHES, model, model.config.model_type)):
+    # Torch's reference runs (both passes) as in the export's validation: with the patches the
+    # model's own run needs.
+    model_runs = for_model_runs(PATCHES, model, model.config.model_type)
+    with applied(model_runs):
         family.check_runtime(validation_inputs)
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -202,5 +204,6 @@ def check_without_observer(
         raise RuntimeWithoutObserverError(lines[-1] if lines else f"exit status {done.returncode}")
     with np.load(outputs) as returned:
         replaying = _Replaying(recording.calls, dict(returned.items()))
-    generation, runtime = family.check_runtime(dataclasses.replace(validation_inputs, runtime_class=replaying))
+    with applied(model_runs):
+        generation, runtime = family.check_runtime(dataclasses.replace(validation_inputs, runtime_class=replaying))
     return ValidationReport(atol=atol, calls=[], generation=generation, runtime=runtime)
