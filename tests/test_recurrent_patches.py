@@ -157,8 +157,34 @@ class TestRecurrentGemmaWithoutCache(unittest.TestCase):
 
 @pytest.mark.slow
 class TestRecurrentGemmaExport(unittest.TestCase):
-    def test_exports_and_generates_as_torch(self):
+    def test_exports_and_generates_as_torch_with_and_without_optimum_observer(self):
+        from legacy_shim.tooling.without_observer import check_without_observer
+
+        model = _recurrent_gemma()
         with tempfile.TemporaryDirectory() as scratch:
-            result = optimum_observer.export(_recurrent_gemma(), Path(scratch) / "onnx", task="text-generation")
-        self.assertTrue(result.validation.ok, result.validation.table())
-        self.assertIn("recurrent_gemma_no_state_without_cache", result.patches)
+            result = optimum_observer.export(model, Path(scratch) / "onnx", task="text-generation")
+            self.assertTrue(result.validation.ok, result.validation.table())
+            self.assertIn("recurrent_gemma_no_state_without_cache", result.patches)
+            # Its torch reference (two batch sizes without a cache) needs the patch too.
+            report = check_without_observer(result.output_dir, model, CONTRACT, Path(scratch) / "plain")
+        self.assertTrue(report.generation and all(c.ok for c in report.generation), report.generation)
+
+
+class TestXlstmChunkwiseKernel(unittest.TestCase):
+    """transformers 4.57's native chunkwise mLSTM kernel raises: the model's own run fails from
+    `chunk_size` tokens on; the scanned backend, applied around the model's runs, computes them."""
+
+    def test_the_models_own_run_fails_from_chunk_size_tokens_without_the_patch(self):
+        model = build_tiny_model("xlstm", "AutoModelForCausalLM").eval()
+        ids = torch.randint(3, 256, (2, model.config.chunk_size), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            with self.assertRaisesRegex(TypeError, "'Tensor' object is not callable"):
+                model(ids, use_cache=False)
+            patches = for_model_runs(PATCHES, model, "xlstm")
+            self.assertEqual([p.name for p in patches], ["xlstm_scanned_backend"])
+            with applied(patches):
+                got = model(ids, use_cache=False).logits
+            # upstream's own step loop, which it runs below `chunk_size` tokens
+            for backend in (m for m in model.modules() if type(m).__name__ == "xLSTMBackend"):
+                backend._inference_fn.keywords["chunk_size"] = ids.shape[1] + 1
+            torch.testing.assert_close(got, model(ids, use_cache=False).logits)

@@ -12,9 +12,11 @@ dimension inputs['input_ids'].shape[1]". The replacements run the same per-step 
 xLSTM's backend also picks its kernel by the length in Python: one step for a single token, its
 chunkwise form for whole chunks of `chunk_size` tokens, the step loop for the rest. The
 replacement scans the step for every length: exactly torch's path below `chunk_size` tokens, and
-for longer prompts the recurrent form of what the chunkwise one computes in parallel (in
-transformers 4.57 the native chunkwise kernel itself raises: "'Tensor' object is not callable",
-then a wrong `view` of the states once that is fixed).
+for longer prompts the recurrent form of what the chunkwise one computes in parallel. In
+transformers 4.57 the native chunkwise kernel itself raises ("'Tensor' object is not callable",
+then a wrong `view` of the states once that is fixed), so the model's own run fails from
+`chunk_size` tokens on: this patch is applied around the model's own runs too
+(:attr:`~optimum_observer.patches.registry.Patch.model_runs`).
 
 RecurrentGemma's RG-LRU keeps its state on the module (`rg_lru.recurrent_states`) and reads it
 on the next call even when the model runs without a cache, so the model's own
@@ -209,7 +211,9 @@ PATCHES = (
         name="xlstm_scanned_backend",
         target="transformers.models.xlstm.modeling_xlstm:xLSTMBackend.forward",
         wrap=_xlstm_backend_scanned,
-        fixes=_LOOP_OVER_TIME,
+        fixes=f"{_LOOP_OVER_TIME}; and, in the model's own run from `chunk_size` tokens on, TypeError: "
+        "'Tensor' object is not callable (transformers 4.57's native chunkwise kernel)",
+        model_runs=True,
     ),
     Patch(
         name="recurrent_gemma_scanned_rg_lru",
