@@ -19,7 +19,7 @@ _EXPORTS = {
     "ORTModelForSequenceClassification": ".modeling",
     "ORTModelForSeq2SeqLM": ".modeling",
     "ORTModelForSpeechSeq2Seq": ".modeling",
-    "ORTModelForImageTextToText": ".vision_language",
+    "ORTModelForImageTextToText": ".modeling",
     "Decision": ".router",
     "DecisionSource": ".router",
     "EXPORTER_ENV_VAR": ".router",

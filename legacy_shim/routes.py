@@ -134,9 +134,9 @@ def _runtime_class(task: str) -> type:
     way users of this package load the export (sized from the graph, not from the config)."""
     from optimum_observer.tasks import get_task
 
-    from . import modeling
+    from . import runtime
 
-    return getattr(modeling, get_task(task).runtime_class)
+    return getattr(runtime, get_task(task).runtime_class)
 
 
 ROUTES: dict[Exporter, ExportRoute] = {route.exporter: route for route in (LegacyRoute(), ObserverRoute())}

@@ -3,8 +3,10 @@
 Upstream `ORTModelForCausalLM` recognises a cache by `.key` / `.value` in the input names,
 sizes the first step's empty cache from config attributes (`num_attention_heads`...) and reads
 the past length off the cache. A state-space model's cache is neither: per layer a convolution
-window and an SSM state of fixed size (`past_key_values.{i}.conv_state`, `.ssm_state`), zeros
-before the first step. For a graph with such inputs (and for key/value graphs upstream cannot
+window and an SSM state of fixed size (`past_key_values.{i}.value.conv_state`, `.value.ssm_state`:
+carried in value slots, so that upstream feeds them too, see
+optimum_observer.portable_cache.carry_states_as_values), zeros before the first step. For a
+graph with such inputs (and for key/value graphs upstream cannot
 size: different key and value head sizes, configs without `num_attention_heads` /
 `hidden_size`), :func:`forward_by_name` feeds:
 
@@ -35,7 +37,9 @@ def cache_input_names(input_names: Sequence[str]) -> list[str]:
 
 
 def has_state_inputs(input_names: Sequence[str]) -> bool:
-    """Whether the graph's cache has inputs other than key/value pairs."""
+    """Whether the graph's cache has inputs other than key/value pairs (a state carried in a
+    value slot, `past_key_values.0.value.conv_state`, is a state: its name does not end in
+    `.value`)."""
     return any(not name.endswith(_KEY_VALUE_SUFFIXES) for name in cache_input_names(input_names))
 
 

@@ -14,14 +14,14 @@ the image placeholder tokens one to one, in order (llava's `masked_scatter`), th
 the prompt with zero-length past tensors and on one token at a time with the cache fed back by
 name, its positions counted from the attention mask as transformers' generate counts them
 (left padding). Greedy decoding only. optimum-onnx 0.1.0 has no class for the task, so this one
-is not a subclass of an upstream class; it stands alone on ONNX Runtime. `from_pretrained(...,
-export=True)` exports through the router first, like the other `ORTModelFor*` classes.
+is not a subclass of an upstream class; it stands alone on ONNX Runtime. It loads and generates;
+:class:`legacy_shim.modeling.ORTModelForImageTextToText` (the one users import) adds
+`from_pretrained(..., export=True)` through the router, like the other `ORTModelFor*` classes.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,11 @@ def _positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     return positions[:, -new_tokens:].astype(np.int64)
 
 
+#: The keyword arguments of :meth:`ORTModelForImageTextToText.from_pretrained` that load (the
+#: others configure the export or the config).
+LOADING_ARGUMENTS = ("provider", "session_options", "config")
+
+
 class ORTModelForImageTextToText:
     """Image-text-to-text generation with ONNX Runtime (see the module docstring)."""
 
@@ -65,25 +70,14 @@ class ORTModelForImageTextToText:
     def from_pretrained(
         cls,
         model_id: str | os.PathLike,
-        export: bool = False,
         provider: str = "CPUExecutionProvider",
         session_options: ort.SessionOptions | None = None,
         config: Any = None,
-        exporter: str = "auto",
         **kwargs: Any,
     ) -> ORTModelForImageTextToText:
-        """Loads an export from `model_id`; with `export=True`, `model_id` is a transformers model
-        (id or directory) exported first through the router (`legacy_shim.main_export`, `exporter`
-        as there; the other keyword arguments go to it) into a temporary directory kept with the
-        model, as optimum's classes do."""
-        if export:
-            from .export import main_export
-
-            temporary = tempfile.TemporaryDirectory()
-            main_export(str(model_id), temporary.name, task=TASK, exporter=exporter, **kwargs)
-            model = cls.from_pretrained(temporary.name, provider=provider, session_options=session_options)
-            model._temporary_directory = temporary
-            return model
+        """Loads an export from the directory `model_id` (keyword arguments beyond these go to
+        `AutoConfig.from_pretrained`). Exporting first (`export=True`) is
+        :class:`legacy_shim.modeling.ORTModelForImageTextToText`'s."""
         directory = Path(model_id)
         missing = [f for f in (VISION_ENCODER_FILE, TEXT_EMBEDDING_FILE, TEXT_DECODER_FILE) if not (directory / f).is_file()]
         if missing:

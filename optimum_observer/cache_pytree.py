@@ -404,8 +404,25 @@ def relative_leaf_names(cls: type, context: Any, count: int) -> list[str]:
     return _codecs().get(cls, DYNAMIC_CACHE).relative_leaf_names(context, count)
 
 
+def is_legacy_key_value_cache(cache: Any) -> bool:
+    """One (key, value) tuple of tensors per layer: the cache format the deprecated models of
+    transformers 4.57 (open-llama, xlm-prophetnet) still return; its leaves are a `DynamicCache`'s,
+    in the same order."""
+    return (
+        isinstance(cache, tuple)
+        and len(cache) > 0
+        and all(
+            isinstance(layer, tuple) and len(layer) == 2 and all(isinstance(t, torch.Tensor) for t in layer)
+            for layer in cache
+        )
+    )
+
+
 def cache_leaf_names(prefix: str, cache: Any, suffixes: tuple[str, ...] | None = None) -> list[str]:
-    """The graph names of a cache object's flattened leaves (`suffixes` overrides the class's)."""
+    """The graph names of a cache object's flattened leaves (`suffixes` overrides the class's); a
+    legacy cache of (key, value) tuples is named as the `DynamicCache` it stands for."""
+    if is_legacy_key_value_cache(cache):
+        return [leaf_name(prefix, index, suffixes or _KEY_VALUE) for index in range(2 * len(cache))]
     codec = _codecs()[type(cache)]
     leaves, context = codec.flatten(cache)
     if suffixes is not None:

@@ -26,7 +26,15 @@ from torch.onnx._internal.exporter._errors import TorchExportError
 from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import ObserverExportError, Stage
-from .patches import PATCHES, Patch, applied, exact_no_op_constants, for_model, plain_tensor_buffers
+from .patches import (
+    PATCHES,
+    Patch,
+    applied,
+    exact_no_op_constants,
+    for_model,
+    plain_tensor_buffers,
+    split_to_sequence_folding_guard,
+)
 from .capture import observed_module
 from .experts_implementation import batched_experts, superseded_patches
 from .synthesis import ExportExample
@@ -139,7 +147,7 @@ def convert(
     module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
         with applied(patches), batched_experts(model), plain_tensor_buffers(module), exact_no_op_constants(), \
-                torch.no_grad():
+                split_to_sequence_folding_guard(), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 (),

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, ContextManager, NamedTuple
 
 import torch
 
-from . import reference_inputs, vision_language
+from . import greedy, reference_inputs, vision_language
 from .errors import ObserverExportError, Stage
 from .result import GenerationCheck, RuntimeCheck
 from .tasks import Family, TaskContract
@@ -50,8 +50,9 @@ class RuntimeChecks(NamedTuple):
 
 
 def _generate_greedily(model: Any, batch: Batch, **settings: Any) -> torch.Tensor:
-    return model.generate(
-        **{k: v.to(model.device) for k, v in batch.items()},
+    return greedy.generate(
+        model,
+        {k: v.to(model.device) for k, v in batch.items()},
         max_new_tokens=DEFAULT_RUN_NEW_TOKENS,
         min_new_tokens=DEFAULT_RUN_NEW_TOKENS,
         do_sample=False,
@@ -116,7 +117,10 @@ class TaskFamily(abc.ABC):
 
 class DecoderFamily(TaskFamily):
     family = Family.DECODER
-    run_hint = "model.generate on a batch of token ids"
+    run_hint = (
+        "model.generate on a batch of token ids (for a model without generate(), a greedy loop over "
+        "forward feeding back its cache)"
+    )
     encoder_decoder = False
     one_graph_for_every_step = True
     quantizable = True
@@ -130,7 +134,9 @@ class DecoderFamily(TaskFamily):
         self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
     ) -> Callable[[Any], Any]:
         """`generate` over prompts of different lengths with batch 2 then 3, left padded; without a
-        cache (a task without past), every step recomputes the whole prefix, as the runtime then does."""
+        cache (a task without past), every step recomputes the whole prefix, as the runtime then does.
+        A model without `generate` runs the greedy loop over forward that stands in for it
+        (:func:`optimum_observer.greedy.generate`)."""
         padding_tokenizer = reference_inputs.left_padding_copy(tokenizer)
         prompts = reference_inputs.DEFAULT_PROMPTS
 

@@ -6,7 +6,9 @@ axes of every graph input and output.
 
 Inputs: the example's leaf names (`input_ids`, `attention_mask`, `position_ids`,
 `encoder_hidden_states`, `past_key_values.{i}.key|value` or
-`past_key_values.{i}.decoder|encoder.key|value`). Outputs: the contract's names (`logits`,
+`past_key_values.{i}.decoder|encoder.key|value`, and a state cache's `past_key_values.{i}.conv_state`
+/ `.ssm_state` / `.recurrent_state`, which :mod:`optimum_observer.portable_cache` then moves into
+value slots, `past_key_values.{i}.value.conv_state`). Outputs: the contract's names (`logits`,
 `last_hidden_state`, ...), and a cache as `present.{i}.{suffix}` with the suffixes of the cache
 class torch returned (or the contract's own). Dimensions: the example's symbols (`batch_size`,
 `sequence_length`, `past_sequence_length`, `encoder_sequence_length`), with a sum written as the

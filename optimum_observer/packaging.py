@@ -6,6 +6,16 @@ or `encoder_model.onnx` / `decoder_model.onnx` / `decoder_with_past_model.onnx`;
 `<file>_data` when its weights pass 2 GB, as optimum writes them), `config.json`,
 `generation_config.json`, and the tokenizer or feature extractor files.
 
+`config.json` is the model's config plus, where it lacks them, the two sizes optimum-onnx's
+`ORTModelForCausalLM.__init__` reads to size its first step's empty cache, `hidden_size` and
+`num_attention_heads` (:func:`runtime_size_attributes`): without them it stops with
+`AttributeError: 'MambaConfig' object has no attribute 'num_attention_heads'` or `'GotOcr2Config'
+object has no attribute 'hidden_size'` before it can load the file. Each is the text
+sub-config's (what the decoder is built with: got_ocr2's language model); for a model without
+attention (Mamba), `num_attention_heads` is 1. The cache inputs take an empty tensor of any head
+count and head size (:mod:`optimum_observer.portable_cache`), so these values only have to
+exist. transformers keeps unknown config keys as attributes, which the model classes do not read.
+
 :func:`check_destination` runs before any work: OUT an existing file, a parent that cannot be
 written, a directory inside OUT named like a file the export writes all fail at once.
 
@@ -43,6 +53,8 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import json
 
 import onnx_ir as ir
 import torch
@@ -316,8 +328,32 @@ def write_model(program: torch.onnx.ONNXProgram, directory: Path, file_name: str
     return [file_name]
 
 
+#: Config attributes optimum-onnx's `ORTModelForCausalLM.__init__` reads (to size the first
+#: step's empty cache), with the value for a model that has no attention at all.
+RUNTIME_SIZE_ATTRIBUTES = {"hidden_size": None, "num_attention_heads": 1}
+
+
+def runtime_size_attributes(config: Any) -> dict[str, int]:
+    """The attributes of :data:`RUNTIME_SIZE_ATTRIBUTES` `config` lacks, with their values: the
+    text sub-config's, else the default (none when there is neither)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    added = {}
+    for name, default in RUNTIME_SIZE_ATTRIBUTES.items():
+        if hasattr(config, name):
+            continue
+        value = getattr(text, name, default)
+        if isinstance(value, int):
+            added[name] = value
+    return added
+
+
 def write_configs(model: Any, tokenizer: Any | None, directory: Path, feature_extractor: Any | None = None) -> None:
     model.config.save_pretrained(directory)
+    added = runtime_size_attributes(model.config)
+    if added:
+        path = Path(directory) / "config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, **added}, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(directory)
     for preprocessor in (tokenizer, feature_extractor):

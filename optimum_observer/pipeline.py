@@ -95,10 +95,10 @@ def _runtime_failure_hint(error: BaseException, trust_remote_code: bool) -> str:
             "legacy_shim's runtime class, which does that."
         )
     return (
-        "if the error names a past_key_values input that the runtime did not feed (the state "
-        "caches of state-space and hybrid models), optimum-onnx's class alone cannot generate with "
-        "this export: load it with legacy_shim.ORTModelForCausalLM (or keep optimum-observer's hook "
-        "enabled: unset OPTIMUM_OBSERVER_DISABLE); pass validate=False to keep the file anyway."
+        "if the error names a past_key_values input that the runtime did not feed, the runtime "
+        "class does not feed that kind of cache: load the export with legacy_shim.ORTModelForCausalLM "
+        "(or keep optimum-observer's hook enabled: unset OPTIMUM_OBSERVER_DISABLE), which feeds every "
+        "cache input by name, and report the model type; pass validate=False to keep the file anyway."
     )
 
 
@@ -243,6 +243,9 @@ def export(
                         portable = portable_cache.make_cache_inputs_portable(graph.program.model)
                         for name, portable_axes in portable.items():
                             axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
+                        carried = portable_cache.carry_states_as_values(graph.program.model)
+                        axes = {n: a for n, a in axes.items() if portable_cache.carried_name(n) not in carried}
+                        axes.update(carried)
                         # Several files may share value names (each decoder has `input_ids`): qualify them.
                         prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
                         dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})

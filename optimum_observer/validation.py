@@ -10,7 +10,8 @@ Gives: a :class:`~optimum_observer.result.ValidationReport` with
 * through the runtime class (by default the unchanged `optimum.onnxruntime` class of the task,
   imported lazily: its public API only), the checks each task family runs
   (:mod:`optimum_observer.families`) from the functions here: for generation tasks, greedy generation token for token
-  against `model.generate`, batch 2 with inputs of different lengths (left padded for a decoder
+  against `model.generate` (:func:`optimum_observer.greedy.generate`: a greedy loop over forward
+  for a model without it), batch 2 with inputs of different lengths (left padded for a decoder
   only model); on a mismatch, the check names what makes torch's tokens unreachable for the
   runtime, when it sees it (a generate that rewrites the prompt, or whose tokens change without
   its cache); for encoder tasks, every output on batches of 2 and 3 texts of different lengths
@@ -33,6 +34,7 @@ import onnxruntime as ort
 import torch
 import torch.utils._pytree as pytree
 
+from . import greedy, portable_cache
 from .cache_pytree import registered_caches
 from .reference_inputs import encoder_batches, generation_inputs, pad_token_id, random_token_batch
 from .result import CallCheck, GenerationCheck, QualityCheck, RuntimeCheck, nonfinite_text
@@ -92,6 +94,19 @@ def _feeds(call: ObservedCall, example: ExportExample, names: list[str]) -> dict
             tensor = fill(shape, dtype=leaf.dtype)
         feeds[name] = tensor.detach().cpu().numpy()
     return feeds
+
+
+def _carried(feeds: dict[str, np.ndarray], session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """`feeds` as the graph takes them: states in the value slots of a graph that carries them
+    (:func:`optimum_observer.portable_cache.carry_states_as_values`), others as they are."""
+    graph_inputs = {value.name for value in session.get_inputs()}
+    carried = {}
+    for name, array in feeds.items():
+        slot = portable_cache.carried_name(name)
+        if slot != name and slot in graph_inputs:
+            name, array = slot, array.reshape(portable_cache.carried_shape(array.shape))
+        carried[name] = array
+    return carried
 
 
 def _visible(shape: torch.Size, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -160,7 +175,7 @@ def replay_calls(
     with registered_caches():
         for index, call in enumerate(capture.calls):
             try:
-                got = session.run(None, _feeds(call, example, input_names))
+                got = session.run(None, _carried(_feeds(call, example, input_names), session))
             except Exception as error:
                 checks.append(
                     CallCheck(index, float("inf"), False, f"{type(error).__name__}: {error}", onnx_path.name)
@@ -171,8 +186,10 @@ def replay_calls(
             if len(got) != len(expected):
                 error = f"{len(got)} outputs, torch returned {len(expected)}"
             mask = call.inputs.get("attention_mask")
-            for want, have in zip(expected, got):
+            for output, want, have in zip(session.get_outputs(), expected, got):
                 have = torch.from_numpy(have)
+                if portable_cache.is_carried_state(output.name):
+                    want = want.reshape(portable_cache.carried_shape(tuple(want.shape)))
                 if want.dim() == 3 and have.dim() == 3 and want.shape[1] < have.shape[1]:
                     have = have[:, -want.shape[1] :]
                 if have.shape != want.shape:
@@ -206,7 +223,7 @@ def _first_forward_input_ids(
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            model.generate(**inputs, **settings)
+            greedy.generate(model, inputs, **settings)
     finally:
         handle.remove()
     return seen[0] if seen else None
@@ -227,7 +244,7 @@ def torch_reference_caveat(
             f"{tuple(inputs['input_ids'].shape)}: its prepare_inputs_for_generation rewrites the prompt)"
         )
     with torch.no_grad():
-        without_cache = model.generate(**inputs, **{**settings, "use_cache": False})
+        without_cache = greedy.generate(model, inputs, **{**settings, "use_cache": False})
     if not torch.equal(without_cache.cpu(), expected.cpu()):
         return "(torch itself generates other tokens without its cache)"
     return ""
@@ -257,7 +274,7 @@ def check_generation(inputs: ValidationInputs) -> list[GenerationCheck]:
             use_cache=use_cache,
         )
         with torch.no_grad():
-            expected = model.generate(**{k: v.to(model.device) for k, v in batch.items()}, **settings)
+            expected = greedy.generate(model, {k: v.to(model.device) for k, v in batch.items()}, **settings)
         got = onnx_model.generate(**batch, **settings)
         prompt_length = batch["input_ids"].shape[1]
         check = GenerationCheck(

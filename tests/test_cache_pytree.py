@@ -85,6 +85,25 @@ _MISSING = {
 }
 
 
+class TestLegacyKeyValueCache(unittest.TestCase):
+    """The (key, value) tuples deprecated models return (open-llama, xlm-prophetnet) are named as
+    the DynamicCache they stand for: pytree flattens both in the same order."""
+
+    def test_named_per_layer_in_dynamic_cache_order(self):
+        pairs = tuple((torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4)) for _ in range(2))
+        self.assertEqual(
+            cache_pytree.cache_leaf_names("present", pairs),
+            ["present.0.key", "present.0.value", "present.1.key", "present.1.value"],
+        )
+        with registered_caches():
+            dynamic_leaves = pytree.tree_flatten(DynamicCache.from_legacy_cache(pairs))[0]
+        self.assertTrue(all(torch.equal(a, b) for a, b in zip(pytree.tree_flatten(pairs)[0], dynamic_leaves)))
+
+    def test_other_tuples_are_not_taken_for_one(self):
+        self.assertFalse(cache_pytree.is_legacy_key_value_cache(()))
+        self.assertFalse(cache_pytree.is_legacy_key_value_cache(((torch.zeros(1),) * 4,)))
+
+
 class TestLazyCacheClasses(unittest.TestCase):
     def test_a_missing_class_is_skipped_and_the_registration_restored(self):
         with mock.patch.dict(cache_pytree.CACHE_CODECS, _MISSING):

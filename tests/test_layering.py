@@ -7,6 +7,8 @@
 - `legacy_shim.tooling` (sweep, tiny configs, legacy runner, compare/migrate) depends on both
   packages and nothing depends on it: no module of `optimum_observer` or of legacy_shim outside
   `tooling/` imports it (its commands reach the CLI through entry points; tests may import it).
+- No import cycle among the modules of either package (counting function-level imports: a
+  lazy import that closes a circle still ties the two modules together).
 - A legacy-routed decision, and `main_export`'s routing up to the call into optimum-onnx, import
   no `optimum_observer` module beyond its task list: measured in a fresh interpreter.
 
@@ -41,11 +43,12 @@ OPTIMUM = "optimum"
 TASK_LIST_MODULES = {"optimum_observer", "optimum_observer.errors", "optimum_observer.result", "optimum_observer.tasks"}
 
 
-def imported_names(source: str, package: str = "") -> list[str]:
+def imported_names(source: str, package: str = "", at_run_time: bool = False) -> list[str]:
     """Every module name `source` imports, relative imports resolved against `package` (the
-    importing module's package); `from a import b` gives `a` and `a.b` (b may be a submodule)."""
+    importing module's package); `from a import b` gives `a` and `a.b` (b may be a submodule).
+    `at_run_time`: leave out the imports under `if TYPE_CHECKING:` (annotations only)."""
     names = []
-    for node in ast.walk(ast.parse(source)):
+    for node in _walk(ast.parse(source), at_run_time):
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -60,6 +63,15 @@ def imported_names(source: str, package: str = "") -> list[str]:
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
                 names.append(first.value)
     return names
+
+
+def _walk(node: ast.AST, at_run_time: bool):
+    """`ast.walk`, without the body of `if TYPE_CHECKING:` when `at_run_time`."""
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if at_run_time and isinstance(node, ast.If) and child in node.body and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        yield from _walk(child, at_run_time)
 
 
 def _is_dynamic_import(func: ast.expr) -> bool:
@@ -102,6 +114,51 @@ def _modules(root: Path, package: str) -> list[tuple[str, str, str]]:
     return found
 
 
+def import_graph(modules: list[tuple[str, str, str]]) -> dict[str, set[str]]:
+    """module -> the modules of `modules` it imports when it runs (a package's `__init__` counts as
+    the package; imports for annotations only, under `if TYPE_CHECKING:`, are left out)."""
+    known = {name for name, _, _ in modules}
+    graph = {}
+    for name, package, source in modules:
+        graph[name] = {i for i in imported_names(source, package, at_run_time=True) if i in known and i != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
 class TestLayering(unittest.TestCase):
     def test_optimum_observer_imports_neither_legacy_shim_nor_optimum_onnx(self):
         found = [v for path in sorted(PACKAGE.rglob("*.py")) for v in violations(path.name, path.read_text())]
@@ -112,6 +169,26 @@ class TestLayering(unittest.TestCase):
         self.assertIn(f"{TOOLING}.sweep", [name for name, _, _ in modules])  # the scan reached the tooling
         found = [v for name, package, source in modules for v in tooling_violations(name, source, package)]
         self.assertEqual(found, [])
+
+    def test_no_import_cycle_in_either_package(self):
+        for root, package in ((PACKAGE, "optimum_observer"), (SHIM, "legacy_shim")):
+            with self.subTest(package=package):
+                graph = {
+                    name: {i for i in imported if i.split(".")[0] == package and i != package}
+                    for name, imported in import_graph(_modules(root, package)).items()
+                }
+                self.assertEqual(import_cycles(graph), [])
+
+    def test_an_import_cycle_is_caught_however_it_is_spelled(self):
+        modules = [
+            ("pkg.export", "pkg", "from .routes import ROUTES\n"),
+            ("pkg.routes", "pkg", "def runtime():\n    from . import modeling\n"),
+            ("pkg.modeling", "pkg", "import importlib\nimportlib.import_module('pkg.export')\n"),
+            ("pkg.light", "pkg", "from .export import main_export\nfrom .light2 import z\n"),
+            ("pkg.typed", "pkg", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .light import x\n"),
+            ("pkg.light2", "pkg", "from .typed import y\n"),
+        ]
+        self.assertEqual(import_cycles(import_graph(modules)), [["pkg.export", "pkg.modeling", "pkg.routes"]])
 
     def test_a_violation_is_caught(self):
         source = "def f():\n    from legacy_shim import main_export\n    import optimum.exporters.onnx\n"
@@ -196,7 +273,7 @@ class TestLegacyRoutingStaysLight(unittest.TestCase):
         self.assertLessEqual(ours, TASK_LIST_MODULES)
 
     def test_legacy_routing_loads_neither_the_exporters_nor_the_runtime_classes_nor_the_tooling(self):
-        heavy = ("torch.onnx", "onnxscript", "onnx_ir", "onnxruntime", "legacy_shim.modeling", TOOLING)
+        heavy = ("torch.onnx", "onnxscript", "onnx_ir", "onnxruntime", "legacy_shim.modeling", "legacy_shim.runtime", TOOLING)
         for step, added in self.added.items():
             with self.subTest(step=step):
                 self.assertEqual([m for m in added if _matches(m, heavy)], [])

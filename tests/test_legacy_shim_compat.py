@@ -18,7 +18,7 @@ import transformers
 from packaging.version import Version
 
 from legacy_shim import ShimError, optimum_compat
-from legacy_shim.modeling import GenerationSeams
+from legacy_shim.runtime import GenerationSeams
 from legacy_shim.optimum_compat import Availability
 from legacy_shim.registry import MigrationRegistry
 from legacy_shim.router import DecisionSource, Exporter, RouteRequest, decide

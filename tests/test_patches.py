@@ -26,6 +26,7 @@ from optimum_observer.patches import (
     for_model,
     for_model_type,
     no_op_rule_constants,
+    split_to_sequence_folding_guard,
 )
 from legacy_shim.tooling.tiny_configs import build_tiny_model
 from stages import conversion_error, load, load_tiny, observe
@@ -242,6 +243,54 @@ class TestExactNoOpConstants(unittest.TestCase):
                 self.assertTrue(all(t == (0.0, 0.0) for t in tolerances()))
                 raise KeyError("boom")
         self.assertEqual(tolerances(), before)
+
+
+class _ThreeChunks(torch.nn.Module):
+    """`chunk` along a dynamic axis, as ProphetNet splits its streams."""
+
+    def forward(self, x):
+        a, b, c = x.chunk(3, dim=1)
+        return a + b * c
+
+
+def _export_chunks() -> torch.onnx.ONNXProgram:
+    return torch.onnx.export(
+        _ThreeChunks(),
+        (torch.randn(2, 6, 4),),
+        dynamic_shapes=({0: "batch", 1: torch.export.Dim.DYNAMIC},),
+        dynamo=True,
+        optimize=True,
+    )
+
+
+class TestSplitToSequenceFoldingGuard(unittest.TestCase):
+    def test_the_graph_computes_what_torch_does(self):
+        with split_to_sequence_folding_guard():
+            program = _export_chunks()
+        session = ort.InferenceSession(program.model_proto.SerializeToString())
+        for length in (6, 9):
+            x = torch.randn(3, length, 4)
+            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+            np.testing.assert_allclose(got, _ThreeChunks()(x).numpy(), rtol=0, atol=1e-6)
+
+    def test_without_it_constant_folding_crashes(self):
+        with self.assertRaises(Exception) as caught:
+            _export_chunks()
+        chain, error = [], caught.exception
+        while error is not None:
+            chain.append(f"{type(error).__name__}: {error}")
+            error = error.__cause__ or error.__context__
+        self.assertTrue(any("'NoneType' object has no attribute 'ndim'" in e for e in chain), chain)
+
+    def test_the_evaluator_is_restored_after_an_exception(self):
+        from onnxscript.optimizer import _constant_folding
+
+        before = list(_constant_folding.registry.op_evaluators[("", "SplitToSequence")])
+        with self.assertRaises(KeyError):
+            with split_to_sequence_folding_guard():
+                self.assertNotEqual(_constant_folding.registry.op_evaluators[("", "SplitToSequence")], before)
+                raise KeyError("boom")
+        self.assertEqual(_constant_folding.registry.op_evaluators[("", "SplitToSequence")], before)
 
 
 class _OneMinusIntegerMask(torch.nn.Module):

@@ -10,12 +10,7 @@ arguments or runs.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 from optimum_observer.commands import Command
-
-DEFAULT_TASK = "text-generation-with-past"
-
 
 def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     from .sweep import add_sweep_arguments
@@ -33,16 +28,16 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-def compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-type", required=True)
-    parser.add_argument("--task", default=DEFAULT_TASK)
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    from .migration import compare_arguments
+
+    compare_arguments(parser)
 
 
-def migrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_type")
-    parser.add_argument("--task", default=DEFAULT_TASK)
-    parser.add_argument("--since", help="version the move ships in (default: this optimum-observer version)")
-    parser.add_argument("--registry", type=Path, help="registry file (default: legacy_shim/migrated.json)")
+def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .migration import migrate_arguments
+
+    migrate_arguments(parser)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -64,11 +59,11 @@ SWEEP = Command(
 )
 COMPARE = Command(
     help="export one model type with both exporters and report side by side",
-    add_arguments=compare_arguments,
+    add_arguments=_compare_arguments,
     run=_run_compare,
 )
 MIGRATE = Command(
     help="move a model type to the observer in legacy_shim's migration registry when compare shows parity",
-    add_arguments=migrate_arguments,
+    add_arguments=_migrate_arguments,
     run=_run_migrate,
 )

@@ -62,9 +62,9 @@ def supported_model_types(task: str) -> list[str]:
 
 def shim_runtime_class(task: str) -> type:
     """legacy_shim's runtime class of the task (optimum's, plus the runtime fixes)."""
-    from .. import modeling
+    from .. import runtime
 
-    return getattr(modeling, get_task(task).runtime_class, None) or runtime_class(task)
+    return getattr(runtime, get_task(task).runtime_class, None) or runtime_class(task)
 
 
 def runtime_class(task: str) -> type:

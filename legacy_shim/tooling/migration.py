@@ -41,7 +41,6 @@ from optimum_observer.tasks import get_task
 from optimum_observer.validation import ValidationInputs
 
 from ..registry import MigrationEntry, add_migration
-from .commands import COMPARE, MIGRATE
 from .legacy_runner import ATOL, legacy_export, load_torch_model, runtime_class
 from .sweep import versions
 from .tiny_configs import save_tiny_model
@@ -228,8 +227,23 @@ def migrate(
     )
 
 
+DEFAULT_TASK = "text-generation-with-past"
+
+
+def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-type", required=True)
+    parser.add_argument("--task", default=DEFAULT_TASK)
+
+
+def migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_type")
+    parser.add_argument("--task", default=DEFAULT_TASK)
+    parser.add_argument("--since", help="version the move ships in (default: this optimum-observer version)")
+    parser.add_argument("--registry", type=Path, help="registry file (default: legacy_shim/migrated.json)")
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    """`compare` (arguments: :func:`legacy_shim.tooling.commands.compare_arguments`); 1 without parity."""
+    """`compare` (arguments: :func:`compare_arguments`); 1 without parity."""
     _configure_logging()
     comparison = compare(args.model_type, args.task)
     print(comparison.table())
@@ -237,7 +251,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    """`migrate` (arguments: :func:`legacy_shim.tooling.commands.migrate_arguments`); 1 when refused."""
+    """`migrate` (arguments: :func:`migrate_arguments`); 1 when refused."""
     _configure_logging()
     comparison = compare(args.model_type, args.task)
     print(comparison.table())
@@ -257,10 +271,10 @@ def _configure_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optimum-observer", description="Compare the exporters; migrate a type.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, command in (("compare", COMPARE), ("migrate", MIGRATE)):
-        command.add_arguments(commands.add_parser(name, help=command.help))
+    compare_arguments(commands.add_parser("compare", help="export one model type with both exporters and report side by side"))
+    migrate_arguments(commands.add_parser("migrate", help="move a model type to the observer when compare shows parity"))
     args = parser.parse_args(argv)
-    return (COMPARE if args.command == "compare" else MIGRATE).run(args)
+    return run_compare(args) if args.command == "compare" else run_migrate(args)
 
 
 if __name__ == "__main__":

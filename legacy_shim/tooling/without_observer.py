@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from optimum_observer import greedy
 from optimum_observer.families import family_of
 from optimum_observer.patches import PATCHES, applied, for_model_runs
 from optimum_observer.result import ValidationReport
@@ -46,29 +47,31 @@ for _name in ("legacy_shim", "optimum_observer"):
         raise SystemExit(_name + " is importable: this interpreter has optimum-observer")
 """
 
-#: The runtime side, self-contained (the package is not importable there) and data-driven: the
-#: spec (argv[1]) names the class of `optimum.onnxruntime`, its `from_pretrained` arguments and
-#: the calls to make (method, tensors saved in an .npz, other arguments); every tensor returned
-#: is saved to another .npz, keyed "{call}.{field}" ("{call}.output" for a bare tensor).
+#: The runtime side, self-contained (the package is not importable there) and data-driven: each
+#: spec (argv[1:], one interpreter for several exports) names the class of `optimum.onnxruntime`,
+#: its `from_pretrained` arguments and the calls to make (method, tensors saved in an .npz, other
+#: arguments); every tensor returned is saved to another .npz, keyed "{call}.{field}"
+#: ("{call}.output" for a bare tensor).
 RUNTIME_SCRIPT = """
 import json
 import numpy as np
 import torch
 import optimum.onnxruntime
 
-spec = json.loads(open(sys.argv[1]).read())
-runtime_class = getattr(optimum.onnxruntime, spec["runtime_class"])
-model = runtime_class.from_pretrained(spec["directory"], **spec["from_pretrained"])
-arrays = np.load(spec["inputs"])
-outputs = {}
-for index, call in enumerate(spec["calls"]):
-    tensors = {name: torch.from_numpy(arrays[f"{index}.{name}"]) for name in call["tensors"]}
-    returned = getattr(model, call["method"])(**tensors, **call["arguments"])
-    fields = {"output": returned} if isinstance(returned, torch.Tensor) else dict(returned.items())
-    for field, value in fields.items():
-        if isinstance(value, torch.Tensor):
-            outputs[f"{index}.{field}"] = value.numpy()
-np.savez(spec["outputs"], **outputs)
+for spec_path in sys.argv[1:]:
+    spec = json.loads(open(spec_path).read())
+    runtime_class = getattr(optimum.onnxruntime, spec["runtime_class"])
+    model = runtime_class.from_pretrained(spec["directory"], **spec["from_pretrained"])
+    arrays = np.load(spec["inputs"])
+    outputs = {}
+    for index, call in enumerate(spec["calls"]):
+        tensors = {name: torch.from_numpy(arrays[f"{index}.{name}"]) for name in call["tensors"]}
+        returned = getattr(model, call["method"])(**tensors, **call["arguments"])
+        fields = {"output": returned} if isinstance(returned, torch.Tensor) else dict(returned.items())
+        for field, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                outputs[f"{index}.{field}"] = value.numpy()
+    np.savez(spec["outputs"], **outputs)
 """
 
 
@@ -122,8 +125,9 @@ class _Recording:
 
     def generate(self, **arguments: Any) -> torch.Tensor:
         self._record("generate", arguments)
+        tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
         with torch.no_grad():
-            return self._model.generate(**arguments)
+            return greedy.generate(self._model, tensors, **{k: v for k, v in arguments.items() if k not in tensors})
 
     def __call__(self, **arguments: Any) -> Any:
         self._record("__call__", arguments)

@@ -11,8 +11,25 @@ group's module show each failure happening without its patch.
 
 from __future__ import annotations
 
-from . import environment, kv_cache, masks, moe, positions, recurrent, rotary, sliding_window, state_space, vision
-from .environment import exact_no_op_constants, no_op_rule_constants, plain_tensor_buffers
+from . import (
+    cache_branches,
+    environment,
+    kv_cache,
+    masks,
+    moe,
+    positions,
+    recurrent,
+    rotary,
+    sliding_window,
+    state_space,
+    vision,
+)
+from .environment import (
+    exact_no_op_constants,
+    no_op_rule_constants,
+    plain_tensor_buffers,
+    split_to_sequence_folding_guard,
+)
 from .registry import (
     Applied,
     MissingTarget,
@@ -33,6 +50,7 @@ GROUPS: dict[str, tuple[Patch, ...]] = {
     "rotary": rotary.PATCHES,
     "position embeddings": positions.PATCHES,
     "masks": masks.PATCHES,
+    "cache branches": cache_branches.PATCHES,
     "sliding window": sliding_window.PATCHES,
     "state-space mixers": state_space.PATCHES,
     "recurrent loops": recurrent.PATCHES,
@@ -64,4 +82,5 @@ __all__ = [
     "modules_used",
     "no_op_rule_constants",
     "plain_tensor_buffers",
+    "split_to_sequence_folding_guard",
 ]

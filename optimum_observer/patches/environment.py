@@ -10,6 +10,7 @@ what they change is per model instance or per rewrite rule, not one attribute), 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -76,6 +77,47 @@ def exact_no_op_constants() -> Iterator[None]:
     finally:
         for pattern, rel_tol, abs_tol in saved:
             pattern._rel_tol, pattern._abs_tol = rel_tol, abs_tol
+
+
+def _split_to_sequence_with_known_split(split_to_sequence: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(split_to_sequence)
+    def evaluate(node: Any, op: Any, state: Any) -> Any:
+        from onnxscript.optimizer._constant_folding import _get_numpy_value
+
+        split = node.inputs[1] if len(node.inputs) > 1 else None
+        scalar = split is not None and split.shape is not None and split.shape.rank() == 0
+        if scalar and _get_numpy_value(split) is None:
+            return None  # a scalar split of unknown value: leave the node as it is
+        return split_to_sequence(node, op, state)
+
+    return evaluate
+
+
+@contextlib.contextmanager
+def split_to_sequence_folding_guard() -> Iterator[None]:
+    """onnxscript's constant folding leaves a `SplitToSequence` alone when its split is a scalar of
+    unknown value, for the block.
+
+    Fixes: `AttributeError: 'NoneType' object has no attribute 'ndim'` ("Error during constant
+    folding for node ... (::SplitToSequence)") in `torch.onnx.export(optimize=True)` of
+    `x.chunk(k, dim)` on a dynamic axis (prophetnet's n-gram streams): onnxscript 0.7.2's
+    `_constant_folding.split_to_sequence` reads `split_value.ndim` when the split's shape is a
+    known scalar and its value is not. The registered evaluator is put back on exit.
+    """
+    from onnxscript.optimizer import _constant_folding
+
+    evaluators = _constant_folding.registry.op_evaluators.get(("", "SplitToSequence"), [])
+    saved = list(evaluators)
+    try:
+        evaluators[:] = [
+            dataclasses.replace(e, function=_split_to_sequence_with_known_split(e.function))
+            if e.function is _constant_folding.split_to_sequence
+            else e
+            for e in evaluators
+        ]
+        yield
+    finally:
+        evaluators[:] = saved
 
 
 def _number_operands_as_tensors(find_compatible_op_overload: Callable[..., Any]) -> Callable[..., Any]:

@@ -106,7 +106,6 @@ def _cpmant_attention_mask(
     return mask_1d.view(batch, seqlen, 1) & mask_1d.view(batch, 1, seqlen) & attention_mask
 
 
-
 _GIT_FIRST_STEP = (
     "first generate step (empty cache) of the exported GIT decoder neither causal nor padded: "
     "observed call 0 off by about 0.02 (GitModel branches on `past_key_values_length > 0` in "
