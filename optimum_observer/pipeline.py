@@ -24,6 +24,7 @@ from . import capture as capture_stage
 from . import conversion, loading, naming, optimization, packaging, portable_cache, signals, synthesis, validation
 from .cache_pytree import registered_caches
 from .errors import ObserverExportError, Stage, stage_errors
+from .patches import applied
 from .result import ExportResult, ValidationReport
 from .families import TaskFamily, family_of
 from .tasks import get_task
@@ -208,74 +209,78 @@ def export(
                 )
             model_type = progress.model_type = loaded.model_type
             contract = contract.for_model(loaded.model)
-            with registered_caches():
-                with progress.stage(Stage.CAPTURE):
-                    captures = capture_stage.capture(
-                        loaded.model, contract, model_type, run, loaded.tokenizer, loaded.feature_extractor
-                    )
-                with progress.stage(Stage.SYNTHESIS):
-                    graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
-                    capture_stage.check_observed_sizes(captures, contract, model_type)
-                # One torch.onnx.export call runs both: the exporter's capture strategies and its
-                # dynamic-shape handling are kept; a failure names the step that failed.
-                with progress.stage(Stage.TORCH_EXPORT, Stage.ONNX_CONVERSION):
-                    # Only the patches whose targets this model is built from (and the environment's).
-                    selected = conversion.patches_for(loaded.model, model_type)
+            # Only the patches whose targets this model is built from (and the environment's);
+            # those fixing the model's own run in torch hold from its capture to its checks.
+            selected = conversion.patches_for(loaded.model, model_type)
+            with applied([patch for patch in selected if patch.model_runs]):
+                with registered_caches():
+                    with progress.stage(Stage.CAPTURE):
+                        captures = capture_stage.capture(
+                            loaded.model, contract, model_type, run, loaded.tokenizer, loaded.feature_extractor
+                        )
+                    with progress.stage(Stage.SYNTHESIS):
+                        graphs = [_GraphExport(c, synthesis.synthesize(c, model_type)) for c in captures]
+                        capture_stage.check_observed_sizes(captures, contract, model_type)
+                    # One torch.onnx.export call runs both: the exporter's capture strategies and its
+                    # dynamic-shape handling are kept; a failure names the step that failed.
+                    with progress.stage(Stage.TORCH_EXPORT, Stage.ONNX_CONVERSION):
+                        for graph in graphs:
+                            graph.program = conversion.convert(
+                                loaded.model,
+                                graph.capture.graph,
+                                graph.example,
+                                model_type,
+                                opset,
+                                patches=[patch for patch in selected if not patch.model_runs],
+                                position_offset=graph.capture.position_offset,
+                            )
+                            conversion.check_axes(
+                                graph.program, graph.example, model_type, graph.capture.graph.file_name
+                            )
+                dynamic_axes: dict[str, dict[int, str]] = {}
+                with progress.stage(Stage.NAMING):
                     for graph in graphs:
-                        graph.program = conversion.convert(
-                            loaded.model,
-                            graph.capture.graph,
-                            graph.example,
+                        axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
+                        portable = portable_cache.make_cache_inputs_portable(graph.program.model)
+                        for name, portable_axes in portable.items():
+                            axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
+                        carried = portable_cache.carry_states_as_values(graph.program.model)
+                        axes = {n: a for n, a in axes.items() if portable_cache.carried_name(n) not in carried}
+                        axes.update(carried)
+                        # Several files may share value names (each decoder has `input_ids`): qualify them.
+                        prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
+                        dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
+                with packaging.staged_output(output_dir, model_type) as staging:
+                    with progress.stage(Stage.PACKAGING), packaging.writing(model_type, output_dir):
+                        onnx_files = [
+                            name
+                            for graph in graphs
+                            for name in packaging.write_model(
+                                graph.program, staging, graph.capture.graph.file_name
+                            )
+                        ]
+                        packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
+                    with progress.stage(Stage.VALIDATION):
+                        checking = _Checking(
+                            validation.ValidationInputs(
+                                staging,
+                                loaded.model,
+                                contract,
+                                (runtime_class or validation.default_runtime_class(contract)) if validate else None,
+                                loaded.tokenizer,
+                                loaded.feature_extractor,
+                                atol,
+                                # The export's config is the checkpoint's: code it ships is needed to read it back.
+                                {"trust_remote_code": True} if trust_remote_code else {},
+                            ),
+                            family,
+                            graphs,
                             model_type,
-                            opset,
-                            patches=selected,
-                            position_offset=graph.capture.position_offset,
                         )
-                        conversion.check_axes(graph.program, graph.example, model_type, graph.capture.graph.file_name)
-            dynamic_axes: dict[str, dict[int, str]] = {}
-            with progress.stage(Stage.NAMING):
-                for graph in graphs:
-                    axes = naming.apply_names(graph.program, graph.capture, graph.example, model_type)
-                    portable = portable_cache.make_cache_inputs_portable(graph.program.model)
-                    for name, portable_axes in portable.items():
-                        axes[name] = dict(sorted({**axes[name], **portable_axes}.items()))
-                    carried = portable_cache.carry_states_as_values(graph.program.model)
-                    axes = {n: a for n, a in axes.items() if portable_cache.carried_name(n) not in carried}
-                    axes.update(carried)
-                    # Several files may share value names (each decoder has `input_ids`): qualify them.
-                    prefix = f"{graph.capture.graph.file_name}:" if len(graphs) > 1 else ""
-                    dynamic_axes.update({prefix + name: axis for name, axis in axes.items()})
-            with packaging.staged_output(output_dir, model_type) as staging:
-                with progress.stage(Stage.PACKAGING), packaging.writing(model_type, output_dir):
-                    onnx_files = [
-                        name
-                        for graph in graphs
-                        for name in packaging.write_model(
-                            graph.program, staging, graph.capture.graph.file_name
-                        )
-                    ]
-                    packaging.write_configs(loaded.model, loaded.tokenizer, staging, loaded.feature_extractor)
-                with progress.stage(Stage.VALIDATION):
-                    checking = _Checking(
-                        validation.ValidationInputs(
-                            staging,
-                            loaded.model,
-                            contract,
-                            (runtime_class or validation.default_runtime_class(contract)) if validate else None,
-                            loaded.tokenizer,
-                            loaded.feature_extractor,
-                            atol,
-                            # The export's config is the checkpoint's: code it ships is needed to read it back.
-                            {"trust_remote_code": True} if trust_remote_code else {},
-                        ),
-                        family,
-                        graphs,
-                        model_type,
-                    )
-                    report = _validate(checking) if validate else None
-                if post_processing:
-                    with progress.stage(Stage.OPTIMIZATION):
-                        post, report = _post_process(checking, optimize, quantize, max_perplexity_ratio, report)
+                        report = _validate(checking) if validate else None
+                    if post_processing:
+                        with progress.stage(Stage.OPTIMIZATION):
+                            post, report = _post_process(checking, optimize, quantize, max_perplexity_ratio, report)
         finally:
             progress.close()
         return ExportResult(

@@ -194,3 +194,31 @@ class TestTextGenerationWithoutPast(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestDogeCausalDynamicMask(unittest.TestCase):
+    """Doge under sdpa: for an unpadded prompt transformers skips the causal mask (None, for sdpa's
+    is_causal) and then hands sdpa its dynamic mask built without it, so the prompt's tokens see
+    later ones; with `doge_causal_dynamic_mask` torch generates the same tokens with and without
+    its cache, and the same as eager attention (whose mask is always built)."""
+
+    def test_torch_generates_alike_with_and_without_cache_only_with_the_patch(self):
+        from optimum_observer.patches import PATCHES, applied, for_model_runs
+
+        model = build_tiny_model("doge", "AutoModelForCausalLM").eval()
+        self.assertEqual(model.config._attn_implementation, "sdpa")
+        prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+
+        def tokens(use_cache: bool) -> list[list[int]]:
+            with torch.no_grad():
+                out = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=0)
+            return out[:, prompt.shape[1] :].tolist()
+
+        self.assertNotEqual(tokens(True), tokens(False))
+        patches = for_model_runs(PATCHES, model, "doge")
+        self.assertEqual([p.name for p in patches], ["doge_causal_dynamic_mask"])
+        with applied(patches):
+            with_cache, without_cache = tokens(True), tokens(False)
+        model.config._attn_implementation = "eager"
+        self.assertEqual(with_cache, without_cache)
+        self.assertEqual(with_cache, tokens(True))

@@ -28,6 +28,7 @@ import torch
 
 from optimum_observer import greedy
 from optimum_observer.families import family_of
+from optimum_observer.patches import PATCHES, applied, for_model_runs
 from optimum_observer.result import ValidationReport
 from optimum_observer.tasks import TaskContract
 from optimum_observer.validation import ValidationInputs
@@ -180,7 +181,11 @@ def check_without_observer(
     family = family_of(contract)
     recording = _Recording(model)
     validation_inputs = ValidationInputs(directory, model, contract, recording, tokenizer, feature_extractor, atol)
-    family.check_runtime(validation_inputs)
+    # Torch's reference runs (both passes) as in the export's validation: with the patches the
+    # model's own run needs.
+    model_runs = for_model_runs(PATCHES, model, model.config.model_type)
+    with applied(model_runs):
+        family.check_runtime(validation_inputs)
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     inputs, outputs, spec_path = scratch / "inputs.npz", scratch / "outputs.npz", scratch / "spec.json"
@@ -203,5 +208,6 @@ def check_without_observer(
         raise RuntimeWithoutObserverError(lines[-1] if lines else f"exit status {done.returncode}")
     with np.load(outputs) as returned:
         replaying = _Replaying(recording.calls, dict(returned.items()))
-    generation, runtime = family.check_runtime(dataclasses.replace(validation_inputs, runtime_class=replaying))
+    with applied(model_runs):
+        generation, runtime = family.check_runtime(dataclasses.replace(validation_inputs, runtime_class=replaying))
     return ValidationReport(atol=atol, calls=[], generation=generation, runtime=runtime)

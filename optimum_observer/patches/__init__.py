@@ -11,7 +11,19 @@ group's module show each failure happening without its patch.
 
 from __future__ import annotations
 
-from . import cache_branches, environment, kv_cache, masks, moe, rotary, sliding_window, state_space, vision
+from . import (
+    cache_branches,
+    environment,
+    kv_cache,
+    masks,
+    moe,
+    positions,
+    recurrent,
+    rotary,
+    sliding_window,
+    state_space,
+    vision,
+)
 from .environment import (
     exact_no_op_constants,
     no_op_rule_constants,
@@ -25,6 +37,7 @@ from .registry import (
     Target,
     applied,
     for_model,
+    for_model_runs,
     for_model_type,
     markdown_table,
     modules_used,
@@ -35,10 +48,12 @@ GROUPS: dict[str, tuple[Patch, ...]] = {
     "kv cache": kv_cache.PATCHES,
     "MoE dispatch": moe.PATCHES,
     "rotary": rotary.PATCHES,
+    "position embeddings": positions.PATCHES,
     "masks": masks.PATCHES,
     "cache branches": cache_branches.PATCHES,
     "sliding window": sliding_window.PATCHES,
     "state-space mixers": state_space.PATCHES,
+    "recurrent loops": recurrent.PATCHES,
     "vision features": vision.PATCHES,
     "exporter environment": environment.PATCHES,
 }
@@ -60,6 +75,7 @@ __all__ = [
     "applied",
     "exact_no_op_constants",
     "for_model",
+    "for_model_runs",
     "for_model_type",
     "markdown_table",
     "mechanism_of",

@@ -112,6 +112,27 @@ _GIT_FIRST_STEP = (
     "Python, and torch.export keeps the branch of its example, which has a cache)"
 )
 
+def _doge_dynamic_mask_causal(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def prepare_dynamic_mask(
+        self: Any,
+        hidden_states: torch.Tensor,
+        dt_states: torch.Tensor,
+        keep_window_size: int = 2048,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`DogeAttention.prepare_dynamic_mask`, given the causal mask sdpa's skipped one stands for."""
+        if attention_mask is None:
+            queries, keys = hidden_states.shape[1], dt_states.shape[-1]
+            positions = torch.arange(keys - queries, keys, device=dt_states.device)
+            future = torch.arange(keys, device=dt_states.device)[None, :] > positions[:, None]
+            blocked = torch.finfo(hidden_states.dtype).min
+            attention_mask = hidden_states.new_zeros((queries, keys)).masked_fill(future, blocked)[None, None]
+        return original(self, hidden_states, dt_states, keep_window_size, attention_mask)
+
+    return prepare_dynamic_mask
+
+
 PATCHES = (
     Patch(
         name="pegasus_x_decoder_mask_while_exporting",
@@ -147,5 +168,14 @@ PATCHES = (
         replacement=_cpmant_attention_mask,
         fixes="Received user-specified dim hint Dim.DYNAMIC, but tracing inferred a static shape for "
         "inputs['input_ids'].shape[1] (`torch.tensor(list(range(seqlen - prompt_length))[::-1])`)",
+    ),
+    Patch(
+        name="doge_causal_dynamic_mask",
+        target="transformers.models.doge.modeling_doge:DogeAttention.prepare_dynamic_mask",
+        wrap=_doge_dynamic_mask_causal,
+        fixes="torch itself generates other tokens without its cache (doge with sdpa: for a prompt without "
+        "padding the causal mask is skipped (None, for sdpa's is_causal), and the dynamic mask built without "
+        "it passes sdpa an explicit mask that lets every token attend to later ones)",
+        model_runs=True,
     ),
 )

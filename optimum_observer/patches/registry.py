@@ -61,6 +61,10 @@ class Patch:
     model_types: tuple[str, ...] = ()
     #: Part of the exporter environment: applied to every export, whatever the model.
     everywhere: bool = False
+    #: Also applied around the model's own runs in torch (the capture's run, validation's torch
+    #: reference), not only around torch.export: it fixes a transformers bug that makes those
+    #: runs fail (:func:`for_model_runs`).
+    model_runs: bool = False
 
     def __post_init__(self) -> None:
         if (self.replacement is None) == (self.wrap is None):
@@ -153,6 +157,12 @@ def for_model(patches: Iterable[Patch], model: Any, model_type: str) -> list[Pat
     module defines a class the model is built from, and those declared for its model type."""
     used = modules_used(model)
     return [p for p in patches if p.everywhere or p.module in used or model_type in p.model_types]
+
+
+def for_model_runs(patches: Iterable[Patch], model: Any, model_type: str) -> list[Patch]:
+    """Of the patches `model`'s export applies (:func:`for_model`), those its own runs in torch
+    need too (:attr:`Patch.model_runs`)."""
+    return [p for p in for_model(patches, model, model_type) if p.model_runs]
 
 
 def for_model_type(patches: Iterable[Patch], model_type: str) -> list[Patch]:
