@@ -321,3 +321,57 @@ class TestTypePromotionNumberOperands(unittest.TestCase):
         patch = next(p for p in PATCHES if p.name == "type_promotion_number_operands")
         got, expected = self.export([patch])
         np.testing.assert_allclose(got, expected)
+
+
+class TestXmodLanguageAdapterPerRow(unittest.TestCase):
+    """X-MOD's per-row language adapters: split by runs of one language and looped over without
+    the patch, gathered per row with it."""
+
+    def setUp(self):
+        model = build_tiny_model("xmod", "AutoModelForCausalLM").eval()
+        self.output = model.roberta.encoder.layer[0].output
+        for adapter in self.output.adapter_modules.values():  # distinct adapters, not their zero-bias init
+            torch.nn.init.normal_(adapter.dense2.weight)
+            torch.nn.init.normal_(adapter.dense1.bias)
+        self.patch = next(p for p in PATCHES if p.name == "xmod_language_adapter_per_row")
+        # Rows of both languages (the tiny model has two, as checkpoints have many), batch and
+        # sequence dynamic as in the export.
+        self.hidden, self.lang_ids = torch.randn(4, 3, 64), torch.tensor([1.0, 0.0, 0.0, 1.0])
+
+    def export(self):
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        with torch.no_grad():
+            return torch.export.export(
+                _LanguageAdapter(self.output),
+                (self.lang_ids, self.hidden),
+                dynamic_shapes=({0: batch}, {0: batch, 1: sequence}),
+            )
+
+    def test_fails_without_the_patch(self):
+        with self.assertRaisesRegex(Exception, "data-dependent expression"):
+            self.export()
+
+    def test_the_exported_adapter_gives_every_row_its_languages_adapter(self):
+        with torch.no_grad():
+            expected = self.output.lang_adapter(self.lang_ids, self.hidden.clone())
+            with applied([self.patch]):
+                exported = self.export().module()
+            # Another batch size and mix of languages than the example's.
+            got = exported(self.lang_ids[1:], self.hidden[1:])
+        self.assertFalse(torch.allclose(expected[0], expected[1]))
+        torch.testing.assert_close(got, expected[1:])
+
+    @pytest.mark.slow
+    def test_the_model_fails_without_the_patch(self):
+        error = _tiny_export_error("xmod", "xmod_language_adapter_per_row")
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
+        self.assertIn("data-dependent", str(error.__cause__))
+
+
+class _LanguageAdapter(torch.nn.Module):
+    def __init__(self, output: torch.nn.Module):
+        super().__init__()
+        self.output = output
+
+    def forward(self, lang_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output.lang_adapter(lang_ids, hidden.clone())
