@@ -375,3 +375,56 @@ class _LanguageAdapter(torch.nn.Module):
 
     def forward(self, lang_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.output.lang_adapter(lang_ids, hidden.clone())
+
+
+class _Method(torch.nn.Module):
+    """One method of a submodule as a module's forward, to export it alone."""
+
+    def __init__(self, owner: torch.nn.Module, method: str):
+        super().__init__()
+        self.owner, self.method = owner, method
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return getattr(self.owner, self.method)(*tensors)
+
+
+class TestGemma3nConstantsInForward(unittest.TestCase):
+    """Gemma 3n's text layer: AltUp clamps its weight in place inside forward, and the sparse MLP
+    computes its cutoff with erfinv; each fails its own export step without its patch."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.layer = build_tiny_model("gemma3n_text", "AutoModelForCausalLM").eval().model.layers[0]
+        cls.predictions, cls.activated = torch.randn(4, 2, 3, 64), torch.randn(2, 3, 64)
+
+    def patch(self, name: str) -> Patch:
+        return next(p for p in PATCHES if p.name == name)
+
+    def test_altup_clamp_fails_torch_export_without_the_patch(self):
+        with self.assertRaisesRegex(RuntimeError, "fake tensor in the exported program constant's list"):
+            torch.export.export(_Method(self.layer.altup, "correct"), (self.predictions, self.activated))
+
+    def test_altup_correct_exports_and_computes_what_torch_does(self):
+        module = _Method(self.layer.altup, "correct")
+        with torch.no_grad():
+            expected = module(self.predictions, self.activated)
+            with applied([self.patch("gemma3n_altup_clip_as_read")]):
+                exported = torch.export.export(module, (self.predictions, self.activated)).module()
+            torch.testing.assert_close(exported(self.predictions, self.activated), expected)
+
+    def test_sparsity_cutoff_fails_onnx_translation_without_the_patch(self):
+        self.assertGreater(self.layer.mlp.activation_sparsity, 0)  # the cutoff is on in this layer
+        with self.assertRaisesRegex(Exception, "erf_inv"):
+            torch.onnx.export(_Method(self.layer.mlp, "forward"), (self.activated,), dynamo=True, verbose=False)
+
+    def test_sparse_mlp_graph_computes_what_torch_does(self):
+        module = _Method(self.layer.mlp, "forward")
+        with applied([self.patch("gemma3n_sparsity_cutoff_as_number")]):
+            program = torch.onnx.export(module, (self.activated,), dynamo=True, verbose=False)
+        session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: self.activated.numpy()})
+        with torch.no_grad():
+            expected = module(self.activated).numpy()
+            gate = self.layer.mlp._gaussian_topk(self.layer.mlp.gate_proj(self.activated))
+        self.assertGreater((gate == 0).float().mean().item(), 0.9)  # the cutoff (sparsity 0.95) is at work
+        np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -11,7 +11,7 @@ group's module show each failure happening without its patch.
 
 from __future__ import annotations
 
-from . import adapters, cache_branches, environment, kv_cache, masks, moe, rotary, sliding_window, state_space, vision
+from . import adapters, cache_branches, constants, environment, kv_cache, masks, moe, rotary, sliding_window, state_space, vision
 from .environment import (
     exact_no_op_constants,
     no_op_rule_constants,
@@ -41,6 +41,7 @@ GROUPS: dict[str, tuple[Patch, ...]] = {
     "state-space mixers": state_space.PATCHES,
     "vision features": vision.PATCHES,
     "per-row adapters": adapters.PATCHES,
+    "constants in forward": constants.PATCHES,
     "exporter environment": environment.PATCHES,
 }
 
