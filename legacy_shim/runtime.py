@@ -8,7 +8,8 @@ imports the module that imports it back.
 Each class subclasses its `optimum.onnxruntime` namesake and overrides the minimum:
 
 - `from_pretrained`: a directory whose config AutoConfig cannot read (a text model registered
-  only as a sub-config: emu3, mllama) loads with that config class.
+  only as a sub-config, as exports of emu3 and mllama wrote it before their config.json held the
+  composite config) loads with that config class.
 - `_dynamic_axis_inference`: parsed, never `eval`-ed (see :mod:`legacy_shim.runtime_fixes`).
 - decoders read their cache layout from the session (:mod:`legacy_shim.runtime_cache`, which
   the unchanged-code hook also applies to optimum's own classes); those whose cache upstream
@@ -50,7 +51,8 @@ class SafeAxisInference:
 
 class UnregisteredConfigLoading:
     """Mixin for `ORTModel` subclasses: a directory whose config AutoConfig cannot read (a text
-    model registered only as a sub-config: emu3, mllama) loads with that config class."""
+    model registered only as a sub-config, as exports of emu3 and mllama wrote it before their
+    config.json held the composite config) loads with that config class."""
 
     @classmethod
     @functools.wraps(ort.ORTModel.from_pretrained.__func__)  # upstream's signature and docs

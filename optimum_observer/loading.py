@@ -55,24 +55,42 @@ def _local_config(source: str, subfolder: str = "") -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") -> Any | None:
-    """The config saved in `directory` when AutoConfig cannot read it because transformers
-    registers its model type only as a sub-config of another (`emu3_text_model` of Emu3,
-    `mllama_text_model` of Mllama: the text model a text-generation export saves); None when
-    AutoConfig reads it, or when the directory holds no such config.
+@dataclasses.dataclass(frozen=True)
+class SubConfigHome:
+    """Where transformers registers a model type only as a sub-config of another (`emu3_text_model`
+    as `Emu3Config.text_config`, `mllama_text_model` as `MllamaConfig.text_config`)."""
 
-    Runtime classes take it as `from_pretrained(directory, config=...)`."""
+    composite_class: type
+    key: str
+    sub_config_class: type
+
+
+def sub_config_home(model_type: str | None) -> SubConfigHome | None:
+    """The composite config that registers `model_type` as one of its sub-configs, when
+    `CONFIG_MAPPING` (what AutoConfig reads) lacks `model_type` itself; None otherwise."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    model_type = (_local_config(os.fspath(directory), subfolder) or {}).get("model_type")
     if model_type is None or model_type in CONFIG_MAPPING:
         return None
     for config_class in CONFIG_MAPPING.values():
         sub_configs = config_class.__dict__.get("sub_configs")
-        for sub_config in (sub_configs or {}).values() if isinstance(sub_configs, dict) else ():
+        for key, sub_config in sub_configs.items() if isinstance(sub_configs, dict) else ():
             if getattr(sub_config, "model_type", None) == model_type:
-                return sub_config.from_pretrained(os.path.join(directory, subfolder))
+                return SubConfigHome(config_class, key, sub_config)
     return None
+
+
+def unregistered_config(directory: str | os.PathLike[str], subfolder: str = "") -> Any | None:
+    """The config saved in `directory` when AutoConfig cannot read it because transformers
+    registers its model type only as a sub-config of another (:func:`sub_config_home`: the
+    text model a text-generation export of emu3 or mllama saved before its config.json held the
+    composite config); None when AutoConfig reads it, or when the directory holds no such config.
+
+    Runtime classes take it as `from_pretrained(directory, config=...)`."""
+    home = sub_config_home((_local_config(os.fspath(directory), subfolder) or {}).get("model_type"))
+    if home is None:
+        return None
+    return home.sub_config_class.from_pretrained(os.path.join(directory, subfolder))
 
 
 def _ships_code(source: str, subfolder: str, error: BaseException | None = None) -> bool:

@@ -61,6 +61,7 @@ import torch
 
 from . import signals
 from .errors import ObserverExportError, Stage
+from .loading import sub_config_home
 
 try:
     import fcntl
@@ -347,9 +348,24 @@ def runtime_size_attributes(config: Any) -> dict[str, int]:
     return added
 
 
+def checkpoint_config(config: Any) -> Any:
+    """The config written as config.json: `config`, or, when transformers registers its model type
+    only as a sub-config of another (:func:`~optimum_observer.loading.sub_config_home`: the text
+    model of emu3 or mllama that a text-generation export holds), that composite config holding it,
+    as the type's checkpoints store it. AutoConfig, so optimum-onnx's runtime classes, reads only
+    the composite ("model type `emu3_text_model` but Transformers does not recognize this
+    architecture"); transformers builds the same text model from it (the text config class's
+    `from_pretrained` reads its `base_config_key` part, which AutoModelForCausalLM hands to it)."""
+    home = sub_config_home(getattr(config, "model_type", None))
+    if home is None:
+        return config
+    return home.composite_class(**{home.key: config.to_dict()})
+
+
 def write_configs(model: Any, tokenizer: Any | None, directory: Path, feature_extractor: Any | None = None) -> None:
-    model.config.save_pretrained(directory)
-    added = runtime_size_attributes(model.config)
+    saved = checkpoint_config(model.config)
+    saved.save_pretrained(directory)
+    added = runtime_size_attributes(saved)
     if added:
         path = Path(directory) / "config.json"
         config = json.loads(path.read_text())

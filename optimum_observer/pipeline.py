@@ -87,13 +87,6 @@ def _mismatch_remedy(report: ValidationReport) -> str:
 def _runtime_failure_hint(error: BaseException, trust_remote_code: bool) -> str:
     if "trust_remote_code" in str(error) and not trust_remote_code:
         return "the export's config needs the checkpoint's own code: pass trust_remote_code=True."
-    if "does not recognize this architecture" in str(error):
-        return (
-            "transformers registers this config only inside another model's config, so AutoConfig "
-            "cannot read the saved config.json: pass config=optimum_observer.loading."
-            "unregistered_config(output_dir) to from_pretrained, or load the export with "
-            "legacy_shim's runtime class, which does that."
-        )
     return (
         "if the error names a past_key_values input that the runtime did not feed, the runtime "
         "class does not feed that kind of cache: load the export with legacy_shim.ORTModelForCausalLM "

@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+import transformers
+from parameterized import parameterized
 
 from optimum_observer import packaging
+from legacy_shim.tooling.tiny_configs import build_tiny_model
 
 
 class Affine(torch.nn.Module):
@@ -72,3 +75,34 @@ class TestStagedOutput(unittest.TestCase):
             self.assertEqual(sorted(p.name for p in destination.iterdir()), ["README.md", "config.json", "model.onnx"])
             self.assertEqual((destination / "model.onnx").read_text(), "new")
             self.assertEqual([p.name for p in Path(scratch).iterdir()], ["out"])
+
+
+def _without_path(config: transformers.PretrainedConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+
+class TestConfigOfATextModelRegisteredOnlyAsASubConfig(unittest.TestCase):
+    """emu3's and mllama's causal-LM heads are built on a text config that transformers registers only
+    inside the type's composite config: config.json holds the composite, as checkpoints do."""
+
+    @parameterized.expand([("emu3", "Emu3Config"), ("mllama", "MllamaConfig")])
+    def test_autoconfig_reads_it_and_transformers_rebuilds_the_same_model(self, model_type, composite_name):
+        model = build_tiny_model(model_type, "AutoModelForCausalLM").eval()
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save_pretrained(scratch)  # the weights, for the rebuild below
+            packaging.write_configs(model, None, Path(scratch))
+            config = transformers.AutoConfig.from_pretrained(scratch)
+            self.assertEqual(type(config).__name__, composite_name)
+            self.assertEqual(_without_path(config.get_text_config()), _without_path(model.config))
+            # optimum-onnx's ORTModelForCausalLM reads these two at the top level.
+            self.assertEqual((config.hidden_size, config.num_attention_heads), (64, 4))
+            rebuilt = transformers.AutoModelForCausalLM.from_pretrained(scratch).eval()
+        self.assertIs(type(rebuilt), type(model))
+        self.assertEqual(_without_path(rebuilt.config), _without_path(model.config))
+        ids = torch.tensor([[5, 9, 3]])
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits)
+
+    def test_a_registered_config_is_written_as_it_is(self):
+        config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4)
+        self.assertIs(packaging.checkpoint_config(config), config)

@@ -59,14 +59,15 @@ class TestGroupModules(unittest.TestCase):
         self.assertEqual(found.pop("registry"), [])
         self.assertEqual(found.pop("environment"), ["registry"])  # its records; its context managers need none
         self.assertEqual(set(found), {"kv_cache", "moe", "rotary", "positions", "masks", "cache_branches",
-                                      "sliding_window", "state_space", "recurrent", "vision"})  # fmt: skip
+                                      "sliding_window", "state_space", "recurrent", "vision",
+                                      "adapters", "constants"})  # fmt: skip
         self.assertEqual(found, {m: ["registry"] for m in found})
 
     def test_every_group_module_is_registered_once(self):
         self.assertEqual(len(patches.PATCHES), len({p.name for p in patches.PATCHES}))
         self.assertEqual(set(patches.GROUPS), {"kv cache", "MoE dispatch", "rotary", "masks", "cache branches", "sliding window",
                                                "state-space mixers", "recurrent loops", "position embeddings",
-                                               "vision features",
+                                               "vision features", "per-row adapters", "constants in forward",
                                                "exporter environment"})  # fmt: skip
 
 

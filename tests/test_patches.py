@@ -321,3 +321,110 @@ class TestTypePromotionNumberOperands(unittest.TestCase):
         patch = next(p for p in PATCHES if p.name == "type_promotion_number_operands")
         got, expected = self.export([patch])
         np.testing.assert_allclose(got, expected)
+
+
+class TestXmodLanguageAdapterPerRow(unittest.TestCase):
+    """X-MOD's per-row language adapters: split by runs of one language and looped over without
+    the patch, gathered per row with it."""
+
+    def setUp(self):
+        model = build_tiny_model("xmod", "AutoModelForCausalLM").eval()
+        self.output = model.roberta.encoder.layer[0].output
+        for adapter in self.output.adapter_modules.values():  # distinct adapters, not their zero-bias init
+            torch.nn.init.normal_(adapter.dense2.weight)
+            torch.nn.init.normal_(adapter.dense1.bias)
+        self.patch = next(p for p in PATCHES if p.name == "xmod_language_adapter_per_row")
+        # Rows of both languages (the tiny model has two, as checkpoints have many), batch and
+        # sequence dynamic as in the export.
+        self.hidden, self.lang_ids = torch.randn(4, 3, 64), torch.tensor([1.0, 0.0, 0.0, 1.0])
+
+    def export(self):
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        with torch.no_grad():
+            return torch.export.export(
+                _LanguageAdapter(self.output),
+                (self.lang_ids, self.hidden),
+                dynamic_shapes=({0: batch}, {0: batch, 1: sequence}),
+            )
+
+    def test_fails_without_the_patch(self):
+        with self.assertRaisesRegex(Exception, "data-dependent expression"):
+            self.export()
+
+    def test_the_exported_adapter_gives_every_row_its_languages_adapter(self):
+        with torch.no_grad():
+            expected = self.output.lang_adapter(self.lang_ids, self.hidden.clone())
+            with applied([self.patch]):
+                exported = self.export().module()
+            # Another batch size and mix of languages than the example's.
+            got = exported(self.lang_ids[1:], self.hidden[1:])
+        self.assertFalse(torch.allclose(expected[0], expected[1]))
+        torch.testing.assert_close(got, expected[1:])
+
+    @pytest.mark.slow
+    def test_the_model_fails_without_the_patch(self):
+        error = _tiny_export_error("xmod", "xmod_language_adapter_per_row")
+        self.assertEqual(error.stage, Stage.TORCH_EXPORT)
+        self.assertIn("data-dependent", str(error.__cause__))
+
+
+class _LanguageAdapter(torch.nn.Module):
+    def __init__(self, output: torch.nn.Module):
+        super().__init__()
+        self.output = output
+
+    def forward(self, lang_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output.lang_adapter(lang_ids, hidden.clone())
+
+
+class _Method(torch.nn.Module):
+    """One method of a submodule as a module's forward, to export it alone."""
+
+    def __init__(self, owner: torch.nn.Module, method: str):
+        super().__init__()
+        self.owner, self.method = owner, method
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return getattr(self.owner, self.method)(*tensors)
+
+
+class TestGemma3nConstantsInForward(unittest.TestCase):
+    """Gemma 3n's text layer: AltUp clamps its weight in place inside forward, and the sparse MLP
+    computes its cutoff with erfinv; each fails its own export step without its patch."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.layer = build_tiny_model("gemma3n_text", "AutoModelForCausalLM").eval().model.layers[0]
+        cls.predictions, cls.activated = torch.randn(4, 2, 3, 64), torch.randn(2, 3, 64)
+
+    def patch(self, name: str) -> Patch:
+        return next(p for p in PATCHES if p.name == name)
+
+    def test_altup_clamp_fails_torch_export_without_the_patch(self):
+        with self.assertRaisesRegex(RuntimeError, "fake tensor in the exported program constant's list"):
+            torch.export.export(_Method(self.layer.altup, "correct"), (self.predictions, self.activated))
+
+    def test_altup_correct_exports_and_computes_what_torch_does(self):
+        module = _Method(self.layer.altup, "correct")
+        with torch.no_grad():
+            expected = module(self.predictions, self.activated)
+            with applied([self.patch("gemma3n_altup_clip_as_read")]):
+                exported = torch.export.export(module, (self.predictions, self.activated)).module()
+            torch.testing.assert_close(exported(self.predictions, self.activated), expected)
+
+    def test_sparsity_cutoff_fails_onnx_translation_without_the_patch(self):
+        self.assertGreater(self.layer.mlp.activation_sparsity, 0)  # the cutoff is on in this layer
+        with self.assertRaisesRegex(Exception, "erf_inv"):
+            torch.onnx.export(_Method(self.layer.mlp, "forward"), (self.activated,), dynamo=True, verbose=False)
+
+    def test_sparse_mlp_graph_computes_what_torch_does(self):
+        module = _Method(self.layer.mlp, "forward")
+        with applied([self.patch("gemma3n_sparsity_cutoff_as_number")]):
+            program = torch.onnx.export(module, (self.activated,), dynamo=True, verbose=False)
+        session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: self.activated.numpy()})
+        with torch.no_grad():
+            expected = module(self.activated).numpy()
+            gate = self.layer.mlp._gaussian_topk(self.layer.mlp.gate_proj(self.activated))
+        self.assertGreater((gate == 0).float().mean().item(), 0.9)  # the cutoff (sparsity 0.95) is at work
+        np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -611,9 +611,11 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
      "recurrent state outside a cache class (rwkv's `state` list, reformer's buckets, xlstm's cache): "
      "torch.export fixes an axis the observed runs varied; not exported yet"),
     ("fake tensor in the exported program constant",
-     "a tensor built inside forward becomes a fake constant at torch.export (gemma3n's per-layer inputs)"),
+     "a parameter updated inside forward becomes a fake constant at torch.export (gemma3n's AltUp clamped its "
+     "weight in place through `.data`: patched)"),
     ("Speech2Text2SinusoidalPositionalEmbedding",
-     "the model cannot be built in transformers 4.57 (its positional embedding has no weight)"),
+     "the model can be neither built nor run in transformers 4.57 (its sinusoidal positional embedding never "
+     "creates its table: `_init_weights` reads `.weight`, forward `.weights`); nothing to export"),
     ("object has no attribute 'generate'", "deprecated model class without generate(): not a generative model here"),
     ("ImportError", "needs an optional dependency that is not installed"),
     ("The checkpoint you are trying to load has model type",
@@ -625,8 +627,8 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("object has no attribute 'hidden_size'", "the unchanged runtime reads hidden_size, which this config lacks"),
     ("complex-valued input", "complex-valued rotary embedding: ONNX has no complex type"),
     ("GuardOnDataDependentSymNode",
-     "data-dependent control flow torch.export cannot trace (for example xmod's per-language adapters, blt's "
-     "entropy patching)"),
+     "data-dependent control flow torch.export cannot trace (for example blt's entropy patching: the number "
+     "of patches depends on the data)"),
     ("KeyError: 'last_hidden_state'",
      "the base model's output has no last_hidden_state, the output feature-extraction reads (DPR's pooled "
      "output, backbones' feature maps)"),

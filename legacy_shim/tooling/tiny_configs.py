@@ -185,8 +185,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # num_experts_per_tok, and hidden_size is num_key_value_heads x kv_channels (JetMoE-8B: 16 x
     # 128 = 2048, top-2): top-2 of 2 key/value heads of 32 gives the 4 heads of the tiny models.
     "jetmoe": {"num_experts_per_tok": 2},
-    # X-MOD picks a language adapter per call and refuses to run without a default language.
-    "xmod": {"default_language": "en_XX"},
+    # X-MOD picks a language adapter per batch row and refuses to run without a default language;
+    # checkpoints have many languages (xmod-base: 81), the default config one.
+    "xmod": {"languages": ["de_DE", "en_XX"], "default_language": "en_XX"},
     # Axial position embeddings: the factors must multiply to the positions and sum to hidden.
     "reformer": {"axial_pos_shape": [16, 32], "axial_pos_embds_dim": [32, 32]},
     # The default init_std is 1.0 (weights drawn from N(0, 1)): logits near 30, where float32

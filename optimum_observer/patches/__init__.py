@@ -12,7 +12,9 @@ group's module show each failure happening without its patch.
 from __future__ import annotations
 
 from . import (
+    adapters,
     cache_branches,
+    constants,
     environment,
     kv_cache,
     masks,
@@ -55,6 +57,8 @@ GROUPS: dict[str, tuple[Patch, ...]] = {
     "state-space mixers": state_space.PATCHES,
     "recurrent loops": recurrent.PATCHES,
     "vision features": vision.PATCHES,
+    "per-row adapters": adapters.PATCHES,
+    "constants in forward": constants.PATCHES,
     "exporter environment": environment.PATCHES,
 }
 
