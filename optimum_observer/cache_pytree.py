@@ -13,9 +13,12 @@ names of those leaves (:func:`cache_leaf_names`, :func:`relative_leaf_names`).
 
 Each kind of cache is one :class:`CacheCodec` (flatten, unflatten, the names of one layer's
 leaves); :data:`CACHE_CODECS` maps each cache class, named as a `"module:Class"` target, to its
-codec. A target is resolved when :func:`registered_caches` is entered, so importing this module
-imports no `transformers.models` package, and a class this transformers version lacks is skipped
-with a debug log, never an import error.
+codec. A target is resolved when :func:`registered_caches` is entered, and only if its module is
+already imported: a cache object exists only once its class's module has been imported (by the
+model that builds it), so the others cannot reach the block, and resolving them would import a
+dozen state-space model packages into every export. Importing this module imports no
+`transformers.models` package either, and a class this transformers version lacks is skipped with
+a debug log, never an import error.
 
 Why: transformers 4.56+ no longer registers `DynamicCache` at import, and torch 2.13's observer
 then fails at the first `generate` call with `'DynamicCache' object has no attribute 'clone'`.
@@ -30,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import sys
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -341,8 +345,10 @@ CACHE_CODECS: dict[str, CacheCodec] = {
 }
 
 
-def _resolve(target: str) -> type | None:
+def _resolve(target: str, imported_only: bool = False) -> type | None:
     module, _, name = target.partition(":")
+    if imported_only and module not in sys.modules:
+        return None
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as error:  # an older or newer transformers without it
@@ -350,9 +356,10 @@ def _resolve(target: str) -> type | None:
         return None
 
 
-def _codecs() -> dict[type, CacheCodec]:
-    """The cache classes this transformers has, each with its codec."""
-    resolved = ((_resolve(target), codec) for target, codec in CACHE_CODECS.items())
+def _codecs(imported_only: bool = True) -> dict[type, CacheCodec]:
+    """The cache classes this transformers has, each with its codec; with `imported_only`, those
+    whose module is imported (the only ones of which an object can exist)."""
+    resolved = ((_resolve(target, imported_only), codec) for target, codec in CACHE_CODECS.items())
     return {cls: codec for cls, codec in resolved if cls is not None}
 
 
@@ -434,9 +441,10 @@ def is_registered(cls: type) -> bool:
     return cls in pytree.SUPPORTED_NODES
 
 
-def registered_cache_classes() -> tuple[type, ...]:
-    """The cache classes :func:`registered_caches` registers here (resolving their targets)."""
-    return tuple(_codecs())
+def registered_cache_classes(imported_only: bool = False) -> tuple[type, ...]:
+    """The cache classes :func:`registered_caches` registers (every target resolved, importing its
+    module; with `imported_only`, what the block registers in this process now)."""
+    return tuple(_codecs(imported_only))
 
 
 @contextlib.contextmanager

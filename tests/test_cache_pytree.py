@@ -112,7 +112,8 @@ class TestLazyCacheClasses(unittest.TestCase):
                     self.assertTrue(is_registered(DynamicCache))
                     self.assertEqual(len(pytree.tree_flatten(_cache())[0]), 4)
             self.assertEqual(len(registered_cache_classes()), len(cache_pytree.CACHE_CODECS) - len(_MISSING))
-        self.assertEqual(sum("NoSuchCache not registered" in line for line in logs.output), 2)
+        # The block tries only the missing target whose module is imported (cache_utils's).
+        self.assertEqual(sum("NoSuchCache not registered" in line for line in logs.output), 1)
         self.assertEqual([c.__name__ for c in registered_cache_classes() if is_registered(c)], [])
 
     @unittest.skipIf(Version(transformers.__version__).major >= 5, "transformers 5 moved or removed state caches")
@@ -129,3 +130,21 @@ class TestLazyCacheClasses(unittest.TestCase):
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assertEqual(run.stdout.strip(), "[]")
+
+    def test_the_block_imports_no_model_package_and_registers_the_caches_of_imported_ones(self):
+        # A cache object exists only once its class's module is imported, so the block resolves
+        # those targets only: entering it for a llama export used to import every state-space
+        # package the codec table names (~15).
+        modules = {target.partition(":")[0] for target in cache_pytree.CACHE_CODECS}
+        packages = sorted(m for m in modules if m.startswith("transformers.models."))
+        code = (
+            "import sys, transformers.models.llama.modeling_llama, transformers.models.mamba.modeling_mamba\n"
+            "from optimum_observer.cache_pytree import is_registered, registered_caches\n"
+            "from transformers.models.mamba.modeling_mamba import MambaCache\n"
+            "with registered_caches():\n"
+            "    print(is_registered(MambaCache))\n"
+            f"print([m for m in {packages!r} if m in sys.modules])"
+        )
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(run.stdout.split("\n")[:2], ["True", "['transformers.models.mamba.modeling_mamba']"])
