@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import enum
 import inspect
 import json
@@ -308,29 +309,19 @@ def run_observer_path(
     task = _task_for(model, task)
     start = time.perf_counter()
     try:
+        observe = functools.partial(
+            export, model, workdir / "observer", show_progress=False, runtime_class=runtime_class,
+            feature_extractor=feature_extractor,
+        )  # fmt: skip
         try:
-            result = export(
-                model,
-                workdir / "observer",
-                task=task,
-                show_progress=False,
-                runtime_class=runtime_class,
-                feature_extractor=feature_extractor,
-            )
+            result = observe(task=task)
         except ObserverExportError as error:
             without_past = _without_past_after(error, task)
             if without_past is None:
                 raise
             logger.info("%s: generate fails with its cache in plain torch, exporting %s", model_type, without_past)
             task = without_past
-            result = export(
-                model,
-                workdir / "observer",
-                task=task,
-                show_progress=False,
-                runtime_class=runtime_class,
-                feature_extractor=feature_extractor,
-            )
+            result = observe(task=task)
     except Exception as error:
         logger.debug("observer export of %s failed", model_type, exc_info=True)
         return PathResult(
