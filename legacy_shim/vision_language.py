@@ -3,7 +3,8 @@
 Takes: a directory written by `optimum_observer.export(..., task="image-text-to-text")`:
 ``vision_encoder.onnx`` (pixel_values -> image_features), ``embed_tokens.onnx`` (input_ids ->
 inputs_embeds), ``decoder_model_merged.onnx`` (inputs_embeds, attention_mask, position_ids,
-past_key_values.{i}.key|value -> logits, present.{i}.key|value) and ``config.json`` (see
+token_type_ids where the model builds its decoder mask from them, past_key_values.{i}.key|value -> logits,
+present.{i}.key|value) and ``config.json`` (see
 :mod:`optimum_observer.vision_language` for the convention).
 Gives: Optimum's calling style, `from_pretrained(directory)` and
 `generate(**processor(images=..., text=..., padding=True, return_tensors="pt"), max_new_tokens=...)`,

@@ -17,7 +17,9 @@ with Optimum's input and output names):
   ``image_features`` [num_images, image_tokens, hidden] (the vision tower, its feature-layer
   selection and the multimodal projector, i.e. the model's `get_image_features`);
 * ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds`` (the text embedding);
-* ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask``, ``position_ids``,
+* ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask`` (2-D), ``position_ids``,
+  ``token_type_ids`` (where the decoder part builds the model's mask and the run passed them, see
+  :class:`TextDecoder`),
   ``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value`` (language model and
   head). "Merged" as in transformers.js: one graph serves the prompt (fed zero-length past
   tensors) and every later step, like the decoder-only ``model.onnx``.

@@ -249,3 +249,35 @@ class TestPaliGemmaExport(unittest.TestCase):
             np.testing.assert_allclose(got[mask == 1], expected[mask == 1].numpy(), atol=1e-4)
             logits.append(got[0, first_text])
         self.assertGreater(np.abs(logits[0] - logits[1]).max(), 1e-4)
+
+
+@pytest.mark.slow
+class TestShieldGemma2Export(unittest.TestCase):
+    """shieldgemma2 is gemma3's classes under its own config type (AutoModelForImageTextToText
+    builds a Gemma3ForConditionalGeneration): the default run and validation as for paligemma."""
+
+    def test_exports_and_generates_torchs_greedy_tokens(self):
+        config = transformers.ShieldGemma2Config(
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+            ),
+            text_config=dict(
+                model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=300,
+                max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"],
+            ),
+            mm_tokens_per_image=TOKENS_PER_IMAGE, image_token_index=290, boi_token_index=291, eoi_token_index=292,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+        self.assertIsInstance(model, transformers.Gemma3ForConditionalGeneration)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = optimum_observer.export(
+                model, Path(tmp) / "out", task="image-text-to-text", runtime_class=ORTModelForImageTextToText
+            )
+        self.assertEqual(result.model_type, "shieldgemma2")
+        self.assertTrue(result.validation.ok, result.validation.table())
+        (generation,) = result.validation.generation
+        self.assertEqual(len(set(generation.prompt_lengths)), 2)
+        self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
