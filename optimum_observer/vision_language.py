@@ -110,9 +110,16 @@ DECODER_MASK_HOOKS: tuple[tuple[str, str], ...] = (
 
 
 def decoder_mask_hook(model: Any) -> tuple[str, str] | None:
-    """The entry of :data:`DECODER_MASK_HOOKS` this model defines, or None."""
-    owners = {"outer": type(model), "inner": type(_inner(model))}
-    return next(((owner, name) for owner, name in DECODER_MASK_HOOKS if hasattr(owners[owner], name)), None)
+    """The entry of :data:`DECODER_MASK_HOOKS` this model uses, or None (:func:`class_mask_hook`)."""
+    return class_mask_hook(type(model), type(_inner(model)))
+
+
+def class_mask_hook(outer: type, inner: type) -> tuple[str, str] | None:
+    """The entry of :data:`DECODER_MASK_HOOKS` the outer class (or the inner model's class) defines
+    itself, or None. Inherited ones do not count: mllama's shared base class has an
+    `_update_causal_mask` for its text model, which its inner model never calls."""
+    owners = {"outer": outer, "inner": inner}
+    return next(((owner, name) for owner, name in DECODER_MASK_HOOKS if name in vars(owners[owner])), None)
 
 
 class TextDecoder(torch.nn.Module):

@@ -176,6 +176,15 @@ class TestDecoderMaskHooks(unittest.TestCase):
         )
         self.assertEqual(vision_language.decoder_mask_hook(tiny_paligemma()), ("inner", "_update_causal_mask"))
 
+    def test_a_hook_the_model_only_inherits_is_not_its_mask(self):
+        # mllama's base class defines _update_causal_mask for its text model; its inner model
+        # hands the decoder the 2-D mask.
+        self.assertTrue(hasattr(transformers.MllamaModel, "_update_causal_mask"))
+        classes = (transformers.MllamaForConditionalGeneration, transformers.MllamaModel)
+        self.assertIsNone(vision_language.class_mask_hook(*classes))
+        classes = (transformers.PaliGemmaForConditionalGeneration, transformers.PaliGemmaModel)
+        self.assertEqual(vision_language.class_mask_hook(*classes), ("inner", "_update_causal_mask"))
+
     def test_the_reference_batches_carry_token_types_where_forward_takes_them(self):
         model = tiny_gemma3(tiny_gemma3_processor())
         batch = vision_language.reference_batches(model, 0)[0]
