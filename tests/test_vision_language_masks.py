@@ -205,7 +205,23 @@ class TestDecoderMaskHooks(unittest.TestCase):
         self.assertEqual(batch["token_type_ids"].tolist(), image_tokens.long().tolist())
 
 
-def tiny_paligemma() -> transformers.PaliGemmaForConditionalGeneration:
+def tiny_paligemma_processor() -> transformers.PaliGemmaProcessor:
+    trained = build_tokenizer()
+    # The processor takes a gemma tokenizer only.
+    tokenizer = transformers.GemmaTokenizerFast(
+        tokenizer_object=trained.backend_tokenizer,
+        **trained.special_tokens_map,
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    image_processor = transformers.SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor.image_seq_length = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    return transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_paligemma(processor: transformers.PaliGemmaProcessor | None = None) -> transformers.PaliGemmaForConditionalGeneration:
+    processor = processor or tiny_paligemma_processor()
+    tokenizer = processor.tokenizer
     config = transformers.PaliGemmaConfig(
         vision_config=dict(
             model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -213,29 +229,34 @@ def tiny_paligemma() -> transformers.PaliGemmaForConditionalGeneration:
         ),
         text_config=dict(
             model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, vocab_size=300, max_position_embeddings=256,
+            num_key_value_heads=2, head_dim=32, vocab_size=len(tokenizer) + 8, max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id,
         ),
-        image_token_index=290,
+        image_token_index=processor.image_token_id,
         projection_dim=64,
     )  # fmt: skip
     torch.manual_seed(0)
-    return transformers.PaliGemmaForConditionalGeneration(config).eval()
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 @pytest.mark.slow
 class TestPaliGemmaExport(unittest.TestCase):
     """The default run and validation (every observed call replayed, 8 greedy tokens through
-    ORTModelForImageTextToText on batch 2 with different prompt lengths, one image each) and
-    the prefix-LM mask inside the graph; about 30 s, so in the slow run."""
+    ORTModelForImageTextToText on batch 2 with different prompt lengths, one image each), a
+    PaliGemmaProcessor batch, and the prefix-LM mask inside the graph; about 30 s, so in the slow
+    run."""
 
     @classmethod
     def setUpClass(cls):
-        cls.model = tiny_paligemma()
+        cls.processor = tiny_paligemma_processor()
+        cls.model = tiny_paligemma(cls.processor)
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.output = Path(cls.tmp.name) / "out"
-        cls.result = optimum_observer.export(
-            cls.model, cls.output, task="image-text-to-text", runtime_class=ORTModelForImageTextToText
-        )
+        cls.source, cls.output = Path(cls.tmp.name) / "paligemma", Path(cls.tmp.name) / "paligemma-onnx"
+        cls.model.save_pretrained(cls.source)
+        cls.processor.save_pretrained(cls.source)
+        cls.result = main_export(str(cls.source), str(cls.output), task="image-text-to-text").observer_result
 
     @classmethod
     def tearDownClass(cls):
@@ -246,6 +267,18 @@ class TestPaliGemmaExport(unittest.TestCase):
         (generation,) = self.result.validation.generation
         self.assertEqual(len(set(generation.prompt_lengths)), 2)
         self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
+
+    def test_processor_batch_generates_torchs_greedy_tokens(self):
+        # The processor puts the image tokens and bos before each prompt and returns no token
+        # types (only with a suffix, for training): the runtime feeds zeros, unused at inference.
+        prompts = ["Hello, my dog", "The capital of France is Paris, and the capital of"]
+        batch = self.processor(images=images(2), text=prompts, padding=True, return_tensors="pt")
+        self.assertNotIn("token_type_ids", batch)
+        self.assertNotEqual(*batch["attention_mask"].sum(-1).tolist())
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **SETTINGS)
+        got = ORTModelForImageTextToText.from_pretrained(self.output).generate(**batch, **SETTINGS)
+        self.assertEqual(got.tolist(), expected.tolist())
 
     def test_the_prompt_attends_both_ways_in_the_graph(self):
         # Changing the last prompt token changes the logits of the first text token: the prompt
@@ -271,7 +304,6 @@ class TestPaliGemmaExport(unittest.TestCase):
             np.testing.assert_allclose(got[mask == 1], expected[mask == 1].numpy(), atol=1e-4)
             logits.append(got[0, first_text])
         self.assertGreater(np.abs(logits[0] - logits[1]).max(), 1e-4)
-
 
 @pytest.mark.slow
 class TestShieldGemma2Export(unittest.TestCase):
