@@ -159,15 +159,9 @@ class TextDecoder(torch.nn.Module):
         cache_position: torch.Tensor,
         token_type_ids: torch.Tensor | None,
     ) -> Any:
-        """The mask the model's decoder takes, built by the model's own hook."""
+        """The mask the model's decoder takes, built by the model's own hook (`token_type_ids`
+        of every position, cached ones included)."""
         owner, name = self.mask_hook
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if token_type_ids is not None:
-            # The hooks index token types by absolute position (generate only ever gives them the
-            # prompt's); the cached positions before these tokens count as text here, which is
-            # exact for generate, whose later steps are text tokens.
-            past = torch.zeros_like(token_type_ids[:, :1]).expand(-1, past_length)
-            token_type_ids = torch.cat([past, token_type_ids], dim=1)
         if owner == "outer":
             return getattr(self._outer_class, name)(
                 config=self.config,
@@ -178,6 +172,7 @@ class TextDecoder(torch.nn.Module):
                 position_ids=position_ids,
                 token_type_ids=token_type_ids,
             )
+        # The last argument, is_training: the inference mask.
         return getattr(type(self._inner), name)(
             self._inner, attention_mask, token_type_ids, past_key_values, cache_position, inputs_embeds, False
         )
@@ -195,9 +190,16 @@ class TextDecoder(torch.nn.Module):
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         if self.mask_hook is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
             if cache_position is None:
-                past = past_key_values.get_seq_length() if past_key_values is not None else 0
-                cache_position = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
+                new_tokens = inputs_embeds.shape[1]
+                cache_position = torch.arange(past_length, past_length + new_tokens, device=inputs_embeds.device)
+            if token_type_ids is not None:
+                # The hooks index token types by absolute position (generate only ever gives them
+                # the prompt's); the cached positions before these tokens count as text here,
+                # which is exact for generate, whose later steps are text tokens.
+                cached = torch.zeros_like(token_type_ids[:, :1]).expand(-1, past_length)
+                token_type_ids = torch.cat([cached, token_type_ids], dim=1)
             attention_mask = self.decoder_mask(
                 inputs_embeds, attention_mask, position_ids, past_key_values, cache_position, token_type_ids
             )
@@ -261,6 +263,7 @@ class _DecoderGivenModelInputs(torch.nn.Module):
         self._given = {name: given.get(name) for name in ("attention_mask", "token_type_ids")}
 
     def forward(self, *args: Any, attention_mask: Any = None, **kwargs: Any) -> BaseModelOutputWithPast:
+        # `attention_mask` is the mask the inner model built; the part builds it from the given one.
         return self.part(*args, **kwargs, **self._given)
 
 

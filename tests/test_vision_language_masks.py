@@ -163,8 +163,11 @@ class TestGemma3Export(unittest.TestCase):
         past = self.onnx_model._empty_past(ids.shape[0])
         positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
         logits = {}
-        for name, types in (("image blocks", batch["token_type_ids"]), ("causal", torch.zeros_like(batch["input_ids"]))):
-            feeds = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, token_type_ids=types.numpy())
+        cases = (("image blocks", batch["token_type_ids"]), ("causal", torch.zeros_like(batch["input_ids"])))
+        for name, types in cases:
+            feeds = dict(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, token_type_ids=types.numpy()
+            )
             got = self.onnx_model.decoder.run(["logits"], {**feeds, **past})[0]
             with torch.no_grad():
                 expected = self.model(
@@ -184,9 +187,8 @@ class TestGemma3Export(unittest.TestCase):
 
 class TestDecoderMaskHooks(unittest.TestCase):
     def test_each_model_builds_its_mask_with_its_own_hook(self):
-        self.assertEqual(
-            vision_language.decoder_mask_hook(tiny_gemma3(tiny_gemma3_processor())), ("outer", "create_masks_for_generate")
-        )
+        gemma3 = tiny_gemma3(tiny_gemma3_processor())
+        self.assertEqual(vision_language.decoder_mask_hook(gemma3), ("outer", "create_masks_for_generate"))
         self.assertEqual(vision_language.decoder_mask_hook(tiny_paligemma()), ("inner", "_update_causal_mask"))
 
     def test_a_hook_the_model_only_inherits_is_not_its_mask(self):
@@ -219,7 +221,9 @@ def tiny_paligemma_processor() -> transformers.PaliGemmaProcessor:
     return transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def tiny_paligemma(processor: transformers.PaliGemmaProcessor | None = None) -> transformers.PaliGemmaForConditionalGeneration:
+def tiny_paligemma(
+    processor: transformers.PaliGemmaProcessor | None = None,
+) -> transformers.PaliGemmaForConditionalGeneration:
     processor = processor or tiny_paligemma_processor()
     tokenizer = processor.tokenizer
     config = transformers.PaliGemmaConfig(
@@ -297,7 +301,8 @@ class TestPaliGemmaExport(unittest.TestCase):
             ids[:, -1] = last
             embeds = onnx_model.merged_embeddings(ids.numpy(), batch["pixel_values"].numpy())
             feeds = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-            feeds.update({i.name: np.zeros_like(ids.numpy()) for i in session.get_inputs() if i.name == "token_type_ids"})
+            if onnx_model.takes_token_type_ids:
+                feeds["token_type_ids"] = np.zeros_like(ids.numpy())
             got = session.run(["logits"], {**feeds, **onnx_model._empty_past(ids.shape[0])})[0]
             with torch.no_grad():
                 expected = self.model(**{**batch, "input_ids": ids}).logits
