@@ -200,6 +200,17 @@ class TestDecoderMaskHooks(unittest.TestCase):
         classes = (transformers.PaliGemmaForConditionalGeneration, transformers.PaliGemmaModel)
         self.assertEqual(vision_language.class_mask_hook(*classes), ("inner", "_update_causal_mask"))
 
+    def test_routing_is_undone_when_the_run_raises(self):
+        model = tiny_gemma3(tiny_gemma3_processor())
+        parts = {name: part(model) for name, part in vision_language.PARTS.items()}
+        with self.assertRaises(RuntimeError):
+            with vision_language.routed(model, parts):
+                self.assertTrue(model.model._forward_pre_hooks)
+                self.assertIs(model.get_decoder().part, parts["text_decoder"])
+                raise RuntimeError("run failed")
+        self.assertFalse(model.model._forward_pre_hooks)
+        self.assertIs(type(model.get_decoder()), transformers.Gemma3TextModel)
+
     def test_the_reference_batches_carry_token_types_where_forward_takes_them(self):
         model = tiny_gemma3(tiny_gemma3_processor())
         batch = vision_language.reference_batches(model, 0)[0]
