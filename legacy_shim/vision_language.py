@@ -3,7 +3,8 @@
 Takes: a directory written by `optimum_observer.export(..., task="image-text-to-text")`:
 ``vision_encoder.onnx`` (pixel_values -> image_features), ``embed_tokens.onnx`` (input_ids ->
 inputs_embeds), ``decoder_model_merged.onnx`` (inputs_embeds, attention_mask, position_ids,
-past_key_values.{i}.key|value -> logits, present.{i}.key|value) and ``config.json`` (see
+token_type_ids where the model builds its decoder mask from them, past_key_values.{i}.key|value -> logits,
+present.{i}.key|value) and ``config.json`` (see
 :mod:`optimum_observer.vision_language` for the convention).
 Gives: Optimum's calling style, `from_pretrained(directory)` and
 `generate(**processor(images=..., text=..., padding=True, return_tensors="pt"), max_new_tokens=...)`,
@@ -64,6 +65,8 @@ class ORTModelForImageTextToText:
         self.embed_tokens = sessions[TEXT_EMBEDDING_FILE]
         self.decoder = sessions[TEXT_DECODER_FILE]
         self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        #: the decoder builds the model's own mask from token types (gemma3's image blocks).
+        self.takes_token_type_ids = any(i.name == "token_type_ids" for i in self.decoder.get_inputs())
         self._past_type = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.decoder.get_inputs()}
 
     @classmethod
@@ -137,6 +140,7 @@ class ORTModelForImageTextToText:
         input_ids: Any,
         attention_mask: Any = None,
         pixel_values: Any = None,
+        token_type_ids: Any = None,
         max_new_tokens: int | None = None,
         min_new_tokens: int | None = None,
         do_sample: bool = False,
@@ -144,7 +148,11 @@ class ORTModelForImageTextToText:
         eos_token_id: int | list[int] | None = None,
         **kwargs: Any,
     ) -> torch.LongTensor:
-        """Greedy generation; returns the prompt followed by the new tokens (finished rows padded)."""
+        """Greedy generation; returns the prompt followed by the new tokens (finished rows padded).
+
+        `token_type_ids` (the processor's, 1 at image tokens) go to a decoder that takes them for
+        the prompt, zeros for the new tokens; without them the prompt counts as text, as in
+        transformers' generate."""
         if do_sample or (kwargs.get("num_beams") or 1) > 1:
             raise NotImplementedError("ORTModelForImageTextToText generates greedily only (do_sample=False, num_beams=1).")
         settings = self.generation_config
@@ -162,10 +170,13 @@ class ORTModelForImageTextToText:
             images = images.astype(_NUMPY_TYPES.get(self.vision_encoder.get_inputs()[0].type, np.float32))
         embeds = self.merged_embeddings(ids, images)
         past = self._empty_past(ids.shape[0])
+        types = np.zeros_like(ids) if token_type_ids is None else _array(token_type_ids).astype(np.int64)
         finished = np.zeros(ids.shape[0], dtype=bool)
         tokens = ids
         for step in range(max_new_tokens):
             feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": _positions(mask, embeds.shape[1])}
+            if self.takes_token_type_ids:
+                feeds["token_type_ids"] = types
             outputs = self.decoder.run(None, {**feeds, **past})
             names = [o.name for o in self.decoder.get_outputs()]
             logits = outputs[names.index("logits")][:, -1, :].astype(np.float32)
@@ -183,4 +194,5 @@ class ORTModelForImageTextToText:
             }
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
             embeds = self.embed_tokens.run(None, {"input_ids": next_tokens[:, None]})[0]
+            types = np.zeros_like(next_tokens[:, None])
         return torch.from_numpy(tokens)

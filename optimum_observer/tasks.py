@@ -270,7 +270,9 @@ def _image_text_to_text() -> TaskContract:
             ),
             GraphContract(
                 "decoder_model_merged.onnx",
-                _inputs("inputs_embeds", "attention_mask", "position_ids")
+                # token_type_ids: only where the decoder part builds the model's own mask from
+                # them (gemma3's image blocks); the graph has it only when the run passed it.
+                _inputs("inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
                 + (ContractInput("past_key_values", alternatives=(CACHE,)),),
                 (
                     # The decoder part returns its logits as `last_hidden_state` (it stands in for

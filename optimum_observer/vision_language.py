@@ -17,7 +17,9 @@ with Optimum's input and output names):
   ``image_features`` [num_images, image_tokens, hidden] (the vision tower, its feature-layer
   selection and the multimodal projector, i.e. the model's `get_image_features`);
 * ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds`` (the text embedding);
-* ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask``, ``position_ids``,
+* ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask`` (2-D), ``position_ids``,
+  ``token_type_ids`` (where the decoder part builds the model's mask and the run passed them, see
+  :class:`TextDecoder`),
   ``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value`` (language model and
   head). "Merged" as in transformers.js: one graph serves the prompt (fed zero-length past
   tensors) and every later step, like the decoder-only ``model.onnx``.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,18 +95,53 @@ class TextEmbedding(torch.nn.Module):
         return TextEmbeddingOutput(inputs_embeds=self.embedding(input_ids))
 
 
+#: transformers' own hooks that build a model's decoder mask (a causal mask with bidirectional
+#: image or prefix blocks, or a mapping of one mask per attention kind) from the 2-D padding mask,
+#: which its outer model calls between merging the images and calling the decoder, and which
+#: `generate` calls itself for compilable caches: (owner, method). "outer" is the
+#: `...ForConditionalGeneration` class (gemma3's `create_masks_for_generate`, a mapping with
+#: full/sliding masks and bidirectional image blocks from `token_type_ids`), "inner" its `.model`
+#: (paligemma's `_update_causal_mask`, a 4-D prefix-LM mask). A model with none of them hands the
+#: 2-D mask to its decoder unchanged (llava).
+DECODER_MASK_HOOKS: tuple[tuple[str, str], ...] = (
+    ("outer", "create_masks_for_generate"),
+    ("inner", "_update_causal_mask"),
+)
+
+
+def decoder_mask_hook(model: Any) -> tuple[str, str] | None:
+    """The entry of :data:`DECODER_MASK_HOOKS` this model uses, or None (:func:`class_mask_hook`)."""
+    return class_mask_hook(type(model), type(_inner(model)))
+
+
+def class_mask_hook(outer: type, inner: type) -> tuple[str, str] | None:
+    """The entry of :data:`DECODER_MASK_HOOKS` the outer class (or the inner model's class) defines
+    itself, or None. Inherited ones do not count: mllama's shared base class has an
+    `_update_causal_mask` for its text model, which its inner model never calls."""
+    owners = {"outer": outer, "inner": inner}
+    return next(((owner, name) for owner, name in DECODER_MASK_HOOKS if name in vars(owners[owner])), None)
+
+
 class TextDecoder(torch.nn.Module):
     """The language model and its head on `inputs_embeds`.
 
     Returns the logits of every position as `last_hidden_state`: during the observed run this
     module stands in for the decoder, whose caller reads `last_hidden_state` and applies the
     (then identity) head to it; the graph contract reads that field as `logits`.
+
+    Where the outer model builds the decoder's mask itself (:data:`DECODER_MASK_HOOKS`), this
+    part takes the 2-D `attention_mask` (and `token_type_ids`, 1 at image tokens, of the tokens it
+    is given) and builds that mask with the model's own hook, so the graph has the runtime's 2-D
+    mask as input and the model's mask inside.
     """
 
     def __init__(self, model: Any):
         super().__init__()
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
+        self.config = model.config
+        self.mask_hook = decoder_mask_hook(model)
+        self._outer_class, self._inner = type(model), _inner(model)
 
     # While it stands in for the decoder, the model reaches its embedding through it.
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -111,6 +149,33 @@ class TextDecoder(torch.nn.Module):
 
     def set_input_embeddings(self, value: torch.nn.Module) -> None:
         self.decoder.set_input_embeddings(value)
+
+    def decoder_mask(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        past_key_values: Any,
+        cache_position: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+    ) -> Any:
+        """The mask the model's decoder takes, built by the model's own hook (`token_type_ids`
+        of every position, cached ones included)."""
+        owner, name = self.mask_hook
+        if owner == "outer":
+            return getattr(self._outer_class, name)(
+                config=self.config,
+                input_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache_position=cache_position,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                token_type_ids=token_type_ids,
+            )
+        # The last argument, is_training: the inference mask.
+        return getattr(type(self._inner), name)(
+            self._inner, attention_mask, token_type_ids, past_key_values, cache_position, inputs_embeds, False
+        )
 
     def forward(
         self,
@@ -120,9 +185,24 @@ class TextDecoder(torch.nn.Module):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         cache_position: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         return_dict: bool = True,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        if self.mask_hook is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if cache_position is None:
+                new_tokens = inputs_embeds.shape[1]
+                cache_position = torch.arange(past_length, past_length + new_tokens, device=inputs_embeds.device)
+            if token_type_ids is not None:
+                # The hooks index token types by absolute position (generate only ever gives them
+                # the prompt's); the cached positions before these tokens count as text here,
+                # which is exact for generate, whose later steps are text tokens.
+                cached = torch.zeros_like(token_type_ids[:, :1]).expand(-1, past_length)
+                token_type_ids = torch.cat([cached, token_type_ids], dim=1)
+            attention_mask = self.decoder_mask(
+                inputs_embeds, attention_mask, position_ids, past_key_values, cache_position, token_type_ids
+            )
         outputs = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -160,6 +240,33 @@ class _Returning(torch.nn.Module):
         return self.part(*args, **kwargs)[self.field]
 
 
+class _DecoderGivenModelInputs(torch.nn.Module):
+    """Stands in for the decoder of a model that builds the decoder's mask itself: calls the
+    decoder part with the 2-D `attention_mask` and the `token_type_ids` the inner model was given
+    (:meth:`record`, a forward pre-hook on it) instead of the mask it built from them, which the
+    part builds again with the same hook (:class:`TextDecoder`)."""
+
+    def __init__(self, part: TextDecoder, inner: torch.nn.Module):
+        super().__init__()
+        self.part = part
+        self._signature = inspect.signature(inner.forward)
+        self._given: dict[str, Any] = {}
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.part.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.part.set_input_embeddings(value)
+
+    def record(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        given = self._signature.bind_partial(*args, **kwargs).arguments
+        self._given = {name: given.get(name) for name in ("attention_mask", "token_type_ids")}
+
+    def forward(self, *args: Any, attention_mask: Any = None, **kwargs: Any) -> BaseModelOutputWithPast:
+        # `attention_mask` is the mask the inner model built; the part builds it from the given one.
+        return self.part(*args, **kwargs, **self._given)
+
+
 @contextlib.contextmanager
 def routed(model: Any, parts: dict[str, torch.nn.Module]) -> Iterator[None]:
     """The model's own calls go through `parts` (built by :data:`PARTS` from this model) for the
@@ -168,19 +275,28 @@ def routed(model: Any, parts: dict[str, torch.nn.Module]) -> Iterator[None]:
     embedding, decoder, head = model.get_input_embeddings(), model.get_decoder(), model.get_output_embeddings()
     had_features = "get_image_features" in vars(inner)
     vision = parts[VISION_ENCODER]
+    text_decoder = parts[TEXT_DECODER]
 
     def get_image_features(pixel_values: torch.Tensor, **settings: Any) -> torch.Tensor | list[torch.Tensor]:
         # The settings are the config's (what generate passes); the part reads the same config.
         features = vision(pixel_values=pixel_values).image_features
         return list(features) if vision.returns_list else features
 
+    recording = None
     try:
         model.set_input_embeddings(_Returning(parts[TEXT_EMBEDDING], "inputs_embeds"))
-        model.set_decoder(parts[TEXT_DECODER])
+        if text_decoder.mask_hook is None:
+            model.set_decoder(text_decoder)
+        else:
+            stand_in = _DecoderGivenModelInputs(text_decoder, inner)
+            recording = inner.register_forward_pre_hook(stand_in.record, with_kwargs=True)
+            model.set_decoder(stand_in)
         model.set_output_embeddings(torch.nn.Identity())
         inner.get_image_features = get_image_features
         yield
     finally:
+        if recording is not None:
+            recording.remove()
         # The decoder first: the embedding is set through it.
         model.set_decoder(decoder)
         model.set_input_embeddings(embedding)
@@ -215,7 +331,9 @@ PROMPT_LENGTHS = ((3, 6), (4, 2, 7))
 def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
     """Left-padded batches of 2 and 3 prompts of different lengths, one image each: each prompt
     is the image's placeholder tokens then random text ids (never the image token), with random
-    pixel values of the config's image size."""
+    pixel values of the config's image size; and, for a model whose forward takes them,
+    `token_type_ids` 1 at the image tokens (what processors return as multimodal token types,
+    `return_mm_token_type_ids`; gemma3 attends bidirectionally within an image by them)."""
     generator = torch.Generator().manual_seed(3)
     image_id, image_tokens = image_token_id(model), tokens_per_image(model)
     vocab = model.config.get_text_config().vocab_size
@@ -231,5 +349,8 @@ def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Ten
             input_ids[row, longest - len(prompt) :] = prompt
             attention_mask[row, longest - len(prompt) :] = 1
         pixel_values = torch.randn((len(lengths), *image_size(model)), generator=generator).to(model.dtype)
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values})
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        if "token_type_ids" in inspect.signature(model.forward).parameters:
+            batch["token_type_ids"] = (input_ids == image_id).long()
+        batches.append(batch)
     return batches

@@ -318,7 +318,7 @@ class TestVisionParts(unittest.TestCase):
 
     def test_routing_hands_back_one_tensor_where_the_model_returns_one(self):
         # gemma3's get_image_features returns one tensor (llava's a list): under the routing its
-        # own generate gives the same tokens (gemma3 itself does not export yet: issue 17).
+        # own generate gives the same tokens (the export: tests/test_vision_language_masks.py).
         config = transformers.Gemma3Config(
             vision_config=dict(
                 model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
