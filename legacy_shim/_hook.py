@@ -15,6 +15,9 @@ when one has executed, its patch function runs on it:
   (grouped-query attention, explicit head_dim, MLA, state caches), not from the config.
 - `optimum.onnxruntime.base`: :func:`legacy_shim.runtime_hooks.patch_axis_inference` stops every
   `ORTModel*` class from `eval`-ing dimension names of the model file under IO binding.
+- `optimum.onnxruntime.optimization`: :func:`legacy_shim.post_processing.patch_optimizer` lets
+  `ORTOptimizer` (and `optimum-cli onnxruntime optimize`) optimize observer exports of any model
+  type with the observer's fusions; legacy exports keep optimum-onnx's path.
 
 Set `OPTIMUM_OBSERVER_DISABLE=1` to turn it off.
 """
@@ -31,6 +34,7 @@ TARGETS = {
     "optimum.onnxruntime.modeling_decoder": "legacy_shim.runtime_cache:patch_modeling_decoder",
     "optimum.onnxruntime.modeling_seq2seq": "legacy_shim.runtime_cache:patch_modeling_seq2seq",
     "optimum.onnxruntime.base": "legacy_shim.runtime_hooks:patch_axis_inference",
+    "optimum.onnxruntime.optimization": "legacy_shim.post_processing:patch_optimizer",
 }
 
 

@@ -56,6 +56,7 @@ from typing import Any
 
 import json
 
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -78,6 +79,10 @@ PARTIAL, PREVIOUS = "partial", "previous"
 _OWNED = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{PARTIAL}|{PREVIOUS})-(?P<pid>\d+)-[0-9a-f]+$")
 #: Files every export writes, beside the task's ONNX files: checked before any work.
 CONFIG_FILES = ("config.json",)
+#: Key of the ONNX model metadata entry every observer export carries (value: the package's
+#: version): how post-processing tools tell an observer graph (torch.export's operators, names
+#: and scopes) from a legacy one (`legacy_shim`'s ORTOptimizer routing reads it).
+EXPORTER_METADATA_KEY = "optimum_observer.version"
 
 
 def _owned_name(destination: Path, kind: str) -> str:
@@ -320,6 +325,9 @@ def _publish(staging: Path, destination: Path, model_type: str) -> None:
 
 
 def write_model(program: torch.onnx.ONNXProgram, directory: Path, file_name: str = ONNX_FILE) -> list[str]:
+    from . import __version__
+
+    program.model.metadata_props[EXPORTER_METADATA_KEY] = __version__
     weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value)
     if weights >= EXTERNAL_DATA_THRESHOLD_BYTES:
         external = f"{file_name}_data"
@@ -327,6 +335,13 @@ def write_model(program: torch.onnx.ONNXProgram, directory: Path, file_name: str
         return [file_name, external]
     ir.save(program.model, directory / file_name)
     return [file_name]
+
+
+def exported_by_observer(path: str | os.PathLike) -> bool:
+    """Whether the ONNX file at `path` was written by an observer export (its metadata carries
+    :data:`EXPORTER_METADATA_KEY`); reads the graph only, never the weights."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return any(entry.key == EXPORTER_METADATA_KEY for entry in model.metadata_props)
 
 
 #: Config attributes optimum-onnx's `ORTModelForCausalLM.__init__` reads (to size the first
