@@ -90,7 +90,9 @@ class VisionEncoder(torch.nn.Module):
         #: idefics3, whose merge reads that shape): what :func:`routed` hands back to the model.
         self.as_returned: Callable[[torch.Tensor], Any] | None = None
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True, **vision_inputs: torch.Tensor) -> VisionEncoderOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, return_dict: bool = True, **vision_inputs: torch.Tensor
+    ) -> VisionEncoderOutput:
         features = type(self.inner).get_image_features(self.inner, pixel_values=pixel_values, **vision_inputs)
         concatenated, self.as_returned = _concatenated(features)
         return VisionEncoderOutput(image_features=concatenated)
@@ -339,5 +341,6 @@ def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Ten
             real = torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
             pixel_values = images.new_zeros((len(counts), max(counts), *images.shape[1:]))
             pixel_values[real] = images
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **layout.vision_inputs(pixel_values, real)})
+        vision_inputs = layout.vision_inputs(pixel_values, real)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs})
     return batches

@@ -62,7 +62,9 @@ def tiny_processor() -> transformers.Idefics3Processor:
         size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}
     )
     tokens_per_tile = (IMAGE_SIZE // PATCH_SIZE) ** 2 // 4
-    return transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens_per_tile)
+    return transformers.Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens_per_tile
+    )
 
 
 def tiny_idefics3(processor: transformers.Idefics3Processor) -> transformers.Idefics3ForConditionalGeneration:
@@ -158,14 +160,14 @@ class TestIdefics3Export(unittest.TestCase):
     def test_runtime_needs_the_pixel_attention_mask(self):
         batch = self.batch((((24, 24),),), PROMPTS[:1])
         del batch["pixel_attention_mask"]
-        with self.assertRaisesRegex(ValueError, r"takes 'pixel_attention_mask' beside pixel_values and none was given"):
+        with self.assertRaisesRegex(ValueError, r"takes 'pixel_attention_mask' beside pixel_values and none was"):
             self.onnx_model.generate(**batch, max_new_tokens=2)
 
     def test_runtime_refuses_pixel_values_of_another_rank(self):
         batch = self.batch((((24, 24),),), PROMPTS[:1])
         batch["pixel_values"] = batch["pixel_values"][0]
         with self.assertRaisesRegex(
-            ValueError, r"pixel_values of shape \(5, 3, 32, 32\): the vision encoder takes pixel_values of .*\(5 axes\)"
+            ValueError, r"pixel_values of shape \(5, 3, 32, 32\): the vision encoder takes pixel_values of .*\(5 axes"
         ):
             self.onnx_model.generate(**batch, max_new_tokens=2)
 
