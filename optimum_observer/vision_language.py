@@ -2,8 +2,9 @@
 observed generate() is routed through them.
 
 Takes: a loaded `AutoModelForImageTextToText` model of transformers' common layout (an outer
-`...ForConditionalGeneration` whose `.model` has `get_image_features`, with the standard
-`get/set_input_embeddings`, `get/set_decoder`, `get/set_output_embeddings`).
+`...ForConditionalGeneration` whose `.model` has `get_image_features` and, as a child module, the
+language model holding the input embeddings, with the standard `get/set_input_embeddings` and
+`get/set_output_embeddings`).
 Gives: the three parts, each an `nn.Module` whose forward is exactly one graph
 (:data:`PARTS`), :func:`routed`, which sends the model's own calls through those parts for the
 duration of one observed run, and the synthetic batches of the default run
@@ -13,9 +14,12 @@ File set (the convention of the Hugging Face ONNX VLM exports that transformers.
 `onnx-community/*`; the same three roles as onnxruntime-genai's vision / embedding / text split,
 with Optimum's input and output names):
 
-* ``vision_encoder.onnx``: ``pixel_values`` [num_images, channels, height, width] ->
-  ``image_features`` [num_images, image_tokens, hidden] (the vision tower, its feature-layer
-  selection and the multimodal projector, i.e. the model's `get_image_features`);
+* ``vision_encoder.onnx``: ``pixel_values`` of the rank the model takes ([num_images, channels,
+  height, width], or [prompts, images per prompt, channels, height, width] for models that tile
+  images) and every other tensor `get_image_features` is called with, under its parameter name
+  (``pixel_attention_mask``) -> ``image_features`` [image_tokens, hidden], every image's
+  features concatenated in order (the vision tower, its feature-layer selection and the
+  multimodal projector, i.e. the model's `get_image_features`);
 * ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds`` (the text embedding);
 * ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask``, ``position_ids``,
   ``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value`` (language model and
@@ -28,7 +32,7 @@ the image-token positions of ``input_ids`` take the features one to one, in orde
 it differs per model (variable tokens per image, grid positions) and is plain indexing.
 
 Observation: :func:`routed` swaps, for one `with` block, the model's embedding (through
-`set_input_embeddings`), its decoder (`set_decoder`) and head (`set_output_embeddings`, an
+`set_input_embeddings`), its language model (the inner model's attribute holding it) and head (`set_output_embeddings`, an
 identity: the decoder part already applies it) and the inner model's `get_image_features`
 for the parts, so one real `generate()` calls each part the way the runtime will, and the
 observers on the parts record real calls and real outputs. Everything is put back on exit.
