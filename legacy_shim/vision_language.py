@@ -35,7 +35,14 @@ TASK = "image-text-to-text"
 VISION_ENCODER_FILE = "vision_encoder.onnx"
 TEXT_EMBEDDING_FILE = "embed_tokens.onnx"
 TEXT_DECODER_FILE = "decoder_model_merged.onnx"
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
 
 
 def _array(value: Any) -> np.ndarray:
@@ -100,25 +107,45 @@ class ORTModelForImageTextToText:
         return cls(directory, config, sessions, generation_config)
 
     def _check_images(self, pixel_values: np.ndarray) -> None:
-        expected = self.vision_encoder.get_inputs()[0].shape[1:]
-        if pixel_values.ndim != 4 or any(isinstance(e, int) and e != g for e, g in zip(expected, pixel_values.shape[1:])):
+        """Refuses images whose rank or fixed sizes (channels, height, width) differ from what the
+        vision encoder graph declares."""
+        declared = next(i.shape for i in self.vision_encoder.get_inputs() if i.name == "pixel_values")
+        fixed_sizes_differ = any(isinstance(e, int) and e != g for e, g in zip(declared, pixel_values.shape))
+        if pixel_values.ndim != len(declared) or fixed_sizes_differ:
             raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)}: the vision encoder takes images of "
-                f"[num_images, {', '.join(map(str, expected))}]; make them with the model's image processor "
-                "(processor(images=..., text=..., return_tensors='pt')), which resizes them and gives them "
-                "the channels the model expects."
+                f"pixel_values of shape {tuple(pixel_values.shape)}: the vision encoder takes pixel_values of "
+                f"[{', '.join(map(str, declared))}] ({len(declared)} axes); make them with the model's image "
+                "processor (processor(images=..., text=..., return_tensors='pt')), which resizes them, gives them "
+                "the channels the model expects and lays them out as the model takes them."
             )
 
-    def merged_embeddings(self, input_ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
-        """The prompt's embeddings, the image features in place of the image placeholder tokens."""
+    def vision_inputs(self, pixel_values: Any, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The vision encoder's feeds: `pixel_values` and the other inputs the graph takes (a pixel
+        attention mask...), read from `inputs` (what the processor returned), each cast to the
+        graph's type."""
+        feeds = {}
+        for graph_input in self.vision_encoder.get_inputs():
+            value = pixel_values if graph_input.name == "pixel_values" else inputs.get(graph_input.name)
+            if value is None:
+                raise ValueError(
+                    f"the vision encoder takes {graph_input.name!r} beside pixel_values and none was given: pass "
+                    "everything the model's processor returns (model.generate(**processor(images=..., text=..., "
+                    "return_tensors='pt')))."
+                )
+            feeds[graph_input.name] = _array(value).astype(_NUMPY_TYPES.get(graph_input.type, np.float32))
+        self._check_images(feeds["pixel_values"])
+        return feeds
+
+    def merged_embeddings(self, input_ids: np.ndarray, vision_feeds: dict[str, np.ndarray] | None) -> np.ndarray:
+        """The prompt's embeddings, the image features in place of the image placeholder tokens,
+        in order (`vision_feeds`: from :meth:`vision_inputs`, None for a prompt without images)."""
         embeds = self.embed_tokens.run(None, {"input_ids": input_ids})[0]
         placeholders = input_ids == int(self.config.image_token_id)
-        if pixel_values is None:
+        if vision_feeds is None:
             if placeholders.any():
                 raise ValueError("input_ids hold image tokens but no pixel_values were given.")
             return embeds
-        self._check_images(pixel_values)
-        features = self.vision_encoder.run(None, {"pixel_values": pixel_values})[0]
+        features = self.vision_encoder.run(None, vision_feeds)[0]
         features = features.reshape(-1, embeds.shape[-1])
         if int(placeholders.sum()) != features.shape[0]:
             raise ValueError(
@@ -165,10 +192,8 @@ class ORTModelForImageTextToText:
 
         ids = _array(input_ids).astype(np.int64)
         mask = np.ones_like(ids) if attention_mask is None else _array(attention_mask).astype(np.int64)
-        images = None if pixel_values is None else _array(pixel_values)
-        if images is not None:
-            images = images.astype(_NUMPY_TYPES.get(self.vision_encoder.get_inputs()[0].type, np.float32))
-        embeds = self.merged_embeddings(ids, images)
+        vision_feeds = None if pixel_values is None else self.vision_inputs(pixel_values, kwargs)
+        embeds = self.merged_embeddings(ids, vision_feeds)
         past = self._empty_past(ids.shape[0])
         types = np.zeros_like(ids) if token_type_ids is None else _array(token_type_ids).astype(np.int64)
         finished = np.zeros(ids.shape[0], dtype=bool)

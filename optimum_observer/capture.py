@@ -157,9 +157,10 @@ def _graph_capture(
     graph: GraphContract, observer: torch.onnx.InputObserver, return_value: Any, model_type: str
 ) -> Capture:
     info = observer.info
+    observed = [_named(candidate.args, candidate.kwargs, info.signature_names) for candidate in info.inputs]
+    graph = graph.with_observed_inputs(name for named in observed for name in _unfed_tensors(named, graph))
     calls = []
-    for candidate, outputs, spec in zip(info.inputs, info.flat_outputs, info.outputs_specs):
-        named = _named(candidate.args, candidate.kwargs, info.signature_names)
+    for named, outputs, spec in zip(observed, info.flat_outputs, info.outputs_specs):
         if _belongs(named, graph):
             outputs = pytree.tree_unflatten(outputs, spec)
             calls.append(ObservedCall(_project(named, graph), outputs, _unfed_tensors(named, graph)))

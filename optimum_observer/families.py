@@ -317,8 +317,8 @@ class VisionLanguageFamily(TaskFamily):
         """`generate` with batch 2 then 3 over the reference inputs (left padded, one image each).
 
         The inputs are built first, outside the observed run: a model whose images take more than
-        llava's layout (image sizes, grids, tiles) fails there, which is a gap of this run, not a
-        failure of the model's own run."""
+        this run builds (image sizes, grids) fails there, which is a gap of this run, not a failure
+        of the model's own run."""
         pad = reference_inputs.pad_token_id(model, tokenizer)
         try:
             batches = self.reference_inputs(model, tokenizer)
@@ -327,11 +327,13 @@ class VisionLanguageFamily(TaskFamily):
                 model.config.model_type,
                 Stage.CAPTURE,
                 f"the default run cannot build image-text inputs for this model ({type(error).__name__}: "
-                f"{error}): it feeds pixel_values of [images, channels, height, width] and one placeholder "
-                "token per image feature, as llava-style models take them",
+                f"{error}): it feeds pixel_values of [images, channels, height, width] or [prompts, images, "
+                "channels, height, width] (the first the model runs on), the other inputs of "
+                "get_image_features it knows (vision_language.VISION_INPUT_BUILDERS) and one placeholder "
+                "token per image feature",
                 "pass a `run` callable that calls model.generate(**processor(images=..., text=..., "
-                "return_tensors='pt')) with the model's own processor; models with image sizes, grids or "
-                "tiles are not exported yet (docs/vision_language.md, issue 17).",
+                "return_tensors='pt')) with the model's own processor; models whose images need their sizes "
+                "or grids are not exported yet (docs/vision_language.md, issue 17).",
             ) from error
 
         def run(model: Any) -> list[torch.Tensor]:

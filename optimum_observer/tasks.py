@@ -114,10 +114,24 @@ class GraphContract:
     #: them: generate() starts every decoder on one start token, but a caller may feed several
     #: (forced decoder ids, a prompt), as the legacy `decoder_model.onnx` allows.
     dynamic_axes: tuple[tuple[str, int], ...] = ()
+    #: the tensors the module's forward receives beside `inputs` are graph inputs too, under
+    #: their argument names, as observed (:meth:`with_observed_inputs`): a vision encoder takes
+    #: whatever the model's `get_image_features` is called with (a pixel attention mask, image
+    #: sizes, a patch grid), which differs per model.
+    observed_inputs: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(i.name for i in self.inputs)
+
+    def with_observed_inputs(self, names: Any) -> GraphContract:
+        """This contract with the argument `names` (observed tensors) added as inputs after its own,
+        in the order given; unchanged unless :attr:`observed_inputs`."""
+        if not self.observed_inputs:
+            return self
+        known = {s for i in self.inputs for s in i.sources}
+        added = tuple(ContractInput(name) for name in dict.fromkeys(names) if name not in known)
+        return dataclasses.replace(self, inputs=self.inputs + added)
 
 
 class Family(str, enum.Enum):
@@ -264,6 +278,7 @@ def _image_text_to_text() -> TaskContract:
                 _outputs("image_features"),
                 module=VISION_ENCODER,
                 use_cache=None,
+                observed_inputs=True,
             ),
             GraphContract(
                 "embed_tokens.onnx", _inputs("input_ids"), _outputs("inputs_embeds"), module=TEXT_EMBEDDING, use_cache=None

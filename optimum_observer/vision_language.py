@@ -2,8 +2,9 @@
 observed generate() is routed through them.
 
 Takes: a loaded `AutoModelForImageTextToText` model of transformers' common layout (an outer
-`...ForConditionalGeneration` whose `.model` has `get_image_features`, with the standard
-`get/set_input_embeddings`, `get/set_decoder`, `get/set_output_embeddings`).
+`...ForConditionalGeneration` whose `.model` has `get_image_features` and, as a child module, the
+language model holding the input embeddings, with the standard `get/set_input_embeddings` and
+`get/set_output_embeddings`).
 Gives: the three parts, each an `nn.Module` whose forward is exactly one graph
 (:data:`PARTS`), :func:`routed`, which sends the model's own calls through those parts for the
 duration of one observed run, and the synthetic batches of the default run
@@ -13,9 +14,12 @@ File set (the convention of the Hugging Face ONNX VLM exports that transformers.
 `onnx-community/*`; the same three roles as onnxruntime-genai's vision / embedding / text split,
 with Optimum's input and output names):
 
-* ``vision_encoder.onnx``: ``pixel_values`` [num_images, channels, height, width] ->
-  ``image_features`` [num_images, image_tokens, hidden] (the vision tower, its feature-layer
-  selection and the multimodal projector, i.e. the model's `get_image_features`);
+* ``vision_encoder.onnx``: ``pixel_values`` of the rank the model takes ([num_images, channels,
+  height, width], or [prompts, images per prompt, channels, height, width] for models that tile
+  images) and every other tensor `get_image_features` is called with, under its parameter name
+  (``pixel_attention_mask``) -> ``image_features`` [image_tokens, hidden], every image's
+  features concatenated in order (the vision tower, its feature-layer selection and the
+  multimodal projector, i.e. the model's `get_image_features`);
 * ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds`` (the text embedding);
 * ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask`` (2-D), ``position_ids``,
   ``token_type_ids`` (where the decoder part builds the model's mask and the run passed them, see
@@ -30,7 +34,7 @@ the image-token positions of ``input_ids`` take the features one to one, in orde
 it differs per model (variable tokens per image, grid positions) and is plain indexing.
 
 Observation: :func:`routed` swaps, for one `with` block, the model's embedding (through
-`set_input_embeddings`), its decoder (`set_decoder`) and head (`set_output_embeddings`, an
+`set_input_embeddings`), its language model (the inner model's attribute holding it) and head (`set_output_embeddings`, an
 identity: the decoder part already applies it) and the inner model's `get_image_features`
 for the parts, so one real `generate()` calls each part the way the runtime will, and the
 observers on the parts record real calls and real outputs. Everything is put back on exit.
@@ -41,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,24 +70,53 @@ def _inner(model: Any) -> torch.nn.Module:
     return model.model
 
 
+def _decoder_attribute(model: Any) -> str:
+    """The inner model's attribute holding the language model: its child that holds the model's
+    input embeddings (`language_model` of a llava, `text_model` of an idefics3, which
+    `get_decoder()` does not find: it returns the inner model itself, and `set_decoder` is a no-op)."""
+    embedding = model.get_input_embeddings()
+    for name, child in _inner(model).named_children():
+        if any(module is embedding for module in child.modules()):
+            return name
+    raise ValueError(f"{type(_inner(model)).__name__} has no child module holding the input embeddings")
+
+
 class VisionEncoder(torch.nn.Module):
-    """`pixel_values` -> `image_features` [num_images, image_tokens, hidden]: the model's own
+    """`pixel_values` (of the rank the model takes) and whatever else the model's
+    `get_image_features` is called with (`pixel_attention_mask`, ...: tensors, passed by their
+    parameter names) -> `image_features` [image_tokens, hidden]: the features of every image,
+    concatenated in order, as the image placeholder tokens take them; the model's own
     `get_image_features` with its config's feature layer and selection strategy."""
 
     def __init__(self, model: Any):
         super().__init__()
         self.inner = _inner(model)
-        #: the model's own `get_image_features` returned one tensor per image (llava), not one
-        #: tensor (gemma3): what :func:`routed` hands back to the model's code.
-        self.returns_list = False
+        #: the features of the last call in the structure the model's own `get_image_features`
+        #: returned them (one tensor per image, llava; one [images, tokens, hidden] tensor,
+        #: idefics3, whose merge reads that shape): what :func:`routed` hands back to the model.
+        self.as_returned: Callable[[torch.Tensor], Any] | None = None
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True) -> VisionEncoderOutput:
-        features = type(self.inner).get_image_features(self.inner, pixel_values=pixel_values)
-        self.returns_list = not isinstance(features, torch.Tensor)
-        if self.returns_list:
-            # Every image has the same token count here.
-            features = torch.stack(tuple(features))
-        return VisionEncoderOutput(image_features=features)
+    def forward(
+        self, pixel_values: torch.Tensor, return_dict: bool = True, **vision_inputs: torch.Tensor
+    ) -> VisionEncoderOutput:
+        features = type(self.inner).get_image_features(self.inner, pixel_values=pixel_values, **vision_inputs)
+        concatenated, self.as_returned = _concatenated(features)
+        return VisionEncoderOutput(image_features=concatenated)
+
+
+def _concatenated(features: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """Image features as one [tokens, hidden] tensor, and the inverse: that tensor back in the
+    structure `features` had."""
+    if isinstance(features, torch.Tensor):
+        shape = features.shape
+        return features.reshape(-1, shape[-1]), lambda concatenated: concatenated.reshape(shape)
+    shapes = [f.shape for f in features]
+    sizes = [f.numel() // f.shape[-1] for f in features]
+
+    def as_list(concatenated: torch.Tensor) -> list[torch.Tensor]:
+        return [part.reshape(shape) for part, shape in zip(concatenated.split(sizes), shapes)]
+
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in features]), as_list
 
 
 class TextEmbedding(torch.nn.Module):
@@ -137,7 +170,7 @@ class TextDecoder(torch.nn.Module):
 
     def __init__(self, model: Any):
         super().__init__()
-        self.decoder = model.get_decoder()
+        self.decoder = getattr(_inner(model), _decoder_attribute(model))
         self.head = model.get_output_embeddings()
         self.config = model.config
         self.mask_hook = decoder_mask_hook(model)
@@ -272,25 +305,32 @@ def routed(model: Any, parts: dict[str, torch.nn.Module]) -> Iterator[None]:
     """The model's own calls go through `parts` (built by :data:`PARTS` from this model) for the
     block; the model is given back as it was, also on an exception."""
     inner = _inner(model)
-    embedding, decoder, head = model.get_input_embeddings(), model.get_decoder(), model.get_output_embeddings()
+    slot = _decoder_attribute(model)
+    embedding, decoder, head = model.get_input_embeddings(), getattr(inner, slot), model.get_output_embeddings()
     had_features = "get_image_features" in vars(inner)
     vision = parts[VISION_ENCODER]
     text_decoder = parts[TEXT_DECODER]
+    signature = inspect.signature(type(inner).get_image_features)
+    variadic = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
 
-    def get_image_features(pixel_values: torch.Tensor, **settings: Any) -> torch.Tensor | list[torch.Tensor]:
-        # The settings are the config's (what generate passes); the part reads the same config.
-        features = vision(pixel_values=pixel_values).image_features
-        return list(features) if vision.returns_list else features
+    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+        # The tensors it is called with go to the part by their parameter names; the settings
+        # (feature layer, selection strategy) are the config's, which the part reads too.
+        bound = signature.bind(inner, *args, **kwargs).arguments
+        extra = bound.pop(variadic[0], {}) if variadic else {}
+        tensors = {k: v for k, v in {**bound, **extra}.items() if isinstance(v, torch.Tensor)}
+        features = vision(**tensors).image_features
+        return vision.as_returned(features)
 
     recording = None
     try:
         model.set_input_embeddings(_Returning(parts[TEXT_EMBEDDING], "inputs_embeds"))
         if text_decoder.mask_hook is None:
-            model.set_decoder(text_decoder)
+            setattr(inner, slot, text_decoder)
         else:
             stand_in = _DecoderGivenModelInputs(text_decoder, inner)
             recording = inner.register_forward_pre_hook(stand_in.record, with_kwargs=True)
-            model.set_decoder(stand_in)
+            setattr(inner, slot, stand_in)
         model.set_output_embeddings(torch.nn.Identity())
         inner.get_image_features = get_image_features
         yield
@@ -298,7 +338,7 @@ def routed(model: Any, parts: dict[str, torch.nn.Module]) -> Iterator[None]:
         if recording is not None:
             recording.remove()
         # The decoder first: the embedding is set through it.
-        model.set_decoder(decoder)
+        setattr(inner, slot, decoder)
         model.set_input_embeddings(embedding)
         model.set_output_embeddings(head)
         if not had_features:
@@ -317,39 +357,113 @@ def image_size(model: Any) -> tuple[int, int, int]:
     return getattr(vision, "num_channels", 3), height, width
 
 
-def tokens_per_image(model: Any) -> int:
-    """How many placeholder tokens one image takes: observed, from one image through the part."""
-    with torch.no_grad():
-        one = torch.zeros((1, *image_size(model)), dtype=model.dtype, device=model.device)
-        return VisionEncoder(model)(pixel_values=one).image_features.shape[1]
+def _pixel_attention_mask(pixel_values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    # What the image processors of idefics2/idefics3/smolvlm give: 1 on every pixel of a real
+    # image (their tiles are never padded), 0 on the all-zero padding images.
+    height, width = pixel_values.shape[-2:]
+    return real[..., None, None].expand(*real.shape, height, width).long()
 
 
-#: text tokens after the image, per batch: two prompt lengths, then three.
+#: How the default run builds a tensor `get_image_features` takes beside `pixel_values`, by
+#: parameter name, from the batch's pixel values and which of their images are real (a bool
+#: tensor of their leading axes). A parameter without an entry is not passed.
+VISION_INPUT_BUILDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "pixel_attention_mask": _pixel_attention_mask,
+}
+
+#: The ranks of `pixel_values` the default run tries, in order: [images, C, H, W] (llava), then
+#: [prompts, images per prompt, C, H, W] with all-zero padding images (idefics3, smolvlm).
+PIXEL_VALUE_RANKS = (4, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLayout:
+    """How the model takes images, as asked from the model itself (:func:`image_layout`)."""
+
+    #: 4: [images, C, H, W]; 5: [prompts, images per prompt, C, H, W].
+    rank: int
+    #: placeholder tokens one image takes: its features through the vision part.
+    tokens_per_image: int
+    #: the tensors `get_image_features` takes beside `pixel_values` that the run passes.
+    extra_inputs: tuple[str, ...]
+
+    def vision_inputs(self, pixel_values: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`pixel_values` and the extra inputs for them."""
+        extra = {name: VISION_INPUT_BUILDERS[name](pixel_values, real) for name in self.extra_inputs}
+        return {"pixel_values": pixel_values, **extra}
+
+
+def image_layout(model: Any) -> ImageLayout:
+    """Asks the model how it takes images: one random image through the vision part, as
+    `pixel_values` of each rank of :data:`PIXEL_VALUE_RANKS` in turn, with the extra inputs
+    :data:`VISION_INPUT_BUILDERS` knows among `get_image_features`' parameters; the first rank it
+    runs at is the model's. Raises a ValueError naming what each rank raised."""
+    parameters = inspect.signature(type(_inner(model)).get_image_features).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    required = [n for n, p in list(parameters.items())[1:] if p.default is p.empty and p.kind not in variadic]
+    unknown = [name for name in required if name != "pixel_values" and name not in VISION_INPUT_BUILDERS]
+    if unknown:
+        raise ValueError(f"get_image_features requires {', '.join(unknown)}, which the default run does not build")
+    extra = tuple(name for name in VISION_INPUT_BUILDERS if name in parameters)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(image_size(model), generator=generator).to(device=model.device, dtype=model.dtype)
+    failures = []
+    for rank in PIXEL_VALUE_RANKS:
+        pixel_values = image.reshape((1,) * (rank - 3) + image.shape)
+        layout = ImageLayout(rank, 0, extra)
+        inputs = layout.vision_inputs(pixel_values, torch.ones(pixel_values.shape[:-3], dtype=torch.bool))
+        try:
+            with torch.no_grad():
+                features = VisionEncoder(model)(**inputs).image_features
+        except Exception as error:  # noqa: BLE001 - every rank is tried, each failure reported
+            failures.append(f"as {list(pixel_values.shape)}: {type(error).__name__}: {error}")
+            continue
+        return dataclasses.replace(layout, tokens_per_image=features.shape[0])
+    raise ValueError("get_image_features fails on one image " + "; ".join(failures))
+
+
+#: per batch, the images of each prompt: two prompts of one image, then three prompts with two
+#: images in the middle one, so that the number of images varies per batch and per prompt.
+IMAGES_PER_PROMPT = ((1, 1), (1, 2, 1))
+#: text tokens after the images, per batch: two prompt lengths, then three.
 PROMPT_LENGTHS = ((3, 6), (4, 2, 7))
 
 
 def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
-    """Left-padded batches of 2 and 3 prompts of different lengths, one image each: each prompt
-    is the image's placeholder tokens then random text ids (never the image token), with random
-    pixel values of the config's image size; and, for a model whose forward takes them,
-    `token_type_ids` 1 at the image tokens (what processors return as multimodal token types,
-    `return_mm_token_type_ids`; gemma3 attends bidirectionally within an image by them)."""
+    """Left-padded batches of 2 and 3 prompts of different lengths with 1 or 2 images each: each
+    prompt is its images' placeholder tokens then random text ids (never the image token), with
+    random pixel values of the config's image size, laid out as the model takes them
+    (:func:`image_layout`); and, for a model whose forward takes them, `token_type_ids` 1 at the
+    image tokens (what processors return as multimodal token types, `return_mm_token_type_ids`;
+    gemma3 attends bidirectionally within an image by them)."""
+    layout = image_layout(model)
     generator = torch.Generator().manual_seed(3)
-    image_id, image_tokens = image_token_id(model), tokens_per_image(model)
+    image_id = image_token_id(model)
     vocab = model.config.get_text_config().vocab_size
     batches = []
-    for lengths in PROMPT_LENGTHS:
-        longest = image_tokens + max(lengths)
-        input_ids = torch.full((len(lengths), longest), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, length in enumerate(lengths):
+    for lengths, counts in zip(PROMPT_LENGTHS, IMAGES_PER_PROMPT):
+        prompts = []
+        for length, count in zip(lengths, counts):
             text = torch.randint(3, vocab, (length,), generator=generator)
             text = text.masked_fill(text == image_id, 3)
-            prompt = torch.cat([torch.full((image_tokens,), image_id), text])
+            prompts.append(torch.cat([torch.full((count * layout.tokens_per_image,), image_id), text]))
+        longest = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
             input_ids[row, longest - len(prompt) :] = prompt
             attention_mask[row, longest - len(prompt) :] = 1
-        pixel_values = torch.randn((len(lengths), *image_size(model)), generator=generator).to(model.dtype)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        images = torch.randn((sum(counts), *image_size(model)), generator=generator).to(model.dtype)
+        if layout.rank == 4:
+            pixel_values, real = images, torch.ones(len(images), dtype=torch.bool)
+        else:
+            # Prompts with fewer images than the most are padded with all-zero images, as the
+            # image processors of these models do.
+            real = torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
+            pixel_values = images.new_zeros((len(counts), max(counts), *images.shape[1:]))
+            pixel_values[real] = images
+        vision_inputs = layout.vision_inputs(pixel_values, real)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs}
         if "token_type_ids" in inspect.signature(model.forward).parameters:
             batch["token_type_ids"] = (input_ids == image_id).long()
         batches.append(batch)
