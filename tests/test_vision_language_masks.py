@@ -159,7 +159,7 @@ class TestGemma3Export(unittest.TestCase):
         # only with them, and the graph's logits follow torch's in both cases.
         batch = self.batch()
         ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
-        embeds = self.onnx_model.merged_embeddings(ids, batch["pixel_values"].numpy())
+        embeds = self.onnx_model.merged_embeddings(ids, {"pixel_values": batch["pixel_values"].numpy()})
         past = self.onnx_model._empty_past(ids.shape[0])
         positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
         logits = {}
@@ -305,12 +305,12 @@ class TestPaliGemmaExport(unittest.TestCase):
         mask = batch["attention_mask"].numpy()
         self.assertTrue(mask.all())
         positions = np.cumsum(mask, -1) - 1
-        first_text = vision_language.tokens_per_image(self.model)
+        first_text = vision_language.image_layout(self.model).tokens_per_image
         logits = []
         for last in (5, 6):
             ids = batch["input_ids"].clone()
             ids[:, -1] = last
-            embeds = onnx_model.merged_embeddings(ids.numpy(), batch["pixel_values"].numpy())
+            embeds = onnx_model.merged_embeddings(ids.numpy(), {"pixel_values": batch["pixel_values"].numpy()})
             feeds = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
             if onnx_model.takes_token_type_ids:
                 feeds["token_type_ids"] = np.zeros_like(ids.numpy())
