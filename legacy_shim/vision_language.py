@@ -35,6 +35,7 @@ VISION_ENCODER_FILE = "vision_encoder.onnx"
 TEXT_EMBEDDING_FILE = "embed_tokens.onnx"
 TEXT_DECODER_FILE = "decoder_model_merged.onnx"
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_INTEGER_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def _array(value: Any) -> np.ndarray:
@@ -97,17 +98,39 @@ class ORTModelForImageTextToText:
         return cls(directory, config, sessions, generation_config)
 
     def _check_images(self, pixel_values: np.ndarray) -> None:
-        expected = self.vision_encoder.get_inputs()[0].shape[1:]
-        if pixel_values.ndim != 4 or any(isinstance(e, int) and e != g for e, g in zip(expected, pixel_values.shape[1:])):
+        expected = self.vision_encoder.get_inputs()[0].shape
+        if pixel_values.ndim != len(expected) or any(
+            isinstance(e, int) and e != g for e, g in zip(expected, pixel_values.shape)
+        ):
+            layout = ", ".join(e if isinstance(e, str) else str(e) for e in expected)
             raise ValueError(
                 f"pixel_values of shape {tuple(pixel_values.shape)}: the vision encoder takes images of "
-                f"[num_images, {', '.join(map(str, expected))}]; make them with the model's image processor "
+                f"[{layout}]; make them with the model's image processor "
                 "(processor(images=..., text=..., return_tensors='pt')), which resizes them and gives them "
-                "the channels the model expects."
+                "the channels and the layout the model expects."
             )
 
-    def merged_embeddings(self, input_ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
-        """The prompt's embeddings, the image features in place of the image placeholder tokens."""
+    def _vision_feeds(self, pixel_values: np.ndarray, given: dict[str, Any]) -> dict[str, np.ndarray]:
+        """What the vision encoder takes besides the images (`image_sizes`, ...), from what the
+        caller passed, as the processor names it."""
+        feeds = {"pixel_values": pixel_values}
+        for graph_input in self.vision_encoder.get_inputs()[1:]:
+            if given.get(graph_input.name) is None:
+                raise ValueError(
+                    f"the vision encoder takes {graph_input.name!r} besides pixel_values, and none was given: "
+                    "pass everything the model's processor returns (model.generate(**processor(images=..., "
+                    "text=..., return_tensors='pt')))."
+                )
+            value = _array(given[graph_input.name])
+            dtype = {**_NUMPY_TYPES, **_INTEGER_TYPES}.get(graph_input.type)
+            feeds[graph_input.name] = value if dtype is None else value.astype(dtype)
+        return feeds
+
+    def merged_embeddings(
+        self, input_ids: np.ndarray, pixel_values: np.ndarray | None, **vision_inputs: Any
+    ) -> np.ndarray:
+        """The prompt's embeddings, the image features in place of the image placeholder tokens,
+        in order (the features of every image concatenated: as many as the image's tokens)."""
         embeds = self.embed_tokens.run(None, {"input_ids": input_ids})[0]
         placeholders = input_ids == int(self.config.image_token_id)
         if pixel_values is None:
@@ -115,7 +138,7 @@ class ORTModelForImageTextToText:
                 raise ValueError("input_ids hold image tokens but no pixel_values were given.")
             return embeds
         self._check_images(pixel_values)
-        features = self.vision_encoder.run(None, {"pixel_values": pixel_values})[0]
+        features = self.vision_encoder.run(None, self._vision_feeds(pixel_values, vision_inputs))[0]
         features = features.reshape(-1, embeds.shape[-1])
         if int(placeholders.sum()) != features.shape[0]:
             raise ValueError(
@@ -160,7 +183,7 @@ class ORTModelForImageTextToText:
         images = None if pixel_values is None else _array(pixel_values)
         if images is not None:
             images = images.astype(_NUMPY_TYPES.get(self.vision_encoder.get_inputs()[0].type, np.float32))
-        embeds = self.merged_embeddings(ids, images)
+        embeds = self.merged_embeddings(ids, images, **kwargs)
         past = self._empty_past(ids.shape[0])
         finished = np.zeros(ids.shape[0], dtype=bool)
         tokens = ids

@@ -157,6 +157,9 @@ def _graph_capture(
     graph: GraphContract, observer: torch.onnx.InputObserver, return_value: Any, model_type: str
 ) -> Capture:
     info = observer.info
+    if graph.observed_inputs:
+        seen = (_named(c.args, c.kwargs, info.signature_names) for c in info.inputs)
+        graph = graph.with_observed(list(dict.fromkeys(k for n in seen for k, v in n.items() if isinstance(v, torch.Tensor))))
     calls = []
     for candidate, outputs, spec in zip(info.inputs, info.flat_outputs, info.outputs_specs):
         named = _named(candidate.args, candidate.kwargs, info.signature_names)

@@ -309,7 +309,9 @@ class VisionLanguageFamily(TaskFamily):
     def reference_inputs(
         self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
     ) -> list[Batch]:
-        return vision_language.reference_batches(model, reference_inputs.pad_token_id(model, tokenizer))
+        return vision_language.reference_batches(
+            model, reference_inputs.pad_token_id(model, tokenizer), feature_extractor
+        )
 
     def default_run(
         self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
@@ -321,7 +323,7 @@ class VisionLanguageFamily(TaskFamily):
         failure of the model's own run."""
         pad = reference_inputs.pad_token_id(model, tokenizer)
         try:
-            batches = self.reference_inputs(model, tokenizer)
+            batches = self.reference_inputs(model, tokenizer, feature_extractor)
         except Exception as error:
             raise ObserverExportError(
                 model.config.model_type,
@@ -345,7 +347,7 @@ class VisionLanguageFamily(TaskFamily):
     def check_generation(self, inputs: ValidationInputs) -> list[GenerationCheck]:
         """The first reference batch (two prompts of different lengths, one image each); the
         generate call is the same as an encoder-decoder model's."""
-        batch = self.reference_inputs(inputs.model, inputs.tokenizer)[0]
+        batch = self.reference_inputs(inputs.model, inputs.tokenizer, inputs.feature_extractor)[0]
         lengths = tuple(int(n) for n in batch["attention_mask"].sum(-1))
         return check_encoder_decoder_generation(inputs, batch, lengths)
 

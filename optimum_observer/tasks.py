@@ -114,6 +114,16 @@ class GraphContract:
     #: them: generate() starts every decoder on one start token, but a caller may feed several
     #: (forced decoder ids, a prompt), as the legacy `decoder_model.onnx` allows.
     dynamic_axes: tuple[tuple[str, int], ...] = ()
+    #: besides `inputs`, every tensor the observed module was called with is a graph input under
+    #: its argument name, in the order of the calls (a vision encoder's `image_sizes`,
+    #: `pixel_attention_mask` or `image_grid_thw`: what the model passes its `get_image_features`).
+    observed_inputs: bool = False
+
+    def with_observed(self, names: list[str]) -> GraphContract:
+        """This contract with the observed arguments `names` added as inputs (see
+        :attr:`observed_inputs`)."""
+        extra = tuple(ContractInput(n) for n in names if n not in {s for i in self.inputs for s in i.sources})
+        return dataclasses.replace(self, inputs=self.inputs + extra)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -264,6 +274,7 @@ def _image_text_to_text() -> TaskContract:
                 _outputs("image_features"),
                 module=VISION_ENCODER,
                 use_cache=None,
+                observed_inputs=True,
             ),
             GraphContract(
                 "embed_tokens.onnx", _inputs("input_ids"), _outputs("inputs_embeds"), module=TEXT_EMBEDDING, use_cache=None

@@ -38,9 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
@@ -63,24 +66,42 @@ def _inner(model: Any) -> torch.nn.Module:
     return model.model
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureLayout:
+    """How the model's own `get_image_features` returned what the part returns as one
+    [image_tokens, hidden] tensor: one tensor of `shapes[0]` (gemma3), or a list or tuple of
+    tensors of `shapes` (llava: one per image; llava_next: one per image, of its own length)."""
+
+    kind: type
+    shapes: tuple[tuple[int, ...], ...]
+
+    def restore(self, features: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]:
+        if self.kind is torch.Tensor:
+            return features.reshape(self.shapes[0])
+        lengths = [math.prod(shape[:-1]) for shape in self.shapes]
+        return self.kind(f.reshape(shape) for f, shape in zip(features.split(lengths), self.shapes))
+
+
 class VisionEncoder(torch.nn.Module):
-    """`pixel_values` -> `image_features` [num_images, image_tokens, hidden]: the model's own
-    `get_image_features` with its config's feature layer and selection strategy."""
+    """`pixel_values` (and whatever else the model passes its `get_image_features`: `image_sizes`,
+    ...) -> `image_features` [image_tokens, hidden]: the model's own `get_image_features` with its
+    config's feature layer and selection strategy, the features of every image concatenated in
+    order, so that every model's features replace its placeholder tokens the same way."""
 
     def __init__(self, model: Any):
         super().__init__()
         self.inner = _inner(model)
-        #: the model's own `get_image_features` returned one tensor per image (llava), not one
-        #: tensor (gemma3): what :func:`routed` hands back to the model's code.
-        self.returns_list = False
+        #: what the model's own `get_image_features` returned on the last eager call: what
+        #: :func:`routed` hands back to the model's code.
+        self.layout: FeatureLayout | None = None
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True) -> VisionEncoderOutput:
-        features = type(self.inner).get_image_features(self.inner, pixel_values=pixel_values)
-        self.returns_list = not isinstance(features, torch.Tensor)
-        if self.returns_list:
-            # Every image has the same token count here.
-            features = torch.stack(tuple(features))
-        return VisionEncoderOutput(image_features=features)
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True, **inputs: Any) -> VisionEncoderOutput:
+        features = type(self.inner).get_image_features(self.inner, pixel_values=pixel_values, **inputs)
+        pieces = (features,) if isinstance(features, torch.Tensor) else tuple(features)
+        if not torch.compiler.is_exporting():
+            self.layout = FeatureLayout(type(features), tuple(tuple(p.shape) for p in pieces))
+        flat = torch.cat([p.reshape(-1, p.shape[-1]) for p in pieces])
+        return VisionEncoderOutput(image_features=flat)
 
 
 class TextEmbedding(torch.nn.Module):
@@ -168,11 +189,20 @@ def routed(model: Any, parts: dict[str, torch.nn.Module]) -> Iterator[None]:
     embedding, decoder, head = model.get_input_embeddings(), model.get_decoder(), model.get_output_embeddings()
     had_features = "get_image_features" in vars(inner)
     vision = parts[VISION_ENCODER]
+    signature = inspect.signature(type(inner).get_image_features)
 
-    def get_image_features(pixel_values: torch.Tensor, **settings: Any) -> torch.Tensor | list[torch.Tensor]:
-        # The settings are the config's (what generate passes); the part reads the same config.
-        features = vision(pixel_values=pixel_values).image_features
-        return list(features) if vision.returns_list else features
+    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+        # The tensors the model passes are the part's inputs; the other arguments are settings,
+        # the config's (what generate passes), which the part reads from the same config.
+        bound = signature.bind(inner, *args, **kwargs)
+        bound.apply_defaults()
+        named = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            kind = signature.parameters[name].kind
+            named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        tensors = {name: value for name, value in named.items() if isinstance(value, torch.Tensor)}
+        features = vision(**tensors).image_features
+        return vision.layout.restore(features)
 
     try:
         model.set_input_embeddings(_Returning(parts[TEXT_EMBEDDING], "inputs_embeds"))
@@ -205,17 +235,31 @@ def tokens_per_image(model: Any) -> int:
     """How many placeholder tokens one image takes: observed, from one image through the part."""
     with torch.no_grad():
         one = torch.zeros((1, *image_size(model)), dtype=model.dtype, device=model.device)
-        return VisionEncoder(model)(pixel_values=one).image_features.shape[1]
+        return VisionEncoder(model)(pixel_values=one).image_features.shape[0]
 
 
 #: text tokens after the image, per batch: two prompt lengths, then three.
 PROMPT_LENGTHS = ((3, 6), (4, 2, 7))
 
 
-def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
-    """Left-padded batches of 2 and 3 prompts of different lengths, one image each: each prompt
-    is the image's placeholder tokens then random text ids (never the image token), with random
-    pixel values of the config's image size."""
+#: image (height, width) per batch, in multiples of the vision tower's image size: two sizes in
+#: the batch of 2, a larger one in the batch of 3, so that what grows with the image (tiles,
+#: patches, tokens) is seen at two sizes.
+IMAGE_SCALES = (((1, 1), (1, 2)), ((2, 1), (1, 1), (2, 2)))
+
+
+def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> list[dict[str, torch.Tensor]]:
+    """Left-padded batches of 2 and 3 prompts of different lengths, one image each.
+
+    With the model's processor (one that has an `image_token`), the processor makes them from
+    random images of :data:`IMAGE_SCALES` and prompts that start with the image token: it knows
+    how many placeholders an image of a given size takes, its tiles or patches and what else the
+    model needs (`image_sizes`, ...). Without one, each prompt is the image's placeholder tokens
+    (their count observed from one image through the part) then random text ids (never the image
+    token), with random pixel values of the config's image size: the layout of llava-style models.
+    """
+    if getattr(processor, "image_token", None) is not None:
+        return processor_batches(model, processor)
     generator = torch.Generator().manual_seed(3)
     image_id, image_tokens = image_token_id(model), tokens_per_image(model)
     vocab = model.config.get_text_config().vocab_size
@@ -233,3 +277,32 @@ def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Ten
         pixel_values = torch.randn((len(lengths), *image_size(model)), generator=generator).to(model.dtype)
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values})
     return batches
+
+
+def processor_batches(model: Any, processor: Any) -> list[dict[str, torch.Tensor]]:
+    """The batches of :func:`reference_batches` made by the model's processor (left padded)."""
+    channels, height, width = image_size(model)
+    generator = np.random.default_rng(3)
+    tokenizer = processor.tokenizer
+    padding_side = tokenizer.padding_side
+    batches = []
+    try:
+        tokenizer.padding_side = "left"
+        for scales, texts in zip(IMAGE_SCALES, _PROCESSOR_PROMPTS):
+            images = [
+                generator.integers(0, 256, (height * h, width * w, channels), dtype=np.uint8) for h, w in scales
+            ]
+            prompts = [f"{processor.image_token}\n{text}" for text in texts]
+            encoded = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+            batch = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            batches.append(batch)
+    finally:
+        tokenizer.padding_side = padding_side
+    return batches
+
+
+_PROCESSOR_PROMPTS = (
+    ("What is this?", "Once upon a time, the capital of France was"),
+    ("Describe the image.", "What is this?", "Hello, my dog is cute and"),
+)
