@@ -318,9 +318,9 @@ class VisionLanguageFamily(TaskFamily):
     ) -> Callable[[Any], Any]:
         """`generate` with batch 2 then 3 over the reference inputs (left padded, one image each).
 
-        The inputs are built first, outside the observed run: a model whose images take more than
-        llava's layout (image sizes, grids, tiles) fails there, which is a gap of this run, not a
-        failure of the model's own run."""
+        The inputs are built first, outside the observed run: without a processor, a model whose
+        images take more than llava's layout (image sizes, grids, tiles) fails there, which is a gap
+        of this run, not a failure of the model's own run."""
         pad = reference_inputs.pad_token_id(model, tokenizer)
         try:
             batches = self.reference_inputs(model, tokenizer, feature_extractor)
@@ -329,11 +329,12 @@ class VisionLanguageFamily(TaskFamily):
                 model.config.model_type,
                 Stage.CAPTURE,
                 f"the default run cannot build image-text inputs for this model ({type(error).__name__}: "
-                f"{error}): it feeds pixel_values of [images, channels, height, width] and one placeholder "
-                "token per image feature, as llava-style models take them",
-                "pass a `run` callable that calls model.generate(**processor(images=..., text=..., "
-                "return_tensors='pt')) with the model's own processor; models with image sizes, grids or "
-                "tiles are not exported yet (docs/vision_language.md, issue 17).",
+                f"{error}): without the model's processor it feeds pixel_values of [images, channels, height, "
+                "width] and one placeholder token per image feature, as llava-style models take them",
+                "pass the model's processor (feature_extractor=AutoProcessor.from_pretrained(...); a checkpoint "
+                "directory that holds it is read by itself), which knows the images' layout, their sizes and "
+                "placeholder counts, or a `run` callable that calls model.generate(**processor(images=..., "
+                "text=..., return_tensors='pt')).",
             ) from error
 
         def run(model: Any) -> list[torch.Tensor]:

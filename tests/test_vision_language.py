@@ -27,7 +27,7 @@ from parameterized import parameterized
 
 import optimum_observer
 from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
-from optimum_observer import ObserverExportError, patches, vision_language
+from optimum_observer import ObserverExportError, conversion, patches, vision_language
 from optimum_observer.errors import ErrorKind, Stage
 from tiny_models import build_tokenizer
 
@@ -217,6 +217,145 @@ class TestLlavaExport(unittest.TestCase):
             )
 
 
+#: llava_next's tile grids: one tile, two side by side or stacked, and four.
+PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+
+
+def tiny_llava_next_processor() -> transformers.LlavaNextProcessor:
+    image_processor = transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=PINPOINTS,
+    )
+    return transformers.LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_processor().tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def tiny_llava_next(processor: transformers.LlavaNextProcessor) -> transformers.LlavaNextForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    config = transformers.LlavaNextConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        ),
+        text_config=dict(
+            model_type="llama", **{**_TEXT, "vocab_size": len(tokenizer) + 8}, pad_token_id=tokenizer.pad_token_id
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(config).eval()
+    # image_newline starts uninitialised (torch.empty): random values, as a trained one would be.
+    model.model.image_newline.data.normal_()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+class TestVariableTokensPerImage(unittest.TestCase):
+    """llava_next: each image is split in tiles by its size (image_sizes, pixel_values of [images,
+    tiles, C, H, W]) and takes as many placeholder tokens as its unpadded tile grid has features.
+    One export (about 15 s) from the saved model and its processor, through main_export."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.processor = tiny_llava_next_processor()
+        cls.model = tiny_llava_next(cls.processor)
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.source, cls.output = Path(cls.tmp.name) / "llava_next", Path(cls.tmp.name) / "llava_next-onnx"
+        cls.model.save_pretrained(cls.source)
+        cls.processor.save_pretrained(cls.source)
+        cls.result = main_export(str(cls.source), str(cls.output), task="image-text-to-text").observer_result
+        cls.onnx_model = ORTModelForImageTextToText.from_pretrained(cls.output)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def generate_both(self, batch: transformers.BatchFeature) -> tuple[list, list]:
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        return self.onnx_model.generate(**batch, **settings).tolist(), expected.tolist()
+
+    def test_the_vision_graph_takes_what_get_image_features_is_called_with(self):
+        session = ort.InferenceSession(str(self.output / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+        self.assertEqual([i.name for i in session.get_inputs()], ["pixel_values", "image_sizes"])
+        self.assertEqual(len(session.get_inputs()[0].shape), 5)
+        (features,) = session.get_outputs()
+        self.assertEqual((features.name, len(features.shape)), ("image_features", 2))
+        axes = self.result.dynamic_axes
+        self.assertEqual(set(axes["vision_encoder.onnx:pixel_values"]), {0, 1})
+        self.assertEqual(axes["vision_encoder.onnx:image_sizes"], {0: "batch_size"})
+
+    def test_every_observed_call_replays_within_atol(self):
+        self.assertTrue(self.result.validation.ok, self.result.validation.table())
+        (generation,) = self.result.validation.generation
+        self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
+
+    def test_images_of_sizes_never_observed_generate_torchs_greedy_tokens(self):
+        # Two prompts of different lengths; a tall image (two tiles stacked, unpadded on the sides)
+        # and a wide one (unpadded at the top and bottom): different token counts.
+        batch = self.processor(images=images(((70, 30), (30, 55))), text=list(PROMPTS), padding=True, return_tensors="pt")
+        tokens = (batch["input_ids"] == self.model.config.image_token_id).sum(-1).tolist()
+        self.assertNotEqual(tokens[0], tokens[1])
+        self.assertNotEqual(*batch["attention_mask"].sum(-1).tolist())
+        got, expected = self.generate_both(batch)
+        self.assertEqual(got, expected)
+
+    def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
+        text = ["<image><image>\nUSER: Compare these two.", PROMPTS[1]]
+        batch = self.processor(images=images(((30, 30), (24, 60), (50, 40))), text=text, padding=True, return_tensors="pt")
+        got, expected = self.generate_both(batch)
+        self.assertEqual(got, expected)
+
+    def test_runtime_names_a_missing_vision_input(self):
+        batch = self.processor(images=images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
+        with self.assertRaisesRegex(ValueError, r"takes 'image_sizes' besides pixel_values.*\*\*processor\("):
+            self.onnx_model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=2)
+
+    def test_runtime_refuses_images_of_the_wrong_rank(self):
+        batch = self.processor(images=images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
+        expected = r"pixel_values of shape \(\d+, 3, 24, 24\).*takes images of \[batch_size, pixel_values_dim_1, 3, 24, 24\]"
+        with self.assertRaisesRegex(ValueError, expected):
+            self.onnx_model.generate(**{**batch, "pixel_values": batch["pixel_values"][0]}, max_new_tokens=2)
+
+
+class TestLlavaNextPackingPatch(unittest.TestCase):
+    def test_packing_exports_only_with_the_patch_and_matches_upstream_on_new_sizes(self):
+        processor = tiny_llava_next_processor()
+        model = tiny_llava_next(processor)
+        # The vision graph's module as the export builds it: keyword inputs pixel_values, image_sizes.
+        graph = optimum_observer.tasks.get_task("image-text-to-text").graphs[0].with_observed(["image_sizes"])
+        module = conversion.contract_module(model, graph, ["pixel_values", "image_sizes"])
+        seen = processor(images=images(((30, 30), (24, 60))), text=["<image>"] * 2, padding=True, return_tensors="pt")
+        kwargs = {"pixel_values": seen["pixel_values"], "image_sizes": seen["image_sizes"]}
+        dynamic = {
+            "pixel_values": {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},
+            "image_sizes": {0: torch.export.Dim.DYNAMIC},
+        }
+        with self.assertRaisesRegex(Exception, "data-dependent"):
+            torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
+        (patch,) = [p for p in patches.PATCHES if p.name == "llava_next_image_features_packed"]
+        with patches.applied([patch]), torch.no_grad():
+            program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
+        new = processor(images=images(((70, 30), (30, 55), (24, 24))), text=["<image>"] * 3, padding=True, return_tensors="pt")
+        new_inputs = {"pixel_values": new["pixel_values"], "image_sizes": new["image_sizes"]}
+        with torch.no_grad():
+            (expected,) = module(**new_inputs)
+            (got,) = program.module()(**new_inputs)
+        image_tokens = int((new["input_ids"] == model.config.image_token_id).sum())
+        self.assertEqual(got.shape, (image_tokens, model.config.text_config.hidden_size))
+        torch.testing.assert_close(got, expected)
+
+
 class TestVisionLanguageBadInput(unittest.TestCase):
     def test_a_run_with_one_channel_images_names_model_stage_and_remedy(self):
         processor = tiny_processor()
@@ -254,19 +393,10 @@ class TestVisionLanguageBadInput(unittest.TestCase):
         self.assertIn("max_new_tokens=3", str(error))
 
 
-    def test_a_model_whose_images_need_their_sizes_is_a_gap_of_the_default_run(self):
-        # llava_next's images need image_sizes (and a token count per size): not exported yet, and
-        # not the model's failure.
-        config = transformers.LlavaNextConfig(
-            vision_config=dict(
-                model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-            ),
-            text_config=dict(model_type="llama", **_TEXT),
-            image_token_index=290,
-            image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE]],
-        )  # fmt: skip
-        model = transformers.LlavaNextForConditionalGeneration(config).eval()
+    def test_a_model_whose_images_need_their_sizes_needs_its_processor(self):
+        # Without its processor, the default run cannot make llava_next's tiles and image_sizes:
+        # a gap of the default run (with its remedy), not the model's failure.
+        model = tiny_llava_next(tiny_llava_next_processor())
         with tempfile.TemporaryDirectory() as tmp:
             with self.assertRaises(ObserverExportError) as caught:
                 optimum_observer.export(model, Path(tmp) / "out", task="image-text-to-text")
@@ -274,7 +404,7 @@ class TestVisionLanguageBadInput(unittest.TestCase):
         self.assertEqual((error.model_type, error.stage, error.kind), ("llava_next", Stage.CAPTURE, ErrorKind.FAILED))
         self.assertIn("the default run cannot build image-text inputs for this model (TypeError", error.reason)
         self.assertIn("image_sizes", error.reason)
-        self.assertIn("pass a `run` callable", error.remedy)
+        self.assertIn("pass the model's processor (feature_extractor=", error.remedy)
 
 
 class TestVisionParts(unittest.TestCase):
