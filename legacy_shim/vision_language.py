@@ -193,7 +193,9 @@ class ORTModelForImageTextToText:
             names = [o.name for o in self.decoder.get_outputs()]
             logits = outputs[names.index("logits")][:, -1, :].astype(np.float32)
             if step < min_new_tokens and eos:
-                logits[:, eos] = -np.inf
+                # As transformers' MinNewTokensLengthLogitsProcessor: ids past the vocabulary are
+                # ignored (a config's eos id may be one the head does not have).
+                logits[:, [e for e in eos if 0 <= e < logits.shape[-1]]] = -np.inf
             next_tokens = np.where(finished, pad, logits.argmax(-1)).astype(np.int64)
             finished |= np.isin(next_tokens, eos)
             tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import tempfile
 import unittest
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -37,17 +38,21 @@ IMAGE_SIZE, PATCH_SIZE = 24, 8
 PROMPTS = ("<image>\nUSER: What is this?", "<image>\nUSER: Once upon a time, the capital of France was")
 
 
-def tiny_processor() -> transformers.LlavaProcessor:
+def tiny_tokenizer(*image_tokens: str) -> transformers.PreTrainedTokenizerFast:
     trained = build_tokenizer()
     # As a llama tokenizer: no token_type_ids (llava takes none), padding on the left; given to the
     # constructor, so that the saved tokenizer keeps them.
-    tokenizer = transformers.PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=trained.backend_tokenizer,
         **trained.special_tokens_map,
-        additional_special_tokens=["<image>"],
+        additional_special_tokens=list(image_tokens),
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def tiny_processor() -> transformers.LlavaProcessor:
+    tokenizer = tiny_tokenizer("<image>")
     image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -517,6 +522,62 @@ class TestOneToOneTypes(unittest.TestCase):
             )
         self.assertEqual(result.model_type, model_type)
         self.assertTrue(result.validation.ok)
+        (generation,) = result.validation.generation
+        self.assertEqual(len(set(generation.prompt_lengths)), 2)
+        self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
+
+
+#: Types whose image count per prompt is variable (tiles by image size), each with its processor
+#: built locally: (config, processor) factories.
+AYA_TOKENS = ("<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>")
+
+
+def _aya_vision() -> tuple[transformers.PretrainedConfig, Any]:
+    tokenizer = tiny_tokenizer(*AYA_TOKENS)
+    # aya-vision-8b's layout at tiny sizes: 364 px tiles of 14 px patches, 2x2 pixel shuffle
+    # (13 x 13 tokens per tile) -> 32 px tiles of 8 px patches (2 x 2 tokens per tile).
+    image_processor = transformers.GotOcr2ImageProcessor(
+        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+    processor = transformers.AyaVisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, img_size=32, downsample_factor=2
+    )
+    config = transformers.AyaVisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, image_size=32, patch_size=8,
+        ),
+        text_config=dict(
+            model_type="cohere2", **{**_TEXT, "vocab_size": len(tokenizer) + 8}, pad_token_id=tokenizer.pad_token_id
+        ),
+        downsample_factor=2,
+        image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"),
+    )  # fmt: skip
+    return config, processor
+
+
+VARIABLE_TOKEN_TYPES = {"aya_vision": _aya_vision}
+
+
+@pytest.mark.slow
+class TestVariableTokenTypes(unittest.TestCase):
+    """The default run through each type's processor (images of two sizes, tiles or tokens per
+    image varying with the size) and validation (every observed call replayed, 8 greedy tokens
+    through ORTModelForImageTextToText on batch 2 with different prompt lengths)."""
+
+    @parameterized.expand(sorted(VARIABLE_TOKEN_TYPES))
+    def test_exports_and_generates_torchs_greedy_tokens(self, model_type):
+        config, processor = VARIABLE_TOKEN_TYPES[model_type]()
+        torch.manual_seed(0)
+        model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+        with tempfile.TemporaryDirectory() as tmp:
+            result = optimum_observer.export(
+                model, Path(tmp) / "out", task="image-text-to-text", tokenizer=processor.tokenizer,
+                feature_extractor=processor, runtime_class=ORTModelForImageTextToText,
+            )  # fmt: skip
+        self.assertEqual(result.model_type, model_type)
+        self.assertTrue(result.validation.ok, result.validation.table())
         (generation,) = result.validation.generation
         self.assertEqual(len(set(generation.prompt_lengths)), 2)
         self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
