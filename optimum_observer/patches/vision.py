@@ -140,4 +140,11 @@ PATCHES = (
         "(IntTrueDiv(24, u0)) < (IntTrueDiv(24, u1)) (get_image_features reads each image's tile count "
         "and unpadded size from image_sizes as Python numbers and loops over the images)",
     ),
+    Patch(
+        name="llava_next_video_image_features_packed",
+        target="transformers.models.llava_next_video.modeling_llava_next_video:LlavaNextVideoModel.get_image_features",
+        replacement=_llava_next_image_features_packed,
+        fixes="GuardOnDataDependentSymNode: Could not guard on data-dependent expression (llava_next's "
+        "get_image_features, the same code)",
+    ),
 )
