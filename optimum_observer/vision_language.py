@@ -242,10 +242,13 @@ def tokens_per_image(model: Any) -> int:
 PROMPT_LENGTHS = ((3, 6), (4, 2, 7))
 
 
-#: image (height, width) per batch, in multiples of the vision tower's image size: two sizes in
-#: the batch of 2, a larger one in the batch of 3, so that what grows with the image (tiles,
-#: patches, tokens) is seen at two sizes.
-IMAGE_SCALES = (((1, 1), (1, 2)), ((2, 1), (1, 1), (2, 2)))
+#: image (height, width) per batch, as fractions of the vision tower's image size: two sizes in the
+#: batch of 2, one past the tower's size, so that what grows with the image (tiles, tokens) is seen
+#: at two sizes; three smaller ones in the batch of 3, so that images the processor pads to the
+#: largest of the batch (pixtral's) are seen at two heights and two widths, the height and width
+#: told apart. None is small: torch.export takes the export example's sizes, the smallest observed,
+#: as hints, and a size that makes a derived axis 1 (one merged patch column) gets fixed to 1.
+IMAGE_SCALES = (((1, 1), (1, 2)), ((0.75, 0.5), (0.5, 0.5), (0.25, 0.25)))
 
 
 def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> list[dict[str, torch.Tensor]]:
@@ -290,7 +293,8 @@ def processor_batches(model: Any, processor: Any) -> list[dict[str, torch.Tensor
         tokenizer.padding_side = "left"
         for scales, texts in zip(IMAGE_SCALES, _PROCESSOR_PROMPTS):
             images = [
-                generator.integers(0, 256, (height * h, width * w, channels), dtype=np.uint8) for h, w in scales
+                generator.integers(0, 256, (max(1, round(height * h)), max(1, round(width * w)), channels), dtype=np.uint8)
+                for h, w in scales
             ]
             prompts = [f"{processor.image_token}\n{text}" for text in texts]
             encoded = processor(images=images, text=prompts, padding=True, return_tensors="pt")

@@ -333,25 +333,49 @@ class TestVariableTokensPerImage(unittest.TestCase):
             self.onnx_model.generate(**{**batch, "pixel_values": batch["pixel_values"][0]}, max_new_tokens=2)
 
 
-class TestLlavaNextPackingPatch(unittest.TestCase):
-    def test_packing_exports_only_with_the_patch_and_matches_upstream_on_new_sizes(self):
-        processor = tiny_llava_next_processor()
-        model = tiny_llava_next(processor)
+def _llava_next_for_patch_test() -> tuple[Any, Any]:
+    processor = tiny_llava_next_processor()
+    return tiny_llava_next(processor), processor
+
+
+def _mistral3_for_patch_test() -> tuple[Any, Any]:
+    config, processor = _mistral3()
+    torch.manual_seed(0)
+    return transformers.Mistral3ForConditionalGeneration(config).eval(), processor
+
+
+#: patch -> (model and processor, image sizes exported from, image sizes checked).
+IMAGE_SIZE_PATCHES = {
+    "llava_next_image_features_packed": (_llava_next_for_patch_test, ((30, 30), (24, 60)), ((70, 30), (30, 55), (24, 24))),
+    "mistral3_image_features_on_a_grid": (_mistral3_for_patch_test, ((128, 128), (64, 128)), ((96, 48), (40, 120), (128, 80))),
+}
+
+
+class TestImageSizePatches(unittest.TestCase):
+    """The patches that compute, with tensor ops, what upstream computes from `image_sizes` read
+    as Python numbers: needed by torch.export, and equal to upstream on image sizes not exported."""
+
+    @parameterized.expand(sorted(IMAGE_SIZE_PATCHES))
+    def test_exports_only_with_the_patch_and_matches_upstream_on_new_sizes(self, name):
+        build, exported_sizes, new_sizes = IMAGE_SIZE_PATCHES[name]
+        model, processor = build()
+        image_token = processor.image_token
         # The vision graph's module as the export builds it: keyword inputs pixel_values, image_sizes.
         graph = optimum_observer.tasks.get_task("image-text-to-text").graphs[0].with_observed(["image_sizes"])
         module = conversion.contract_module(model, graph, ["pixel_values", "image_sizes"])
-        seen = processor(images=images(((30, 30), (24, 60))), text=["<image>"] * 2, padding=True, return_tensors="pt")
+        seen = processor(images=images(exported_sizes), text=[image_token] * 2, padding=True, return_tensors="pt")
         kwargs = {"pixel_values": seen["pixel_values"], "image_sizes": seen["image_sizes"]}
+        pixel_axes = range(2) if seen["pixel_values"].dim() == 5 else (0, 2, 3)
         dynamic = {
-            "pixel_values": {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},
+            "pixel_values": {axis: torch.export.Dim.DYNAMIC for axis in pixel_axes},
             "image_sizes": {0: torch.export.Dim.DYNAMIC},
         }
         with self.assertRaisesRegex(Exception, "data-dependent"):
             torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
-        (patch,) = [p for p in patches.PATCHES if p.name == "llava_next_image_features_packed"]
+        (patch,) = [p for p in patches.PATCHES if p.name == name]
         with patches.applied([patch]), torch.no_grad():
             program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
-        new = processor(images=images(((70, 30), (30, 55), (24, 24))), text=["<image>"] * 3, padding=True, return_tensors="pt")
+        new = processor(images=images(new_sizes), text=[image_token] * 3, padding=True, return_tensors="pt")
         new_inputs = {"pixel_values": new["pixel_values"], "image_sizes": new["image_sizes"]}
         with torch.no_grad():
             (expected,) = module(**new_inputs)
@@ -584,7 +608,33 @@ def _llava_next_video() -> tuple[transformers.PretrainedConfig, Any]:
     return config, processor
 
 
-VARIABLE_TOKEN_TYPES = {"aya_vision": _aya_vision, "llava_next_video": _llava_next_video}
+PIXTRAL_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+def _mistral3() -> tuple[transformers.PretrainedConfig, Any]:
+    # Mistral-Small-3.1's layout at tiny sizes: pixtral tower of 16 px patches, images up to the
+    # tower's size (1540 -> 128 px), 2 x 2 patches merged into one token, GQA text model.
+    tokenizer = tiny_tokenizer(*PIXTRAL_TOKENS)
+    image_processor = transformers.PixtralImageProcessor(size={"longest_edge": 128}, patch_size=16)
+    processor = transformers.PixtralProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=16, spatial_merge_size=2
+    )
+    config = transformers.Mistral3Config(
+        vision_config=dict(
+            model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, head_dim=8, image_size=128, patch_size=16,
+        ),
+        text_config=dict(
+            model_type="mistral", **{**_TEXT, "vocab_size": len(tokenizer) + 8}, pad_token_id=tokenizer.pad_token_id
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    return config, processor
+
+
+VARIABLE_TOKEN_TYPES = {"aya_vision": _aya_vision, "llava_next_video": _llava_next_video, "mistral3": _mistral3}
 
 
 @pytest.mark.slow

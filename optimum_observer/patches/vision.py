@@ -123,6 +123,58 @@ def _llava_next_image_features_packed(
     return laid_out[mask]
 
 
+def _mistral3_image_features_on_a_grid(
+    self: Any,
+    pixel_values: torch.Tensor,
+    image_sizes: torch.Tensor,
+    vision_feature_layer: int | list[int] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    # Upstream's features (pixtral's vision tower, mistral3's projector and patch merger), for the
+    # images' [images, channels, height, width] as the processor pads them, as one
+    # [image_tokens, hidden] tensor. Upstream cuts each image's patches by its size, attends
+    # over all images as one sequence under a block-diagonal mask and merges patches image by
+    # image, reading `image_sizes` as Python numbers; here every image keeps the padded grid, its
+    # attention masks the keys outside its own size (the same scores as upstream's blocks), its
+    # positions are upstream's `row * max_width + column`, and a mask selects the merged patches
+    # inside its size, in upstream's row-major order.
+    layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+    tower, projector = self.vision_tower, self.multi_modal_projector
+    patch, merge = tower.patch_size, self.config.spatial_merge_size
+    embeds = tower.patch_conv(pixel_values.to(tower.patch_conv.weight.dtype))
+    images, dim, rows, columns = embeds.shape
+    device = embeds.device
+    r = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(columns, device=device)[None, :]
+    patch_rows, patch_columns = image_sizes[:, 0, None, None] // patch, image_sizes[:, 1, None, None] // patch
+    inside = ((r < patch_rows) & (c < patch_columns)).reshape(images, -1)
+    hidden = tower.ln_pre(embeds.flatten(2).transpose(1, 2))
+    positions = (r * (tower.config.image_size // tower.config.patch_size) + c).reshape(-1)
+    position_embeddings = tower.patch_positional_embedding(hidden, positions)
+    attention_mask = torch.zeros(inside.shape, dtype=hidden.dtype, device=device)
+    attention_mask = attention_mask.masked_fill(~inside, torch.finfo(hidden.dtype).min)[:, None, None, :]
+    attention_mask = attention_mask.expand(images, 1, rows * columns, rows * columns)
+    states = tower.transformer(
+        hidden,
+        attention_mask=attention_mask,
+        position_embeddings=position_embeddings,
+        output_hidden_states=True,
+        return_dict=True,
+    ).hidden_states
+    layers = [layer] if isinstance(layer, int) else layer
+    selected = torch.cat([states[i] for i in layers], dim=-1)
+
+    features = projector.norm(selected)
+    width = features.shape[-1]
+    grid = features.transpose(1, 2).reshape(images, width, rows, columns)
+    merged = torch.nn.functional.unfold(grid, kernel_size=merge, stride=merge).transpose(1, 2)
+    features = projector.linear_2(projector.act(projector.linear_1(projector.patch_merger.merging_layer(merged))))
+    merged_r = torch.arange(rows // merge, device=device)[:, None]
+    merged_c = torch.arange(columns // merge, device=device)[None, :]
+    kept = (merged_r < patch_rows // merge) & (merged_c < patch_columns // merge)
+    return features[kept.reshape(images, -1)]
+
+
 PATCHES = (
     Patch(
         name="llava_image_features_in_one_tensor",
@@ -146,5 +198,13 @@ PATCHES = (
         replacement=_llava_next_image_features_packed,
         fixes="GuardOnDataDependentSymNode: Could not guard on data-dependent expression (llava_next's "
         "get_image_features, the same code)",
+    ),
+    Patch(
+        name="mistral3_image_features_on_a_grid",
+        target="transformers.models.mistral3.modeling_mistral3:Mistral3Model.get_image_features",
+        replacement=_mistral3_image_features_on_a_grid,
+        fixes="GuardOnDataDependentSymNode: Could not extract specialized integer from data-dependent "
+        "expression u8 (pixtral's generate_block_attention_mask; its vision model and mistral3's patch "
+        "merger read each image's size from image_sizes as Python numbers and loop over the images)",
     ),
 )
