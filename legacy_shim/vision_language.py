@@ -1,7 +1,8 @@
 """`ORTModelForImageTextToText`: greedy generation from an image-text-to-text export.
 
 Takes: a directory written by `optimum_observer.export(..., task="image-text-to-text")`:
-``vision_encoder.onnx`` (pixel_values -> image_features), ``embed_tokens.onnx`` (input_ids ->
+``vision_encoder.onnx`` (pixel_values and the other inputs the model's vision part takes, such as
+image_sizes -> image_features), ``embed_tokens.onnx`` (input_ids ->
 inputs_embeds), ``decoder_model_merged.onnx`` (inputs_embeds, attention_mask, position_ids,
 past_key_values.{i}.key|value -> logits, present.{i}.key|value) and ``config.json`` (see
 :mod:`optimum_observer.vision_language` for the convention).
@@ -9,8 +10,10 @@ Gives: Optimum's calling style, `from_pretrained(directory)` and
 `generate(**processor(images=..., text=..., padding=True, return_tensors="pt"), max_new_tokens=...)`,
 returning the prompt and the new tokens as `model.generate` does.
 
-What it runs: the vision encoder once, the image features merged into the token embeddings at
-the image placeholder tokens one to one, in order (llava's `masked_scatter`), then the decoder on
+What it runs: the vision encoder once (its inputs other than pixel_values taken by name from what
+`generate` is given, as the processor names them), the image features merged into the token
+embeddings at the image placeholder tokens in order (the models' `masked_scatter`; an image's
+token count is whatever its features are), then the decoder on
 the prompt with zero-length past tensors and on one token at a time with the cache fed back by
 name, its positions counted from the attention mask as transformers' generate counts them
 (left padding). Greedy decoding only. optimum-onnx 0.1.0 has no class for the task, so this one

@@ -13,19 +13,22 @@ File set (the convention of the Hugging Face ONNX VLM exports that transformers.
 `onnx-community/*`; the same three roles as onnxruntime-genai's vision / embedding / text split,
 with Optimum's input and output names):
 
-* ``vision_encoder.onnx``: ``pixel_values`` [num_images, channels, height, width] ->
-  ``image_features`` [num_images, image_tokens, hidden] (the vision tower, its feature-layer
-  selection and the multimodal projector, i.e. the model's `get_image_features`);
+* ``vision_encoder.onnx``: ``pixel_values`` as the processor makes them ([num_images, channels,
+  height, width], llava_next's [num_images, tiles, channels, height, width]) and every other
+  tensor the model passes its `get_image_features` (``image_sizes``...: observed, see
+  `GraphContract.observed_inputs`) -> ``image_features`` [image_tokens, hidden], the features of
+  every image concatenated in order (the vision tower, its feature-layer selection and the
+  multimodal projector, i.e. the model's `get_image_features`);
 * ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds`` (the text embedding);
 * ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask``, ``position_ids``,
   ``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value`` (language model and
   head). "Merged" as in transformers.js: one graph serves the prompt (fed zero-length past
   tensors) and every later step, like the decoder-only ``model.onnx``.
 
-The merge of image features into the embeddings is not a graph: the runtime does it (llava:
-the image-token positions of ``input_ids`` take the features one to one, in order; see
-``legacy_shim.ORTModelForImageTextToText``), as optimum-intel's visual-LM runtime does, because
-it differs per model (variable tokens per image, grid positions) and is plain indexing.
+The merge of image features into the embeddings is not a graph: the runtime does it (the
+image-token positions of ``input_ids`` take the rows of ``image_features`` in order, however many
+tokens each image has; see ``legacy_shim.ORTModelForImageTextToText``), as optimum-intel's
+visual-LM runtime does: it is plain indexing.
 
 Observation: :func:`routed` swaps, for one `with` block, the model's embedding (through
 `set_input_embeddings`), its decoder (`set_decoder`) and head (`set_output_embeddings`, an
