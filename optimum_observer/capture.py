@@ -159,7 +159,8 @@ def _graph_capture(
     info = observer.info
     if graph.observed_inputs:
         seen = (_named(c.args, c.kwargs, info.signature_names) for c in info.inputs)
-        graph = graph.with_observed(list(dict.fromkeys(k for n in seen for k, v in n.items() if isinstance(v, torch.Tensor))))
+        tensors = (name for named in seen for name, value in named.items() if isinstance(value, torch.Tensor))
+        graph = graph.with_observed(list(dict.fromkeys(tensors)))
     calls = []
     for candidate, outputs, spec in zip(info.inputs, info.flat_outputs, info.outputs_specs):
         named = _named(candidate.args, candidate.kwargs, info.signature_names)

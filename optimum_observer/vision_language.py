@@ -295,10 +295,8 @@ def processor_batches(model: Any, processor: Any) -> list[dict[str, torch.Tensor
     try:
         tokenizer.padding_side = "left"
         for scales, texts in zip(IMAGE_SCALES, _PROCESSOR_PROMPTS):
-            images = [
-                generator.integers(0, 256, (max(1, round(height * h)), max(1, round(width * w)), channels), dtype=np.uint8)
-                for h, w in scales
-            ]
+            shapes = [(max(1, round(height * h)), max(1, round(width * w)), channels) for h, w in scales]
+            images = [generator.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
             prompts = [f"{processor.image_token}\n{text}" for text in texts]
             encoded = processor(images=images, text=prompts, padding=True, return_tensors="pt")
             batch = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}

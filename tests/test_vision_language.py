@@ -223,7 +223,8 @@ class TestLlavaExport(unittest.TestCase):
 
 
 #: llava_next's tile grids: one tile, two side by side or stacked, and four.
-PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+PINPOINTS += [[2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
 
 
 def tiny_llava_next_processor() -> transformers.LlavaNextProcessor:
@@ -308,7 +309,8 @@ class TestVariableTokensPerImage(unittest.TestCase):
     def test_images_of_sizes_never_observed_generate_torchs_greedy_tokens(self):
         # Two prompts of different lengths; a tall image (two tiles stacked, unpadded on the sides)
         # and a wide one (unpadded at the top and bottom): different token counts.
-        batch = self.processor(images=images(((70, 30), (30, 55))), text=list(PROMPTS), padding=True, return_tensors="pt")
+        pictures = images(((70, 30), (30, 55)))
+        batch = self.processor(images=pictures, text=list(PROMPTS), padding=True, return_tensors="pt")
         tokens = (batch["input_ids"] == self.model.config.image_token_id).sum(-1).tolist()
         self.assertNotEqual(tokens[0], tokens[1])
         self.assertNotEqual(*batch["attention_mask"].sum(-1).tolist())
@@ -317,7 +319,8 @@ class TestVariableTokensPerImage(unittest.TestCase):
 
     def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
         text = ["<image><image>\nUSER: Compare these two.", PROMPTS[1]]
-        batch = self.processor(images=images(((30, 30), (24, 60), (50, 40))), text=text, padding=True, return_tensors="pt")
+        pictures = images(((30, 30), (24, 60), (50, 40)))
+        batch = self.processor(images=pictures, text=text, padding=True, return_tensors="pt")
         got, expected = self.generate_both(batch)
         self.assertEqual(got, expected)
 
@@ -328,7 +331,10 @@ class TestVariableTokensPerImage(unittest.TestCase):
 
     def test_runtime_refuses_images_of_the_wrong_rank(self):
         batch = self.processor(images=images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
-        expected = r"pixel_values of shape \(\d+, 3, 24, 24\).*takes images of \[batch_size, pixel_values_dim_1, 3, 24, 24\]"
+        expected = (
+            r"pixel_values of shape \(\d+, 3, 24, 24\).*"
+            r"takes images of \[batch_size, pixel_values_dim_1, 3, 24, 24\]"
+        )
         with self.assertRaisesRegex(ValueError, expected):
             self.onnx_model.generate(**{**batch, "pixel_values": batch["pixel_values"][0]}, max_new_tokens=2)
 
@@ -346,8 +352,12 @@ def _mistral3_for_patch_test() -> tuple[Any, Any]:
 
 #: patch -> (model and processor, image sizes exported from, image sizes checked).
 IMAGE_SIZE_PATCHES = {
-    "llava_next_image_features_packed": (_llava_next_for_patch_test, ((30, 30), (24, 60)), ((70, 30), (30, 55), (24, 24))),
-    "mistral3_image_features_on_a_grid": (_mistral3_for_patch_test, ((128, 128), (64, 128)), ((96, 48), (40, 120), (128, 80))),
+    "llava_next_image_features_packed": (
+        _llava_next_for_patch_test, ((30, 30), (24, 60)), ((70, 30), (30, 55), (24, 24))
+    ),
+    "mistral3_image_features_on_a_grid": (
+        _mistral3_for_patch_test, ((128, 128), (64, 128)), ((96, 48), (40, 120), (128, 80))
+    ),
 }
 
 

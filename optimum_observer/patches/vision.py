@@ -48,7 +48,9 @@ def _best_tiles(image_sizes: torch.Tensor, pinpoints: list[list[int]], tile: int
     return candidates.to(torch.int64)[best] // tile
 
 
-def _kept_span(original: torch.Tensor, other_original: torch.Tensor, current: torch.Tensor, other_current: torch.Tensor):
+def _kept_span(
+    original: torch.Tensor, other_original: torch.Tensor, current: torch.Tensor, other_current: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Start and end along one axis of llava_next's `unpad_image` (modeling_llava_next.py): the
     padding the resize to the other axis added, split between both ends."""
     new = torch.floor(torch.round(original * (other_current / other_original) * 1e7) / 1e7)
