@@ -1,7 +1,8 @@
 """`ORTModelForImageTextToText`: greedy generation from an image-text-to-text export.
 
 Takes: a directory written by `optimum_observer.export(..., task="image-text-to-text")`:
-``vision_encoder.onnx`` (pixel_values -> image_features), ``embed_tokens.onnx`` (input_ids ->
+``vision_encoder.onnx`` (pixel_values and the other inputs the model's vision part takes, such as
+image_sizes -> image_features), ``embed_tokens.onnx`` (input_ids ->
 inputs_embeds), ``decoder_model_merged.onnx`` (inputs_embeds, attention_mask, position_ids,
 token_type_ids where the model builds its decoder mask from them, past_key_values.{i}.key|value -> logits,
 present.{i}.key|value) and ``config.json`` (see
@@ -10,8 +11,10 @@ Gives: Optimum's calling style, `from_pretrained(directory)` and
 `generate(**processor(images=..., text=..., padding=True, return_tensors="pt"), max_new_tokens=...)`,
 returning the prompt and the new tokens as `model.generate` does.
 
-What it runs: the vision encoder once, the image features merged into the token embeddings at
-the image placeholder tokens one to one, in order (llava's `masked_scatter`), then the decoder on
+What it runs: the vision encoder once (its inputs other than pixel_values taken by name from what
+`generate` is given, as the processor names them), the image features merged into the token
+embeddings at the image placeholder tokens in order (the models' `masked_scatter`; an image's
+token count is whatever its features are), then the decoder on
 the prompt with zero-length past tensors and on one token at a time with the cache fed back by
 name, its positions counted from the attention mask as transformers' generate counts them
 (left padding). Greedy decoding only. optimum-onnx 0.1.0 has no class for the task, so this one
@@ -206,7 +209,9 @@ class ORTModelForImageTextToText:
             names = [o.name for o in self.decoder.get_outputs()]
             logits = outputs[names.index("logits")][:, -1, :].astype(np.float32)
             if step < min_new_tokens and eos:
-                logits[:, eos] = -np.inf
+                # As transformers' MinNewTokensLengthLogitsProcessor: ids past the vocabulary are
+                # ignored (a config's eos id may be one the head does not have).
+                logits[:, [e for e in eos if 0 <= e < logits.shape[-1]]] = -np.inf
             next_tokens = np.where(finished, pad, logits.argmax(-1)).astype(np.int64)
             finished |= np.isin(next_tokens, eos)
             tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)

@@ -302,38 +302,41 @@ class VisionLanguageFamily(TaskFamily):
     )
     encoder_decoder = False
     # The processor (tokenizer and image processor) is saved with the export for its users; the
-    # default run builds its batches without it (vision_language.reference_batches).
+    # default run builds its batches with it where it has one (vision_language.reference_batches).
     uses_feature_extractor = True
     preprocessor_class = "AutoProcessor"
 
     def reference_inputs(
         self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
     ) -> list[Batch]:
-        return vision_language.reference_batches(model, reference_inputs.pad_token_id(model, tokenizer))
+        return vision_language.reference_batches(
+            model, reference_inputs.pad_token_id(model, tokenizer), feature_extractor
+        )
 
     def default_run(
         self, model: Any, contract: TaskContract, tokenizer: Any | None = None, feature_extractor: Any | None = None
     ) -> Callable[[Any], Any]:
         """`generate` with batch 2 then 3 over the reference inputs (left padded, one image each).
 
-        The inputs are built first, outside the observed run: a model whose images take more than
-        this run builds (image sizes, grids) fails there, which is a gap of this run, not a failure
-        of the model's own run."""
+        The inputs are built first, outside the observed run: without a processor, a model whose
+        images take more than the layouts this run builds (image sizes, grids) fails there, which is
+        a gap of this run, not a failure of the model's own run."""
         pad = reference_inputs.pad_token_id(model, tokenizer)
         try:
-            batches = self.reference_inputs(model, tokenizer)
+            batches = self.reference_inputs(model, tokenizer, feature_extractor)
         except Exception as error:
             raise ObserverExportError(
                 model.config.model_type,
                 Stage.CAPTURE,
                 f"the default run cannot build image-text inputs for this model ({type(error).__name__}: "
-                f"{error}): it feeds pixel_values of [images, channels, height, width] or [prompts, images, "
-                "channels, height, width] (the first the model runs on), the other inputs of "
-                "get_image_features it knows (vision_language.VISION_INPUT_BUILDERS) and one placeholder "
-                "token per image feature",
-                "pass a `run` callable that calls model.generate(**processor(images=..., text=..., "
-                "return_tensors='pt')) with the model's own processor; models whose images need their sizes "
-                "or grids are not exported yet (docs/vision_language.md, issue 17).",
+                f"{error}): without the model's processor it feeds pixel_values of [images, channels, height, "
+                "width] or [prompts, images, channels, height, width] (the first the model runs on), the other "
+                "inputs of get_image_features it knows (vision_language.VISION_INPUT_BUILDERS) and one "
+                "placeholder token per image feature",
+                "pass the model's processor (feature_extractor=AutoProcessor.from_pretrained(...); a checkpoint "
+                "directory that holds it is read by itself), which knows the images' layout, their sizes and "
+                "placeholder counts, or a `run` callable that calls model.generate(**processor(images=..., "
+                "text=..., return_tensors='pt')).",
             ) from error
 
         def run(model: Any) -> list[torch.Tensor]:
@@ -347,7 +350,7 @@ class VisionLanguageFamily(TaskFamily):
     def check_generation(self, inputs: ValidationInputs) -> list[GenerationCheck]:
         """The first reference batch (two prompts of different lengths, one image each); the
         generate call is the same as an encoder-decoder model's."""
-        batch = self.reference_inputs(inputs.model, inputs.tokenizer)[0]
+        batch = self.reference_inputs(inputs.model, inputs.tokenizer, inputs.feature_extractor)[0]
         lengths = tuple(int(n) for n in batch["attention_mask"].sum(-1))
         return check_encoder_decoder_generation(inputs, batch, lengths)
 

@@ -15,10 +15,12 @@ File set (the convention of the Hugging Face ONNX VLM exports that transformers.
 with Optimum's input and output names):
 
 * ``vision_encoder.onnx``: ``pixel_values`` of the rank the model takes ([num_images, channels,
-  height, width], or [prompts, images per prompt, channels, height, width] for models that tile
-  images) and every other tensor `get_image_features` is called with, under its parameter name
-  (``pixel_attention_mask``) -> ``image_features`` [image_tokens, hidden], every image's
-  features concatenated in order (the vision tower, its feature-layer selection and the
+  height, width]; llava_next's [num_images, tiles, channels, height, width]; [prompts, images per
+  prompt, channels, height, width] for models that tile images, idefics3) and every other tensor
+  `get_image_features` is called with, under its parameter name (``image_sizes``,
+  ``pixel_attention_mask``: observed, see `GraphContract.observed_inputs`) -> ``image_features``
+  [image_tokens, hidden], every image's features concatenated in order (the vision tower, its
+  feature-layer selection and the
   multimodal projector, i.e. the model's `get_image_features`);
 * ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds`` (the text embedding);
 * ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask`` (2-D), ``position_ids``,
@@ -28,10 +30,10 @@ with Optimum's input and output names):
   head). "Merged" as in transformers.js: one graph serves the prompt (fed zero-length past
   tensors) and every later step, like the decoder-only ``model.onnx``.
 
-The merge of image features into the embeddings is not a graph: the runtime does it (llava:
-the image-token positions of ``input_ids`` take the features one to one, in order; see
-``legacy_shim.ORTModelForImageTextToText``), as optimum-intel's visual-LM runtime does, because
-it differs per model (variable tokens per image, grid positions) and is plain indexing.
+The merge of image features into the embeddings is not a graph: the runtime does it (the
+image-token positions of ``input_ids`` take the rows of ``image_features`` in order, however many
+tokens each image has; see ``legacy_shim.ORTModelForImageTextToText``), as optimum-intel's
+visual-LM runtime does: it is plain indexing.
 
 Observation: :func:`routed` swaps, for one `with` block, the model's embedding (through
 `set_input_embeddings`), its language model (the inner model's attribute holding it) and head (`set_output_embeddings`, an
@@ -48,6 +50,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
@@ -364,6 +367,13 @@ def _pixel_attention_mask(pixel_values: torch.Tensor, real: torch.Tensor) -> tor
     return real[..., None, None].expand(*real.shape, height, width).long()
 
 
+def tokens_per_image(model: Any) -> int:
+    """How many placeholder tokens one image takes: observed, from one image through the part."""
+    with torch.no_grad():
+        one = torch.zeros((1, *image_size(model)), dtype=model.dtype, device=model.device)
+        return VisionEncoder(model)(pixel_values=one).image_features.shape[0]
+
+
 #: How the default run builds a tensor `get_image_features` takes beside `pixel_values`, by
 #: parameter name, from the batch's pixel values and which of their images are real (a bool
 #: tensor of their leading axes). A parameter without an entry is not passed.
@@ -429,13 +439,29 @@ IMAGES_PER_PROMPT = ((1, 1), (1, 2, 1))
 PROMPT_LENGTHS = ((3, 6), (4, 2, 7))
 
 
-def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+#: image (height, width) per batch, as fractions of the vision tower's image size: two sizes in the
+#: batch of 2, one past the tower's size, so that what grows with the image (tiles, tokens) is seen
+#: at two sizes; three smaller ones in the batch of 3, so that images the processor pads to the
+#: largest of the batch (pixtral's) are seen at two heights and two widths, the height and width
+#: told apart. None is small: torch.export takes the export example's sizes, the smallest observed,
+#: as hints, and a size that makes a derived axis 1 (one merged patch column) gets fixed to 1.
+IMAGE_SCALES = (((1, 1), (1, 2)), ((0.75, 0.5), (0.5, 0.5), (0.25, 0.25)))
+
+
+def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> list[dict[str, torch.Tensor]]:
     """Left-padded batches of 2 and 3 prompts of different lengths with 1 or 2 images each: each
     prompt is its images' placeholder tokens then random text ids (never the image token), with
     random pixel values of the config's image size, laid out as the model takes them
     (:func:`image_layout`); and, for a model whose forward takes them, `token_type_ids` 1 at the
     image tokens (what processors return as multimodal token types, `return_mm_token_type_ids`;
-    gemma3 attends bidirectionally within an image by them)."""
+    gemma3 attends bidirectionally within an image by them). That is the run without a processor.
+
+    With the model's processor (one that has an `image_token`), the processor makes the batches
+    (:func:`processor_batches`), as users run the model: it knows how many placeholders an image
+    of a given size takes (llava_next's token count depends on it), its tiles or patches and what
+    else the model needs (`image_sizes`, ...)."""
+    if getattr(processor, "image_token", None) is not None:
+        return processor_batches(model, processor)
     layout = image_layout(model)
     generator = torch.Generator().manual_seed(3)
     image_id = image_token_id(model)
@@ -468,3 +494,31 @@ def reference_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Ten
             batch["token_type_ids"] = (input_ids == image_id).long()
         batches.append(batch)
     return batches
+
+
+def processor_batches(model: Any, processor: Any) -> list[dict[str, torch.Tensor]]:
+    """The batches of :func:`reference_batches` made by the model's processor (left padded)."""
+    channels, height, width = image_size(model)
+    generator = np.random.default_rng(3)
+    tokenizer = processor.tokenizer
+    padding_side = tokenizer.padding_side
+    batches = []
+    try:
+        tokenizer.padding_side = "left"
+        for scales, texts in zip(IMAGE_SCALES, _PROCESSOR_PROMPTS):
+            shapes = [(max(1, round(height * h)), max(1, round(width * w)), channels) for h, w in scales]
+            images = [generator.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
+            prompts = [f"{processor.image_token}\n{text}" for text in texts]
+            encoded = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+            batch = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            batches.append(batch)
+    finally:
+        tokenizer.padding_side = padding_side
+    return batches
+
+
+_PROCESSOR_PROMPTS = (
+    ("What is this?", "Once upon a time, the capital of France was"),
+    ("Describe the image.", "What is this?", "Hello, my dog is cute and"),
+)
