@@ -48,6 +48,45 @@ def _positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     return positions[:, -new_tokens:].astype(np.int64)
 
 
+def _rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, grids: np.ndarray | None, config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Multimodal rotary positions [3, batch, sequence] of a prompt and each row's delta (what a
+    later step adds to its past length): text counts on one position per token in all three
+    rows, an image's placeholders take (frame, row, column) of its merged grid from where the
+    text stopped, and the text after it goes on from the image's largest position + 1; padding
+    gets 1.
+
+    A numpy adaptation of transformers' `Qwen2VLModel.get_rope_index` (models/qwen2_vl/
+    modeling_qwen2_vl.py, transformers 4.57), images only: that function loops over images with
+    values read from tensors, which torch.export cannot capture (GuardOnDataDependentSymNode),
+    so the runtime computes it, as generate does outside the model's graph."""
+    merge = config.vision_config.spatial_merge_size
+    image, start = int(config.image_token_id), int(config.vision_start_token_id)
+    batch, length = input_ids.shape
+    positions = np.ones((3, batch, length), dtype=np.int64)
+    deltas = np.zeros((batch, 1), dtype=np.int64)
+    next_image = 0
+    for row in range(batch):
+        visible = attention_mask[row] == 1
+        ids = input_ids[row][visible]
+        starts = np.flatnonzero(ids[:-1] == start)
+        pieces, position, cursor = [], 0, 0
+        for _ in range(int((ids[starts + 1] == image).sum())):
+            end = cursor + int(np.flatnonzero(ids[cursor:] == image)[0])
+            frames, height, width = (int(v) for v in grids[next_image])
+            next_image += 1
+            height, width = height // merge, width // merge
+            pieces.append(np.broadcast_to(np.arange(end - cursor) + position, (3, end - cursor)))
+            grid = np.indices((frames, height, width)).reshape(3, -1) + position + end - cursor
+            pieces.append(grid)
+            position, cursor = int(grid.max()) + 1, end + frames * height * width
+        if cursor < len(ids):
+            pieces.append(np.broadcast_to(np.arange(len(ids) - cursor) + position, (3, len(ids) - cursor)))
+        placed = np.concatenate(pieces, axis=1)
+        positions[:, row, visible] = placed
+        deltas[row] = placed.max() + 1 - length
+    return positions, deltas
+
+
 #: The keyword arguments of :meth:`ORTModelForImageTextToText.from_pretrained` that load (the
 #: others configure the export or the config).
 LOADING_ARGUMENTS = ("provider", "session_options", "config")
@@ -65,7 +104,11 @@ class ORTModelForImageTextToText:
         self.decoder = sessions[TEXT_DECODER_FILE]
         self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]
         self._past_type = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.decoder.get_inputs()}
-
+        self.vision_inputs = {i.name: i for i in self.vision_encoder.get_inputs()}
+        #: position_ids of rank 3 are multimodal rotary positions ([3, batch, sequence], or
+        #: [4, ...] with the text positions first, as qwen2_vl's generate passes them).
+        positions = next(i for i in self.decoder.get_inputs() if i.name == "position_ids").shape
+        self.position_rows = positions[0] if len(positions) == 3 else None
     @classmethod
     def from_pretrained(
         cls,
@@ -97,25 +140,34 @@ class ORTModelForImageTextToText:
         return cls(directory, config, sessions, generation_config)
 
     def _check_images(self, pixel_values: np.ndarray) -> None:
-        expected = self.vision_encoder.get_inputs()[0].shape[1:]
-        if pixel_values.ndim != 4 or any(isinstance(e, int) and e != g for e, g in zip(expected, pixel_values.shape[1:])):
+        expected = self.vision_inputs["pixel_values"].shape
+        if pixel_values.ndim != len(expected) or any(
+            isinstance(e, int) and e != g for e, g in zip(expected[1:], pixel_values.shape[1:])
+        ):
             raise ValueError(
                 f"pixel_values of shape {tuple(pixel_values.shape)}: the vision encoder takes images of "
-                f"[num_images, {', '.join(map(str, expected))}]; make them with the model's image processor "
+                f"[{', '.join(map(str, expected))}]; make them with the model's image processor "
                 "(processor(images=..., text=..., return_tensors='pt')), which resizes them and gives them "
                 "the channels the model expects."
             )
 
-    def merged_embeddings(self, input_ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
-        """The prompt's embeddings, the image features in place of the image placeholder tokens."""
+    def merged_embeddings(self, input_ids: np.ndarray, images: dict[str, np.ndarray] | None) -> np.ndarray:
+        """The prompt's embeddings, the image features in place of the image placeholder tokens
+        (`images`: the vision encoder's inputs by name, `pixel_values` first)."""
         embeds = self.embed_tokens.run(None, {"input_ids": input_ids})[0]
         placeholders = input_ids == int(self.config.image_token_id)
-        if pixel_values is None:
+        if images is None:
             if placeholders.any():
                 raise ValueError("input_ids hold image tokens but no pixel_values were given.")
             return embeds
-        self._check_images(pixel_values)
-        features = self.vision_encoder.run(None, {"pixel_values": pixel_values})[0]
+        self._check_images(images["pixel_values"])
+        missing = [name for name in self.vision_inputs if name not in images]
+        if missing:
+            raise ValueError(
+                f"The vision encoder also takes {', '.join(missing)}: pass what the model's processor "
+                "returns with the images (model.generate(**processor(images=..., text=..., return_tensors='pt')))."
+            )
+        features = self.vision_encoder.run(None, {name: images[name] for name in self.vision_inputs})[0]
         features = features.reshape(-1, embeds.shape[-1])
         if int(placeholders.sum()) != features.shape[0]:
             raise ValueError(
@@ -125,6 +177,27 @@ class ORTModelForImageTextToText:
             )
         embeds[placeholders] = features.astype(embeds.dtype)
         return embeds
+
+    def _prompt_positions(self, ids: np.ndarray, mask: np.ndarray, images: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The prompt's position_ids in the graph's layout, and the rotary deltas of later steps."""
+        if self.position_rows is None:
+            return _positions(mask, ids.shape[1]), None
+        grids = None if images is None else images.get("image_grid_thw")
+        rotary, deltas = _rope_index(ids, mask, grids, self.config)
+        return self._with_text_row(rotary, mask), deltas
+
+    def _step_positions(self, mask: np.ndarray, deltas: np.ndarray | None) -> np.ndarray:
+        """position_ids of one new token (after the prompt): its rotary positions are the past
+        length + the row's delta, as transformers' generate adds `rope_deltas`."""
+        if deltas is None:
+            return _positions(mask, 1)
+        rotary = np.broadcast_to(mask.shape[1] - 1 + deltas, (3, mask.shape[0], 1)).astype(np.int64)
+        return self._with_text_row(rotary, mask)
+
+    def _with_text_row(self, rotary: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.position_rows != 4:
+            return rotary
+        return np.concatenate([_positions(mask, rotary.shape[-1])[None], rotary])
 
     def _empty_past(self, batch_size: int) -> dict[str, np.ndarray]:
         text = self.config.get_text_config()
@@ -157,15 +230,20 @@ class ORTModelForImageTextToText:
 
         ids = _array(input_ids).astype(np.int64)
         mask = np.ones_like(ids) if attention_mask is None else _array(attention_mask).astype(np.int64)
-        images = None if pixel_values is None else _array(pixel_values)
-        if images is not None:
-            images = images.astype(_NUMPY_TYPES.get(self.vision_encoder.get_inputs()[0].type, np.float32))
+        images = None
+        if pixel_values is not None:
+            given = {"pixel_values": pixel_values, **{k: kwargs[k] for k in self.vision_inputs if k in kwargs}}
+            images = {k: _array(v) for k, v in given.items()}
+            images["pixel_values"] = images["pixel_values"].astype(
+                _NUMPY_TYPES.get(self.vision_inputs["pixel_values"].type, np.float32)
+            )
         embeds = self.merged_embeddings(ids, images)
+        positions, deltas = self._prompt_positions(ids, mask, images)
         past = self._empty_past(ids.shape[0])
         finished = np.zeros(ids.shape[0], dtype=bool)
         tokens = ids
         for step in range(max_new_tokens):
-            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": _positions(mask, embeds.shape[1])}
+            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
             outputs = self.decoder.run(None, {**feeds, **past})
             names = [o.name for o in self.decoder.get_outputs()]
             logits = outputs[names.index("logits")][:, -1, :].astype(np.float32)
@@ -183,4 +261,5 @@ class ORTModelForImageTextToText:
             }
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
             embeds = self.embed_tokens.run(None, {"input_ids": next_tokens[:, None]})[0]
+            positions = self._step_positions(mask, deltas)
         return torch.from_numpy(tokens)

@@ -114,6 +114,10 @@ class GraphContract:
     #: them: generate() starts every decoder on one start token, but a caller may feed several
     #: (forced decoder ids, a prompt), as the legacy `decoder_model.onnx` allows.
     dynamic_axes: tuple[tuple[str, int], ...] = ()
+    #: The export example is one of the observed calls, values kept, rather than synthesized:
+    #: the inputs describe each other (a grid's t * h * w per image sums to the patch count, which
+    #: the vision tower reshapes by), so random values of the synthesized sizes would not fit.
+    observed_example: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -129,6 +133,10 @@ class Family(str, enum.Enum):
     ENCODER = "encoder"
     VISION_LANGUAGE = "vision-language generation"
 
+
+#: The vision encoder's inputs: `pixel_values` and the other tensors `get_image_features` takes,
+#: named after its parameters; a graph has those its observed calls passed.
+VISION_INPUTS = ("pixel_values", "image_grid_thw")
 
 #: The parts of a vision-language model its graphs are observed on (GraphContract.module; the
 #: modules are in :mod:`optimum_observer.vision_language`).
@@ -260,10 +268,11 @@ def _image_text_to_text() -> TaskContract:
         graphs=(
             GraphContract(
                 "vision_encoder.onnx",
-                _inputs("pixel_values"),
+                _inputs(*VISION_INPUTS),
                 _outputs("image_features"),
                 module=VISION_ENCODER,
                 use_cache=None,
+                observed_example=True,
             ),
             GraphContract(
                 "embed_tokens.onnx", _inputs("input_ids"), _outputs("inputs_embeds"), module=TEXT_EMBEDDING, use_cache=None

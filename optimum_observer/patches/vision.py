@@ -42,3 +42,109 @@ PATCHES = (
         "list(image_features), one tensor per image)",
     ),
 )
+
+
+# qwen2_vl-style vision towers (flattened patches with a (t, h, w) grid per image). Upstream loops
+# over the grid's rows in Python (`rot_pos_emb`: `for t, h, w in grid_thw`, `torch.arange(h)`),
+# sizes a rotary table by `grid_thw[:, 1:].max()`, and attends frame by frame through
+# `torch.split(..., lengths.tolist())`: each fixes the number of images or reads a tensor's value,
+# which torch.export cannot. The replacements compute the same per-patch positions and a
+# block-diagonal attention mask with tensor operations on the patch axis.
+
+
+def _grid_positions(grid_thw: torch.Tensor, patches: int, merge: int) -> tuple[torch.Tensor, ...]:
+    """Per patch, in the processor's order: its image, its frame, its row and column in the image
+    (the order of upstream's `rot_pos_emb`: frames, then merge blocks row by row, then the
+    `merge` x `merge` patches of a block)."""
+    per_image = grid_thw.prod(-1)
+    ends = per_image.cumsum(0)
+    index = torch.arange(patches, device=grid_thw.device)
+    image = (index[:, None] >= ends[None, :]).sum(-1)
+    local = index - (ends - per_image)[image]
+    height, width = grid_thw[image, 1], grid_thw[image, 2]
+    frame, in_frame = local // (height * width), local % (height * width)
+    block, in_block = in_frame // (merge * merge), in_frame % (merge * merge)
+    row = block // (width // merge) * merge + in_block // merge
+    column = block % (width // merge) * merge + in_block % merge
+    return image, frame, row, column
+
+
+def _qwen2_vl_vision_forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    hidden_states = self.patch_embed(hidden_states)
+    image, frame, row, column = _grid_positions(grid_thw, hidden_states.shape[0], self.spatial_merge_size)
+    # rot_pos_emb's table lookup `outer(arange(max), inv_freq)[position]` is `position * inv_freq`.
+    inv_freq = self.rotary_pos_emb.inv_freq
+    rotary = torch.cat([row[:, None].to(inv_freq.dtype) * inv_freq, column[:, None].to(inv_freq.dtype) * inv_freq], -1)
+    emb = torch.cat((rotary, rotary), dim=-1)
+    # cu_seqlens' chunks are the frames of each image: a patch attends to its own frame only.
+    same_frame = (image[:, None] == image[None, :]) & (frame[:, None] == frame[None, :])
+    mask = torch.zeros(same_frame.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    mask = mask.masked_fill(~same_frame, torch.finfo(hidden_states.dtype).min)[None, None]
+    for block in self.blocks:
+        hidden_states = block(
+            hidden_states, cu_seqlens=None, position_embeddings=(emb.cos(), emb.sin()), attention_mask=mask, **kwargs
+        )
+    return self.merger(hidden_states)
+
+
+def _qwen2_vl_vision_attention(
+    self: Any,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    rotary_pos_emb: torch.Tensor | None = None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    # Upstream's non-flash branch with the frames' block-diagonal mask instead of one attention
+    # call per frame.
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
+
+    length = hidden_states.shape[0]
+    query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    query, key = qwen2_vl.apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+    query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    implementation = self.config._attn_implementation
+    attention = qwen2_vl.eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    output, _ = attention(
+        self, query, key, value, attention_mask=attention_mask, scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
+    )
+    return self.proj(output.reshape(length, -1).contiguous())
+
+
+def _qwen2_vl_image_features_in_one_tensor(
+    self: Any, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+) -> torch.Tensor:
+    # Upstream splits the features per image with `split_sizes.tolist()` (values of a tensor);
+    # the vision encoder graph returns them concatenated, in image order.
+    return self.visual(pixel_values.type(self.visual.dtype), grid_thw=image_grid_thw)
+
+
+_QWEN2_VL = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+_GRID_FAILURE = (
+    "torch.export cannot trace qwen2_vl's vision tower over a dynamic number of images: it loops over "
+    "grid_thw's rows, sizes tensors by their values and splits by split_sizes.tolist() "
+    "(GuardOnDataDependentSymNode / a dynamic image axis specialized)"
+)
+
+PATCHES += (
+    Patch(
+        name="qwen2_vl_vision_positions_from_grid",
+        target=f"{_QWEN2_VL}:Qwen2VisionTransformerPretrainedModel.forward",
+        replacement=_qwen2_vl_vision_forward,
+        fixes=_GRID_FAILURE,
+    ),
+    Patch(
+        name="qwen2_vl_vision_attention_masked",
+        target=f"{_QWEN2_VL}:VisionAttention.forward",
+        replacement=_qwen2_vl_vision_attention,
+        fixes=_GRID_FAILURE,
+    ),
+    Patch(
+        name="qwen2_vl_image_features_in_one_tensor",
+        target=f"{_QWEN2_VL}:Qwen2VLModel.get_image_features",
+        replacement=_qwen2_vl_image_features_in_one_tensor,
+        fixes=_GRID_FAILURE,
+    ),
+)
