@@ -192,47 +192,70 @@ class _GridVision(torch.nn.Module):
         return self.part(pixel_values=pixel_values, image_grid_thw=image_grid_thw).image_features
 
 
+def check_grid_patches(test: unittest.TestCase, model_type: str) -> None:
+    """The vision tower of `model_type` fails at torch.export without each of its grid patches
+    and exports with them to a program giving the model's own features on other images."""
+    model = tiny_model(model_type, tiny_tokenizer())
+    part = _GridVision(vision_language.VisionEncoder(model))
+    grids = torch.tensor([[1, 4, 4], [1, 4, 6]])
+    example = {"pixel_values": torch.randn(40, 3 * TEMPORAL * PATCH**2), "image_grid_thw": grids}
+    dims = {"pixel_values": {0: torch.export.Dim.DYNAMIC}, "image_grid_thw": {0: torch.export.Dim.DYNAMIC}}
+    # The tower's forward, its attention (which takes the forward's chunk mask instead of
+    # cu_seqlens: one fix in two targets), then the features in one tensor.
+    selected = [p for p in patches.PATCHES if p.name.startswith(f"{model_type}_")]
+    test.assertEqual(len(selected), 3)
+    # Without either fix, torch.export reads a tensor's value or fixes the number of images.
+    for left_out in (selected[:2], selected[2:]):
+        with patches.applied([p for p in selected if p not in left_out]):
+            with test.assertRaisesRegex(Exception, "data-dependent|specialized it to be a constant", msg=left_out):
+                torch.export.export(part, (), example, dynamic_shapes=dims)
+    with patches.applied(selected):
+        program = torch.export.export(part, (), example, dynamic_shapes=dims)
+    # Three images of other sizes (one of two frames, several windows): the model's features.
+    other = {
+        "pixel_values": torch.randn(4 + 48 + 64, 3 * TEMPORAL * PATCH**2),
+        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 8, 6], [2, 4, 8]]),
+    }
+    with torch.no_grad():
+        expected = part(**other)
+        got = program.module()(**other)
+    torch.testing.assert_close(got, expected)
+
+
 class TestGridVisionPatches(unittest.TestCase):
-    def test_the_vision_tower_exports_only_with_the_grid_patches(self):
-        model = tiny_model("qwen2_vl", tiny_tokenizer())
-        part = _GridVision(vision_language.VisionEncoder(model))
-        grids = torch.tensor([[1, 4, 4], [1, 4, 6]])
-        example = {"pixel_values": torch.randn(40, 3 * TEMPORAL * PATCH**2), "image_grid_thw": grids}
-        dims = {"pixel_values": {0: torch.export.Dim.DYNAMIC}, "image_grid_thw": {0: torch.export.Dim.DYNAMIC}}
-        selected = [p for p in patches.PATCHES if p.name.startswith("qwen2_vl_")]
-        self.assertEqual(len(selected), 3)
-        # Each is needed: without the positions (the tower's forward and its attention, which takes
-        # the forward's frame mask instead of cu_seqlens: one fix in two targets) or without the
-        # features in one tensor, torch.export reads a tensor's value or fixes the number of images.
-        by_name = {p.name: p for p in selected}
-        positions = ("qwen2_vl_vision_positions_from_grid", "qwen2_vl_vision_attention_masked")
-        for left_out in (positions, ("qwen2_vl_image_features_in_one_tensor",)):
-            with patches.applied([p for name, p in by_name.items() if name not in left_out]):
-                with self.assertRaisesRegex(Exception, "data-dependent|specialized it to be a constant", msg=left_out):
-                    torch.export.export(part, (), example, dynamic_shapes=dims)
-        with patches.applied(selected):
-            program = torch.export.export(part, (), example, dynamic_shapes=dims)
-        # Three images of other sizes: the same features as the model's own tower.
-        other = {"pixel_values": torch.randn(36, 3 * TEMPORAL * PATCH**2), "image_grid_thw": torch.tensor([[1, 2, 2], [1, 4, 4], [1, 4, 4]])}
-        with torch.no_grad():
-            expected = part(**other)
-            got = program.module()(**other)
-        torch.testing.assert_close(got, expected)
+    def test_the_qwen2_vl_vision_tower_exports_only_with_its_grid_patches(self):
+        check_grid_patches(self, "qwen2_vl")
 
 
 @pytest.mark.slow
 class TestOtherGridTypes(unittest.TestCase):
     """The same default run and validation (every observed call replayed, 8 greedy tokens through
-    ORTModelForImageTextToText on batch 2 with different prompt lengths) for the other types of
-    the grid layout; about 30 s each (`python -m pytest -m slow tests/test_vision_language_grid.py`)."""
+    ORTModelForImageTextToText on batch 2 with different prompt lengths), then a batch of the
+    image processor with two image sizes and one with two images in a prompt, for the other types
+    of the grid layout; about 45 s each (`python -m pytest -m slow tests/test_vision_language_grid.py`)."""
 
     @parameterized.expand(["qwen2_5_vl"])
     def test_exports_and_generates_torchs_greedy_tokens(self, model_type):
-        model = tiny_model(model_type, tiny_tokenizer())
+        tokenizer, image_processor = tiny_tokenizer(), tiny_image_processor()
+        model = tiny_model(model_type, tokenizer)
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         with tempfile.TemporaryDirectory() as tmp:
             result = optimum_observer.export(
                 model, Path(tmp) / "out", task="image-text-to-text", runtime_class=ORTModelForImageTextToText
             )
-        self.assertTrue(result.validation.ok, result.validation.table())
-        (generation,) = result.validation.generation
-        self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
+            self.assertTrue(result.validation.ok, result.validation.table())
+            (generation,) = result.validation.generation
+            self.assertEqual(generation.onnx_tokens, generation.torch_tokens)
+            onnx_model = ORTModelForImageTextToText.from_pretrained(Path(tmp) / "out")
+            for sizes, prompts in (
+                (((40, 30), (24, 50)), list(PROMPTS)),
+                (((30, 30), (24, 40), (50, 24)), [f"{IMAGE}{IMAGE}Compare these two.", PROMPTS[1]]),
+            ):
+                inputs = batch(tokenizer, image_processor, images(sizes), prompts)
+                with torch.no_grad():
+                    expected = model.generate(**inputs, **settings)
+                self.assertEqual(onnx_model.generate(**inputs, **settings).tolist(), expected.tolist())
+
+    @parameterized.expand(["qwen2_5_vl"])
+    def test_the_vision_tower_exports_only_with_its_grid_patches(self, model_type):
+        check_grid_patches(self, model_type)

@@ -5,6 +5,7 @@ Takes: nothing. Gives: :data:`PATCHES` (see :mod:`optimum_observer.patches.regis
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -69,21 +70,49 @@ def _grid_positions(grid_thw: torch.Tensor, patches: int, merge: int) -> tuple[t
     return image, frame, row, column
 
 
-def _qwen2_vl_vision_forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    hidden_states = self.patch_embed(hidden_states)
-    image, frame, row, column = _grid_positions(grid_thw, hidden_states.shape[0], self.spatial_merge_size)
+def _frame_mask(same: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive [1, 1, patches, patches] mask of a patch-by-patch `same` chunk relation."""
+    mask = torch.zeros(same.shape, dtype=dtype, device=same.device)
+    return mask.masked_fill(~same, torch.finfo(dtype).min)[None, None]
+
+
+def _grid_rotary(self: Any, row: torch.Tensor, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # rot_pos_emb's table lookup `outer(arange(max), inv_freq)[position]` is `position * inv_freq`.
     inv_freq = self.rotary_pos_emb.inv_freq
     rotary = torch.cat([row[:, None].to(inv_freq.dtype) * inv_freq, column[:, None].to(inv_freq.dtype) * inv_freq], -1)
     emb = torch.cat((rotary, rotary), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _qwen2_vl_vision_forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    hidden_states = self.patch_embed(hidden_states)
+    image, frame, row, column = _grid_positions(grid_thw, hidden_states.shape[0], self.spatial_merge_size)
     # cu_seqlens' chunks are the frames of each image: a patch attends to its own frame only.
     same_frame = (image[:, None] == image[None, :]) & (frame[:, None] == frame[None, :])
-    mask = torch.zeros(same_frame.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-    mask = mask.masked_fill(~same_frame, torch.finfo(hidden_states.dtype).min)[None, None]
+    mask = _frame_mask(same_frame, hidden_states.dtype)
+    embeddings = _grid_rotary(self, row, column)
     for block in self.blocks:
-        hidden_states = block(
-            hidden_states, cu_seqlens=None, position_embeddings=(emb.cos(), emb.sin()), attention_mask=mask, **kwargs
-        )
+        hidden_states = block(hidden_states, cu_seqlens=None, position_embeddings=embeddings, attention_mask=mask, **kwargs)
+    return self.merger(hidden_states)
+
+
+def _qwen2_5_vl_vision_forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    # Upstream reorders the merge blocks window by window (get_window_index), attends chunk by
+    # chunk and orders them back after the merger. Attention over a chunk does not depend on the
+    # order of its tokens, and the merger takes each merge block whole, so attending in the
+    # processor's order with a mask of the same chunks gives the same features.
+    hidden_states = self.patch_embed(hidden_states)
+    image, frame, row, column = _grid_positions(grid_thw, hidden_states.shape[0], self.spatial_merge_size)
+    same_frame = (image[:, None] == image[None, :]) & (frame[:, None] == frame[None, :])
+    # A window is `window_size` pixels of merge blocks, counted from the image's top left.
+    window = self.window_size // self.spatial_merge_size // self.patch_size * self.spatial_merge_size
+    same_window = same_frame & (row[:, None] // window == row[None, :] // window)
+    same_window &= column[:, None] // window == column[None, :] // window
+    full, windowed = _frame_mask(same_frame, hidden_states.dtype), _frame_mask(same_window, hidden_states.dtype)
+    embeddings = _grid_rotary(self, row, column)
+    for index, block in enumerate(self.blocks):
+        mask = full if index in self.fullatt_block_indexes else windowed
+        hidden_states = block(hidden_states, cu_seqlens=None, position_embeddings=embeddings, attention_mask=mask, **kwargs)
     return self.merger(hidden_states)
 
 
@@ -99,14 +128,15 @@ def _qwen2_vl_vision_attention(
     # Upstream's non-flash branch with the frames' block-diagonal mask instead of one attention
     # call per frame.
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
+
+    modeling = sys.modules[type(self).__module__]
 
     length = hidden_states.shape[0]
     query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    query, key = qwen2_vl.apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+    query, key = modeling.apply_rotary_pos_emb_vision(query, key, *position_embeddings)
     query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
     implementation = self.config._attn_implementation
-    attention = qwen2_vl.eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    attention = modeling.eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
     output, _ = attention(
         self, query, key, value, attention_mask=attention_mask, scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
     )
@@ -146,5 +176,33 @@ PATCHES += (
         target=f"{_QWEN2_VL}:Qwen2VLModel.get_image_features",
         replacement=_qwen2_vl_image_features_in_one_tensor,
         fixes=_GRID_FAILURE,
+    ),
+)
+
+_QWEN2_5_VL = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+_WINDOW_FAILURE = (
+    "torch.export cannot trace qwen2_5_vl's vision tower over a dynamic number of images: besides "
+    "qwen2_vl's grid loops, get_window_index loops over grid_thw's rows and reads window lengths "
+    "with .tolist() / .item() (GuardOnDataDependentSymNode / a dynamic image axis specialized)"
+)
+
+PATCHES += (
+    Patch(
+        name="qwen2_5_vl_vision_windows_from_grid",
+        target=f"{_QWEN2_5_VL}:Qwen2_5_VisionTransformerPretrainedModel.forward",
+        replacement=_qwen2_5_vl_vision_forward,
+        fixes=_WINDOW_FAILURE,
+    ),
+    Patch(
+        name="qwen2_5_vl_vision_attention_masked",
+        target=f"{_QWEN2_5_VL}:Qwen2_5_VLVisionAttention.forward",
+        replacement=_qwen2_vl_vision_attention,
+        fixes=_WINDOW_FAILURE,
+    ),
+    Patch(
+        name="qwen2_5_vl_image_features_in_one_tensor",
+        target=f"{_QWEN2_5_VL}:Qwen2_5_VLModel.get_image_features",
+        replacement=_qwen2_vl_image_features_in_one_tensor,
+        fixes=_WINDOW_FAILURE,
     ),
 )
