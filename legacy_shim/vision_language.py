@@ -51,36 +51,36 @@ def _positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
 def _rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, grids: np.ndarray | None, config: Any) -> tuple[np.ndarray, np.ndarray]:
     """Multimodal rotary positions [3, batch, sequence] of a prompt and each row's delta (what a
     later step adds to its past length): text counts on one position per token in all three
-    rows, an image's placeholders take (frame, row, column) of its merged grid from where the
-    text stopped, and the text after it goes on from the image's largest position + 1; padding
-    gets 1.
+    rows, each run of image tokens takes (frame, row, column) of the next image's merged grid from
+    where the text stopped, and the text after it goes on from the image's largest position + 1;
+    padding gets 1.
 
-    A numpy adaptation of transformers' `Qwen2VLModel.get_rope_index` (models/qwen2_vl/
-    modeling_qwen2_vl.py, transformers 4.57), images only: that function loops over images with
-    values read from tensors, which torch.export cannot capture (GuardOnDataDependentSymNode),
-    so the runtime computes it, as generate does outside the model's graph."""
+    A numpy adaptation of transformers' `get_rope_index` for images (4.57:
+    models/qwen2_vl/modeling_qwen2_vl.py `Qwen2VLModel.get_rope_index`, which finds an image by its
+    vision start token, and models/glm4v/modeling_glm4v.py `Glm4vModel.get_rope_index`, which groups
+    runs of image tokens: the same positions for prompts the processors build). Those loop over
+    images with values read from tensors, which torch.export cannot capture
+    (GuardOnDataDependentSymNode), so the runtime computes them, outside the graph as in generate."""
     merge = config.vision_config.spatial_merge_size
-    image, start = int(config.image_token_id), int(config.vision_start_token_id)
+    image = int(config.image_token_id)
     batch, length = input_ids.shape
     positions = np.ones((3, batch, length), dtype=np.int64)
     deltas = np.zeros((batch, 1), dtype=np.int64)
     next_image = 0
     for row in range(batch):
         visible = attention_mask[row] == 1
-        ids = input_ids[row][visible]
-        starts = np.flatnonzero(ids[:-1] == start)
+        is_image = input_ids[row][visible] == image
+        # Runs of image tokens: [start, end) where the token kind changes.
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], is_image, [False]]).astype(np.int8)))
         pieces, position, cursor = [], 0, 0
-        for _ in range(int((ids[starts + 1] == image).sum())):
-            end = cursor + int(np.flatnonzero(ids[cursor:] == image)[0])
+        for start, end in zip(edges[::2], edges[1::2]):
+            pieces.append(np.broadcast_to(np.arange(start - cursor) + position, (3, start - cursor)))
             frames, height, width = (int(v) for v in grids[next_image])
             next_image += 1
-            height, width = height // merge, width // merge
-            pieces.append(np.broadcast_to(np.arange(end - cursor) + position, (3, end - cursor)))
-            grid = np.indices((frames, height, width)).reshape(3, -1) + position + end - cursor
+            grid = np.indices((frames, height // merge, width // merge)).reshape(3, -1) + position + start - cursor
             pieces.append(grid)
-            position, cursor = int(grid.max()) + 1, end + frames * height * width
-        if cursor < len(ids):
-            pieces.append(np.broadcast_to(np.arange(len(ids) - cursor) + position, (3, len(ids) - cursor)))
+            position, cursor = int(grid.max()) + 1, end
+        pieces.append(np.broadcast_to(np.arange(len(is_image) - cursor) + position, (3, len(is_image) - cursor)))
         placed = np.concatenate(pieces, axis=1)
         positions[:, row, visible] = placed
         deltas[row] = placed.max() + 1 - length

@@ -49,24 +49,43 @@ def tiny_tokenizer() -> transformers.Qwen2TokenizerFast:
     )
 
 
-def tiny_image_processor() -> transformers.Qwen2VLImageProcessor:
+def tiny_image_processor(model_type: str = "qwen2_vl") -> transformers.BaseImageProcessor:
     # Images are resized to multiples of 8 px (patch x merge) within 16 x 16 .. 32 x 32 pixels.
+    if model_type == "glm4v":
+        return transformers.Glm4vImageProcessor(
+            size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=PATCH, temporal_patch_size=TEMPORAL,
+            merge_size=MERGE,
+        )  # fmt: skip
     return transformers.Qwen2VLImageProcessor(
         min_pixels=16 * 16, max_pixels=32 * 32, patch_size=PATCH, temporal_patch_size=TEMPORAL, merge_size=MERGE
     )
 
 
+#: The config attributes of the tokens of SPECIAL, per type (glm4v marks an image with its own
+#: begin/end tokens; the tests spell them with qwen2_vl's).
+TOKEN_ATTRIBUTES = {
+    "qwen2_vl": ("image_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id"),
+    "glm4v": ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id"),
+}
+
+
 def tiny_config(model_type: str, tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PretrainedConfig:
-    ids = dict(zip(("image_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id"), tokenizer.convert_tokens_to_ids(list(SPECIAL))))
+    attributes = TOKEN_ATTRIBUTES.get(model_type, TOKEN_ATTRIBUTES["qwen2_vl"])
+    ids = dict(zip(attributes, tokenizer.convert_tokens_to_ids(list(SPECIAL))))
     vision = dict(depth=2, num_heads=4, patch_size=PATCH, temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE, in_channels=3)
     if model_type == "qwen2_vl":
         vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
-    else:
+    elif model_type == "qwen2_5_vl":
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[1], window_size=16)
+    else:
+        # A 4 x 4 table of learned positions, interpolated to each image's patch grid.
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, image_size=16)
+        ids.update(video_start_token_id=len(tokenizer), video_end_token_id=len(tokenizer) + 1)
     text = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer) + 8, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        # Multimodal rotary sections (what qwen2_vl's config makes of "type": "mrope").
+        rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
     )  # fmt: skip
     return transformers.AutoConfig.for_model(model_type, vision_config=vision, text_config=text, **ids)
 
@@ -166,11 +185,12 @@ class TestQwen2VLExport(unittest.TestCase):
 
 
 class TestRopeIndex(unittest.TestCase):
-    def test_runtime_positions_are_the_models_on_a_left_padded_batch(self):
+    @parameterized.expand(["qwen2_vl", "glm4v"])
+    def test_runtime_positions_are_the_models_on_a_left_padded_batch(self, model_type):
         tokenizer = tiny_tokenizer()
-        model = tiny_model("qwen2_vl", tokenizer)
+        model = tiny_model(model_type, tokenizer)
         prompts = [f"Look {IMAGE} and {IMAGE}!", f"{IMAGE}Once upon a time, the capital of France was"]
-        inputs = batch(tokenizer, tiny_image_processor(), images(((30, 30), (24, 40), (50, 24))), prompts)
+        inputs = batch(tokenizer, tiny_image_processor(model_type), images(((30, 30), (24, 40), (50, 24))), prompts)
         expected, deltas = model.model.get_rope_index(
             inputs["input_ids"], inputs["image_grid_thw"], None, inputs["attention_mask"]
         )
@@ -200,22 +220,22 @@ def check_grid_patches(test: unittest.TestCase, model_type: str) -> None:
     grids = torch.tensor([[1, 4, 4], [1, 4, 6]])
     example = {"pixel_values": torch.randn(40, 3 * TEMPORAL * PATCH**2), "image_grid_thw": grids}
     dims = {"pixel_values": {0: torch.export.Dim.DYNAMIC}, "image_grid_thw": {0: torch.export.Dim.DYNAMIC}}
-    # The tower's forward, its attention (which takes the forward's chunk mask instead of
-    # cu_seqlens: one fix in two targets), then the features in one tensor.
+    # The tower's forward and what it calls differently (its attention takes the forward's chunk
+    # mask instead of cu_seqlens; glm4v's position embeddings each patch's image size): one fix in
+    # several targets; then the features in one tensor.
     selected = [p for p in patches.PATCHES if p.name.startswith(f"{model_type}_")]
-    test.assertEqual(len(selected), 3)
+    test.assertEqual(selected[-1].name, f"{model_type}_image_features_in_one_tensor")
     # Without either fix, torch.export reads a tensor's value or fixes the number of images.
-    for left_out in (selected[:2], selected[2:]):
+    for left_out in (selected[:-1], selected[-1:]):
         with patches.applied([p for p in selected if p not in left_out]):
             with test.assertRaisesRegex(Exception, "data-dependent|specialized it to be a constant", msg=left_out):
                 torch.export.export(part, (), example, dynamic_shapes=dims)
     with patches.applied(selected):
         program = torch.export.export(part, (), example, dynamic_shapes=dims)
-    # Three images of other sizes (one of two frames, several windows): the model's features.
-    other = {
-        "pixel_values": torch.randn(4 + 48 + 64, 3 * TEMPORAL * PATCH**2),
-        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 8, 6], [2, 4, 8]]),
-    }
+    # Three images of other sizes (several windows; one of two frames, except for glm4v, whose
+    # own tower indexes its images' sizes by frame and fails on that): the model's features.
+    grids = torch.tensor([[1, 2, 2], [1, 8, 6], [1 if model_type == "glm4v" else 2, 4, 8]])
+    other = {"pixel_values": torch.randn(int(grids.prod(-1).sum()), 3 * TEMPORAL * PATCH**2), "image_grid_thw": grids}
     with torch.no_grad():
         expected = part(**other)
         got = program.module()(**other)
@@ -234,9 +254,9 @@ class TestOtherGridTypes(unittest.TestCase):
     image processor with two image sizes and one with two images in a prompt, for the other types
     of the grid layout; about 45 s each (`python -m pytest -m slow tests/test_vision_language_grid.py`)."""
 
-    @parameterized.expand(["qwen2_5_vl"])
+    @parameterized.expand(["qwen2_5_vl", "glm4v"])
     def test_exports_and_generates_torchs_greedy_tokens(self, model_type):
-        tokenizer, image_processor = tiny_tokenizer(), tiny_image_processor()
+        tokenizer, image_processor = tiny_tokenizer(), tiny_image_processor(model_type)
         model = tiny_model(model_type, tokenizer)
         settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         with tempfile.TemporaryDirectory() as tmp:
@@ -256,6 +276,6 @@ class TestOtherGridTypes(unittest.TestCase):
                     expected = model.generate(**inputs, **settings)
                 self.assertEqual(onnx_model.generate(**inputs, **settings).tolist(), expected.tolist())
 
-    @parameterized.expand(["qwen2_5_vl"])
+    @parameterized.expand(["qwen2_5_vl", "glm4v"])
     def test_the_vision_tower_exports_only_with_its_grid_patches(self, model_type):
         check_grid_patches(self, model_type)

@@ -206,3 +206,72 @@ PATCHES += (
         fixes=_WINDOW_FAILURE,
     ),
 )
+
+
+def _glm4v_vision_forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    # qwen2_vl's tower with glm4v's additions around it (post-conv norm, interpolated learned
+    # position embeddings, downsampling convolution): upstream's order, frames by mask.
+    hidden_states = self.post_conv_layernorm(self.patch_embed(hidden_states))
+    image, frame, row, column = _grid_positions(grid_thw, hidden_states.shape[0], self.spatial_merge_size)
+    mask = _frame_mask((image[:, None] == image[None, :]) & (frame[:, None] == frame[None, :]), hidden_states.dtype)
+    embeddings = _grid_rotary(self, row, column)
+    # The embeddings take each patch's image size instead of per-frame lengths (see below).
+    hidden_states = self.embeddings(hidden_states, None, grid_thw[image], row, column)
+    for block in self.blocks:
+        hidden_states = block(hidden_states, cu_seqlens=None, position_embeddings=embeddings, attention_mask=mask, **kwargs)
+    hidden_states = self.post_layernorm(hidden_states)
+    hidden_states = hidden_states.view(-1, self.spatial_merge_size, self.spatial_merge_size, hidden_states.shape[-1])
+    hidden_states = self.downsample(hidden_states.permute(0, 3, 1, 2)).view(-1, self.config.out_hidden_size)
+    return self.merger(hidden_states)
+
+
+def _glm4v_position_embeddings(
+    self: Any, embeddings: torch.Tensor, lengths: Any, patch_shapes: torch.Tensor, h_coords: torch.Tensor, w_coords: torch.Tensor
+) -> torch.Tensor:
+    # Upstream's bicubic interpolation of the learned position table at each patch's place in its
+    # image (Glm4vVisionEmbeddings.forward), with the image size read per patch (`patch_shapes`:
+    # (t, h, w) of each patch's image) instead of concatenated in a loop over per-frame lengths.
+    weight = self.position_embedding.weight
+    side = int(weight.shape[0] ** 0.5)
+    table = weight.view(side, side, weight.shape[1]).permute(2, 0, 1).unsqueeze(0).float()
+    height, width = patch_shapes[:, 1].float(), patch_shapes[:, 2].float()
+    grid = torch.stack(((w_coords.float() + 0.5) / width * 2 - 1, (h_coords.float() + 0.5) / height * 2 - 1), dim=-1)
+    sampled = torch.nn.functional.grid_sample(
+        table, grid[None, :, None], mode="bicubic", align_corners=False, padding_mode="border"
+    )
+    return embeddings + sampled.squeeze(0).squeeze(-1).permute(1, 0).to(weight.dtype)
+
+
+_GLM4V = "transformers.models.glm4v.modeling_glm4v"
+_GLM4V_FAILURE = (
+    "torch.export cannot trace glm4v's vision tower over a dynamic number of images: qwen2_vl's grid "
+    "loops, and its position embeddings concatenate each image's size in a loop over per-frame "
+    "lengths read with .tolist() (GuardOnDataDependentSymNode / a dynamic image axis specialized)"
+)
+
+PATCHES += (
+    Patch(
+        name="glm4v_vision_positions_from_grid",
+        target=f"{_GLM4V}:Glm4vVisionModel.forward",
+        replacement=_glm4v_vision_forward,
+        fixes=_GLM4V_FAILURE,
+    ),
+    Patch(
+        name="glm4v_vision_position_embeddings_per_patch",
+        target=f"{_GLM4V}:Glm4vVisionEmbeddings.forward",
+        replacement=_glm4v_position_embeddings,
+        fixes=_GLM4V_FAILURE,
+    ),
+    Patch(
+        name="glm4v_vision_attention_masked",
+        target=f"{_GLM4V}:Glm4vVisionAttention.forward",
+        replacement=_qwen2_vl_vision_attention,
+        fixes=_GLM4V_FAILURE,
+    ),
+    Patch(
+        name="glm4v_image_features_in_one_tensor",
+        target=f"{_GLM4V}:Glm4vModel.get_image_features",
+        replacement=_qwen2_vl_image_features_in_one_tensor,
+        fixes=_GLM4V_FAILURE,
+    ),
+)
