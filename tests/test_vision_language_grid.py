@@ -51,7 +51,7 @@ def tiny_tokenizer() -> transformers.Qwen2TokenizerFast:
 
 def tiny_image_processor(model_type: str = "qwen2_vl") -> transformers.BaseImageProcessor:
     # Images are resized to multiples of 8 px (patch x merge) within 16 x 16 .. 32 x 32 pixels.
-    if model_type == "glm4v":
+    if model_type.startswith("glm4v"):
         return transformers.Glm4vImageProcessor(
             size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=PATCH, temporal_patch_size=TEMPORAL,
             merge_size=MERGE,
@@ -66,6 +66,7 @@ def tiny_image_processor(model_type: str = "qwen2_vl") -> transformers.BaseImage
 TOKEN_ATTRIBUTES = {
     "qwen2_vl": ("image_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id"),
     "glm4v": ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id"),
+    "glm4v_moe": ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id"),
 }
 
 
@@ -77,7 +78,7 @@ def tiny_config(model_type: str, tokenizer: transformers.PreTrainedTokenizerBase
         vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
     elif model_type == "qwen2_5_vl":
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[1], window_size=16)
-    else:
+    else:  # glm4v, glm4v_moe
         # A 4 x 4 table of learned positions, interpolated to each image's patch grid.
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, image_size=16)
         ids.update(video_start_token_id=len(tokenizer), video_end_token_id=len(tokenizer) + 1)
@@ -87,6 +88,14 @@ def tiny_config(model_type: str, tokenizer: transformers.PreTrainedTokenizerBase
         # Multimodal rotary sections (what qwen2_vl's config makes of "type": "mrope").
         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
     )  # fmt: skip
+    if model_type == "glm4v_moe":
+        # A dense first layer, then 4 routed experts (2 per token) and a shared one; rotary on half
+        # of each 16-wide head, so sections of 8 / 2.
+        text.update(
+            head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1,
+            rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]},
+        )  # fmt: skip
     return transformers.AutoConfig.for_model(model_type, vision_config=vision, text_config=text, **ids)
 
 
@@ -232,9 +241,9 @@ def check_grid_patches(test: unittest.TestCase, model_type: str) -> None:
                 torch.export.export(part, (), example, dynamic_shapes=dims)
     with patches.applied(selected):
         program = torch.export.export(part, (), example, dynamic_shapes=dims)
-    # Three images of other sizes (several windows; one of two frames, except for glm4v, whose
+    # Three images of other sizes (several windows; one of two frames, except for glm4v(_moe), whose
     # own tower indexes its images' sizes by frame and fails on that): the model's features.
-    grids = torch.tensor([[1, 2, 2], [1, 8, 6], [1 if model_type == "glm4v" else 2, 4, 8]])
+    grids = torch.tensor([[1, 2, 2], [1, 8, 6], [1 if model_type.startswith("glm4v") else 2, 4, 8]])
     other = {"pixel_values": torch.randn(int(grids.prod(-1).sum()), 3 * TEMPORAL * PATCH**2), "image_grid_thw": grids}
     with torch.no_grad():
         expected = part(**other)
@@ -254,7 +263,7 @@ class TestOtherGridTypes(unittest.TestCase):
     image processor with two image sizes and one with two images in a prompt, for the other types
     of the grid layout; about 45 s each (`python -m pytest -m slow tests/test_vision_language_grid.py`)."""
 
-    @parameterized.expand(["qwen2_5_vl", "glm4v"])
+    @parameterized.expand(["qwen2_5_vl", "glm4v", "glm4v_moe"])
     def test_exports_and_generates_torchs_greedy_tokens(self, model_type):
         tokenizer, image_processor = tiny_tokenizer(), tiny_image_processor(model_type)
         model = tiny_model(model_type, tokenizer)
@@ -276,6 +285,20 @@ class TestOtherGridTypes(unittest.TestCase):
                     expected = model.generate(**inputs, **settings)
                 self.assertEqual(onnx_model.generate(**inputs, **settings).tolist(), expected.tolist())
 
-    @parameterized.expand(["qwen2_5_vl", "glm4v"])
+    @parameterized.expand(["qwen2_5_vl", "glm4v", "glm4v_moe"])
     def test_the_vision_tower_exports_only_with_its_grid_patches(self, model_type):
         check_grid_patches(self, model_type)
+
+    def test_glm4v_moe_experts_export_only_densely(self):
+        model = tiny_model("glm4v_moe", tiny_tokenizer())
+        block = model.model.language_model.layers[1].mlp
+        tokens = torch.randn(2, 5, 64)
+        dims = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},)
+        with self.assertRaisesRegex(Exception, "data-dependent"):
+            torch.export.export(block, (tokens,), dynamic_shapes=dims)
+        (dense,) = [p for p in patches.PATCHES if p.name == "dense_glm4v_moe_expert_mixture"]
+        with patches.applied([dense]):
+            program = torch.export.export(block, (tokens,), dynamic_shapes=dims)
+        other = torch.randn(3, 7, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(other), block(other))

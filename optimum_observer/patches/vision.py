@@ -242,36 +242,42 @@ def _glm4v_position_embeddings(
     return embeddings + sampled.squeeze(0).squeeze(-1).permute(1, 0).to(weight.dtype)
 
 
-_GLM4V = "transformers.models.glm4v.modeling_glm4v"
 _GLM4V_FAILURE = (
     "torch.export cannot trace glm4v's vision tower over a dynamic number of images: qwen2_vl's grid "
     "loops, and its position embeddings concatenate each image's size in a loop over per-frame "
     "lengths read with .tolist() (GuardOnDataDependentSymNode / a dynamic image axis specialized)"
 )
 
-PATCHES += (
-    Patch(
-        name="glm4v_vision_positions_from_grid",
-        target=f"{_GLM4V}:Glm4vVisionModel.forward",
-        replacement=_glm4v_vision_forward,
-        fixes=_GLM4V_FAILURE,
-    ),
-    Patch(
-        name="glm4v_vision_position_embeddings_per_patch",
-        target=f"{_GLM4V}:Glm4vVisionEmbeddings.forward",
-        replacement=_glm4v_position_embeddings,
-        fixes=_GLM4V_FAILURE,
-    ),
-    Patch(
-        name="glm4v_vision_attention_masked",
-        target=f"{_GLM4V}:Glm4vVisionAttention.forward",
-        replacement=_qwen2_vl_vision_attention,
-        fixes=_GLM4V_FAILURE,
-    ),
-    Patch(
-        name="glm4v_image_features_in_one_tensor",
-        target=f"{_GLM4V}:Glm4vModel.get_image_features",
-        replacement=_qwen2_vl_image_features_in_one_tensor,
-        fixes=_GLM4V_FAILURE,
-    ),
+#: glm4v and glm4v_moe (the same vision tower, its classes copied under the type's prefix).
+_GLM4V_TYPES = (("glm4v", "Glm4v"), ("glm4v_moe", "Glm4vMoe"))
+
+PATCHES += tuple(
+    patch
+    for model_type, prefix in _GLM4V_TYPES
+    for patch in (
+        Patch(
+            name=f"{model_type}_vision_positions_from_grid",
+            target=f"transformers.models.{model_type}.modeling_{model_type}:{prefix}VisionModel.forward",
+            replacement=_glm4v_vision_forward,
+            fixes=_GLM4V_FAILURE,
+        ),
+        Patch(
+            name=f"{model_type}_vision_position_embeddings_per_patch",
+            target=f"transformers.models.{model_type}.modeling_{model_type}:{prefix}VisionEmbeddings.forward",
+            replacement=_glm4v_position_embeddings,
+            fixes=_GLM4V_FAILURE,
+        ),
+        Patch(
+            name=f"{model_type}_vision_attention_masked",
+            target=f"transformers.models.{model_type}.modeling_{model_type}:{prefix}VisionAttention.forward",
+            replacement=_qwen2_vl_vision_attention,
+            fixes=_GLM4V_FAILURE,
+        ),
+        Patch(
+            name=f"{model_type}_image_features_in_one_tensor",
+            target=f"transformers.models.{model_type}.modeling_{model_type}:{prefix}Model.get_image_features",
+            replacement=_qwen2_vl_image_features_in_one_tensor,
+            fixes=_GLM4V_FAILURE,
+        ),
+    )
 )
