@@ -8,7 +8,9 @@ heads, 2 key/value heads) and mrope sections. Its inputs come from the real
 expanded as `Qwen2VLProcessor` expands them (one `<|image_pad|>` per merged patch of the image's
 grid): `Qwen2VLProcessor` itself cannot be built here, since its video processor requires
 torchvision, which this environment does not have. One export (about 30 s), shared by the class,
-through `optimum_observer.export` with its default run and validation.
+through `optimum_observer.export` with its default run and validation. qwen2_5_vl (windowed vision
+attention), glm4v (interpolated position embeddings, its own image processor) and glm4v_moe run the
+same checks in the slow run (`TestOtherGridTypes`).
 """
 
 from __future__ import annotations
