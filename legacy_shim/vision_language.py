@@ -59,6 +59,45 @@ def _positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     return positions[:, -new_tokens:].astype(np.int64)
 
 
+def _rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, grids: np.ndarray | None, config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Multimodal rotary positions [3, batch, sequence] of a prompt and each row's delta (what a
+    later step adds to its past length): text counts on one position per token in all three
+    rows, each run of image tokens takes (frame, row, column) of the next image's merged grid from
+    where the text stopped, and the text after it goes on from the image's largest position + 1;
+    padding gets 1.
+
+    A numpy adaptation of transformers' `get_rope_index` for images (4.57:
+    models/qwen2_vl/modeling_qwen2_vl.py `Qwen2VLModel.get_rope_index`, which finds an image by its
+    vision start token, and models/glm4v/modeling_glm4v.py `Glm4vModel.get_rope_index`, which groups
+    runs of image tokens: the same positions for prompts the processors build). Those loop over
+    images with values read from tensors, which torch.export cannot capture
+    (GuardOnDataDependentSymNode), so the runtime computes them, outside the graph as in generate."""
+    merge = config.vision_config.spatial_merge_size
+    image = int(config.image_token_id)
+    batch, length = input_ids.shape
+    positions = np.ones((3, batch, length), dtype=np.int64)
+    deltas = np.zeros((batch, 1), dtype=np.int64)
+    next_image = 0
+    for row in range(batch):
+        visible = attention_mask[row] == 1
+        is_image = input_ids[row][visible] == image
+        # Runs of image tokens: [start, end) where the token kind changes.
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], is_image, [False]]).astype(np.int8)))
+        pieces, position, cursor = [], 0, 0
+        for start, end in zip(edges[::2], edges[1::2]):
+            pieces.append(np.broadcast_to(np.arange(start - cursor) + position, (3, start - cursor)))
+            frames, height, width = (int(v) for v in grids[next_image])
+            next_image += 1
+            grid = np.indices((frames, height // merge, width // merge)).reshape(3, -1) + position + start - cursor
+            pieces.append(grid)
+            position, cursor = int(grid.max()) + 1, end
+        pieces.append(np.broadcast_to(np.arange(len(is_image) - cursor) + position, (3, len(is_image) - cursor)))
+        placed = np.concatenate(pieces, axis=1)
+        positions[:, row, visible] = placed
+        deltas[row] = placed.max() + 1 - length
+    return positions, deltas
+
+
 #: The keyword arguments of :meth:`ORTModelForImageTextToText.from_pretrained` that load (the
 #: others configure the export or the config).
 LOADING_ARGUMENTS = ("provider", "session_options", "config")
@@ -78,7 +117,10 @@ class ORTModelForImageTextToText:
         #: the decoder builds the model's own mask from token types (gemma3's image blocks).
         self.takes_token_type_ids = any(i.name == "token_type_ids" for i in self.decoder.get_inputs())
         self._past_type = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.decoder.get_inputs()}
-
+        #: position_ids of rank 3 are multimodal rotary positions ([3, batch, sequence], or
+        #: [4, ...] with the text positions first, as qwen2_vl's generate passes them).
+        positions = next(i for i in self.decoder.get_inputs() if i.name == "position_ids").shape
+        self.position_rows = positions[0] if len(positions) == 3 else None
     @classmethod
     def from_pretrained(
         cls,
@@ -159,6 +201,27 @@ class ORTModelForImageTextToText:
         embeds[placeholders] = features.astype(embeds.dtype)
         return embeds
 
+    def _prompt_positions(self, ids: np.ndarray, mask: np.ndarray, images: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The prompt's position_ids in the graph's layout, and the rotary deltas of later steps."""
+        if self.position_rows is None:
+            return _positions(mask, ids.shape[1]), None
+        grids = None if images is None else images.get("image_grid_thw")
+        rotary, deltas = _rope_index(ids, mask, grids, self.config)
+        return self._with_text_row(rotary, mask), deltas
+
+    def _step_positions(self, mask: np.ndarray, deltas: np.ndarray | None) -> np.ndarray:
+        """position_ids of one new token (after the prompt): its rotary positions are the past
+        length + the row's delta, as transformers' generate adds `rope_deltas`."""
+        if deltas is None:
+            return _positions(mask, 1)
+        rotary = np.broadcast_to(mask.shape[1] - 1 + deltas, (3, mask.shape[0], 1)).astype(np.int64)
+        return self._with_text_row(rotary, mask)
+
+    def _with_text_row(self, rotary: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.position_rows != 4:
+            return rotary
+        return np.concatenate([_positions(mask, rotary.shape[-1])[None], rotary])
+
     def _empty_past(self, batch_size: int) -> dict[str, np.ndarray]:
         text = self.config.get_text_config()
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -197,12 +260,13 @@ class ORTModelForImageTextToText:
         mask = np.ones_like(ids) if attention_mask is None else _array(attention_mask).astype(np.int64)
         vision_feeds = None if pixel_values is None else self.vision_inputs(pixel_values, kwargs)
         embeds = self.merged_embeddings(ids, vision_feeds)
+        positions, deltas = self._prompt_positions(ids, mask, vision_feeds)
         past = self._empty_past(ids.shape[0])
         types = np.zeros_like(ids) if token_type_ids is None else _array(token_type_ids).astype(np.int64)
         finished = np.zeros(ids.shape[0], dtype=bool)
         tokens = ids
         for step in range(max_new_tokens):
-            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": _positions(mask, embeds.shape[1])}
+            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
             if self.takes_token_type_ids:
                 feeds["token_type_ids"] = types
             outputs = self.decoder.run(None, {**feeds, **past})
@@ -225,4 +289,5 @@ class ORTModelForImageTextToText:
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
             embeds = self.embed_tokens.run(None, {"input_ids": next_tokens[:, None]})[0]
             types = np.zeros_like(next_tokens[:, None])
+            positions = self._step_positions(mask, deltas)
         return torch.from_numpy(tokens)

@@ -35,6 +35,7 @@ AXIS_NAMES: tuple[tuple[str, int, str], ...] = (
     ("input_ids", 0, "batch_size"),
     ("input_features", 0, "batch_size"),
     ("pixel_values", 0, "batch_size"),
+    ("image_grid_thw", 0, "num_images"),
     ("input_values", 0, "batch_size"),
     ("inputs_embeds", 0, "batch_size"),
     ("inputs_embeds", 1, "sequence_length"),
@@ -120,12 +121,52 @@ def synthesize(capture: Capture, model_type: str) -> ExportExample:
         observed_dynamic = capture.observer.infer_dynamic_shapes(set_batch_dimension_for=True)
     except (RuntimeError, NotImplementedError, ValueError) as error:
         raise _reconcile_error(model_type, str(error)) from error
+    _unmark_constant_leading_axes(observed_dynamic, flat, templates)
     for name, axis in capture.graph.dynamic_axes:
         if name in templates and templates[name][1].is_leaf():
             observed_dynamic[name] = {**(observed_dynamic.get(name) or {}), axis: "declared by the contract"}
     axis_symbol = _group_axes(flat, templates, observed_dynamic, model_type)
-    sizes = _size_symbols(list(dict.fromkeys(axis_symbol.values())), axis_symbol, model_type)
+    symbols = list(dict.fromkeys(axis_symbol.values()))
+    sizes = _size_symbols(symbols, axis_symbol, model_type)
+    if capture.graph.observed_example and (index := _export_safe_call(flat, templates, symbols)) is not None:
+        sizes = {s.name: s.observed[index] for s in symbols}
+        return _build_example(flat, templates, axis_symbol, sizes, source=flat[index])
     return _build_example(flat, templates, axis_symbol, sizes)
+
+
+def _export_safe_call(flat: list[_Flat], templates: _Flat, symbols: list[_Symbol]) -> int | None:
+    """The first observed call that has every input and gives every independent symbol a
+    distinct size >= 2 (what a synthesized example guarantees), or None."""
+    for index, call in enumerate(flat):
+        seen = [s.observed[index] for s in symbols if s.parts is None]
+        if all(name in call for name in templates) and all(size is not None and size >= 2 for size in seen):
+            if len(set(seen)) == len(seen):
+                return index
+    return None
+
+
+def _unmark_constant_leading_axes(observed_dynamic: dict[str, Any], flat: list[_Flat], templates: _Flat) -> None:
+    """`set_batch_dimension_for=True` marks axis 0 of every input dynamic, for runs whose batch
+    never varied. Where the run did vary a leading axis, one that kept a single size of 2 or more
+    on every call is not the batch (qwen2_vl's position_ids [4, batch, sequence]): left static."""
+    constant = []
+    varied = False
+    for name, (template_leaves, _) in templates.items():
+        for index, leaf in enumerate(template_leaves):
+            if leaf.ndim == 0:
+                continue
+            sizes = {call[name][0][index].shape[0] for call in flat if name in call}
+            varied |= len(sizes) > 1
+            if len(sizes) == 1 and min(sizes) >= 2:
+                constant.append((name, index))
+    if not varied:
+        return
+    for name, index in constant:
+        per_leaf = observed_dynamic.get(name)
+        if isinstance(per_leaf, dict) and index == 0:
+            per_leaf.pop(0, None)
+        elif isinstance(per_leaf, (list, tuple)) and index < len(per_leaf) and isinstance(per_leaf[index], dict):
+            per_leaf[index].pop(0, None)
 
 
 def _templates(flat: list[_Flat], names: list[str], model_type: str) -> _Flat:
@@ -208,8 +249,13 @@ def _size_symbols(symbols: list[_Symbol], axis_symbol: dict[_Axis, _Symbol], mod
 
 
 def _build_example(
-    flat: list[_Flat], templates: _Flat, axis_symbol: dict[_Axis, _Symbol], sizes: dict[str, int]
+    flat: list[_Flat],
+    templates: _Flat,
+    axis_symbol: dict[_Axis, _Symbol],
+    sizes: dict[str, int],
+    source: _Flat | None = None,
 ) -> ExportExample:
+    """The example: tensors of the symbols' sizes, or the tensors of the observed call `source`."""
     kwargs: dict[str, Any] = {}
     dynamic_shapes: dict[str, Any] = {}
     leaves: list[LeafSpec] = []
@@ -221,7 +267,10 @@ def _build_example(
             dims = {axis: s.name for (n, i, axis), s in axis_symbol.items() if n == name and i == index}
             shape = tuple(sizes[dims[a]] if a in dims else leaf.shape[a] for a in range(leaf.ndim))
             observed_values = [call[name][0][index] for call in flat if name in call]
-            new_leaves.append(_example_tensor(name, shape, observed_values, sizes, generator))
+            if source is not None:
+                new_leaves.append(source[name][0][index])
+            else:
+                new_leaves.append(_example_tensor(name, shape, observed_values, sizes, generator))
             leaf_shapes.append(dims)
             largest = tuple(max(t.shape[a] for t in observed_values) for a in range(leaf.ndim))
             leaves.append(LeafSpec(name, index, onnx_names[index], leaf.dtype, tuple(leaf.shape), dims, largest))

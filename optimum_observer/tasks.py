@@ -119,6 +119,10 @@ class GraphContract:
     #: whatever the model's `get_image_features` is called with (a pixel attention mask, image
     #: sizes, a patch grid), which differs per model.
     observed_inputs: bool = False
+    #: The export example is one of the observed calls, values kept, rather than synthesized:
+    #: the inputs describe each other (a grid's t * h * w per image sums to the patch count, which
+    #: the vision tower reshapes by), so random values of the synthesized sizes would not fit.
+    observed_example: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -143,6 +147,10 @@ class Family(str, enum.Enum):
     ENCODER = "encoder"
     VISION_LANGUAGE = "vision-language generation"
 
+
+#: The vision encoder's inputs: `pixel_values` and the other tensors `get_image_features` takes,
+#: named after its parameters; a graph has those its observed calls passed.
+VISION_INPUTS = ("pixel_values", "image_grid_thw")
 
 #: The parts of a vision-language model its graphs are observed on (GraphContract.module; the
 #: modules are in :mod:`optimum_observer.vision_language`).
@@ -274,11 +282,12 @@ def _image_text_to_text() -> TaskContract:
         graphs=(
             GraphContract(
                 "vision_encoder.onnx",
-                _inputs("pixel_values"),
+                _inputs(*VISION_INPUTS),
                 _outputs("image_features"),
                 module=VISION_ENCODER,
                 use_cache=None,
                 observed_inputs=True,
+                observed_example=True,
             ),
             GraphContract(
                 "embed_tokens.onnx", _inputs("input_ids"), _outputs("inputs_embeds"), module=TEXT_EMBEDDING, use_cache=None

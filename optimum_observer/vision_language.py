@@ -86,10 +86,11 @@ def _decoder_attribute(model: Any) -> str:
 
 class VisionEncoder(torch.nn.Module):
     """`pixel_values` (of the rank the model takes) and whatever else the model's
-    `get_image_features` is called with (`pixel_attention_mask`, ...: tensors, passed by their
-    parameter names) -> `image_features` [image_tokens, hidden]: the features of every image,
-    concatenated in order, as the image placeholder tokens take them; the model's own
-    `get_image_features` with its config's feature layer and selection strategy."""
+    `get_image_features` is called with (`pixel_attention_mask`, `image_sizes`, qwen2_vl's
+    `image_grid_thw`, ...: tensors, passed by their parameter names) -> `image_features`
+    [image_tokens, hidden]: the features of every image, concatenated in order, as the image
+    placeholder tokens take them; the model's own `get_image_features` with its config's feature
+    layer and selection strategy."""
 
     def __init__(self, model: Any):
         super().__init__()
@@ -367,11 +368,73 @@ def _pixel_attention_mask(pixel_values: torch.Tensor, real: torch.Tensor) -> tor
     return real[..., None, None].expand(*real.shape, height, width).long()
 
 
-def tokens_per_image(model: Any) -> int:
-    """How many placeholder tokens one image takes: observed, from one image through the part."""
+def _takes_grids(model: Any) -> bool:
+    """The vision tower takes flattened patches with a (t, h, w) grid per image (qwen2_vl's
+    layout), as its config says."""
+    vision = model.config.vision_config
+    return all(hasattr(vision, a) for a in ("temporal_patch_size", "spatial_merge_size", "patch_size"))
+
+
+def _grid_images(model: Any, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`count` images as qwen2_vl's image processor gives them: `pixel_values` [patches,
+    channels * temporal_patch_size * patch_size**2] and `image_grid_thw` [count, 3], one frame
+    each, grids of two sizes (2 x 2 and 2 x 3 merge blocks) in turn."""
+    vision = model.config.vision_config
+    merge = vision.spatial_merge_size
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", 3)
+    grids = torch.tensor([[1, 2 * merge, (2 + i % 2) * merge] for i in range(count)])
+    width = channels * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.randn((int(grids.prod(-1).sum()), width), generator=generator)
+    return {"pixel_values": pixel_values.to(model.dtype), "image_grid_thw": grids}
+
+
+def _images(model: Any, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`count` images in the layout the model's vision tower takes (see :func:`_takes_grids`),
+    or [count, channels, height, width] of the config's image size."""
+    if _takes_grids(model):
+        return _grid_images(model, count, generator)
+    return {"pixel_values": torch.randn((count, *image_size(model)), generator=generator).to(model.dtype)}
+
+
+def _one_image(images: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    if "image_grid_thw" not in images:
+        return {"pixel_values": images["pixel_values"][index : index + 1]}
+    grids = images["image_grid_thw"]
+    start = int(grids[:index].prod(-1).sum())
+    end = start + int(grids[index].prod())
+    return {"pixel_values": images["pixel_values"][start:end], "image_grid_thw": grids[index : index + 1]}
+
+
+def tokens_per_image(model: Any, images: dict[str, torch.Tensor] | None = None) -> list[int]:
+    """How many placeholder tokens each image takes: observed, image by image, through the part
+    (default: one image of the model's layout)."""
+    images = images or _images(model, 1, torch.Generator().manual_seed(0))
+    count = len(images["image_grid_thw"]) if "image_grid_thw" in images else len(images["pixel_values"])
+    part = VisionEncoder(model)
     with torch.no_grad():
-        one = torch.zeros((1, *image_size(model)), dtype=model.dtype, device=model.device)
-        return VisionEncoder(model)(pixel_values=one).image_features.shape[0]
+        features = [part(**_one_image(images, i)).image_features for i in range(count)]
+    return [f.reshape(-1, f.shape[-1]).shape[0] for f in features]
+
+
+#: (start, end) config attributes of the tokens around an image's placeholders, first found wins
+#: (qwen2_vl's rope index finds an image by its start token).
+IMAGE_BOUNDARIES = (("vision_start_token_id", "vision_end_token_id"), ("image_start_token_id", "image_end_token_id"))
+
+
+def _placeholders(model: Any, tokens: int) -> list[int]:
+    config = model.config
+    image = [image_token_id(model)] * tokens
+    for start, end in IMAGE_BOUNDARIES:
+        if getattr(config, start, None) is not None and getattr(config, end, None) is not None:
+            return [int(getattr(config, start)), *image, int(getattr(config, end))]
+    return image
+
+
+def _special_ids(model: Any) -> set[int]:
+    """Every `*_token_id` of the config (image, video, boundaries, pad...): random text avoids them."""
+    config = model.config
+    ids = {getattr(config, k, None) for k in dir(config) if k.endswith("_token_id") or k.endswith("_token_index")}
+    return {int(i) for i in ids if isinstance(i, int)}
 
 
 #: How the default run builds a tensor `get_image_features` takes beside `pixel_values`, by
@@ -462,6 +525,8 @@ def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> l
     else the model needs (`image_sizes`, ...)."""
     if getattr(processor, "image_token", None) is not None:
         return processor_batches(model, processor)
+    if _takes_grids(model):
+        return _grid_batches(model, pad_token_id)
     layout = image_layout(model)
     generator = torch.Generator().manual_seed(3)
     image_id = image_token_id(model)
@@ -493,6 +558,33 @@ def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> l
         if "token_type_ids" in inspect.signature(model.forward).parameters:
             batch["token_type_ids"] = (input_ids == image_id).long()
         batches.append(batch)
+    return batches
+
+
+def _grid_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """:func:`reference_batches` for a vision tower that takes grids (:func:`_takes_grids`):
+    left-padded batches of 2 and 3 prompts of different lengths, one image each: each prompt
+    is the image's placeholder tokens (inside the config's image boundary tokens, if it has
+    them) then random text ids (never a special token), with random images in the vision
+    tower's layout (:func:`_images`)."""
+    generator = torch.Generator().manual_seed(3)
+    special = _special_ids(model)
+    vocab = model.config.get_text_config().vocab_size
+    batches = []
+    for lengths in PROMPT_LENGTHS:
+        images = _images(model, len(lengths), generator)
+        prompts = []
+        for length, tokens in zip(lengths, tokens_per_image(model, images)):
+            text = torch.randint(3, vocab, (length,), generator=generator)
+            text = text.masked_fill(torch.isin(text, torch.tensor(sorted(special))), 3)
+            prompts.append(torch.cat([torch.tensor(_placeholders(model, tokens)), text]))
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((len(lengths), longest), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - len(prompt) :] = prompt
+            attention_mask[row, longest - len(prompt) :] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **images})
     return batches
 
 

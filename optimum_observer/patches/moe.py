@@ -193,6 +193,7 @@ _EXPERT_MIXTURE_METHODS = (
     ("deepseek_v3", "DeepseekV3MoE"),
     ("dots1", "Dots1MoE"),
     ("glm4_moe", "Glm4MoeMoE"),
+    ("glm4v_moe", "Glm4vMoeTextMoE"),
     ("longcat_flash", "LongcatFlashMoE"),
 )
 
