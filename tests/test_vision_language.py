@@ -326,14 +326,14 @@ class TestVariableTokensPerImage(unittest.TestCase):
 
     def test_runtime_names_a_missing_vision_input(self):
         batch = self.processor(images=images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
-        with self.assertRaisesRegex(ValueError, r"takes 'image_sizes' besides pixel_values.*\*\*processor\("):
+        with self.assertRaisesRegex(ValueError, r"takes 'image_sizes' beside pixel_values.*\*\*processor\("):
             self.onnx_model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=2)
 
     def test_runtime_refuses_images_of_the_wrong_rank(self):
         batch = self.processor(images=images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
         expected = (
             r"pixel_values of shape \(\d+, 3, 24, 24\).*"
-            r"takes images of \[batch_size, pixel_values_dim_1, 3, 24, 24\]"
+            r"takes pixel_values of \[batch_size, pixel_values_dim_1, 3, 24, 24\]"
         )
         with self.assertRaisesRegex(ValueError, expected):
             self.onnx_model.generate(**{**batch, "pixel_values": batch["pixel_values"][0]}, max_new_tokens=2)
