@@ -56,6 +56,17 @@ from .tiny_configs import SHAPES
 logger = logging.getLogger(__name__)
 
 LEGACY_RUNNER_MODULE = "legacy_shim.tooling.legacy_runner"
+
+#: Tasks optimum-onnx 0.1.0 neither exports nor runs (no OnnxConfig for any type, no
+#: `optimum.onnxruntime` class), with the reason the table gives: the legacy path is recorded as
+#: unsupported without running it, and the observer export is validated through legacy_shim's own
+#: runtime class, the one users load, so its passes are at level (c) by definition.
+NO_OPTIMUM_ONNX: dict[str, str] = {
+    "image-text-to-text": (
+        "optimum-onnx 0.1.0 has no image-text-to-text export (no OnnxConfig for any type: its "
+        "TasksManager lists none) and no `optimum.onnxruntime` class for the task"
+    ),
+}
 DEFAULT_TIMEOUT_SECONDS = 300.0
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -456,9 +467,11 @@ def sweep_one(
         command = [sys.executable, "-m", "legacy_shim.tooling.sweep", "worker", model_type, "--task", task,
                    "--workdir", str(workdir), "--result", str(result_file), "--shapes", shapes]  # fmt: skip
         observer = run_path_process(command, result_file, timeout, task)
-        if _runtime_may_be_the_limit(observer):
+        if _runtime_may_be_the_limit(observer) and task not in NO_OPTIMUM_ONNX:
             observer = _through_shim_runtime(model_type, task, timeout, workdir, observer, shapes)
-        if model_type not in legacy_types:
+        if task in NO_OPTIMUM_ONNX:
+            legacy = PathResult(Status.UNSUPPORTED, error=NO_OPTIMUM_ONNX[task], task=task)
+        elif model_type not in legacy_types:
             legacy = PathResult(Status.UNSUPPORTED, error="optimum-onnx has no OnnxConfig for this task", task=task)
         elif not (workdir / "model" / "config.json").is_file():
             legacy = PathResult(Status.SKIPPED, error="no tiny model was built", task=task)
@@ -571,7 +584,7 @@ def run_sweep(
     todo = [t for t in wanted if redo or t not in results]
     if redo and todo:
         caveats.append(f"re-measured at {_revision()} with --redo: {', '.join(sorted(todo))}")
-    legacy_types = legacy_supported_types(task, timeout) if todo else set()
+    legacy_types = legacy_supported_types(task, timeout) if todo and task not in NO_OPTIMUM_ONNX else set()
     show = sys.stderr.isatty() if show_progress is None else show_progress
     with (
         tqdm(total=len(todo), desc=f"sweep {task}", unit="type", disable=not show) as bar,
@@ -689,11 +702,6 @@ def markdown(
 ) -> str:
     """The coverage table of one task: the counts per runtime level, every type, the reason of
     each pass below (a), and the observer failures grouped by stage."""
-    total = len(results)
-    observer_pass = [t for t, r in results.items() if r.observer.status == Status.PASS]
-    plain, hook, shim = (_at_level(results, runtime) for runtime in Runtime)
-    legacy_pass = [t for t, r in results.items() if r.legacy.status == Status.PASS]
-    legacy_unvalidated = [t for t, r in results.items() if r.legacy.status == Status.UNVALIDATED]
     how = "generates" if get_task(task).generates else "runs"
     shapes_text = f"tiny models of `shapes={shapes!r}`" if shapes else "tiny-model shapes not recorded"
     lines = [
@@ -701,15 +709,7 @@ def markdown(
         "",
         "Measured on " + ", ".join(f"{k} {v}" for k, v in measured_on.items()) + f"; {shapes_text}.",
         "",
-        f"- observer export {how} through optimum-onnx's unchanged `optimum.onnxruntime` class where "
-        f"optimum-observer is not installed (a): **{len(plain)} / {total}**",
-        f"  - only with optimum-observer's hook installed (b): {len(hook)} ({', '.join(hook) or 'none'})",
-        *_a_not_measured(results, hook),
-        f"  - only through `legacy_shim`'s runtime class (c): {len(shim)} ({', '.join(shim) or 'none'})",
-        f"  - observer export with validation passes, any runtime: {len(observer_pass)} / {total}",
-        f"- legacy exporter (optimum-onnx's `main_export` and runtime classes as they ship, hook off) with "
-        f"validation passes: **{len(legacy_pass)} / {total}**"
-        + (f" (exported, not validated by the sweep's check: {len(legacy_unvalidated)})" if legacy_unvalidated else ""),
+        *(_shim_only_counts(task, results) if task in NO_OPTIMUM_ONNX else _level_counts(task, results, how)),
         *_not_measured(task, results),
         *(f"- caveat: {caveat}" for caveat in caveats),
         "",
@@ -723,7 +723,8 @@ def markdown(
             f"| {model_type} | {_cell(r.observer)} | {_runtime_cell(r.observer)} | {r.observer.task} | "
             f"{r.observer.export_seconds or ''} | {_size(r.observer)} | {_cell(r.legacy)} | {legacy_detail} |"
         )
-    below = [_explained(f"{t} ({results[t].observer.runtime.level})", results[t].observer.note) for t in hook + shim]
+    below_a = [] if task in NO_OPTIMUM_ONNX else _at_level(results, Runtime.WITH_HOOK) + _at_level(results, Runtime.SHIM)
+    below = [_explained(f"{t} ({results[t].observer.runtime.level})", results[t].observer.note) for t in below_a]
     if below:
         lines += ["", f"### Observer passes below (a): why the better runtime failed ({len(below)})", "", *below]
     failures: dict[str, list[str]] = {}
@@ -736,6 +737,42 @@ def markdown(
         for stage in sorted(failures):
             lines += ["", f"#### {stage} ({len(failures[stage])})", "", *failures[stage]]
     return "\n".join(lines) + "\n"
+
+
+def _shim_only_counts(task: str, results: dict[str, TypeResult]) -> list[str]:
+    """The count lines of a task optimum-onnx neither exports nor runs (:data:`NO_OPTIMUM_ONNX`):
+    levels (a) and (b) name optimum-onnx's class, which does not exist, so every pass is (c)."""
+    total = len(results)
+    shim = _at_level(results, Runtime.SHIM)
+    runtime = get_task(task).runtime_class
+    return [
+        f"- observer export with validation passes (every observed call replayed through ONNX Runtime, then "
+        f"greedy tokens of `legacy_shim.{runtime}` against torch's): **{len(shim)} / {total}**, all at level (c)",
+        f"  - levels (a) and (b) do not apply: {NO_OPTIMUM_ONNX[task]}. `legacy_shim.{runtime}` is the class users "
+        "load (it stands alone on ONNX Runtime and does not depend on the hook), so (c) is the best level this "
+        "task has",
+        f"- legacy exporter: unsupported for every type, not run ({NO_OPTIMUM_ONNX[task]})",
+    ]
+
+
+def _level_counts(task: str, results: dict[str, TypeResult], how: str) -> list[str]:
+    """The count lines per runtime level (a), (b), (c) and of the legacy exporter."""
+    total = len(results)
+    observer_pass = [t for t, r in results.items() if r.observer.status == Status.PASS]
+    plain, hook, shim = (_at_level(results, runtime) for runtime in Runtime)
+    legacy_pass = [t for t, r in results.items() if r.legacy.status == Status.PASS]
+    legacy_unvalidated = [t for t, r in results.items() if r.legacy.status == Status.UNVALIDATED]
+    return [
+        f"- observer export {how} through optimum-onnx's unchanged `optimum.onnxruntime` class where "
+        f"optimum-observer is not installed (a): **{len(plain)} / {total}**",
+        f"  - only with optimum-observer's hook installed (b): {len(hook)} ({', '.join(hook) or 'none'})",
+        *_a_not_measured(results, hook),
+        f"  - only through `legacy_shim`'s runtime class (c): {len(shim)} ({', '.join(shim) or 'none'})",
+        f"  - observer export with validation passes, any runtime: {len(observer_pass)} / {total}",
+        f"- legacy exporter (optimum-onnx's `main_export` and runtime classes as they ship, hook off) with "
+        f"validation passes: **{len(legacy_pass)} / {total}**"
+        + (f" (exported, not validated by the sweep's check: {len(legacy_unvalidated)})" if legacy_unvalidated else ""),
+    ]
 
 
 def _a_not_measured(results: dict[str, TypeResult], hook: list[str]) -> list[str]:
@@ -807,6 +844,7 @@ SWEPT_TASKS = (
     "automatic-speech-recognition-with-past",
     "feature-extraction",
     "text-classification",
+    "image-text-to-text",
 )
 
 
@@ -859,7 +897,12 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--shapes", choices=SHAPES, default="real")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run_observer_path(args.model_type, args.task, args.workdir, shapes=args.shapes)
+    runtime_class = None
+    if args.task in NO_OPTIMUM_ONNX:
+        from .legacy_runner import shim_runtime_class
+
+        runtime_class = shim_runtime_class(args.task)
+    result = run_observer_path(args.model_type, args.task, args.workdir, runtime_class, shapes=args.shapes)
     args.result.write_text(json.dumps(result.to_json()))
     return 0
 
