@@ -234,6 +234,17 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     # The text model's rotary embedding indexes rope_scaling, which the default text config leaves
     # unset (the causal-LM override above sets it on the text config, the head class's config there).
     "mllama": {"text_config": {"rope_scaling": {"rope_type": "default"}}},
+    # Its image-generation VQ model (not on the image-to-text path) has per-stage channel lists the
+    # shrink does not cut: 128 base channels up to x4 over 5 stages, a 16384-code book (75M parameters).
+    "janus": {"vq_config": {"base_channels": 32, "channel_multiplier": [1, 2], "num_embeddings": 256}},
+    # Its DaViT tower lists widths, depths and heads per stage (4 stages up to 1024 wide, 91M
+    # parameters); the tiny tower keeps two stages.
+    "florence2": {
+        "vision_config": {
+            "depths": [1, 1], "embed_dim": [32, HIDDEN], "num_heads": [2, HEADS], "num_groups": [2, HEADS],
+            "patch_size": [7, 3], "patch_stride": [4, 2], "patch_padding": [3, 1], "patch_prenorm": [False, True],
+        }
+    },  # fmt: skip
     # 3-D (temporal, height, width) rotary sections must fill the rotary half of a head: checkpoints
     # have [24, 20, 20] for head_dim 128, the tiny head_dim 32 takes [6, 5, 5]; the default text
     # config leaves rope_scaling unset, which the rotary embedding reads.
