@@ -876,11 +876,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     levels = {runtime: len(_at_level(results, runtime)) for runtime in Runtime}
     legacy = sum(r.legacy.status == Status.PASS for r in results.values())
-    print(
-        f"{args.task} ({args.shapes} shapes): observer (a) {levels[Runtime.WITHOUT_OBSERVER]}/{len(results)} "
-        f"+ (b) {levels[Runtime.WITH_HOOK]} + (c) {levels[Runtime.SHIM]}, legacy {legacy}/{len(results)} "
-        f"-> {coverage_path(args.out, args.task)}"
-    )
+    if args.task in NO_OPTIMUM_ONNX:
+        counts = f"observer (c) {levels[Runtime.SHIM]}/{len(results)} ((a), (b) and legacy do not apply)"
+    else:
+        counts = (
+            f"observer (a) {levels[Runtime.WITHOUT_OBSERVER]}/{len(results)} + (b) {levels[Runtime.WITH_HOOK]} "
+            f"+ (c) {levels[Runtime.SHIM]}, legacy {legacy}/{len(results)}"
+        )
+    print(f"{args.task} ({args.shapes} shapes): {counts} -> {coverage_path(args.out, args.task)}")
     if args.doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text(coverage_document(args.out))
