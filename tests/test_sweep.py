@@ -337,3 +337,18 @@ class TestImageTextToTextSweep(unittest.TestCase):
 
     def test_the_coverage_document_has_the_task(self):
         self.assertIn(VLM_TASK, sweep.SWEPT_TASKS)
+
+    def test_a_default_run_that_cannot_build_inputs_is_named_before_its_cause(self):
+        error = ObserverExportError(
+            "qwen2_vl", Stage.CAPTURE,
+            "the default run cannot build image-text inputs for this model (AttributeError: no image_size): it feeds ...",
+            "pass a `run`",
+        )  # fmt: skip
+        error.__cause__ = AttributeError("'Qwen2VLVisionConfig' object has no attribute 'image_size'")
+        described = sweep._describe(error)
+        self.assertEqual(
+            described,
+            "the default run cannot build image-text inputs for this model: AttributeError: 'Qwen2VLVisionConfig' "
+            "object has no attribute 'image_size'",
+        )
+        self.assertIn("llava-style inputs", sweep.known_reason(described))

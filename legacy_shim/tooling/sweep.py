@@ -282,10 +282,19 @@ def _describe(error: BaseException) -> str:
         return first_line(error.__cause__)
     if error.stage in _RAISED_BY_THE_MODEL_OR_TORCH and error.__cause__ is not None:
         cause = first_line(root_cause(error))
-        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if error.kind is ErrorKind.MODEL_RUN else cause
+        if error.kind is ErrorKind.MODEL_RUN:
+            return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}"
+        if error.reason.startswith(_INPUTS_NOT_BUILT):
+            # The model never ran: what raised is the default run's input building (families.py).
+            return f"{error.reason.split(' (', 1)[0]}: {cause}"
+        return cause
     failures = error.report.failures() if error.report is not None else []
     return first_line(error.reason) + (f" [{failures[0]}]" if failures else "")
 
+
+#: How a family's default run says it could not build its inputs for the model (families.py): a gap
+#: of the default run, which the table names before the cause.
+_INPUTS_NOT_BUILT = "the default run cannot build"
 
 #: Stages whose failures chain what the model's run or torch's exporter raised: the table shows that.
 _RAISED_BY_THE_MODEL_OR_TORCH = (Stage.CAPTURE, Stage.TORCH_EXPORT, Stage.ONNX_CONVERSION)
@@ -655,6 +664,22 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("rewrites the prompt",
      "generate appends tokens to the prompt before forward sees it (xlm: a mask token whose prediction "
      "is the next token); the runtime class feeds the prompt as it is"),
+    ("the default run cannot build image-text inputs",
+     "the default run feeds llava-style inputs (pixel_values [images, channels, height, width] of the vision "
+     "config's image_size, one placeholder token per image feature, the config's image_token_id): this model "
+     "takes images otherwise (image sizes, tiles, grids of patches, a vision config without image_size, no "
+     "image token); a caller's `run` with the model's processor, or an image layout of its own, is needed"),
+    ("Image features and image tokens do not match: tokens: 4, features 4",
+     "its get_image_features returns a grid [images, rows, columns, hidden] (pixel shuffle), and the default "
+     "run counts an image's tokens as its second axis (the rows), so the prompt holds too few placeholders: "
+     "a gap of the default run (vision_language.tokens_per_image), not of the model"),
+    ("never called the model's text_decoder's forward",
+     "the model's generate reaches its language model without `get_decoder()`, so the routed decoder part "
+     "never ran: nothing was observed for decoder_model_merged.onnx"),
+    ("tuple indices must be integers or slices, not str",
+     "the outer model passes its decoder a mask mapping (one mask per attention kind, bidirectional over the "
+     "image tokens), not the 2-D attention mask: example synthesis cannot take it as a graph input "
+     "(docs/vision_language.md: the decoder part must take the 2-D mask and build the mapping in the graph)"),
     ("generates other tokens without its cache",
      "torch's own generate is not self-consistent (doge with sdpa: an unpadded prompt gets no causal mask, "
      "and its dynamic mask then drops causality; with eager attention torch gives the export's tokens)"),
