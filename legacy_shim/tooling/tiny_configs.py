@@ -222,6 +222,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "cpmant": {"init_std": 0.02},
 }
 
+#: Image codes of the tiny VQ image tokenizers (chameleon, emu3): the top ids of the tiny vocabulary,
+#: as their checkpoints give their 8192 / 32768 codes the last ids of theirs.
+VQ_CODES = 64
+_FIRST_CODE_ID = VOCAB - VQ_CODES
+
+
+def _chameleon_code_name(code: int) -> str:
+    # facebook/chameleon-7b's tokenizer names code 123 "IMGIMGBCDZ": digits as letters from A.
+    return "IMGIMG" + "".join(chr(ord("A") + int(digit)) for digit in str(code)) + "Z"
+
+
 #: Per-type values of image-text-to-text heads (`AutoModelForImageTextToText`), only where the
 #: vision shrink alone cannot work; merged into the shrunk config, sub-config by sub-config.
 VISION_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -234,6 +245,27 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     # The text model's rotary embedding indexes rope_scaling, which the default text config leaves
     # unset (the causal-LM override above sets it on the text config, the head class's config there).
     "mllama": {"text_config": {"rope_scaling": {"rope_type": "default"}}},
+    # Images become VQ codes, which the model maps to text tokens through the checkpoint's tokenizer
+    # vocabulary (`vocabulary_map`, unset by default: the model cannot be built without it): the tiny
+    # map names the tiny codebook's codes and the image token as the checkpoints' tokenizers do. The
+    # VQ model's per-stage channel list and codebook are beyond the generic shrink.
+    "chameleon": {
+        "vocabulary_map": {"<image>": _FIRST_CODE_ID - 1, **{_chameleon_code_name(code): _FIRST_CODE_ID + code for code in range(VQ_CODES)}},
+        "vq_config": {
+            "num_embeddings": VQ_CODES, "base_channels": 32, "channel_multiplier": [1, 2], "num_res_blocks": 1,
+            "resolution": IMAGE, "latent_channels": HIDDEN,
+        },
+    },  # fmt: skip
+    "emu3": {
+        "vocabulary_map": {
+            "<image>": _FIRST_CODE_ID - 1, "<|extra_200|>": _FIRST_CODE_ID - 2,
+            **{f"<|visual token {code:06d}|>": _FIRST_CODE_ID + code for code in range(VQ_CODES)},
+        },
+        "vq_config": {
+            "codebook_size": VQ_CODES, "base_channels": 32, "channel_multiplier": [1, 2], "num_res_blocks": 1,
+            "attn_resolutions": [], "embed_dim": 4, "latent_channels": 4, "hidden_size": HIDDEN,
+        },
+    },  # fmt: skip
     # Its image-generation VQ model (not on the image-to-text path) has per-stage channel lists the
     # shrink does not cut: 128 base channels up to x4 over 5 stages, a 16384-code book (75M parameters).
     "janus": {"vq_config": {"base_channels": 32, "channel_multiplier": [1, 2], "num_embeddings": 256}},
