@@ -351,4 +351,5 @@ class TestImageTextToTextSweep(unittest.TestCase):
             "the default run cannot build image-text inputs for this model: AttributeError: 'Qwen2VLVisionConfig' "
             "object has no attribute 'image_size'",
         )
-        self.assertIn("llava-style inputs", sweep.known_reason(described))
+        self.assertIn("llava-style inputs", sweep.known_reason(described, VLM_TASK))
+        self.assertEqual(sweep.known_reason(described), "")

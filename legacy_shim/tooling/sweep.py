@@ -664,30 +664,47 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("rewrites the prompt",
      "generate appends tokens to the prompt before forward sees it (xlm: a mask token whose prediction "
      "is the next token); the runtime class feeds the prompt as it is"),
-    ("the default run cannot build image-text inputs",
-     "the default run feeds llava-style inputs (pixel_values [images, channels, height, width] of the vision "
-     "config's image_size, one placeholder token per image feature, the config's image_token_id): this model "
-     "takes images otherwise (image sizes, tiles, grids of patches, a vision config without image_size, no "
-     "image token); a caller's `run` with the model's processor, or an image layout of its own, is needed"),
-    ("Image features and image tokens do not match: tokens: 4, features 4",
-     "its get_image_features returns a grid [images, rows, columns, hidden] (pixel shuffle), and the default "
-     "run counts an image's tokens as its second axis (the rows), so the prompt holds too few placeholders: "
-     "a gap of the default run (vision_language.tokens_per_image), not of the model"),
-    ("never called the model's text_decoder's forward",
-     "the model's generate reaches its language model without `get_decoder()`, so the routed decoder part "
-     "never ran: nothing was observed for decoder_model_merged.onnx"),
-    ("tuple indices must be integers or slices, not str",
-     "the outer model passes its decoder a mask mapping (one mask per attention kind, bidirectional over the "
-     "image tokens), not the 2-D attention mask: example synthesis cannot take it as a graph input "
-     "(docs/vision_language.md: the decoder part must take the 2-D mask and build the mapping in the graph)"),
     ("generates other tokens without its cache",
      "torch's own generate is not self-consistent (doge with sdpa: an unpadded prompt gets no causal mask, "
      "and its dynamic mask then drops causality; with eager attention torch gives the export's tokens)"),
 )  # fmt: skip
 
 
-def known_reason(error: str) -> str:
-    return next((reason for fragment, reason in KNOWN_REASONS if fragment in error), "")
+#: Reasons that hold for one task only, looked up before :data:`KNOWN_REASONS` (whose fragments
+#: may mean something else there).
+TASK_REASONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "image-text-to-text": (
+        ("the default run cannot build image-text inputs",
+         "the default run feeds llava-style inputs (pixel_values [images, channels, height, width] of the vision "
+         "config's image_size, one placeholder token per image feature, the config's image_token_id): this model "
+         "takes images otherwise (image sizes, tiles, grids of patches, a vision config without image_size, no "
+         "image token); a caller's `run` with the model's processor, or an image layout of its own, is needed"),
+        ("Image features and image tokens do not match: tokens: 4, features 4",
+         "its get_image_features returns a grid [images, rows, columns, hidden] (pixel shuffle), and the default "
+         "run counts an image's tokens as its second axis (the rows), so the prompt holds too few placeholders: "
+         "a gap of the default run (vision_language.tokens_per_image), not of the model"),
+        ("never called the model's text_decoder's forward",
+         "the model defines no `get_decoder` / `set_decoder` of its own (transformers 4.57's deepseek_vl, janus), so "
+         "the routing cannot put the decoder part in place of the language model its forward calls: nothing was "
+         "observed for decoder_model_merged.onnx"),
+        ("at non-singleton dimension 4",
+         "the outer model builds the 4-D prefix-LM attention mask and hands it to the decoder, so the decoder "
+         "graph's attention_mask is 4-D while the runtime feeds the 2-D one (docs/vision_language.md: paligemma)"),
+        ("tuple indices must be integers or slices, not str",
+         "the outer model passes its decoder a mask mapping (one mask per attention kind, bidirectional over the "
+         "image tokens), not the 2-D attention mask: example synthesis cannot take it as a graph input "
+         "(docs/vision_language.md: the decoder part must take the 2-D mask and build the mapping in the graph)"),
+        ("conflicts between user-specified ranges and inferred ranges",
+         "torch.export fixed an axis the observed runs varied (aria: the number of images, pixel_values axis 0, "
+         "as llava's list of per-image features did before its patch; not investigated further)"),
+    ),
+}  # fmt: skip
+
+
+def known_reason(error: str, task: str | None = None) -> str:
+    """What a failure means, from a fragment of its error line (:data:`TASK_REASONS` of `task` first)."""
+    reasons = (*TASK_REASONS.get(task, ()), *KNOWN_REASONS)
+    return next((reason for fragment, reason in reasons if fragment in error), "")
 
 
 def _cell(result: PathResult) -> str:
@@ -708,9 +725,9 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _explained(label: str, error: str) -> str:
-    """A list item: the known reason of `error`, when there is one, then the error itself."""
-    reason = known_reason(error)
+def _explained(label: str, error: str, task: str | None = None) -> str:
+    """A list item: the known reason of `error` (in `task`), when there is one, then the error itself."""
+    reason = known_reason(error, task)
     return f"- `{label}`: {reason + ' - ' if reason else ''}`{_escape(error)}`"
 
 
@@ -756,7 +773,7 @@ def markdown(
     for model_type, r in sorted(results.items()):
         if r.observer.status == Status.FAIL:
             stage = r.observer.stage.value if r.observer.stage else "unknown"
-            failures.setdefault(stage, []).append(_explained(model_type, r.observer.error))
+            failures.setdefault(stage, []).append(_explained(model_type, r.observer.error, task))
     if failures:
         lines += ["", f"### Observer failures by stage ({sum(map(len, failures.values()))})"]
         for stage in sorted(failures):
