@@ -266,6 +266,11 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
             "attn_resolutions": [], "embed_dim": 4, "latent_channels": 4, "hidden_size": HIDDEN,
         },
     },  # fmt: skip
+    # Its high-resolution SAM-style tower: the projector widens `output_channels` (256) to 2x and 4x
+    # in convolutions (7.3M parameters at 256; got_ocr2's tower of the same kind has no such
+    # projector), and the features are read at its global-attention layers ([2, 5, 8, 11] of 12),
+    # which must be among the tiny tower's 2 layers.
+    "deepseek_vl_hybrid": {"high_res_vision_config": {"output_channels": HIDDEN, "global_attn_indexes": [1]}},
     # Its image-generation VQ model (not on the image-to-text path) has per-stage channel lists the
     # shrink does not cut: 128 base channels up to x4 over 5 stages, a 16384-code book (75M parameters).
     "janus": {"vq_config": {"base_channels": 32, "channel_multiplier": [1, 2], "num_embeddings": 256}},
