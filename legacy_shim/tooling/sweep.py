@@ -419,6 +419,21 @@ def _without_past_after(error: ObserverExportError, task: str) -> str | None:
     return None
 
 
+def runtime_class(task: str) -> type:
+    """The unchanged `optimum.onnxruntime` class of the task."""
+    import optimum.onnxruntime as optimum_runtime
+
+    return getattr(optimum_runtime, get_task(task).runtime_class)
+
+
+def shim_runtime_class(task: str) -> type:
+    """legacy_shim's runtime class of the task (optimum's, plus the runtime fixes; for a task
+    optimum-onnx has no class for, legacy_shim's own)."""
+    from .. import runtime
+
+    return getattr(runtime, get_task(task).runtime_class, None) or runtime_class(task)
+
+
 def onnx_bytes(directory: Path, files: Sequence[str]) -> int:
     return sum((Path(directory) / name).stat().st_size for name in files)
 
@@ -942,11 +957,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--shapes", choices=SHAPES, default="real")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    runtime_class = None
-    if args.task in NO_OPTIMUM_ONNX:
-        from .legacy_runner import shim_runtime_class
-
-        runtime_class = shim_runtime_class(args.task)
+    runtime_class = shim_runtime_class(args.task) if args.task in NO_OPTIMUM_ONNX else None
     result = run_observer_path(args.model_type, args.task, args.workdir, runtime_class, shapes=args.shapes)
     args.result.write_text(json.dumps(result.to_json()))
     return 0
