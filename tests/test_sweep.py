@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -265,3 +266,90 @@ class TestCoverageTable(unittest.TestCase):
             self.assertEqual(sorted(sweep.load_results(path, "mha")), sorted(self.RESULTS))
             with self.assertRaisesRegex(ValueError, "shapes='mha'"):
                 sweep.load_results(path, "real")
+
+
+VLM_TASK = "image-text-to-text"
+
+
+class TestImageTextToTextSweep(unittest.TestCase):
+    """optimum-onnx 0.1.0 neither exports nor runs image-text-to-text: the legacy path is recorded
+    as unsupported without running, and the observer export is validated through legacy_shim's
+    own runtime class, at level (c) (mocked processes: the real rows are docs/coverage-data)."""
+
+    def _sweep_one(self, observer: PathResult) -> tuple[TypeResult, mock.MagicMock]:
+        with mock.patch.object(sweep, "run_path_process", return_value=observer) as process:
+            return sweep.sweep_one("llava", VLM_TASK, timeout=10, legacy_types=set()), process
+
+    def test_the_legacy_path_is_unsupported_without_running_and_says_why(self):
+        result, process = self._sweep_one(dataclasses.replace(_passed(Runtime.SHIM), task=VLM_TASK))
+        # One process: the observer worker; no legacy runner.
+        (call,) = process.call_args_list
+        self.assertIn("legacy_shim.tooling.sweep", call.args[0])
+        self.assertEqual(result.legacy.status, Status.UNSUPPORTED)
+        self.assertIn("optimum-onnx 0.1.0 has no image-text-to-text export", result.legacy.error)
+
+    def test_a_runtime_class_failure_is_not_retried_through_the_same_class(self):
+        failed = PathResult(Status.FAIL, SweepStage.GENERATION_PARITY, "torch [[1]] != onnx [[2]]", VLM_TASK,
+                            failed_in_runtime_class=True)  # fmt: skip
+        result, process = self._sweep_one(failed)
+        self.assertEqual(process.call_count, 1)
+        self.assertEqual(result.observer, failed)
+
+    def test_the_sweep_asks_no_legacy_runner_for_supported_types(self):
+        llava = TypeResult("llava", _passed(Runtime.SHIM), PathResult(Status.UNSUPPORTED), 1.0)
+        asked = AssertionError("asked the legacy runner")
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            mock.patch.object(sweep, "legacy_supported_types", side_effect=asked),
+            mock.patch.object(sweep, "sweep_one", return_value=llava),
+        ):
+            results = sweep.run_sweep(VLM_TASK, Path(scratch), ["llava"], show_progress=False)
+        self.assertEqual(list(results), ["llava"])
+
+    def test_the_worker_validates_through_legacy_shims_runtime_class(self):
+        from legacy_shim.runtime import ORTModelForImageTextToText
+
+        with tempfile.TemporaryDirectory() as scratch, mock.patch.object(
+            sweep, "run_observer_path", return_value=_passed(Runtime.SHIM)
+        ) as observer_path:
+            result_file = Path(scratch) / "result.json"
+            sweep._worker_main(["llava", "--task", VLM_TASK, "--workdir", scratch, "--result", str(result_file)])
+            self.assertEqual(json.loads(result_file.read_text())["runtime"], Runtime.SHIM.value)
+        self.assertIs(observer_path.call_args.args[3], ORTModelForImageTextToText)
+
+    def test_the_table_counts_level_c_and_says_why_a_and_b_do_not_apply(self):
+        failed = PathResult(Status.FAIL, SweepStage.CAPTURE, "the default run cannot build image-text inputs", VLM_TASK)
+        unsupported = PathResult(Status.UNSUPPORTED, error=sweep.NO_OPTIMUM_ONNX[VLM_TASK], task=VLM_TASK)
+        results = {
+            "llava": TypeResult("llava", dataclasses.replace(_passed(Runtime.SHIM), task=VLM_TASK), unsupported, 1.0),
+            "qwen2_vl": TypeResult("qwen2_vl", failed, unsupported, 1.0),
+        }
+        table = sweep.markdown(VLM_TASK, results, {"transformers": "4.57.6"}, "real")
+        self.assertIn("greedy tokens of `legacy_shim.ORTModelForImageTextToText` against torch's): **1 / 2**, all at "
+                      "level (c)", table)  # fmt: skip
+        self.assertIn("levels (a) and (b) do not apply: optimum-onnx 0.1.0 has no image-text-to-text export", table)
+        self.assertIn("- legacy exporter: unsupported for every type, not run", table)
+        self.assertNotIn("where optimum-observer is not installed (a)", table)
+        # A (c) pass is the best this task has: nothing to explain below (a).
+        self.assertNotIn("passes below (a)", table)
+        self.assertIn("| llava | pass | (c) | image-text-to-text |", table)
+        self.assertIn("#### capture (1)", table)
+
+    def test_the_coverage_document_has_the_task(self):
+        self.assertIn(VLM_TASK, sweep.SWEPT_TASKS)
+
+    def test_a_default_run_that_cannot_build_inputs_is_named_before_its_cause(self):
+        error = ObserverExportError(
+            "qwen2_vl", Stage.CAPTURE,
+            "the default run cannot build image-text inputs for this model (AttributeError: no image_size): it feeds ...",
+            "pass a `run`",
+        )  # fmt: skip
+        error.__cause__ = AttributeError("'Qwen2VLVisionConfig' object has no attribute 'image_size'")
+        described = sweep._describe(error)
+        self.assertEqual(
+            described,
+            "the default run cannot build image-text inputs for this model: AttributeError: 'Qwen2VLVisionConfig' "
+            "object has no attribute 'image_size'",
+        )
+        self.assertIn("llava-style inputs", sweep.known_reason(described, VLM_TASK))
+        self.assertEqual(sweep.known_reason(described), "")

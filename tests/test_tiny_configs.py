@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import unittest
+from pathlib import Path
 
 import torch
 import transformers
 from parameterized import parameterized
 
 from legacy_shim.tooling import tiny_configs
+from optimum_observer import vision_language
 
 #: A sample per family: dense decoders, MoE, multi-head latent attention, encoders used as
 #: decoders, decoders of encoder-decoder models, state-space / hybrid, composite configs whose
@@ -151,3 +155,89 @@ class TestShrinkRules(unittest.TestCase):
     def test_unknown_shapes_are_refused(self):
         with self.assertRaisesRegex(ValueError, "shapes must be one of"):
             tiny_configs.tiny_config("llama", "AutoModelForCausalLM", shapes="gqa")
+
+
+VISION_HEAD = "AutoModelForImageTextToText"
+#: The coverage sweep's image-text-to-text rows: what the tests below hold the tiny models to.
+VISION_TABLE = Path(__file__).resolve().parents[1] / "docs" / "coverage-data" / "coverage-image-text-to-text.json"
+#: Sweep stages reached only after the model ran its own generate with an image.
+_RAN_WITH_AN_IMAGE = ("torch.export", "ONNX conversion", "numerical parity", "generation parity")
+
+
+def _swept_rows() -> dict[str, dict]:
+    return {t: r["observer"] for t, r in json.loads(VISION_TABLE.read_text())["results"].items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_vision_model(model_type: str) -> torch.nn.Module:
+    return tiny_configs.build_tiny_model(model_type, VISION_HEAD).eval()
+
+
+class TestTinyVisionLanguageModels(unittest.TestCase):
+    """Every type of the image-text-to-text mapping, held to what the sweep's table says of it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.rows = _swept_rows()
+
+    def test_the_table_has_every_type_of_the_mapping(self):
+        mapping = transformers.AutoModelForImageTextToText._model_mapping._model_mapping
+        self.assertEqual(sorted(self.rows), sorted(mapping))
+
+    @parameterized.expand([(t,) for t in sorted(transformers.AutoModelForImageTextToText._model_mapping._model_mapping)])
+    def test_builds_tiny_where_the_sweep_says_it_builds(self, model_type):
+        row = self.rows[model_type]
+        if row["stage"] == "config build":
+            with self.assertRaises(Exception) as caught:
+                _tiny_vision_model(model_type)
+            self.assertIn(type(caught.exception).__name__, row["error"])
+            return
+        model = _tiny_vision_model(model_type)
+        self.assertLess(sum(p.numel() for p in model.parameters()), MAX_PARAMETERS)
+        if model_type in tiny_configs.VISION_OVERRIDES:  # florence2 sets its own per-stage patch sizes
+            return
+        vision = getattr(model.config, "vision_config", None)
+        for key in ("image_size", "patch_size"):
+            size = getattr(vision, key, None)
+            if size is not None:
+                expected = tiny_configs.VISION_SIZES[key]
+                self.assertIn(size, (expected, [expected] * 2), key)
+
+    def test_a_forward_with_an_image_runs_where_the_sweep_ran_the_model(self):
+        ran = sorted(t for t, r in self.rows.items() if r["status"] == "pass" or r["stage"] in _RAN_WITH_AN_IMAGE)
+        self.assertIn("llava", ran)
+        for model_type in ran:
+            with self.subTest(model_type):
+                model = _tiny_vision_model(model_type)
+                batch = vision_language.reference_batches(model, pad_token_id=0)[0]
+                with torch.no_grad():
+                    logits = model(**batch).logits
+                self.assertEqual(tuple(logits.shape[:2]), tuple(batch["input_ids"].shape))
+                self.assertTrue(torch.isfinite(logits).all())
+
+    def test_text_models_have_real_checkpoint_shapes(self):
+        for model_type in ("llava", "gemma3", "internvl", "paligemma", "qwen2_vl"):
+            with self.subTest(model_type):
+                text = tiny_configs.tiny_config(model_type, VISION_HEAD).get_text_config()
+                self.assertEqual((text.num_attention_heads, text.num_key_value_heads), (tiny_configs.HEADS, tiny_configs.KV_HEADS))
+                if getattr(text, "head_dim", None) is not None:
+                    self.assertEqual(text.head_dim, tiny_configs.REAL_HEAD_DIM)
+
+    def test_image_tokens_fit_the_text_vocabulary_and_take_no_special_id_of_it(self):
+        config = tiny_configs.tiny_config("gemma3", VISION_HEAD)
+        text = config.get_text_config()
+        image_ids = {config.image_token_id, config.boi_token_index, config.eoi_token_index}
+        self.assertEqual(len(image_ids), 3)
+        self.assertTrue(all(0 <= token < text.vocab_size for token in image_ids))
+        self.assertFalse(image_ids & {text.bos_token_id, text.eos_token_id, text.pad_token_id})
+
+    def test_image_token_counts_follow_the_tiny_tower(self):
+        # gemma3 pools its patches to mm_tokens_per_image: 4 x 4 patches to 2 x 2 tokens.
+        model = _tiny_vision_model("gemma3")
+        self.assertEqual(vision_language.tokens_per_image(model), model.config.mm_tokens_per_image)
+        self.assertEqual(vision_language.tokens_per_image(_tiny_vision_model("llava")), tiny_configs.VISION_SIZES["image_seq_length"])
+
+    def test_other_heads_keep_their_vision_sizes(self):
+        # The other tasks' tables were measured with the vision models' own image sizes.
+        self.assertEqual(tiny_configs.tiny_config("clip", "AutoModel").vision_config.image_size, 224)
+        self.assertEqual(tiny_configs.tiny_config("gemma3", "AutoModelForCausalLM").vision_config.image_size, 224)

@@ -44,7 +44,17 @@ from optimum_observer.families import family_of
 from optimum_observer.tasks import get_task
 from optimum_observer.validation import ValidationInputs
 
-from .sweep import PathResult, Status, SweepStage, failed_check, first_line, onnx_bytes, run_observer_path
+from .sweep import (
+    PathResult,
+    Status,
+    SweepStage,
+    failed_check,
+    first_line,
+    onnx_bytes,
+    run_observer_path,
+    runtime_class,
+    shim_runtime_class,
+)
 from .tiny_configs import SHAPES
 
 logger = logging.getLogger(__name__)
@@ -58,20 +68,6 @@ def supported_model_types(task: str) -> list[str]:
     from optimum.exporters.tasks import TasksManager
 
     return sorted(TasksManager.get_supported_model_type_for_task(task, exporter="onnx"))
-
-
-def shim_runtime_class(task: str) -> type:
-    """legacy_shim's runtime class of the task (optimum's, plus the runtime fixes)."""
-    from .. import runtime
-
-    return getattr(runtime, get_task(task).runtime_class, None) or runtime_class(task)
-
-
-def runtime_class(task: str) -> type:
-    """The unchanged `optimum.onnxruntime` class of the task."""
-    import optimum.onnxruntime as optimum_runtime
-
-    return getattr(optimum_runtime, get_task(task).runtime_class)
 
 
 def load_torch_model(model_dir: Path, task: str) -> Any:

@@ -56,6 +56,17 @@ from .tiny_configs import SHAPES
 logger = logging.getLogger(__name__)
 
 LEGACY_RUNNER_MODULE = "legacy_shim.tooling.legacy_runner"
+
+#: Tasks optimum-onnx 0.1.0 neither exports nor runs (no OnnxConfig for any type, no
+#: `optimum.onnxruntime` class), with the reason the table gives: the legacy path is recorded as
+#: unsupported without running it, and the observer export is validated through legacy_shim's own
+#: runtime class, the one users load, so its passes are at level (c) by definition.
+NO_OPTIMUM_ONNX: dict[str, str] = {
+    "image-text-to-text": (
+        "optimum-onnx 0.1.0 has no image-text-to-text export (no OnnxConfig for any type: its "
+        "TasksManager lists none) and no `optimum.onnxruntime` class for the task"
+    ),
+}
 DEFAULT_TIMEOUT_SECONDS = 300.0
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -271,10 +282,19 @@ def _describe(error: BaseException) -> str:
         return first_line(error.__cause__)
     if error.stage in _RAISED_BY_THE_MODEL_OR_TORCH and error.__cause__ is not None:
         cause = first_line(root_cause(error))
-        return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}" if error.kind is ErrorKind.MODEL_RUN else cause
+        if error.kind is ErrorKind.MODEL_RUN:
+            return f"{RUN_FAILS_WITHOUT_OBSERVER}: {cause}"
+        if error.reason.startswith(_INPUTS_NOT_BUILT):
+            # The model never ran: what raised is the default run's input building (families.py).
+            return f"{error.reason.split(' (', 1)[0]}: {cause}"
+        return cause
     failures = error.report.failures() if error.report is not None else []
     return first_line(error.reason) + (f" [{failures[0]}]" if failures else "")
 
+
+#: How a family's default run says it could not build its inputs for the model (families.py): a gap
+#: of the default run, which the table names before the cause.
+_INPUTS_NOT_BUILT = "the default run cannot build"
 
 #: Stages whose failures chain what the model's run or torch's exporter raised: the table shows that.
 _RAISED_BY_THE_MODEL_OR_TORCH = (Stage.CAPTURE, Stage.TORCH_EXPORT, Stage.ONNX_CONVERSION)
@@ -399,6 +419,21 @@ def _without_past_after(error: ObserverExportError, task: str) -> str | None:
     return None
 
 
+def runtime_class(task: str) -> type:
+    """The unchanged `optimum.onnxruntime` class of the task."""
+    import optimum.onnxruntime as optimum_runtime
+
+    return getattr(optimum_runtime, get_task(task).runtime_class)
+
+
+def shim_runtime_class(task: str) -> type:
+    """legacy_shim's runtime class of the task (optimum's, plus the runtime fixes; for a task
+    optimum-onnx has no class for, legacy_shim's own)."""
+    from .. import runtime
+
+    return getattr(runtime, get_task(task).runtime_class, None) or runtime_class(task)
+
+
 def onnx_bytes(directory: Path, files: Sequence[str]) -> int:
     return sum((Path(directory) / name).stat().st_size for name in files)
 
@@ -456,9 +491,11 @@ def sweep_one(
         command = [sys.executable, "-m", "legacy_shim.tooling.sweep", "worker", model_type, "--task", task,
                    "--workdir", str(workdir), "--result", str(result_file), "--shapes", shapes]  # fmt: skip
         observer = run_path_process(command, result_file, timeout, task)
-        if _runtime_may_be_the_limit(observer):
+        if _runtime_may_be_the_limit(observer) and task not in NO_OPTIMUM_ONNX:
             observer = _through_shim_runtime(model_type, task, timeout, workdir, observer, shapes)
-        if model_type not in legacy_types:
+        if task in NO_OPTIMUM_ONNX:
+            legacy = PathResult(Status.UNSUPPORTED, error=NO_OPTIMUM_ONNX[task], task=task)
+        elif model_type not in legacy_types:
             legacy = PathResult(Status.UNSUPPORTED, error="optimum-onnx has no OnnxConfig for this task", task=task)
         elif not (workdir / "model" / "config.json").is_file():
             legacy = PathResult(Status.SKIPPED, error="no tiny model was built", task=task)
@@ -571,7 +608,7 @@ def run_sweep(
     todo = [t for t in wanted if redo or t not in results]
     if redo and todo:
         caveats.append(f"re-measured at {_revision()} with --redo: {', '.join(sorted(todo))}")
-    legacy_types = legacy_supported_types(task, timeout) if todo else set()
+    legacy_types = legacy_supported_types(task, timeout) if todo and task not in NO_OPTIMUM_ONNX else set()
     show = sys.stderr.isatty() if show_progress is None else show_progress
     with (
         tqdm(total=len(todo), desc=f"sweep {task}", unit="type", disable=not show) as bar,
@@ -648,8 +685,41 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 
 
-def known_reason(error: str) -> str:
-    return next((reason for fragment, reason in KNOWN_REASONS if fragment in error), "")
+#: Reasons that hold for one task only, looked up before :data:`KNOWN_REASONS` (whose fragments
+#: may mean something else there).
+TASK_REASONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "image-text-to-text": (
+        ("the default run cannot build image-text inputs",
+         "the default run feeds llava-style inputs (pixel_values [images, channels, height, width] of the vision "
+         "config's image_size, one placeholder token per image feature, the config's image_token_id): this model "
+         "takes images otherwise (image sizes, tiles, grids of patches, a vision config without image_size, no "
+         "image token); a caller's `run` with the model's processor, or an image layout of its own, is needed"),
+        ("Image features and image tokens do not match: tokens: 4, features 4",
+         "its get_image_features returns a grid [images, rows, columns, hidden] (pixel shuffle), and the default "
+         "run counts an image's tokens as its second axis (the rows), so the prompt holds too few placeholders: "
+         "a gap of the default run (vision_language.tokens_per_image), not of the model"),
+        ("never called the model's text_decoder's forward",
+         "the model defines no `get_decoder` / `set_decoder` of its own (transformers 4.57's deepseek_vl, janus), so "
+         "the routing cannot put the decoder part in place of the language model its forward calls: nothing was "
+         "observed for decoder_model_merged.onnx"),
+        ("at non-singleton dimension 4",
+         "the outer model builds the 4-D prefix-LM attention mask and hands it to the decoder, so the decoder "
+         "graph's attention_mask is 4-D while the runtime feeds the 2-D one (docs/vision_language.md: paligemma)"),
+        ("tuple indices must be integers or slices, not str",
+         "the outer model passes its decoder a mask mapping (one mask per attention kind, bidirectional over the "
+         "image tokens), not the 2-D attention mask: example synthesis cannot take it as a graph input "
+         "(docs/vision_language.md: the decoder part must take the 2-D mask and build the mapping in the graph)"),
+        ("conflicts between user-specified ranges and inferred ranges",
+         "torch.export fixed an axis the observed runs varied (aria: the number of images, pixel_values axis 0, "
+         "as llava's list of per-image features did before its patch; not investigated further)"),
+    ),
+}  # fmt: skip
+
+
+def known_reason(error: str, task: str | None = None) -> str:
+    """What a failure means, from a fragment of its error line (:data:`TASK_REASONS` of `task` first)."""
+    reasons = (*TASK_REASONS.get(task, ()), *KNOWN_REASONS)
+    return next((reason for fragment, reason in reasons if fragment in error), "")
 
 
 def _cell(result: PathResult) -> str:
@@ -670,9 +740,9 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _explained(label: str, error: str) -> str:
-    """A list item: the known reason of `error`, when there is one, then the error itself."""
-    reason = known_reason(error)
+def _explained(label: str, error: str, task: str | None = None) -> str:
+    """A list item: the known reason of `error` (in `task`), when there is one, then the error itself."""
+    reason = known_reason(error, task)
     return f"- `{label}`: {reason + ' - ' if reason else ''}`{_escape(error)}`"
 
 
@@ -689,11 +759,6 @@ def markdown(
 ) -> str:
     """The coverage table of one task: the counts per runtime level, every type, the reason of
     each pass below (a), and the observer failures grouped by stage."""
-    total = len(results)
-    observer_pass = [t for t, r in results.items() if r.observer.status == Status.PASS]
-    plain, hook, shim = (_at_level(results, runtime) for runtime in Runtime)
-    legacy_pass = [t for t, r in results.items() if r.legacy.status == Status.PASS]
-    legacy_unvalidated = [t for t, r in results.items() if r.legacy.status == Status.UNVALIDATED]
     how = "generates" if get_task(task).generates else "runs"
     shapes_text = f"tiny models of `shapes={shapes!r}`" if shapes else "tiny-model shapes not recorded"
     lines = [
@@ -701,15 +766,7 @@ def markdown(
         "",
         "Measured on " + ", ".join(f"{k} {v}" for k, v in measured_on.items()) + f"; {shapes_text}.",
         "",
-        f"- observer export {how} through optimum-onnx's unchanged `optimum.onnxruntime` class where "
-        f"optimum-observer is not installed (a): **{len(plain)} / {total}**",
-        f"  - only with optimum-observer's hook installed (b): {len(hook)} ({', '.join(hook) or 'none'})",
-        *_a_not_measured(results, hook),
-        f"  - only through `legacy_shim`'s runtime class (c): {len(shim)} ({', '.join(shim) or 'none'})",
-        f"  - observer export with validation passes, any runtime: {len(observer_pass)} / {total}",
-        f"- legacy exporter (optimum-onnx's `main_export` and runtime classes as they ship, hook off) with "
-        f"validation passes: **{len(legacy_pass)} / {total}**"
-        + (f" (exported, not validated by the sweep's check: {len(legacy_unvalidated)})" if legacy_unvalidated else ""),
+        *(_shim_only_counts(task, results) if task in NO_OPTIMUM_ONNX else _level_counts(task, results, how)),
         *_not_measured(task, results),
         *(f"- caveat: {caveat}" for caveat in caveats),
         "",
@@ -723,19 +780,56 @@ def markdown(
             f"| {model_type} | {_cell(r.observer)} | {_runtime_cell(r.observer)} | {r.observer.task} | "
             f"{r.observer.export_seconds or ''} | {_size(r.observer)} | {_cell(r.legacy)} | {legacy_detail} |"
         )
-    below = [_explained(f"{t} ({results[t].observer.runtime.level})", results[t].observer.note) for t in hook + shim]
+    below_a = [] if task in NO_OPTIMUM_ONNX else _at_level(results, Runtime.WITH_HOOK) + _at_level(results, Runtime.SHIM)
+    below = [_explained(f"{t} ({results[t].observer.runtime.level})", results[t].observer.note) for t in below_a]
     if below:
         lines += ["", f"### Observer passes below (a): why the better runtime failed ({len(below)})", "", *below]
     failures: dict[str, list[str]] = {}
     for model_type, r in sorted(results.items()):
         if r.observer.status == Status.FAIL:
             stage = r.observer.stage.value if r.observer.stage else "unknown"
-            failures.setdefault(stage, []).append(_explained(model_type, r.observer.error))
+            failures.setdefault(stage, []).append(_explained(model_type, r.observer.error, task))
     if failures:
         lines += ["", f"### Observer failures by stage ({sum(map(len, failures.values()))})"]
         for stage in sorted(failures):
             lines += ["", f"#### {stage} ({len(failures[stage])})", "", *failures[stage]]
     return "\n".join(lines) + "\n"
+
+
+def _shim_only_counts(task: str, results: dict[str, TypeResult]) -> list[str]:
+    """The count lines of a task optimum-onnx neither exports nor runs (:data:`NO_OPTIMUM_ONNX`):
+    levels (a) and (b) name optimum-onnx's class, which does not exist, so every pass is (c)."""
+    total = len(results)
+    shim = _at_level(results, Runtime.SHIM)
+    runtime = get_task(task).runtime_class
+    return [
+        f"- observer export with validation passes (every observed call replayed through ONNX Runtime, then "
+        f"greedy tokens of `legacy_shim.{runtime}` against torch's): **{len(shim)} / {total}**, all at level (c)",
+        f"  - levels (a) and (b) do not apply: {NO_OPTIMUM_ONNX[task]}. `legacy_shim.{runtime}` is the class users "
+        "load (it stands alone on ONNX Runtime and does not depend on the hook), so (c) is the best level this "
+        "task has",
+        f"- legacy exporter: unsupported for every type, not run ({NO_OPTIMUM_ONNX[task]})",
+    ]
+
+
+def _level_counts(task: str, results: dict[str, TypeResult], how: str) -> list[str]:
+    """The count lines per runtime level (a), (b), (c) and of the legacy exporter."""
+    total = len(results)
+    observer_pass = [t for t, r in results.items() if r.observer.status == Status.PASS]
+    plain, hook, shim = (_at_level(results, runtime) for runtime in Runtime)
+    legacy_pass = [t for t, r in results.items() if r.legacy.status == Status.PASS]
+    legacy_unvalidated = [t for t, r in results.items() if r.legacy.status == Status.UNVALIDATED]
+    return [
+        f"- observer export {how} through optimum-onnx's unchanged `optimum.onnxruntime` class where "
+        f"optimum-observer is not installed (a): **{len(plain)} / {total}**",
+        f"  - only with optimum-observer's hook installed (b): {len(hook)} ({', '.join(hook) or 'none'})",
+        *_a_not_measured(results, hook),
+        f"  - only through `legacy_shim`'s runtime class (c): {len(shim)} ({', '.join(shim) or 'none'})",
+        f"  - observer export with validation passes, any runtime: {len(observer_pass)} / {total}",
+        f"- legacy exporter (optimum-onnx's `main_export` and runtime classes as they ship, hook off) with "
+        f"validation passes: **{len(legacy_pass)} / {total}**"
+        + (f" (exported, not validated by the sweep's check: {len(legacy_unvalidated)})" if legacy_unvalidated else ""),
+    ]
 
 
 def _a_not_measured(results: dict[str, TypeResult], hook: list[str]) -> list[str]:
@@ -807,6 +901,7 @@ SWEPT_TASKS = (
     "automatic-speech-recognition-with-past",
     "feature-extraction",
     "text-classification",
+    "image-text-to-text",
 )
 
 
@@ -838,11 +933,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     levels = {runtime: len(_at_level(results, runtime)) for runtime in Runtime}
     legacy = sum(r.legacy.status == Status.PASS for r in results.values())
-    print(
-        f"{args.task} ({args.shapes} shapes): observer (a) {levels[Runtime.WITHOUT_OBSERVER]}/{len(results)} "
-        f"+ (b) {levels[Runtime.WITH_HOOK]} + (c) {levels[Runtime.SHIM]}, legacy {legacy}/{len(results)} "
-        f"-> {coverage_path(args.out, args.task)}"
-    )
+    if args.task in NO_OPTIMUM_ONNX:
+        counts = f"observer (c) {levels[Runtime.SHIM]}/{len(results)} ((a), (b) and legacy do not apply)"
+    else:
+        counts = (
+            f"observer (a) {levels[Runtime.WITHOUT_OBSERVER]}/{len(results)} + (b) {levels[Runtime.WITH_HOOK]} "
+            f"+ (c) {levels[Runtime.SHIM]}, legacy {legacy}/{len(results)}"
+        )
+    print(f"{args.task} ({args.shapes} shapes): {counts} -> {coverage_path(args.out, args.task)}")
     if args.doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text(coverage_document(args.out))
@@ -859,7 +957,8 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--shapes", choices=SHAPES, default="real")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run_observer_path(args.model_type, args.task, args.workdir, shapes=args.shapes)
+    runtime_class = shim_runtime_class(args.task) if args.task in NO_OPTIMUM_ONNX else None
+    result = run_observer_path(args.model_type, args.task, args.workdir, runtime_class, shapes=args.shapes)
     args.result.write_text(json.dumps(result.to_json()))
     return 0
 

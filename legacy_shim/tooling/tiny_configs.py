@@ -139,6 +139,33 @@ REAL_SHAPES: dict[str, int] = {
 }
 SHAPES = ("real", "mha")
 
+#: Vision towers of image-text-to-text models (`AutoModelForImageTextToText` heads only: the other
+#: tasks' tables were measured with their vision models' own image sizes): 32 px images of 8 px
+#: patches, 4 x 4 = 16 patches per image, so that `get_image_features` runs in milliseconds and a
+#: prompt holds a few image tokens. The image-token counts a config states beside the tower
+#: follow: `mm_tokens_per_image` 4 (gemma3 pools its 4 x 4 patches to 2 x 2: 64 x 64 to 16 x 16 in
+#: its checkpoints), `image_seq_length` / `num_image_tokens` the 16 patches (the count processors
+#: put in the prompt); the projector and merger sizes that must meet the text model's hidden size
+#: are that size. Integer pairs ([448, 448]) become pairs of the tiny value.
+IMAGE = 32
+PATCH = 8
+VISION_SIZES: dict[str, int] = {
+    "image_size": IMAGE,
+    "patch_size": PATCH,
+    "mm_tokens_per_image": 4,
+    **dict.fromkeys(("image_seq_length", "num_image_tokens"), (IMAGE // PATCH) ** 2),
+    # Layers and widths of towers that name them otherwise (qwen2_vl's vision `depth`, `embed_dim`).
+    "depth": LAYERS,
+    "embed_dim": HIDDEN,
+    # What the tower or its projector hands the text model: its hidden size.
+    **dict.fromkeys(
+        ("out_hidden_size", "projection_dim", "projector_input_dim", "projector_output_dim", "vision_output_dim"),
+        HIDDEN,
+    ),
+    **dict.fromkeys(("alignment_intermediate_size", "mlp_dim"), INTERMEDIATE),
+}
+_VISION_HEADS = frozenset({"AutoModelForImageTextToText"})
+
 #: Attributes capped at a tiny value (kept when already smaller).
 CAPS: dict[str, int] = {"sliding_window": POSITIONS, "attention_window_size": POSITIONS}
 
@@ -195,6 +222,75 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "cpmant": {"init_std": 0.02},
 }
 
+#: Image codes of the tiny VQ image tokenizers (chameleon, emu3): the top ids of the tiny vocabulary,
+#: as their checkpoints give their 8192 / 32768 codes the last ids of theirs.
+VQ_CODES = 64
+_FIRST_CODE_ID = VOCAB - VQ_CODES
+
+
+def _chameleon_code_name(code: int) -> str:
+    # facebook/chameleon-7b's tokenizer names code 123 "IMGIMGBCDZ": digits as letters from A.
+    return "IMGIMG" + "".join(chr(ord("A") + int(digit)) for digit in str(code)) + "Z"
+
+
+#: Per-type values of image-text-to-text heads (`AutoModelForImageTextToText`), only where the
+#: vision shrink alone cannot work; merged into the shrunk config, sub-config by sub-config.
+VISION_OVERRIDES: dict[str, dict[str, Any]] = {
+    # Its projector maps a patch count to a query count ({1225: 128, 4900: 256} for 35 x 35 and
+    # 70 x 70 patches) and refuses any other count: the tiny tower's 16 patches get 4 queries.
+    "aria": {"projector_patch_to_query_dict": {(IMAGE // PATCH) ** 2: 4}},
+    # Features of five layers of a 24-layer tower ([-2, -5, -8, -11, 6]) are concatenated; the
+    # tiny tower has 2 layers and 3 hidden states, so it concatenates all three.
+    "vipllava": {"vision_feature_layers": [-1, -2, -3]},
+    # The text model's rotary embedding indexes rope_scaling, which the default text config leaves
+    # unset (the causal-LM override above sets it on the text config, the head class's config there).
+    "mllama": {"text_config": {"rope_scaling": {"rope_type": "default"}}},
+    # Images become VQ codes, which the model maps to text tokens through the checkpoint's tokenizer
+    # vocabulary (`vocabulary_map`, unset by default: the model cannot be built without it): the tiny
+    # map names the tiny codebook's codes and the image token as the checkpoints' tokenizers do. The
+    # VQ model's per-stage channel list and codebook are beyond the generic shrink.
+    "chameleon": {
+        "vocabulary_map": {"<image>": _FIRST_CODE_ID - 1, **{_chameleon_code_name(code): _FIRST_CODE_ID + code for code in range(VQ_CODES)}},
+        "vq_config": {
+            "num_embeddings": VQ_CODES, "base_channels": 32, "channel_multiplier": [1, 2], "num_res_blocks": 1,
+            "resolution": IMAGE, "latent_channels": HIDDEN,
+        },
+    },  # fmt: skip
+    "emu3": {
+        "vocabulary_map": {
+            "<image>": _FIRST_CODE_ID - 1, "<|extra_200|>": _FIRST_CODE_ID - 2,
+            **{f"<|visual token {code:06d}|>": _FIRST_CODE_ID + code for code in range(VQ_CODES)},
+        },
+        "vq_config": {
+            "codebook_size": VQ_CODES, "base_channels": 32, "channel_multiplier": [1, 2], "num_res_blocks": 1,
+            "attn_resolutions": [], "embed_dim": 4, "latent_channels": 4, "hidden_size": HIDDEN,
+        },
+    },  # fmt: skip
+    # Its high-resolution SAM-style tower: the projector widens `output_channels` (256) to 2x and 4x
+    # in convolutions (7.3M parameters at 256; got_ocr2's tower of the same kind has no such
+    # projector), and the features are read at its global-attention layers ([2, 5, 8, 11] of 12),
+    # which must be among the tiny tower's 2 layers.
+    "deepseek_vl_hybrid": {"high_res_vision_config": {"output_channels": HIDDEN, "global_attn_indexes": [1]}},
+    # Its image-generation VQ model (not on the image-to-text path) has per-stage channel lists the
+    # shrink does not cut: 128 base channels up to x4 over 5 stages, a 16384-code book (75M parameters).
+    "janus": {"vq_config": {"base_channels": 32, "channel_multiplier": [1, 2], "num_embeddings": 256}},
+    # Its DaViT tower lists widths, depths and heads per stage (4 stages up to 1024 wide, 91M
+    # parameters); the tiny tower keeps two stages.
+    "florence2": {
+        "vision_config": {
+            "depths": [1, 1], "embed_dim": [32, HIDDEN], "num_heads": [2, HEADS], "num_groups": [2, HEADS],
+            "patch_size": [7, 3], "patch_stride": [4, 2], "patch_padding": [3, 1], "patch_prenorm": [False, True],
+        }
+    },  # fmt: skip
+    # 3-D (temporal, height, width) rotary sections must fill the rotary half of a head: checkpoints
+    # have [24, 20, 20] for head_dim 128, the tiny head_dim 32 takes [6, 5, 5]; the default text
+    # config leaves rope_scaling unset, which the rotary embedding reads.
+    **dict.fromkeys(
+        ("qwen3_vl", "qwen3_vl_moe"),
+        {"text_config": {"rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}}},
+    ),
+}
+
 #: Per-type values of the "mha" shape only: jetmoe keeps as many heads as key/value heads (4)
 #: with top-1 attention experts.
 MHA_OVERRIDES: dict[str, dict[str, Any]] = {"jetmoe": {"num_experts_per_tok": 1}}
@@ -210,6 +306,12 @@ BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
     "speech-encoder-decoder": {
         "encoder": {"model_type": "wav2vec2"},
         "decoder": {"model_type": "bert", "is_decoder": True, "add_cross_attention": True},
+    },
+    # Its checkpoints pair an image encoder with a text decoder (microsoft/trocr-base-handwritten:
+    # vit + trocr; nlpconnect/vit-gpt2-image-captioning: vit + gpt2).
+    "vision-encoder-decoder": {
+        "encoder": {"model_type": "vit"},
+        "decoder": {"model_type": "gpt2", "is_decoder": True, "add_cross_attention": True},
     },
 }
 
@@ -265,7 +367,11 @@ def _layers_kept(layer_kinds: list[Any] | tuple[Any, ...], shapes: str) -> list[
 
 
 def _shrink(
-    config: dict[str, Any], nested: bool = False, shapes: str = "real", derived: tuple[str, ...] = ()
+    config: dict[str, Any],
+    nested: bool = False,
+    shapes: str = "real",
+    derived: tuple[str, ...] = (),
+    vision: bool = False,
 ) -> dict[str, Any]:
     """A shrunk copy of one level of a config dict, and of every nested config in it.
 
@@ -273,7 +379,7 @@ def _shrink(
     classes (dbrx's attn_config...) reject the common attributes as unknown keyword arguments.
     """
     real = {key: value for key, value in REAL_SHAPES.items() if key not in derived}
-    sizes = {**SIZES, **real} if shapes == "real" else SIZES
+    sizes = {**SIZES, **(VISION_SIZES if vision else {}), **(real if shapes == "real" else {})}
     original_layers = _layer_count(config)
     common = _common_defaults() if nested else {}
     shrunk: dict[str, Any] = {}
@@ -281,7 +387,9 @@ def _shrink(
         if key in common and common[key] == value:
             continue
         if isinstance(value, dict) and key not in ("id2label", "label2id", "pruned_heads", "rope_scaling"):
-            value = _shrink(value, nested=True, shapes=shapes, derived=derived)
+            value = _shrink(value, nested=True, shapes=shapes, derived=derived, vision=vision)
+        elif vision and key in VISION_SIZES and _is_int_pair(value):
+            value = type(value)((VISION_SIZES[key],) * 2)
         elif key in sizes and (
             (isinstance(value, int) and not isinstance(value, bool)) or (value is None and key not in _NONE_MEANS_OFF)
         ):
@@ -307,20 +415,39 @@ def _shrink(
         # may be cut above; its default output stage (the last) is derived again, not kept.
         del shrunk["stage_names"]
         shrunk["out_features"] = shrunk["out_indices"] = None
-    vocab = shrunk.get("vocab_size")
+    vocab, taken = shrunk.get("vocab_size"), set()
+    text = shrunk.get("text_config")
+    if vision and not isinstance(vocab, int) and isinstance(text, dict) and isinstance(text.get("vocab_size"), int):
+        # A composite config (llava, gemma3...) states its image token ids beside its text config,
+        # whose vocabulary they index; they must not take the text config's own special ids.
+        vocab = text["vocab_size"]
+        taken = {token for key, token in text.items() if key.endswith(_SPECIAL_TOKEN_SUFFIXES) and isinstance(token, int)}
     if isinstance(vocab, int):
-        _bring_special_tokens_into_vocab(shrunk, vocab)
+        _bring_special_tokens_into_vocab(shrunk, vocab, taken)
     return shrunk
+
+
+def _merged(values: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`values` with `override` set in; sub-configs (`text_config`...) merged key by key, not replaced."""
+    merged = dict(values)
+    for key, value in override.items():
+        is_config = key.endswith("_config") and isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if is_config else value
+    return merged
+
+
+def _is_int_pair(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
 
 
 def _common_defaults() -> dict[str, Any]:
     return transformers.PretrainedConfig().to_dict()
 
 
-def _bring_special_tokens_into_vocab(config: dict[str, Any], vocab: int) -> None:
+def _bring_special_tokens_into_vocab(config: dict[str, Any], vocab: int, taken: set[int] = frozenset()) -> None:
     # Ids past the tiny vocabulary (gpt2's eos 50256, image tokens...) would index out of range;
-    # they move to distinct ids at the top of the vocabulary.
-    spare = iter(range(vocab - 1, 2, -1))
+    # they move to distinct ids at the top of the vocabulary (other than the `taken` ones).
+    spare = iter(i for i in range(vocab - 1, 2, -1) if i not in taken)
     remapped: dict[int, int] = {}
 
     def remap(token: Any) -> Any:
@@ -361,8 +488,15 @@ def tiny_config(
         **type_overrides,
         **(_CAUSAL_LM if auto_model_class == "AutoModelForCausalLM" else {}),
     }
-    values = _shrink(config_class(**defaults).to_dict(), shapes=shapes, derived=DERIVED_HEAD_SIZES.get(model_type, ()))
+    values = _shrink(
+        config_class(**defaults).to_dict(),
+        shapes=shapes,
+        derived=DERIVED_HEAD_SIZES.get(model_type, ()),
+        vision=auto_model_class in _VISION_HEADS,
+    )
     values.update({k: v for k, v in type_overrides.items() if v != {}})
+    if auto_model_class in _VISION_HEADS:
+        values = _merged(values, VISION_OVERRIDES.get(model_type, {}))
     values.update(overrides)
     values.pop("model_type", None)
     values.pop("transformers_version", None)
