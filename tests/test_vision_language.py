@@ -30,6 +30,7 @@ import optimum_observer
 from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
 from optimum_observer import ObserverExportError, conversion, patches, vision_language
 from optimum_observer.errors import ErrorKind, Stage
+from shim_helpers import run_cli
 from tiny_models import build_tokenizer
 
 FILES = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
@@ -187,6 +188,19 @@ class TestLlavaExport(unittest.TestCase):
         with torch.no_grad():
             expected = self.model.generate(**batch, **settings)
         self.assertEqual(onnx_model.generate(**batch, **settings).tolist(), expected.tolist())
+
+    def test_optimum_cli_exports_the_task_and_the_runtime_generates_torchs_tokens(self):
+        # Optimum's command line, unchanged (a fresh interpreter: the installed hook routes it).
+        out = Path(self.tmp.name) / "llava-cli"
+        done = run_cli("export", "onnx", "--model", str(self.source), "--task", "image-text-to-text", str(out), cwd=Path(self.tmp.name))
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        for file in FILES:
+            self.assertTrue((out / file).is_file(), file)
+        batch = self.processor(images=images(((30, 30), (24, 40))), text=list(PROMPTS), padding=True, return_tensors="pt")
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        with torch.no_grad():
+            expected = self.model.generate(**batch, **settings)
+        self.assertEqual(ORTModelForImageTextToText.from_pretrained(out).generate(**batch, **settings).tolist(), expected.tolist())
 
     def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
         # Three images for two prompts: the features go to the image tokens in order.
