@@ -517,17 +517,21 @@ def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> l
     random pixel values of the config's image size, laid out as the model takes them
     (:func:`image_layout`); and, for a model whose forward takes them, `token_type_ids` 1 at the
     image tokens (what processors return as multimodal token types, `return_mm_token_type_ids`;
-    gemma3 attends bidirectionally within an image by them). That is the run without a processor.
+    gemma3 attends bidirectionally within an image by them). A vision tower that takes
+    flattened patches with a grid (qwen2_vl) gets them in that layout (:func:`_grid_batches`).
 
-    With the model's processor (one that has an `image_token`), the processor makes the batches
-    (:func:`processor_batches`), as users run the model: it knows how many placeholders an image
-    of a given size takes (llava_next's token count depends on it), its tiles or patches and what
-    else the model needs (`image_sizes`, ...)."""
-    if getattr(processor, "image_token", None) is not None:
-        return processor_batches(model, processor)
+    A model whose images need more than these layouts (`image_sizes`: a token count that depends
+    on the image's size, llava_next, mistral3) gets its batches from its processor, when it has one
+    with an `image_token` (:func:`processor_batches`): the processor knows how many placeholders
+    an image of a given size takes, its tiles and what else the model needs."""
     if _takes_grids(model):
         return _grid_batches(model, pad_token_id)
-    layout = image_layout(model)
+    try:
+        layout = image_layout(model)
+    except ValueError:
+        if getattr(processor, "image_token", None) is None:
+            raise
+        return processor_batches(model, processor)
     generator = torch.Generator().manual_seed(3)
     image_id = image_token_id(model)
     vocab = model.config.get_text_config().vocab_size

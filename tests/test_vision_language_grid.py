@@ -189,7 +189,7 @@ class TestQwen2VLExport(unittest.TestCase):
 
     def test_runtime_asks_for_the_grid(self):
         inputs = batch(self.tokenizer, self.image_processor, images(((24, 24),)), [PROMPTS[0]])
-        with self.assertRaisesRegex(ValueError, r"also takes image_grid_thw: pass what the model's processor returns"):
+        with self.assertRaisesRegex(ValueError, r"takes 'image_grid_thw' beside pixel_values and none was given: pass everything the model's processor returns"):
             self.onnx_model.generate(
                 input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=2
             )
