@@ -234,8 +234,11 @@ class TestTinyVisionLanguageModels(unittest.TestCase):
     def test_image_token_counts_follow_the_tiny_tower(self):
         # gemma3 pools its patches to mm_tokens_per_image: 4 x 4 patches to 2 x 2 tokens.
         model = _tiny_vision_model("gemma3")
-        self.assertEqual(vision_language.tokens_per_image(model), model.config.mm_tokens_per_image)
-        self.assertEqual(vision_language.tokens_per_image(_tiny_vision_model("llava")), tiny_configs.VISION_SIZES["image_seq_length"])
+        # One image of the model's layout through the vision part: its placeholder count.
+        self.assertEqual(vision_language.tokens_per_image(model), [model.config.mm_tokens_per_image])
+        self.assertEqual(
+            vision_language.tokens_per_image(_tiny_vision_model("llava")), [tiny_configs.VISION_SIZES["image_seq_length"]]
+        )
 
     def test_other_heads_keep_their_vision_sizes(self):
         # The other tasks' tables were measured with the vision models' own image sizes.
