@@ -511,6 +511,18 @@ PROMPT_LENGTHS = ((3, 6), (4, 2, 7))
 IMAGE_SCALES = (((1, 1), (1, 2)), ((0.75, 0.5), (0.5, 0.5), (0.25, 0.25)))
 
 
+def _left_padded(prompts: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` of `prompts` padded on the left to the longest (as
+    generate() is fed a batch)."""
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt) :] = prompt
+        attention_mask[row, longest - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
 def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> list[dict[str, torch.Tensor]]:
     """Left-padded batches of 2 and 3 prompts of different lengths with 1 or 2 images each: each
     prompt is its images' placeholder tokens then random text ids (never the image token), with
@@ -542,12 +554,7 @@ def reference_batches(model: Any, pad_token_id: int, processor: Any = None) -> l
             text = torch.randint(3, vocab, (length,), generator=generator)
             text = text.masked_fill(text == image_id, 3)
             prompts.append(torch.cat([torch.full((count * layout.tokens_per_image,), image_id), text]))
-        longest = max(len(prompt) for prompt in prompts)
-        input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt) :] = prompt
-            attention_mask[row, longest - len(prompt) :] = 1
+        input_ids, attention_mask = _left_padded(prompts, pad_token_id)
         images = torch.randn((sum(counts), *image_size(model)), generator=generator).to(model.dtype)
         if layout.rank == 4:
             pixel_values, real = images, torch.ones(len(images), dtype=torch.bool)
@@ -582,12 +589,7 @@ def _grid_batches(model: Any, pad_token_id: int) -> list[dict[str, torch.Tensor]
             text = torch.randint(3, vocab, (length,), generator=generator)
             text = text.masked_fill(torch.isin(text, torch.tensor(sorted(special))), 3)
             prompts.append(torch.cat([torch.tensor(_placeholders(model, tokens)), text]))
-        longest = max(len(p) for p in prompts)
-        input_ids = torch.full((len(lengths), longest), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt) :] = prompt
-            attention_mask[row, longest - len(prompt) :] = 1
+        input_ids, attention_mask = _left_padded(prompts, pad_token_id)
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **images})
     return batches
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import tempfile
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tiny_models import build_tokenizer, save_causal_lm
 
 __all__ = [
     "UNSUPPORTED_TYPE",
+    "export_saved_vision_language",
     "graph_io",
     "run_cli",
     "run_onnx",
@@ -197,3 +199,18 @@ def assert_same_export(test, expected_dir: Path, actual_dir: Path, atol: float =
     feeds = feeds_for(expected_model)
     for expected, actual in zip(run_onnx(expected_model, feeds), run_onnx(actual_model, feeds), strict=True):
         np.testing.assert_allclose(actual, expected, atol=atol, rtol=0)
+
+
+def export_saved_vision_language(cls: type, name: str) -> None:
+    """For a test class's `setUpClass`: saves `cls.model` and `cls.processor` into a temporary
+    directory (`cls.tmp`, `cls.source`) and exports them for image-text-to-text through Optimum's
+    entry point `legacy_shim.main_export` into `cls.output`; `cls.route` and `cls.result` (the
+    observer's result) hold what it gave."""
+    from legacy_shim import main_export
+
+    cls.tmp = tempfile.TemporaryDirectory()
+    cls.source, cls.output = Path(cls.tmp.name) / name, Path(cls.tmp.name) / f"{name}-onnx"
+    cls.model.save_pretrained(cls.source)
+    cls.processor.save_pretrained(cls.source)
+    cls.route = main_export(str(cls.source), str(cls.output), task="image-text-to-text")
+    cls.result = cls.route.observer_result

@@ -30,7 +30,7 @@ import optimum_observer
 from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
 from optimum_observer import ObserverExportError, conversion, patches, vision_language
 from optimum_observer.errors import ErrorKind, Stage
-from shim_helpers import run_cli
+from shim_helpers import export_saved_vision_language, run_cli
 from tiny_models import build_tokenizer
 
 FILES = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
@@ -112,12 +112,7 @@ class TestLlavaExport(unittest.TestCase):
     def setUpClass(cls):
         cls.processor = tiny_processor()
         cls.model = tiny_llava(cls.processor)
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.source, cls.output = Path(cls.tmp.name) / "llava", Path(cls.tmp.name) / "llava-onnx"
-        cls.model.save_pretrained(cls.source)
-        cls.processor.save_pretrained(cls.source)
-        cls.route = main_export(str(cls.source), str(cls.output), task="image-text-to-text")
-        cls.result = cls.route.observer_result
+        export_saved_vision_language(cls, "llava")
 
     @classmethod
     def tearDownClass(cls):
@@ -288,11 +283,7 @@ class TestVariableTokensPerImage(unittest.TestCase):
     def setUpClass(cls):
         cls.processor = tiny_llava_next_processor()
         cls.model = tiny_llava_next(cls.processor)
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.source, cls.output = Path(cls.tmp.name) / "llava_next", Path(cls.tmp.name) / "llava_next-onnx"
-        cls.model.save_pretrained(cls.source)
-        cls.processor.save_pretrained(cls.source)
-        cls.result = main_export(str(cls.source), str(cls.output), task="image-text-to-text").observer_result
+        export_saved_vision_language(cls, "llava_next")
         cls.onnx_model = ORTModelForImageTextToText.from_pretrained(cls.output)
 
     @classmethod

@@ -28,8 +28,9 @@ import torch
 import transformers
 
 import optimum_observer
-from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
+from legacy_shim import Exporter, ORTModelForImageTextToText
 from optimum_observer import vision_language
+from shim_helpers import export_saved_vision_language
 from tiny_models import build_tokenizer
 
 NEW_TOKENS = 8
@@ -93,12 +94,7 @@ class TestGemma3Export(unittest.TestCase):
     def setUpClass(cls):
         cls.processor = tiny_gemma3_processor()
         cls.model = tiny_gemma3(cls.processor)
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.source, cls.output = Path(cls.tmp.name) / "gemma3", Path(cls.tmp.name) / "gemma3-onnx"
-        cls.model.save_pretrained(cls.source)
-        cls.processor.save_pretrained(cls.source)
-        cls.route = main_export(str(cls.source), str(cls.output), task="image-text-to-text")
-        cls.result = cls.route.observer_result
+        export_saved_vision_language(cls, "gemma3")
         cls.onnx_model = ORTModelForImageTextToText.from_pretrained(cls.output)
 
     @classmethod
@@ -267,11 +263,7 @@ class TestPaliGemmaExport(unittest.TestCase):
     def setUpClass(cls):
         cls.processor = tiny_paligemma_processor()
         cls.model = tiny_paligemma(cls.processor)
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.source, cls.output = Path(cls.tmp.name) / "paligemma", Path(cls.tmp.name) / "paligemma-onnx"
-        cls.model.save_pretrained(cls.source)
-        cls.processor.save_pretrained(cls.source)
-        cls.result = main_export(str(cls.source), str(cls.output), task="image-text-to-text").observer_result
+        export_saved_vision_language(cls, "paligemma")
 
     @classmethod
     def tearDownClass(cls):

@@ -27,8 +27,9 @@ import transformers
 from parameterized import parameterized
 
 import optimum_observer
-from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
+from legacy_shim import Exporter, ORTModelForImageTextToText
 from optimum_observer import patches, vision_language
+from shim_helpers import export_saved_vision_language
 from tiny_models import build_tokenizer
 
 NEW_TOKENS = 8
@@ -97,12 +98,7 @@ class TestIdefics3Export(unittest.TestCase):
     def setUpClass(cls):
         cls.processor = tiny_processor()
         cls.model = tiny_idefics3(cls.processor)
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.source, cls.output = Path(cls.tmp.name) / "idefics3", Path(cls.tmp.name) / "idefics3-onnx"
-        cls.model.save_pretrained(cls.source)
-        cls.processor.save_pretrained(cls.source)
-        cls.route = main_export(str(cls.source), str(cls.output), task="image-text-to-text")
-        cls.result = cls.route.observer_result
+        export_saved_vision_language(cls, "idefics3")
         cls.onnx_model = ORTModelForImageTextToText.from_pretrained(cls.output)
 
     @classmethod
