@@ -236,6 +236,15 @@ def _chameleon_code_name(code: int) -> str:
 #: Per-type values of image-text-to-text heads (`AutoModelForImageTextToText`), only where the
 #: vision shrink alone cannot work; merged into the shrunk config, sub-config by sub-config.
 VISION_OVERRIDES: dict[str, dict[str, Any]] = {
+    # Multimodal rotary sections (temporal, height, width) of each head's rotary half: checkpoints
+    # state them ("type": "mrope", [16, 24, 24] for 128-wide heads); the default config has none
+    # and the text attention then fails ("'NoneType' object is not subscriptable"). The tiny
+    # heads are 16 wide: sections of 8 (glm4v_moe rotates half of each head: 4).
+    **dict.fromkeys(
+        ("qwen2_vl", "qwen2_5_vl", "glm4v"),
+        {"text_config": {"rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3]}}},
+    ),
+    "glm4v_moe": {"text_config": {"rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2]}}},
     # Its projector maps a patch count to a query count ({1225: 128, 4900: 256} for 35 x 35 and
     # 70 x 70 patches) and refuses any other count: the tiny tower's 16 patches get 4 queries.
     "aria": {"projector_patch_to_query_dict": {(IMAGE // PATCH) ** 2: 4}},
