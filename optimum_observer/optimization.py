@@ -243,20 +243,13 @@ def optimize_file(source: Path, target: Path) -> dict[str, int]:
     weights beside it in `<target name>_data` when `source` keeps them outside): what
     `legacy_shim`'s `ORTOptimizer` runs on observer exports. Returns the fusion counts."""
     source, target = Path(source), Path(target)
-    external = _weights_outside(source)
-    model, fusions = _optimize(ir.load(source))
+    model = ir.load(source)
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    model, fusions = _optimize(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     _save(model, target, external)
     logger.info("%s -> %s: onnxscript fusions %s", source.name, target.name, fusions)
     return fusions
-
-
-def _weights_outside(path: Path) -> bool:
-    """Whether the ONNX file at `path` keeps any weight in an external data file."""
-    import onnx
-
-    graph = onnx.load(os.fspath(path), load_external_data=False).graph
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
 def post_process(

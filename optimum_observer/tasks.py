@@ -148,10 +148,6 @@ class Family(str, enum.Enum):
     VISION_LANGUAGE = "vision-language generation"
 
 
-#: The vision encoder's inputs: `pixel_values` and the other tensors `get_image_features` takes,
-#: named after its parameters; a graph has those its observed calls passed.
-VISION_INPUTS = ("pixel_values", "image_grid_thw")
-
 #: The parts of a vision-language model its graphs are observed on (GraphContract.module; the
 #: modules are in :mod:`optimum_observer.vision_language`).
 VISION_ENCODER, TEXT_EMBEDDING, TEXT_DECODER = "vision_encoder", "text_embedding", "text_decoder"
@@ -282,7 +278,9 @@ def _image_text_to_text() -> TaskContract:
         graphs=(
             GraphContract(
                 "vision_encoder.onnx",
-                _inputs(*VISION_INPUTS),
+                # The other tensors get_image_features is called with (image_sizes,
+                # pixel_attention_mask, image_grid_thw) are added as observed (observed_inputs).
+                _inputs("pixel_values"),
                 _outputs("image_features"),
                 module=VISION_ENCODER,
                 use_cache=None,
