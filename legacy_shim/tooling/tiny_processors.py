@@ -71,6 +71,17 @@ PROCESSORS: dict[str, Callable[[transformers.PretrainedConfig], dict[str, Settin
         "patch_size": _patch_size(config),
         "spatial_merge_size": config.spatial_merge_size,
     },
+    # deepseek-community/deepseek-vl-7b-chat: one token per patch of the low-resolution tower
+    # (576 = 24 x 24 of 16 px at 384 px); the high-resolution tower's features are added to them.
+    "DeepseekVLHybridProcessor": lambda config: {
+        "num_image_tokens": (_image_size(config) // _patch_size(config)) ** 2,
+    },
+}
+
+#: Processor classes that read their special tokens from the tokenizer (`tokenizer.image_token`,
+#: a checkpoint's `extra_special_tokens`) instead of taking them as arguments: attribute -> token.
+TOKENIZER_TOKENS: dict[str, dict[str, str]] = {
+    "DeepseekVLHybridProcessor": {"image_token": "<image_placeholder>"},
 }
 
 #: Processor classes that cannot be built here, and the class that processes their images the same
@@ -91,6 +102,13 @@ IMAGE_PROCESSORS: dict[str, Callable[[transformers.PretrainedConfig], dict[str, 
     "PixtralImageProcessor": lambda config: {
         "size": {"longest_edge": _image_size(config)},
         "patch_size": _patch_size(config),
+    },
+    # Each image at the sizes of both towers (384 and 1024 px in checkpoints).
+    "DeepseekVLHybridImageProcessor": lambda config: {
+        "size": {"height": _image_size(config), "width": _image_size(config)},
+        "high_res_size": {
+            "height": config.high_res_vision_config.image_size, "width": config.high_res_vision_config.image_size
+        },
     },
 }
 
@@ -120,21 +138,31 @@ def _image_processor_class(model_type: str, processor: type) -> type:
     return getattr(transformers, declared)
 
 
+def _config_id(config: transformers.PretrainedConfig, name: str) -> int | None:
+    ids = (getattr(config, f"{name}_id", None), getattr(config, f"{name}_index", None))
+    return next((i for i in ids if isinstance(i, int)), None)
+
+
 def _special_tokens(processor: type, config: transformers.PretrainedConfig) -> dict[str, int | None]:
-    """The processor's special tokens (its `*_token` keyword defaults: `image_token`, ...) -> the
-    id the config states for each (`image_token_id` or `image_token_index`), or None."""
-    tokens = {}
-    for name, parameter in inspect.signature(processor.__init__).parameters.items():
-        if name.endswith("_token") and isinstance(parameter.default, str):
-            ids = (getattr(config, f"{name}_id", None), getattr(config, f"{name}_index", None))
-            tokens[parameter.default] = next((i for i in ids if isinstance(i, int)), None)
-    return tokens
+    """The processor's special tokens (its `*_token` keyword defaults: `image_token`, ..., and its
+    :data:`TOKENIZER_TOKENS`) -> the id the config states for each (`image_token_id` or
+    `image_token_index`), or None."""
+    named = {
+        name: parameter.default
+        for name, parameter in inspect.signature(processor.__init__).parameters.items()
+        if name.endswith("_token") and isinstance(parameter.default, str)
+    }
+    named.update(TOKENIZER_TOKENS.get(processor.__name__, {}))
+    return {token: _config_id(config, name) for name, token in named.items()}
 
 
-def tiny_tokenizer(placed: dict[str, int | None]) -> transformers.PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    placed: dict[str, int | None], extra_special_tokens: dict[str, str] | None = None
+) -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a few sentences, with each of `placed`'s tokens at its
     id (a token without one gets the next free id above the vocabulary); the ids between are
-    reserved tokens, as checkpoints' tokenizers have. Pads on the left, returns no token types."""
+    reserved tokens, as checkpoints' tokenizers have. Pads on the left, returns no token types.
+    `extra_special_tokens` name some of them as attributes (`tokenizer.image_token`)."""
     fixed = {token: i for token, i in placed.items() if i is not None}
     clash = [t for t, i in fixed.items() if i < len(_BASE_TOKENS)]
     if clash:
@@ -157,6 +185,7 @@ def tiny_tokenizer(placed: dict[str, int | None]) -> transformers.PreTrainedToke
         tokenizer_object=backend,
         pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         additional_special_tokens=list(placed),
+        extra_special_tokens=extra_special_tokens or {},
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )  # fmt: skip
@@ -177,6 +206,6 @@ def tiny_processor(model_type: str, config: transformers.PretrainedConfig) -> An
     image_processor = image_processor_class(**IMAGE_PROCESSORS[image_processor_class.__name__](config))
     parts: dict[str, Any] = {
         "image_processor": image_processor,
-        "tokenizer": tiny_tokenizer(_special_tokens(processor, config)),
+        "tokenizer": tiny_tokenizer(_special_tokens(processor, config), TOKENIZER_TOKENS.get(processor.__name__)),
     }
     return processor(**parts, **PROCESSORS[processor.__name__](config))
