@@ -322,7 +322,7 @@ def run_observer_path(
         model.save_pretrained(workdir / "model")
         # Saved with the model, as a checkpoint ships it: the legacy path's check loads it there.
         # Or the processor, for image-text-to-text types whose images need it (image_sizes).
-        feature_extractor = tiny_feature_extractor(model_type, model.config, contract.auto_model_class)
+        feature_extractor = tiny_feature_extractor(model_type, model.config, model)
         if feature_extractor is not None:
             feature_extractor.save_pretrained(workdir / "model")
     except Exception as error:

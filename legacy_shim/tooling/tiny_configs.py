@@ -543,14 +543,14 @@ def build_tiny_model(
 
 
 def tiny_feature_extractor(
-    model_type: str, config: transformers.PretrainedConfig, auto_model_class: str | None = None
+    model_type: str, config: transformers.PretrainedConfig, model: Any = None
 ) -> Any | None:
     """The feature extractor of :data:`FEATURE_EXTRACTORS` for `config`; for an image-text-to-text
-    head (`auto_model_class`) whose images need it, the processor of
-    :func:`legacy_shim.tooling.tiny_processors.tiny_processor`; else None."""
-    if auto_model_class in _VISION_HEADS:
-        from .tiny_processors import tiny_processor
+    `model` whose images need it (:func:`legacy_shim.tooling.tiny_processors.needs_processor`), the
+    processor of :func:`legacy_shim.tooling.tiny_processors.tiny_processor`; else None."""
+    from .tiny_processors import needs_processor, tiny_processor
 
+    if model is not None and needs_processor(model):
         return tiny_processor(model_type, config)
     settings = FEATURE_EXTRACTORS.get(model_type)
     if settings is None:
@@ -578,7 +578,7 @@ def save_tiny_model(
     feature extractor or processor when the type has one, :func:`tiny_feature_extractor`) to `directory`."""
     model = build_tiny_model(model_type, auto_model_class, seed, shapes, **overrides)
     model.save_pretrained(directory)
-    feature_extractor = tiny_feature_extractor(model_type, model.config, auto_model_class)
+    feature_extractor = tiny_feature_extractor(model_type, model.config, model)
     if feature_extractor is not None:
         feature_extractor.save_pretrained(directory)
     return Path(directory)

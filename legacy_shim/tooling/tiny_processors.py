@@ -66,10 +66,11 @@ def _llava_next_style(config: transformers.PretrainedConfig) -> dict[str, Settin
 PROCESSORS: dict[str, Callable[[transformers.PretrainedConfig], dict[str, Setting]]] = {
     # llava-hf/llava-v1.6-mistral-7b-hf: 14 px patches, "default" strategy, CLIP's class token.
     "LlavaNextProcessor": _llava_next_style,
-    # mistralai/Mistral-Small-3.1-24B: the pixtral tower's patches, 2 x 2 merged into one token.
+    # mistralai/Mistral-Small-3.1-24B: the pixtral tower's patches, 2 x 2 merged into one token;
+    # a llava with a pixtral tower (mistral-community/pixtral-12b) merges none.
     "PixtralProcessor": lambda config: {
         "patch_size": _patch_size(config),
-        "spatial_merge_size": config.spatial_merge_size,
+        "spatial_merge_size": getattr(config, "spatial_merge_size", 1),
     },
     # deepseek-community/deepseek-vl-7b-chat: one token per patch of the low-resolution tower
     # (576 = 24 x 24 of 16 px at 384 px); the high-resolution tower's features are added to them.
@@ -174,12 +175,14 @@ def tiny_tokenizer(
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.train_from_iterator(list(SENTENCES) * 4, trainers.BpeTrainer(vocab_size=TRAINED_VOCAB, special_tokens=specials))
-    high = [token for token, i in placed.items() if i is None or i >= TRAINED_VOCAB]
+    # Above it: the tokens at their ids, those without one in the first reserved slots (inside the
+    # config's vocabulary where there is room), the other slots reserved.
+    unplaced = [token for token, i in placed.items() if i is None]
     top = max([i for i in by_id if i >= TRAINED_VOCAB], default=-1)
     above = []
     for i in range(backend.get_vocab_size(), top + 1):
-        above.append(by_id.get(i, f"<reserved_{i}>"))
-    above += [token for token in high if token not in above]
+        above.append(by_id.get(i) or (unplaced.pop(0) if unplaced else f"<reserved_{i}>"))
+    above += unplaced
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in above])
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -193,6 +196,18 @@ def tiny_tokenizer(
     if wrong:
         raise ValueError(f"tokens not at their config's ids: {wrong} (wanted {fixed})")
     return tokenizer
+
+
+def needs_processor(model: Any) -> bool:
+    """Whether the default run cannot build `model`'s images without its processor: its
+    `get_image_features` requires what only the processor makes (`image_sizes`...). A llava with a
+    tower that takes other images (the `pixtral` type's llava) builds its own and gets none."""
+    from optimum_observer import vision_language
+
+    try:
+        return bool(vision_language.unbuilt_vision_inputs(model))
+    except AttributeError:  # no inner model with get_image_features: not this layout
+        return False
 
 
 def tiny_processor(model_type: str, config: transformers.PretrainedConfig) -> Any | None:
