@@ -466,17 +466,25 @@ class ImageLayout:
         return {"pixel_values": pixel_values, **extra}
 
 
+def unbuilt_vision_inputs(model: Any) -> list[str]:
+    """The parameters `get_image_features` requires beside `pixel_values` that the default run
+    cannot build without the model's processor (`image_sizes`, `high_res_pixel_values`...: not
+    in :data:`VISION_INPUT_BUILDERS`)."""
+    parameters = inspect.signature(type(_inner(model)).get_image_features).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    required = [n for n, p in list(parameters.items())[1:] if p.default is p.empty and p.kind not in variadic]
+    return [name for name in required if name != "pixel_values" and name not in VISION_INPUT_BUILDERS]
+
+
 def image_layout(model: Any) -> ImageLayout:
     """Asks the model how it takes images: one random image through the vision part, as
     `pixel_values` of each rank of :data:`PIXEL_VALUE_RANKS` in turn, with the extra inputs
     :data:`VISION_INPUT_BUILDERS` knows among `get_image_features`' parameters; the first rank it
     runs at is the model's. Raises a ValueError naming what each rank raised."""
-    parameters = inspect.signature(type(_inner(model)).get_image_features).parameters
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    required = [n for n, p in list(parameters.items())[1:] if p.default is p.empty and p.kind not in variadic]
-    unknown = [name for name in required if name != "pixel_values" and name not in VISION_INPUT_BUILDERS]
+    unknown = unbuilt_vision_inputs(model)
     if unknown:
         raise ValueError(f"get_image_features requires {', '.join(unknown)}, which the default run does not build")
+    parameters = inspect.signature(type(_inner(model)).get_image_features).parameters
     extra = tuple(name for name in VISION_INPUT_BUILDERS if name in parameters)
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(image_size(model), generator=generator).to(device=model.device, dtype=model.dtype)

@@ -11,7 +11,7 @@ import torch
 import transformers
 from parameterized import parameterized
 
-from legacy_shim.tooling import tiny_configs
+from legacy_shim.tooling import tiny_configs, tiny_processors
 from optimum_observer import vision_language
 
 #: A sample per family: dense decoders, MoE, multi-head latent attention, encoders used as
@@ -209,7 +209,9 @@ class TestTinyVisionLanguageModels(unittest.TestCase):
         for model_type in ran:
             with self.subTest(model_type):
                 model = _tiny_vision_model(model_type)
-                batch = vision_language.reference_batches(model, pad_token_id=0)[0]
+                # Through its tiny processor where the type has one (images that need their sizes).
+                processor = tiny_configs.tiny_feature_extractor(model_type, model.config, model)
+                batch = vision_language.reference_batches(model, 0, processor)[0]
                 with torch.no_grad():
                     logits = model(**batch).logits
                 self.assertEqual(tuple(logits.shape[:2]), tuple(batch["input_ids"].shape))
@@ -244,3 +246,65 @@ class TestTinyVisionLanguageModels(unittest.TestCase):
         # The other tasks' tables were measured with the vision models' own image sizes.
         self.assertEqual(tiny_configs.tiny_config("clip", "AutoModel").vision_config.image_size, 224)
         self.assertEqual(tiny_configs.tiny_config("gemma3", "AutoModelForCausalLM").vision_config.image_size, 224)
+
+
+#: The image-text-to-text types the sweep gives a processor built locally (their images need it).
+PROCESSOR_TYPES = ("deepseek_vl_hybrid", "llava_next", "llava_next_video", "mistral3")
+
+
+class TestTinyProcessors(unittest.TestCase):
+    """The processors of the types whose images need theirs, built from the tiny config alone."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.rows = _swept_rows()
+
+    def test_types_whose_images_need_their_processor_get_one_by_its_class(self):
+        mapping = transformers.AutoModelForImageTextToText._model_mapping._model_mapping
+        built = [t for t in mapping if self.rows[t]["stage"] != "config build"]
+        needing = [t for t in built if tiny_processors.needs_processor(_tiny_vision_model(t))]
+        with_one = [t for t in needing if tiny_configs.tiny_feature_extractor(t, _tiny_vision_model(t).config, _tiny_vision_model(t))]
+        self.assertEqual(sorted(with_one), sorted(PROCESSOR_TYPES))
+        # Not built here: lfm2_vl's image processor exists only as a fast one, and llava_onevision's
+        # processor requires a video processor, both torchvision (not installed); emu3 not tried.
+        self.assertEqual(sorted(set(needing) - set(with_one)), ["emu3", "lfm2_vl", "llava_onevision"])
+        # The `pixtral` type's llava (a CLIP tower by default) maps to PixtralProcessor too, but
+        # its images are built by the default run: it gets none.
+        self.assertIsNotNone(tiny_processors.processor_class("pixtral"))
+        self.assertFalse(tiny_processors.needs_processor(_tiny_vision_model("pixtral")))
+        # Without the model (other tasks' heads), no processor.
+        self.assertIsNone(tiny_configs.tiny_feature_extractor("llava_next", _tiny_vision_model("llava_next").config))
+
+    @parameterized.expand([(t,) for t in PROCESSOR_TYPES])
+    def test_the_processors_tokens_sit_at_the_configs_ids_and_its_batches_run_the_model(self, model_type):
+        model = _tiny_vision_model(model_type)
+        processor = tiny_configs.tiny_feature_extractor(model_type, model.config, model)
+        tokenizer = processor.tokenizer
+        self.assertEqual(tokenizer.convert_tokens_to_ids(processor.image_token), model.config.image_token_id)
+        self.assertLessEqual(len(tokenizer), model.config.get_text_config().vocab_size)
+        self.assertEqual(tokenizer.padding_side, "left")
+        batches = vision_language.processor_batches(model, processor)
+        for batch in batches:
+            with torch.no_grad():
+                logits = model(**batch).logits
+            self.assertEqual(tuple(logits.shape[:2]), tuple(batch["input_ids"].shape))
+        # The image placeholders the processor wrote: more for the larger image of the first batch
+        # where the token count grows with the image (tiles, patches), never none.
+        counts = (batches[0]["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+        self.assertTrue(all(counts), counts)
+
+    def test_a_token_the_config_places_inside_the_trained_vocabulary_keeps_its_id(self):
+        # mistral3's [IMG] is 10, as in Mistral's tokenizer: a special token of the trainer.
+        tokenizer = tiny_processors.tiny_tokenizer({"[IMG]": 10, "[IMG_END]": None, "<image>": 255})
+        self.assertEqual(tokenizer.convert_tokens_to_ids(["[IMG]", "<image>"]), [10, 255])
+        # [IMG_END], which the config gives no id, takes the first reserved slot above the trained ones.
+        self.assertEqual(len(tokenizer), 256)
+        self.assertLess(tokenizer.convert_tokens_to_ids("[IMG_END]"), 255)
+        with self.assertRaisesRegex(ValueError, "would take the ids of"):
+            tiny_processors.tiny_tokenizer({"<image>": 0})
+
+    def test_tile_grids_are_in_tiles_of_the_tiny_tower(self):
+        config = tiny_configs.tiny_config("llava_next", VISION_HEAD)
+        # llava-v1.6: 336 px tiles, grids of 1 x 2 up to 3 x 1.
+        self.assertEqual(config.image_grid_pinpoints[:3], [[32, 64], [64, 32], [64, 64]])
+        self.assertTrue(all(side % tiny_configs.IMAGE == 0 for p in config.image_grid_pinpoints for side in p))

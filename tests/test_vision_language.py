@@ -14,6 +14,7 @@ the processor saved beside them.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import unittest
 from pathlib import Path
@@ -28,6 +29,7 @@ from parameterized import parameterized
 
 import optimum_observer
 from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
+from legacy_shim.tooling import tiny_configs, tiny_processors
 from optimum_observer import ObserverExportError, conversion, patches, vision_language
 from optimum_observer.errors import ErrorKind, Stage
 from shim_helpers import export_saved_vision_language, run_cli
@@ -236,36 +238,33 @@ PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_
 PINPOINTS += [[2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
 
 
-def tiny_llava_next_processor() -> transformers.LlavaNextProcessor:
-    image_processor = transformers.LlavaNextImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=PINPOINTS,
-    )
-    return transformers.LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tiny_processor().tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
+#: Image placeholder ids of the tiny text vocabulary (300): as checkpoints, the tokenizer built for
+#: a config puts the processor's tokens at the config's ids (legacy_shim.tooling.tiny_processors).
+IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 290, 291
 
 
-def tiny_llava_next(processor: transformers.LlavaNextProcessor) -> transformers.LlavaNextForConditionalGeneration:
-    tokenizer = processor.tokenizer
-    config = transformers.LlavaNextConfig(
+def tiny_llava_next_config() -> transformers.LlavaNextConfig:
+    return transformers.LlavaNextConfig(
         vision_config=dict(
             model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
         ),
-        text_config=dict(
-            model_type="llama", **{**_TEXT, "vocab_size": len(tokenizer) + 8}, pad_token_id=tokenizer.pad_token_id
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        text_config=dict(model_type="llama", **_TEXT, pad_token_id=0),
+        image_token_index=IMAGE_TOKEN_ID,
         image_grid_pinpoints=PINPOINTS,
         vision_feature_layer=-2,
     )  # fmt: skip
+
+
+def tiny_llava_next_processor() -> transformers.LlavaNextProcessor:
+    """The LlavaNextProcessor the coverage sweep builds for a tiny config (CLIP's 24 px tiles of
+    8 px patches, the config's tile grids, `<image>` at the config's id)."""
+    return tiny_processors.tiny_processor("llava_next", tiny_llava_next_config())
+
+
+def tiny_llava_next(processor: transformers.LlavaNextProcessor) -> transformers.LlavaNextForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    config = tiny_llava_next_config()
     torch.manual_seed(0)
     model = transformers.LlavaNextForConditionalGeneration(config).eval()
     # image_newline starts uninitialised (torch.empty): random values, as a trained one would be.
@@ -628,60 +627,51 @@ def _aya_vision() -> tuple[transformers.PretrainedConfig, Any]:
 
 
 def _llava_next_video() -> tuple[transformers.PretrainedConfig, Any]:
-    # llava_next's images (its video input is not exported: issue 17), made by LlavaNextProcessor:
-    # LlavaNextVideoProcessor's video processor needs torchvision, which is not installed here.
-    images_only = tiny_llava_next_processor()
-    tokenizer = tiny_tokenizer("<image>", "<video>")
-    processor = transformers.LlavaNextProcessor(
-        image_processor=images_only.image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
+    # llava_next's images (its video input is not exported: issue 17), made by LlavaNextProcessor
+    # (the tooling's stand-in: LlavaNextVideoProcessor's video processor needs torchvision).
     config = transformers.LlavaNextVideoConfig(
         **{
             k: v
-            for k, v in tiny_llava_next(images_only).config.to_dict().items()
+            for k, v in tiny_llava_next_config().to_dict().items()
             if k in ("vision_config", "image_grid_pinpoints", "vision_feature_layer")
         },
-        text_config=dict(
-            model_type="llama", **{**_TEXT, "vocab_size": len(tokenizer) + 8}, pad_token_id=tokenizer.pad_token_id
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        text_config=dict(model_type="llama", **_TEXT, pad_token_id=0),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
     )
-    return config, processor
-
-
-PIXTRAL_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+    return config, tiny_processors.tiny_processor("llava_next_video", config)
 
 
 def _mistral3() -> tuple[transformers.PretrainedConfig, Any]:
     # Mistral-Small-3.1's layout at tiny sizes: pixtral tower of 16 px patches, images up to the
-    # tower's size (1540 -> 128 px), 2 x 2 patches merged into one token, GQA text model.
-    tokenizer = tiny_tokenizer(*PIXTRAL_TOKENS)
-    image_processor = transformers.PixtralImageProcessor(size={"longest_edge": 128}, patch_size=16)
-    processor = transformers.PixtralProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=16, spatial_merge_size=2
-    )
+    # tower's size (1540 -> 128 px), 2 x 2 patches merged into one token, GQA text model; [IMG] is
+    # 10 as in Mistral's tokenizer.
     config = transformers.Mistral3Config(
         vision_config=dict(
             model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, head_dim=8, image_size=128, patch_size=16,
         ),
-        text_config=dict(
-            model_type="mistral", **{**_TEXT, "vocab_size": len(tokenizer) + 8}, pad_token_id=tokenizer.pad_token_id
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        text_config=dict(model_type="mistral", **_TEXT, pad_token_id=0),
+        image_token_index=10,
         spatial_merge_size=2,
         vision_feature_layer=-1,
     )  # fmt: skip
-    return config, processor
+    return config, tiny_processors.tiny_processor("mistral3", config)
 
 
-VARIABLE_TOKEN_TYPES = {"aya_vision": _aya_vision, "llava_next_video": _llava_next_video, "mistral3": _mistral3}
+def _swept(model_type: str) -> tuple[transformers.PretrainedConfig, Any]:
+    """The coverage sweep's tiny config and processor of `model_type`."""
+    config = tiny_configs.tiny_config(model_type, "AutoModelForImageTextToText")
+    return config, tiny_processors.tiny_processor(model_type, config)
+
+
+VARIABLE_TOKEN_TYPES = {
+    "aya_vision": _aya_vision,
+    "llava_next_video": _llava_next_video,
+    "mistral3": _mistral3,
+    # Images at the sizes of two towers (high_res_pixel_values beside pixel_values).
+    "deepseek_vl_hybrid": functools.partial(_swept, "deepseek_vl_hybrid"),
+}
 
 
 @pytest.mark.slow

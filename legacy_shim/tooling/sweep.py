@@ -321,7 +321,8 @@ def run_observer_path(
         model = build_tiny_model(model_type, contract.auto_model_class, shapes=shapes).eval()
         model.save_pretrained(workdir / "model")
         # Saved with the model, as a checkpoint ships it: the legacy path's check loads it there.
-        feature_extractor = tiny_feature_extractor(model_type, model.config)
+        # Or the processor, for image-text-to-text types whose images need it (image_sizes).
+        feature_extractor = tiny_feature_extractor(model_type, model.config, model)
         if feature_extractor is not None:
             feature_extractor.save_pretrained(workdir / "model")
     except Exception as error:

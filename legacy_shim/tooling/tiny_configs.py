@@ -399,6 +399,8 @@ def _shrink(
             value = _shrink(value, nested=True, shapes=shapes, derived=derived, vision=vision)
         elif vision and key in VISION_SIZES and _is_int_pair(value):
             value = type(value)((VISION_SIZES[key],) * 2)
+        elif vision and key == "image_grid_pinpoints" and value:
+            value = _tiny_pinpoints(value)
         elif key in sizes and (
             (isinstance(value, int) and not isinstance(value, bool)) or (value is None and key not in _NONE_MEANS_OFF)
         ):
@@ -434,6 +436,13 @@ def _shrink(
     if isinstance(vocab, int):
         _bring_special_tokens_into_vocab(shrunk, vocab, taken)
     return shrunk
+
+
+def _tiny_pinpoints(pinpoints: list[list[int]]) -> list[list[int]]:
+    """Tile grids (llava_next's `image_grid_pinpoints`, [[336, 672], [672, 336], ...] for 336 px
+    tiles) in tiles of the tiny tower's `IMAGE` px: the checkpoint's tile is its smallest side."""
+    tile = min(side for pinpoint in pinpoints for side in pinpoint)
+    return [[side * IMAGE // tile for side in pinpoint] for pinpoint in pinpoints]
 
 
 def _merged(values: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -533,8 +542,16 @@ def build_tiny_model(
     return model
 
 
-def tiny_feature_extractor(model_type: str, config: transformers.PretrainedConfig) -> Any | None:
-    """The feature extractor of :data:`FEATURE_EXTRACTORS` for `config`, or None for a type without one."""
+def tiny_feature_extractor(
+    model_type: str, config: transformers.PretrainedConfig, model: Any = None
+) -> Any | None:
+    """The feature extractor of :data:`FEATURE_EXTRACTORS` for `config`; for an image-text-to-text
+    `model` whose images need it (:func:`legacy_shim.tooling.tiny_processors.needs_processor`), the
+    processor of :func:`legacy_shim.tooling.tiny_processors.tiny_processor`; else None."""
+    from .tiny_processors import needs_processor, tiny_processor
+
+    if model is not None and needs_processor(model):
+        return tiny_processor(model_type, config)
     settings = FEATURE_EXTRACTORS.get(model_type)
     if settings is None:
         return None
@@ -558,10 +575,10 @@ def save_tiny_model(
     model_type: str, auto_model_class: str, directory: Path, seed: int = 0, shapes: str = "real", **overrides: Any
 ) -> Path:
     """Builds :func:`build_tiny_model` and saves it (config, generation config, weights, and its
-    feature extractor when the type has one in :data:`FEATURE_EXTRACTORS`) to `directory`."""
+    feature extractor or processor when the type has one, :func:`tiny_feature_extractor`) to `directory`."""
     model = build_tiny_model(model_type, auto_model_class, seed, shapes, **overrides)
     model.save_pretrained(directory)
-    feature_extractor = tiny_feature_extractor(model_type, model.config)
+    feature_extractor = tiny_feature_extractor(model_type, model.config, model)
     if feature_extractor is not None:
         feature_extractor.save_pretrained(directory)
     return Path(directory)
