@@ -124,7 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(MODELS), action="append")
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--export-rounds", type=int, default=1, help="exports per exporter, the first alternating")
+    parser.add_argument(
+        "--export-rounds", type=int, default=1, help="exports per exporter, the first one alternating"
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {ort.__version__}")
     with tempfile.TemporaryDirectory() as scratch:

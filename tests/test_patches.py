@@ -120,7 +120,11 @@ class TestPerModelSelection(unittest.TestCase):
         model = build_tiny_model("llama", "AutoModelForCausalLM")
         self.assertEqual(
             [p.name for p in for_model(PATCHES, model, "llama")],
-            ["dynamic_layer_lazy_initialization", "type_promotion_number_operands", "multi_output_pattern_first_node"],
+            [
+                "dynamic_layer_lazy_initialization",
+                "type_promotion_number_operands",
+                "multi_output_pattern_first_node",
+            ],
         )
 
     def test_a_moe_hybrid_gets_its_own_patches_and_no_others(self):
@@ -340,7 +344,8 @@ def _relu_chain_with_two_slices(length: int):
     value.shape, value.type = x.shape, x.type  # what the optimizer's shape inference gives the rule
     constants = {}
     for name, numbers in (("zero", [0]), ("half", [4]), ("end", [8]), ("axis", [-1])):
-        constants[name] = ir.Value(name=name, const_value=ir.tensor(np.array(numbers, dtype=np.int64), name=name))
+        tensor = ir.tensor(np.array(numbers, dtype=np.int64), name=name)
+        constants[name] = ir.Value(name=name, const_value=tensor)
         graph.register_initializer(constants[name])
     halves = []
     # The second half first: onnxscript pairs each Slice with the graph's Slices in order, and
