@@ -265,6 +265,8 @@ def export(
                                 atol,
                                 # The export's config is the checkpoint's: code it ships is needed to read it back.
                                 {"trust_remote_code": True} if trust_remote_code else {},
+                                # Named here: the checks need not open a session to read them.
+                                {graph.capture.graph.file_name: graph.input_names() for graph in graphs},
                             ),
                             family,
                             graphs,
@@ -379,6 +381,11 @@ class _GraphExport:
     capture: capture_stage.Capture
     example: synthesis.ExportExample
     program: torch.onnx.ONNXProgram | None = None
+
+    def input_names(self) -> tuple[str, ...]:
+        """The inputs of the file as written (after naming and the portable-cache rewrites)."""
+        assert self.program is not None
+        return tuple(value.name for value in self.program.model.graph.inputs)
 
 
 def _validate(checking: _Checking) -> ValidationReport:

@@ -64,6 +64,9 @@ class ValidationInputs:
     atol: float = 1e-4
     #: `from_pretrained` arguments of the runtime class (`trust_remote_code`).
     load_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: The input names of the files in `directory`, by file name, when the caller knows them (the
+    #: export names them); a file not listed is read by an ONNX Runtime session.
+    graph_inputs: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def load(self, **kwargs: Any) -> Any:
         """The export loaded by the runtime class."""
@@ -250,9 +253,12 @@ def torch_reference_caveat(
     return ""
 
 
-def _has_past_inputs(directory: Path) -> bool:
-    session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
-    return any(i.name.startswith("past_key_values") for i in session.get_inputs())
+def _has_past_inputs(inputs: ValidationInputs, file_name: str = "model.onnx") -> bool:
+    names = inputs.graph_inputs.get(file_name)
+    if names is None:
+        session = ort.InferenceSession(str(inputs.directory / file_name), providers=["CPUExecutionProvider"])
+        names = tuple(i.name for i in session.get_inputs())
+    return any(name.startswith("past_key_values") for name in names)
 
 
 def check_generation(inputs: ValidationInputs) -> list[GenerationCheck]:
@@ -262,7 +268,7 @@ def check_generation(inputs: ValidationInputs) -> list[GenerationCheck]:
     # The runtime defaults to use_cache=True and refuses a graph without past inputs (a model
     # exported for `text-generation`); such a graph recomputes the whole prefix every step, and
     # torch is asked to do the same.
-    use_cache = _has_past_inputs(inputs.directory)
+    use_cache = _has_past_inputs(inputs)
     onnx_model = inputs.load(**({} if use_cache else {"use_cache": False}))
     checks = []
     for batch in generation_inputs(model, inputs.tokenizer):

@@ -26,7 +26,11 @@ class TestCommandLine(unittest.TestCase):
             self.assertIn("greedy generation 0", done.stdout)
             self.assertNotIn("FAIL", done.stdout)
             # A dense decoder: only the patches every export applies, no model type's.
-            self.assertIn("patches applied: dynamic_layer_lazy_initialization, type_promotion_number_operands\n", done.stdout)
+            self.assertIn(
+                "patches applied: dynamic_layer_lazy_initialization, type_promotion_number_operands, "
+                "multi_output_pattern_first_node\n",
+                done.stdout,
+            )
             self.assertTrue((output / "model.onnx").is_file())
             self.assertEqual(json.loads((output / "config.json").read_text())["model_type"], "starcoder2")
 

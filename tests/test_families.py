@@ -27,6 +27,7 @@ class _TorchAsRuntime:
         self.__name__ = "TorchAsRuntime"
 
     def from_pretrained(self, directory, **kwargs):
+        self.loaded_with = kwargs
         return self
 
     def __call__(self, **inputs):
@@ -96,6 +97,23 @@ class TestDecoderFamily(unittest.TestCase):
         inputs = ValidationInputs(Path("unused"), self.model, self.contract, _TorchAsRuntime(self.model))
         checks = self.family.compare_outputs(inputs)
         self.assertEqual([(c.output, c.max_abs_diff) for c in checks], [("logits", 0.0), ("logits", 0.0)])
+
+    def test_its_generation_check_reads_the_cache_inputs_from_the_names_it_is_given(self):
+        """The export hands validation its files' input names: no file is opened to learn whether
+        the graph takes a cache (here there is none), and a graph without one is generated from
+        without the runtime's cache, as torch is."""
+        for names, use_cache in (
+            (("input_ids", "attention_mask", "position_ids", "past_key_values.0.key"), True),
+            (("input_ids", "attention_mask", "position_ids"), False),
+        ):
+            runtime = _TorchAsRuntime(self.model)
+            inputs = ValidationInputs(
+                Path("unused"), self.model, self.contract, runtime, graph_inputs={"model.onnx": names}
+            )
+            checks = self.family.check_runtime(inputs)
+            self.assertEqual(runtime.loaded_with, {} if use_cache else {"use_cache": False})
+            self.assertEqual(len(checks.generation), 2)
+            self.assertTrue(all(check.ok for check in checks.generation))
 
     def test_the_stages_ask_it_instead_of_naming_it(self):
         self.assertTrue(self.family.one_graph_for_every_step)

@@ -6,6 +6,7 @@ import contextlib
 import tempfile
 import types
 import unittest
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,11 @@ class TestPerModelSelection(unittest.TestCase):
         model = build_tiny_model("llama", "AutoModelForCausalLM")
         self.assertEqual(
             [p.name for p in for_model(PATCHES, model, "llama")],
-            ["dynamic_layer_lazy_initialization", "type_promotion_number_operands"],
+            [
+                "dynamic_layer_lazy_initialization",
+                "type_promotion_number_operands",
+                "multi_output_pattern_first_node",
+            ],
         )
 
     def test_a_moe_hybrid_gets_its_own_patches_and_no_others(self):
@@ -135,6 +140,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "jamba_cache_position_from_cache",
                 "jamba_causal_mask_width",
                 "type_promotion_number_operands",
+                "multi_output_pattern_first_node",
             ],
         )
         # Known without a model too (what `optimum-observer patches --model-type jamba` lists).
@@ -321,6 +327,75 @@ class TestTypePromotionNumberOperands(unittest.TestCase):
         patch = next(p for p in PATCHES if p.name == "type_promotion_number_operands")
         got, expected = self.export([patch])
         np.testing.assert_allclose(got, expected)
+
+
+def _relu_chain_with_two_slices(length: int):
+    """An onnx_ir model: `length` Relus in a chain, then the two halves of the last one's output
+    as two Slices (what SlicesSplit rewrites to one Split), both graph outputs."""
+    import onnx_ir as ir
+
+    x = ir.Input("x", ir.Shape([2, 8]), ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18})
+    value = x
+    for _ in range(length):
+        node = ir.node("Relu", [value])
+        graph.append(node)
+        value = node.outputs[0]
+    value.shape, value.type = x.shape, x.type  # what the optimizer's shape inference gives the rule
+    constants = {}
+    for name, numbers in (("zero", [0]), ("half", [4]), ("end", [8]), ("axis", [-1])):
+        tensor = ir.tensor(np.array(numbers, dtype=np.int64), name=name)
+        constants[name] = ir.Value(name=name, const_value=tensor)
+        graph.register_initializer(constants[name])
+    halves = []
+    # The second half first: onnxscript pairs each Slice with the graph's Slices in order, and
+    # takes the first pair that matches the pattern, before its check (a Slice with itself fails it).
+    for begin, end in (("half", "end"), ("zero", "half")):
+        node = ir.node("Slice", [value, constants[begin], constants[end], constants["axis"]])
+        graph.append(node)
+        halves.append(node.outputs[0])
+    for index, half in enumerate(halves):
+        half.name = f"half{index}"
+        graph.outputs.append(half)
+    return ir.Model(graph, ir_version=10)
+
+
+class TestMultiOutputPatternFirstNode(unittest.TestCase):
+    """onnxscript 0.7.2 scans the whole graph once per node for its two-output SlicesSplit rule;
+    with the patch only nodes that can start the pattern (Slices) lead to a scan, and the rule
+    rewrites the same nodes."""
+
+    LENGTH = 200
+
+    def rewrite(self, patches_applied):
+        """The rewritten model and the number of full scans of its graph."""
+        import onnx_ir as ir
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import _basic_rules
+
+        model = _relu_chain_with_two_slices(self.LENGTH)
+        scans, iterate = [0], ir.Graph.__iter__
+
+        def counted(graph):
+            scans[0] += 1
+            return iterate(graph)
+
+        with applied(patches_applied), unittest.mock.patch.object(ir.Graph, "__iter__", counted):
+            rewriter.RewritePass([_basic_rules.slice_split_rule])(model)
+        return model, scans[0]
+
+    def test_without_the_patch_every_node_scans_the_graph(self):
+        _, scans = self.rewrite([])
+        self.assertGreater(scans, self.LENGTH)
+
+    def test_with_the_patch_only_the_slices_do_and_the_rewrite_is_the_same(self):
+        patch = next(p for p in PATCHES if p.name == "multi_output_pattern_first_node")
+        patched, scans = self.rewrite([patch])
+        self.assertLess(scans, 10)
+        upstream, _ = self.rewrite([])
+        ops = [[(n.op_type, [v.name for v in n.inputs]) for n in m.graph] for m in (patched, upstream)]
+        self.assertEqual(ops[0], ops[1])
+        self.assertIn("Split", [n.op_type for n in patched.graph])
 
 
 class TestXmodLanguageAdapterPerRow(unittest.TestCase):
