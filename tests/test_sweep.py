@@ -353,3 +353,74 @@ class TestImageTextToTextSweep(unittest.TestCase):
         )
         self.assertIn("llava-style inputs", sweep.known_reason(described, VLM_TASK))
         self.assertEqual(sweep.known_reason(described), "")
+
+
+class TestSweepWhereOptimumOnnxCannotRun(unittest.TestCase):
+    """On transformers 5 optimum-onnx 0.1.0 neither exports nor runs (its exporter fails at import,
+    its runtime classes are legacy_shim's adaptation): the sweep records the legacy path as not run
+    with optimum_compat's reason, validates through legacy_shim's class (level (c)) and titles the
+    table with the transformers version (availability mocked; the real rows: docs/coverage-data/transformers-5)."""
+
+    REASON = "optimum-onnx 0.1.0 requires transformers<4.58.0,>=4.36, and transformers 5.25.0 is installed"
+
+    def setUp(self):
+        from legacy_shim import optimum_compat
+
+        unavailable = optimum_compat.Availability(False, self.REASON)
+        patcher = mock.patch.object(optimum_compat, "legacy_exporter_status", return_value=unavailable)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_the_reason_is_optimum_compats(self):
+        self.assertEqual(sweep.optimum_onnx_absent(TASK), f"optimum-onnx cannot run here: {self.REASON}")
+        # A task optimum-onnx never had keeps its own reason.
+        self.assertEqual(sweep.optimum_onnx_absent(VLM_TASK), sweep.NO_OPTIMUM_ONNX[VLM_TASK])
+
+    def test_no_legacy_runner_runs_and_the_legacy_path_says_why(self):
+        with mock.patch.object(sweep, "run_path_process", return_value=_passed(Runtime.SHIM)) as process:
+            result = sweep.sweep_one("llama", TASK, timeout=10, legacy_types={"llama"})
+        (call,) = process.call_args_list
+        self.assertIn("legacy_shim.tooling.sweep", call.args[0])
+        self.assertEqual(result.legacy.status, Status.UNSUPPORTED)
+        self.assertIn(self.REASON, result.legacy.error)
+
+    def test_the_worker_validates_through_legacy_shims_runtime_class(self):
+        from legacy_shim.runtime import ORTModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as scratch, mock.patch.object(
+            sweep, "run_observer_path", return_value=_passed(Runtime.SHIM)
+        ) as observer_path:
+            result_file = Path(scratch) / "result.json"
+            sweep._worker_main(["llama", "--task", TASK, "--workdir", scratch, "--result", str(result_file)])
+        self.assertIs(observer_path.call_args.args[3], ORTModelForCausalLM)
+
+    def test_the_file_records_the_reason_and_the_document_titles_the_version(self):
+        unsupported = PathResult(Status.UNSUPPORTED, error=sweep.optimum_onnx_absent(TASK), task=TASK)
+        results = {"llama": TypeResult("llama", _passed(Runtime.SHIM), unsupported, 1.0)}
+        with tempfile.TemporaryDirectory() as scratch, mock.patch.object(
+            sweep, "versions", return_value={"transformers": "5.25.0"}
+        ):
+            out = Path(scratch)
+            sweep.write_results(sweep.coverage_path(out / "transformers-5", TASK), TASK, results, "real", (),
+                                sweep.optimum_onnx_absent(TASK))  # fmt: skip
+            document = sweep.coverage_document(out)
+        self.assertIn(f"## {TASK} on transformers 5.25.0", document)
+        self.assertIn("**1 / 1**, all at level (c)", document)
+        self.assertIn(f"levels (a) and (b) do not apply: optimum-onnx cannot run here: {self.REASON}", document)
+        self.assertNotIn("where optimum-observer is not installed (a)", document)
+
+
+class TestTaskForCacheArgument(unittest.TestCase):
+    def test_a_forward_taking_cache_keeps_the_task_with_past(self):
+        # transformers 5 names the cache argument `cache`; the sweep exported the tiny llama without past.
+        class Model:
+            def forward(self, input_ids=None, attention_mask=None, cache=None):
+                pass
+
+        self.assertEqual(sweep._task_for(Model(), TASK), TASK)
+
+        class NoCache:
+            def forward(self, input_ids=None, attention_mask=None):
+                pass
+
+        self.assertEqual(sweep._task_for(NoCache(), TASK), "text-generation")

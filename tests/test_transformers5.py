@@ -126,3 +126,13 @@ class TestLegacyShimEntryPoints(unittest.TestCase):
         self.assertIn(f"-> {self.expected_route().value}", text)
         if not legacy_exporter_status().available:
             self.assertIn(legacy_exporter_status().reason, text)
+
+
+class TestTinyModelsForTheSweep(unittest.TestCase):
+    def test_a_config_without_a_pad_token_id_builds(self):
+        # transformers 5 configs define only the token ids their model has: CodeGenConfig has no
+        # pad_token_id, and the sweep's tiny codegen failed at config build reading it.
+        from legacy_shim.tooling.tiny_configs import build_tiny_model
+
+        model = build_tiny_model("codegen", "AutoModelForCausalLM")
+        self.assertIsInstance(model.generation_config.pad_token_id, int)

@@ -48,7 +48,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from optimum_observer.errors import RUN_FAILS_WITHOUT_OBSERVER, ErrorKind, ObserverExportError, Stage
-from optimum_observer.tasks import get_task, supported_tasks
+from optimum_observer.tasks import CACHE, get_task, supported_tasks
 
 from .._hook import DISABLE_ENV_VAR
 from .tiny_configs import SHAPES
@@ -67,6 +67,22 @@ NO_OPTIMUM_ONNX: dict[str, str] = {
         "TasksManager lists none) and no `optimum.onnxruntime` class for the task"
     ),
 }
+
+
+def optimum_onnx_absent(task: str) -> str:
+    """Why optimum-onnx can neither export nor run `task` here, or "" when it can: the task has
+    no OnnxConfig at all (:data:`NO_OPTIMUM_ONNX`), or optimum-onnx cannot run with the installed
+    transformers (transformers 5: its exporter fails at import, its runtime classes are adapted by
+    legacy_shim). Then the legacy path is recorded as unsupported without running it, and the
+    observer export is validated through legacy_shim's runtime class: its passes are at (c)."""
+    from ..optimum_compat import legacy_exporter_status
+
+    if task in NO_OPTIMUM_ONNX:
+        return NO_OPTIMUM_ONNX[task]
+    status = legacy_exporter_status()
+    return "" if status.available else f"optimum-onnx cannot run here: {status.reason}"
+
+
 DEFAULT_TIMEOUT_SECONDS = 300.0
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -405,7 +421,8 @@ def _task_for(model: Any, task: str) -> str:
     (openai-gpt, ctrl...): such a model generates by recomputing the whole prefix each step."""
     without_past = task.removesuffix("-with-past")
     parameters = inspect.signature(model.forward).parameters
-    takes_cache = "past_key_values" in parameters or "cache_params" in parameters
+    # transformers 5 names the argument `cache` (tasks.CACHE); 4.x `past_key_values` or, state-space, `cache_params`.
+    takes_cache = bool({"past_key_values", "cache_params", CACHE} & parameters.keys())
     if get_task(task).with_past and not takes_cache and without_past in supported_tasks():
         return without_past
     return task
@@ -492,10 +509,11 @@ def sweep_one(
         command = [sys.executable, "-m", "legacy_shim.tooling.sweep", "worker", model_type, "--task", task,
                    "--workdir", str(workdir), "--result", str(result_file), "--shapes", shapes]  # fmt: skip
         observer = run_path_process(command, result_file, timeout, task)
-        if _runtime_may_be_the_limit(observer) and task not in NO_OPTIMUM_ONNX:
+        absent = optimum_onnx_absent(task)
+        if _runtime_may_be_the_limit(observer) and not absent:
             observer = _through_shim_runtime(model_type, task, timeout, workdir, observer, shapes)
-        if task in NO_OPTIMUM_ONNX:
-            legacy = PathResult(Status.UNSUPPORTED, error=NO_OPTIMUM_ONNX[task], task=task)
+        if absent:
+            legacy = PathResult(Status.UNSUPPORTED, error=absent, task=task)
         elif model_type not in legacy_types:
             legacy = PathResult(Status.UNSUPPORTED, error="optimum-onnx has no OnnxConfig for this task", task=task)
         elif not (workdir / "model" / "config.json").is_file():
@@ -563,12 +581,19 @@ def load_caveats(path: Path) -> list[str]:
 
 
 def write_results(
-    path: Path, task: str, results: dict[str, TypeResult], shapes: str = "real", caveats: Sequence[str] = ()
+    path: Path,
+    task: str,
+    results: dict[str, TypeResult],
+    shapes: str = "real",
+    caveats: Sequence[str] = (),
+    optimum_onnx_absent: str = "",
 ) -> None:
     payload = {
         "task": task,
         "shapes": shapes,
         **({"caveats": list(caveats)} if caveats else {}),
+        # Why optimum-onnx could not serve the task where this was measured (read by the report).
+        **({"optimum_onnx_absent": optimum_onnx_absent} if optimum_onnx_absent else {}),
         "versions": versions(),
         "results": {t: results[t].to_json() for t in sorted(results)},
     }
@@ -609,7 +634,8 @@ def run_sweep(
     todo = [t for t in wanted if redo or t not in results]
     if redo and todo:
         caveats.append(f"re-measured at {_revision()} with --redo: {', '.join(sorted(todo))}")
-    legacy_types = legacy_supported_types(task, timeout) if todo and task not in NO_OPTIMUM_ONNX else set()
+    absent = optimum_onnx_absent(task)
+    legacy_types = legacy_supported_types(task, timeout) if todo and not absent else set()
     show = sys.stderr.isatty() if show_progress is None else show_progress
     with (
         tqdm(total=len(todo), desc=f"sweep {task}", unit="type", disable=not show) as bar,
@@ -620,12 +646,12 @@ def run_sweep(
         for future in concurrent.futures.as_completed(pending):
             model_type = pending[future]
             results[model_type] = future.result()
-            write_results(path, task, results, shapes, caveats)
+            write_results(path, task, results, shapes, caveats, absent)
             bar.set_postfix_str(model_type)
             bar.update(1)
             logger.info("%s: observer %s, legacy %s", model_type, results[model_type].observer.status.value,
                         results[model_type].legacy.status.value)  # fmt: skip
-    path.with_suffix(".md").write_text(markdown(task, results, versions(), shapes, caveats))
+    path.with_suffix(".md").write_text(markdown(task, results, versions(), shapes, caveats, absent))
     return results
 
 
@@ -757,17 +783,28 @@ def markdown(
     measured_on: dict[str, str],
     shapes: str | None = None,
     caveats: Sequence[str] = (),
+    optimum_onnx_absent: str | None = None,
 ) -> str:
     """The coverage table of one task: the counts per runtime level, every type, the reason of
-    each pass below (a), and the observer failures grouped by stage."""
+    each pass below (a), and the observer failures grouped by stage. `optimum_onnx_absent`: why
+    optimum-onnx could not serve the task where it was measured (:func:`optimum_onnx_absent`; by
+    default the task's own reason, if any); a table measured on another transformers major than 4
+    says which in its title."""
+    absent = NO_OPTIMUM_ONNX.get(task, "") if optimum_onnx_absent is None else optimum_onnx_absent
     how = "generates" if get_task(task).generates else "runs"
     shapes_text = f"tiny models of `shapes={shapes!r}`" if shapes else "tiny-model shapes not recorded"
+    transformers_version = measured_on.get("transformers", "")
+    title = task if transformers_version.startswith("4.") else f"{task} on transformers {transformers_version}"
     lines = [
-        f"## {task}",
+        f"## {title}",
         "",
         "Measured on " + ", ".join(f"{k} {v}" for k, v in measured_on.items()) + f"; {shapes_text}.",
         "",
-        *(_shim_only_counts(task, results) if task in NO_OPTIMUM_ONNX else _level_counts(task, results, how)),
+        *(
+            _shim_only_counts(task, results, absent)
+            if absent
+            else _level_counts(task, results, how)
+        ),
         *_not_measured(task, results),
         *(f"- caveat: {caveat}" for caveat in caveats),
         "",
@@ -781,7 +818,7 @@ def markdown(
             f"| {model_type} | {_cell(r.observer)} | {_runtime_cell(r.observer)} | {r.observer.task} | "
             f"{r.observer.export_seconds or ''} | {_size(r.observer)} | {_cell(r.legacy)} | {legacy_detail} |"
         )
-    below_a = [] if task in NO_OPTIMUM_ONNX else _at_level(results, Runtime.WITH_HOOK) + _at_level(results, Runtime.SHIM)
+    below_a = [] if absent else _at_level(results, Runtime.WITH_HOOK) + _at_level(results, Runtime.SHIM)
     below = [_explained(f"{t} ({results[t].observer.runtime.level})", results[t].observer.note) for t in below_a]
     if below:
         lines += ["", f"### Observer passes below (a): why the better runtime failed ({len(below)})", "", *below]
@@ -797,19 +834,20 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def _shim_only_counts(task: str, results: dict[str, TypeResult]) -> list[str]:
-    """The count lines of a task optimum-onnx neither exports nor runs (:data:`NO_OPTIMUM_ONNX`):
-    levels (a) and (b) name optimum-onnx's class, which does not exist, so every pass is (c)."""
+def _shim_only_counts(task: str, results: dict[str, TypeResult], absent: str) -> list[str]:
+    """The count lines of a task optimum-onnx neither exports nor runs where it was measured
+    (`absent`, :func:`optimum_onnx_absent`): levels (a) and (b) name optimum-onnx's class, which
+    does not exist or cannot run there, so every pass is (c)."""
     total = len(results)
     shim = _at_level(results, Runtime.SHIM)
     runtime = get_task(task).runtime_class
     return [
         f"- observer export with validation passes (every observed call replayed through ONNX Runtime, then "
         f"greedy tokens of `legacy_shim.{runtime}` against torch's): **{len(shim)} / {total}**, all at level (c)",
-        f"  - levels (a) and (b) do not apply: {NO_OPTIMUM_ONNX[task]}. `legacy_shim.{runtime}` is the class users "
+        f"  - levels (a) and (b) do not apply: {absent}. `legacy_shim.{runtime}` is the class users "
         "load (it stands alone on ONNX Runtime and does not depend on the hook), so (c) is the best level this "
         "task has",
-        f"- legacy exporter: unsupported for every type, not run ({NO_OPTIMUM_ONNX[task]})",
+        f"- legacy exporter: unsupported for every type, not run ({absent})",
     ]
 
 
@@ -862,11 +900,18 @@ def _not_measured(task: str, results: dict[str, TypeResult]) -> list[str]:
 def coverage_document(out: Path) -> str:
     """Every task swept into `out`, as one Markdown document (docs/coverage.md)."""
     sections = []
-    for path in sorted(Path(out).glob("coverage-*.json")):
+    # Tables measured with other packages (transformers 5) sit in subdirectories, after the default ones.
+    for path in sorted(Path(out).glob("coverage-*.json")) + sorted(Path(out).glob("*/coverage-*.json")):
         raw = json.loads(path.read_text())
         results = {t: TypeResult.from_json(t, r) for t, r in raw["results"].items()}
-        # "caveats": what a results file says of how it was measured (added by whoever wrote it).
-        sections.append(markdown(raw["task"], results, raw["versions"], raw.get("shapes"), raw.get("caveats", ())))
+        # "caveats": what a results file says of how it was measured (added by whoever wrote it);
+        # "optimum_onnx_absent": recorded where optimum-onnx could not run (else the task's own reason).
+        sections.append(
+            markdown(
+                raw["task"], results, raw["versions"], raw.get("shapes"), raw.get("caveats", ()),
+                raw.get("optimum_onnx_absent"),
+            )
+        )  # fmt: skip
     header = (
         "# Architecture coverage\n\n"
         "Generated by `optimum-observer sweep` (do not edit by hand): every model type of each task's "
@@ -934,7 +979,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     levels = {runtime: len(_at_level(results, runtime)) for runtime in Runtime}
     legacy = sum(r.legacy.status == Status.PASS for r in results.values())
-    if args.task in NO_OPTIMUM_ONNX:
+    if optimum_onnx_absent(args.task):
         counts = f"observer (c) {levels[Runtime.SHIM]}/{len(results)} ((a), (b) and legacy do not apply)"
     else:
         counts = (
@@ -958,7 +1003,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--shapes", choices=SHAPES, default="real")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    runtime_class = shim_runtime_class(args.task) if args.task in NO_OPTIMUM_ONNX else None
+    runtime_class = shim_runtime_class(args.task) if optimum_onnx_absent(args.task) else None
     result = run_observer_path(args.model_type, args.task, args.workdir, runtime_class, shapes=args.shapes)
     args.result.write_text(json.dumps(result.to_json()))
     return 0

@@ -522,7 +522,7 @@ def tiny_config(
     if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
         # generate() needs it; checkpoints set it (t5's is its pad token), default configs don't.
         config.decoder_start_token_id = _pad_token_id(config)
-    if auto_model_class == "AutoModelForSequenceClassification" and config.pad_token_id is None:
+    if auto_model_class == "AutoModelForSequenceClassification" and getattr(config, "pad_token_id", None) is None:
         # A decoder's classifier pools each row's last token before its padding, found by the pad
         # id, and refuses batches without one; checkpoints fine-tuned for it set it (GPT-2's: eos).
         config.pad_token_id = _pad_token_id(config)
@@ -563,7 +563,8 @@ def tiny_feature_extractor(
 
 def _pad_token_id(config: transformers.PretrainedConfig) -> int:
     text_config = config.get_text_config()
-    for candidate in (text_config.pad_token_id, text_config.eos_token_id):
+    # transformers 5 configs define only the token ids their model has (CodeGenConfig: no pad_token_id).
+    for candidate in (getattr(text_config, "pad_token_id", None), getattr(text_config, "eos_token_id", None)):
         if isinstance(candidate, int):
             return candidate
         if isinstance(candidate, list) and candidate:
