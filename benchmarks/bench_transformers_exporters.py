@@ -10,7 +10,8 @@ saved once and loaded from that folder by both exporters):
   then `save_pretrained(out)`, as its docstrings show (prefill.onnx + decode.onnx, export.json);
 
 each in its own subprocess, which reports its wall time (model load included, from the same saved folder)
-and its peak RSS (`ru_maxrss`). The two run one after the other, their order alternating per type.
+and its peak RSS (`VmHWM` of /proc/self/status; `ru_maxrss` would include the parent's RSS at fork). The two
+run one after the other, their order alternating per type.
 
 Greedy parity, 8 new tokens (`min_new_tokens=8`, so no row stops early) against torch's `generate` on the
 same model: a batch of 2 left-padded prompts of lengths 4 and 7, and the longer prompt alone (batch 1).
@@ -34,6 +35,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,7 +67,7 @@ MODEL_TYPES = [
 ]
 
 _EXPORT_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 exporter, source, output, task = sys.argv[1:5]
 result = {}
 try:
@@ -88,7 +90,11 @@ except Exception as error:
         chain.append(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
         error = error.__cause__ or error.__context__
     result = {"ok": False, "error": chain[0], "cause": chain[-1] if len(chain) > 1 else None}
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, this process's own peak: ru_maxrss would start from the parent's RSS at fork (Linux carries
+# the forked memory's high-water mark over exec), and the parent holds the earlier types' sessions.
+with open("/proc/self/status") as status:
+    hwm = next(line for line in status if line.startswith("VmHWM:"))
+result["peak_rss_mb"] = int(hwm.split()[1]) / 1024
 print("RESULT " + json.dumps(result))
 """
 
@@ -279,8 +285,9 @@ def table(records: list[dict[str, Any]]) -> str:
             r = record[exporter]
             if not r["ok"]:
                 cause = f" (cause: {r['cause']})" if r.get("cause") and r["cause"] != r["error"] else ""
-                error = (r["error"] + cause).replace("|", "\\|")
-                lines.append(f"| {record['type']} | {exporter} | error: {error} | - | - | {r['peak_rss_mb']:.0f} | - | - | - |")
+                error = re.sub(r"\x1b\[[0-9;]*m", "", r["error"] + cause).replace("|", "\\|")
+                rss = f"{r['peak_rss_mb']:.0f}"
+                lines.append(f"| {record['type']} | {exporter} | error: {error} | - | - | {rss} | - | - | - |")
                 continue
             files = ", ".join(
                 f"{name} {size / 1e6:.2f}" for name, size in r["files"].items() if ".onnx" in name
@@ -300,7 +307,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model types (default: all of MODEL_TYPES)")
     parser.add_argument("--json", default="bench_transformers_exporters.json", help="where to write the results")
+    parser.add_argument("--render", metavar="JSON", help="print the table of an earlier run's JSON file and exit")
     args = parser.parse_args()
+    if args.render:
+        print_summary(json.loads(Path(args.render).read_text())["records"])
+        return
     types = args.only or MODEL_TYPES
     print(
         f"transformers {transformers.__version__}, torch {torch.__version__}, "
@@ -313,6 +324,36 @@ def main() -> None:
             order = ("observer", "transformers") if index % 2 == 0 else ("transformers", "observer")
             records.append(run_type(model_type, Path(scratch), order))
             Path(args.json).write_text(json.dumps({"versions": versions(), "records": records}, indent=2) + "\n")
+    print_summary(records)
+
+
+def compact_table(records: list[dict[str, Any]]) -> str:
+    """One row per type: each exporter's outcome, greedy parity (batch 2 padded / batch 1), seconds, peak RSS,
+    ONNX bytes on disk."""
+    lines = [
+        "| type | observer parity | s | RSS MB | ONNX MB | transformers parity | s | RSS MB | ONNX MB |",
+        "|" + "---|" * 9,
+    ]
+    for record in records:
+        if "build_error" in record:
+            continue
+        row = [record["type"]]
+        for exporter in ("observer", "transformers"):
+            r = record[exporter]
+            if r["ok"]:
+                size = sum(size for name, size in r["files"].items() if ".onnx" in name) / 1e6
+                parity = " / ".join(r["parity"][case].split(" (")[0][:70] for case in ("batch2-padded", "batch1"))
+                row += [parity, f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{size:.2f}"]
+            else:
+                error = re.sub(r"\x1b\[[0-9;]*m", "", r.get("cause") or r["error"])
+                row += ["error: " + error[:100].replace("|", "\\|"), "-", f"{r['peak_rss_mb']:.0f}", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def print_summary(records: list[dict[str, Any]]) -> None:
+    print(compact_table(records))
+    print()
     print(table(records))
     for exporter in ("observer", "transformers"):
         both = sum(
