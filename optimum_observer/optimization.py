@@ -53,9 +53,10 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from .errors import ObserverExportError, Stage
@@ -87,6 +88,10 @@ class Int8Settings:
     #: projections whose inputs carry the activation outliers that per-tensor activation scales
     #: lose (attention output, the MLP's gated product), and the vocabulary projection.
     keep_modules: tuple[str, ...] = ("lm_head", "mlp.down_proj", "self_attn.o_proj")
+    #: MatMuls of the modules whose names end so (taken out of `keep_modules`) get `MatMulNBits`
+    #: 8-bit weights (blocks of 32, asymmetric, accuracy_level 4) instead: int8 weights with
+    #: per-block scales, no activation outliers lost.
+    nbits_modules: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +102,21 @@ class Int4Settings:
     is_symmetric: bool = False
     accuracy_level: int = 4
     keep_modules: tuple[str, ...] = ()
+    #: MatMuls of the modules whose names end so (``("",)``: all) keep each block's grid exact:
+    #: min..max in 15 steps with an unrounded offset (``min``), where `MatMulNBits`' asymmetric
+    #: form rounds the offset to an integer zero point (every weight of a block moves by up to
+    #: half a step) and its float zero points run ~10x slower than fp32 on CPU. The weights minus
+    #: each block's offset are symmetric (-8..7 steps), which the fast kernel without zero points
+    #: holds exactly; the offsets return as a small fp32 MatMul of the input's block sums (see
+    #: :func:`block_offsets_apart`).
+    exact_offset_modules: tuple[str, ...] = ()
+    #: MatMuls of the modules whose names end so get 8-bit weights (`MatMulNBits` bits=8, same
+    #: block size, asymmetric) instead of 4-bit ones.
+    eight_bit_modules: tuple[str, ...] = ()
 
 
-INT8_SETTINGS = Int8Settings()
-INT4_SETTINGS = Int4Settings()
+INT8_SETTINGS = Int8Settings(keep_modules=("mlp.down_proj", "self_attn.o_proj"), nbits_modules=("lm_head",))
+INT4_SETTINGS = Int4Settings(exact_offset_modules=("mlp.gate_proj", "mlp.up_proj"), eight_bit_modules=("lm_head",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +166,9 @@ def gated_fusions() -> Iterator[None]:
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-def nodes_of_modules(model: ir.Model, suffixes: tuple[str, ...], op_types: tuple[str, ...] = ("MatMul",)) -> list[str]:
+def nodes_of_modules(
+    model: ir.Model, suffixes: tuple[str, ...], op_types: tuple[str, ...] = ("MatMul", "FusedMatMul")
+) -> list[str]:
     """The `op_types` nodes that torch's exporter recorded inside a module whose name ends with
     one of `suffixes` (`"lm_head"`, `"mlp.down_proj"`): data the exporter writes on every node,
     so no per-architecture table of node names is needed."""
@@ -191,7 +209,9 @@ def _optimize(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
 def _quantize_int8(path: Path, external: bool, settings: Int8Settings) -> tuple[str, ...]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    kept = tuple(nodes_of_modules(ir.load(path), settings.keep_modules))
+    model = ir.load(path)
+    nbits = set(nodes_of_modules(model, settings.nbits_modules))
+    kept = tuple(name for name in nodes_of_modules(model, settings.keep_modules) if name not in nbits)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".post-") as scratch:
         target = Path(scratch) / path.name
         quantize_dynamic(
@@ -201,10 +221,14 @@ def _quantize_int8(path: Path, external: bool, settings: Int8Settings) -> tuple[
             per_channel=settings.per_channel,
             reduce_range=settings.reduce_range,
             op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
-            nodes_to_exclude=list(kept),
+            nodes_to_exclude=[*kept, *nbits],
             use_external_data_format=external,
         )
-        _save(ir.load(target), path, external)
+        model = ir.load(target)
+        if nbits:
+            transposed_weights_materialized(model, nbits)
+            model = _matmul_nbits(model, [(8, False, nbits)], block_size=32, accuracy_level=4)
+        _save(model, path, external)
     return kept
 
 
@@ -222,20 +246,142 @@ def _root_logging_kept() -> Iterator[None]:
         root.setLevel(level)
 
 
+def _transposed_weight(node: ir.Node) -> ir.Value | None:
+    """The 2-D initializer a MatMul reads transposed: ``MatMul(x, Transpose(W, perm=[1, 0]))``, or
+    onnxscript's fused ``FusedMatMul(x, W, transB=1)`` (com.microsoft, no other option set)."""
+    if node.op_type == "MatMul" and node.domain == "" and node.inputs[1] is not None:
+        transpose = node.inputs[1].producer()
+        if transpose is None or transpose.op_type != "Transpose":
+            return None
+        if list(transpose.attributes.get_ints("perm", None) or ()) != [1, 0]:
+            return None
+        weight = transpose.inputs[0]
+    elif node.op_type == "FusedMatMul" and node.domain == "com.microsoft":
+        options = {name: attr.value for name, attr in node.attributes.items()}
+        if options.pop("transB", 0) != 1 or any(options.get(k, 0) for k in ("transA", "transBatchA", "transBatchB")):
+            return None
+        if options.get("alpha", 1.0) != 1.0:
+            return None
+        weight = node.inputs[1]
+    else:
+        return None
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+        return None
+    return weight
+
+
+def transposed_weights_materialized(model: ir.Model, names: Container[str]) -> list[str]:
+    """Turns each MatMul named in `names` that reads a 2-D initializer transposed (see
+    :func:`_transposed_weight`) into a plain MatMul with a transposed copy of it as its own
+    initializer, under the same name; returns their names. A tied vocabulary projection
+    (`lm_head` reading the embedding, which a Gather keeps using) has that form, and no weight
+    quantizer looks through the transpose."""
+    done = []
+    for node in list(model.graph):
+        if node.name not in names or (weight := _transposed_weight(node)) is None:
+            continue
+        copy = _initializer(model, f"{weight.name}.transposed", np.ascontiguousarray(weight.const_value.numpy().T))
+        matmul = ir.node("MatMul", [node.inputs[0], copy], name=node.name, metadata_props=dict(node.metadata_props))
+        transpose = node.inputs[1].producer() if node.op_type == "MatMul" else None
+        ir.convenience.replace_nodes_and_values(model.graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
+        if transpose is not None and not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
+            model.graph.remove(transpose, safe=True)
+        done.append(node.name)
+    return done
+
+
+def block_offsets_apart(model: ir.Model, names: frozenset[str], block_size: int, bits: int) -> list[str]:
+    """Rewrites each MatMul named in `names` whose weight ``W`` is a 2-D initializer with rows a
+    multiple of `block_size` as ``MatMul(x, W - O) + MatMul(block_sums(x), offsets)``: blocks of
+    `block_size` rows per column, ``offsets`` the value that makes a block symmetric on the grid
+    min..max in ``2**bits - 1`` steps (``min + 2**(bits-1) * step``), ``O`` those offsets repeated
+    over the block's rows, ``block_sums(x)`` one MatMul with a 0/1 matrix, shared by the MatMuls
+    of one input. ``W - O`` keeps the node's name and metadata (it is then quantized without zero
+    points); returns the names of the added MatMuls, which stay fp32 (they are 1/`block_size` of
+    the weight)."""
+    helpers: list[str] = []
+    sums: dict[int, ir.Value] = {}
+    for node in list(model.graph):
+        if node.op_type != "MatMul" or node.name not in names:
+            continue
+        x, weight = node.inputs
+        if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+            continue
+        rows, columns = weight.const_value.shape
+        if rows % block_size:
+            continue
+        blocks = weight.const_value.numpy().astype(np.float64).reshape(rows // block_size, block_size, columns)
+        low, high = blocks.min(axis=1), blocks.max(axis=1)
+        offsets = low + 2 ** (bits - 1) * (high - low) / (2**bits - 1)
+        shifted = (blocks - offsets[:, None, :]).reshape(rows, columns).astype(np.float32)
+        new_nodes = []
+        if id(x) not in sums:
+            ones = np.kron(np.eye(rows // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32))
+            summed = ir.node("MatMul", [x, _initializer(model, f"{node.name}.block_ones", ones)], name=f"{node.name}_block_sums")
+            new_nodes.append(summed)
+            helpers.append(summed.name)
+            sums[id(x)] = summed.outputs[0]
+        offset = ir.node(
+            "MatMul", [sums[id(x)], _initializer(model, f"{weight.name}.block_offsets", offsets.astype(np.float32))],
+            name=f"{node.name}_block_offsets",
+        )
+        helpers.append(offset.name)
+        matmul = ir.node(
+            "MatMul", [x, _initializer(model, f"{weight.name}.offset_apart", shifted)], name=node.name,
+            metadata_props=dict(node.metadata_props),
+        )
+        added = ir.node("Add", [matmul.outputs[0], offset.outputs[0]], name=f"{node.name}_plus_offsets")
+        ir.convenience.replace_nodes_and_values(
+            model.graph, node, [node], [*new_nodes, matmul, offset, added], [node.outputs[0]], [added.outputs[0]]
+        )
+    return helpers
+
+
+def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array)
+    )
+    model.graph.register_initializer(value)
+    return value
+
+
 def _quantize_int4(model: ir.Model, settings: Int4Settings) -> tuple[ir.Model, tuple[str, ...]]:
+    kept = tuple(nodes_of_modules(model, settings.keep_modules))
+    transposed_weights_materialized(model, {node.name for node in model.graph} - set(kept))
+    matmuls = {node.name for node in model.graph if node.op_type == "MatMul"}
+    eight_bit = set(nodes_of_modules(model, settings.eight_bit_modules)) - set(kept)
+    exact = set(nodes_of_modules(model, settings.exact_offset_modules)) - set(kept) - eight_bit
+    helpers = block_offsets_apart(model, frozenset(exact), settings.block_size, 4)
+    matmuls |= set(helpers)
+    rest = matmuls - eight_bit - exact - set(kept) - set(helpers)
+    passes = [(8, False, eight_bit), (4, True, exact), (4, settings.is_symmetric, rest)]
+    return _matmul_nbits(model, passes, settings.block_size, settings.accuracy_level), kept
+
+
+def _matmul_nbits(
+    model: ir.Model, passes: list[tuple[int, bool, set[str]]], block_size: int, accuracy_level: int
+) -> ir.Model:
+    """Runs onnxruntime's `MatMulNBitsQuantizer` once per ``(bits, symmetric, node names)``; every
+    other MatMul of the model is excluded from that pass."""
     with _root_logging_kept():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    kept = tuple(nodes_of_modules(model, settings.keep_modules))
-    quantizer = MatMulNBitsQuantizer(
-        ir.to_proto(model),
-        block_size=settings.block_size,
-        is_symmetric=settings.is_symmetric,
-        accuracy_level=settings.accuracy_level,
-        nodes_to_exclude=list(kept),
-    )
-    quantizer.process()
-    return ir.from_proto(quantizer.model.model), kept
+    matmuls = {node.name for node in model.graph if node.op_type == "MatMul"}
+    proto = ir.to_proto(model)
+    for bits, symmetric, chosen in passes:
+        if not chosen:
+            continue
+        quantizer = MatMulNBitsQuantizer(
+            proto,
+            bits=bits,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=sorted(matmuls - chosen),
+        )
+        quantizer.process()
+        proto = quantizer.model.model
+    return ir.from_proto(proto)
 
 
 def optimize_file(source: Path, target: Path) -> dict[str, int]:
