@@ -117,6 +117,12 @@ class TestPostProcessing(unittest.TestCase):
         self.assertLess((directory / "model.onnx").stat().st_size, (self.fp32 / "model.onnx").stat().st_size)
         if mode == "int8":  # down_proj and o_proj stay fp32 (optimization.INT8_SETTINGS)
             self.assertEqual(len(done.kept_fp32), 2 * tiny_configs.LAYERS)  # down_proj, o_proj
+        nodes = list(ir.load(directory / "model.onnx").graph.all_nodes())
+        bits = [n.attributes["bits"].value for n in nodes if n.op_type == "MatMulNBits"]
+        # lm_head at 8 bits in both modes; int4: gate_proj and up_proj with exact block offsets
+        self.assertEqual(bits.count(8), 1)
+        offsets = [n for n in nodes if n.name.endswith("_plus_offsets")]
+        self.assertEqual(len(offsets), 2 * tiny_configs.LAYERS if mode == "int4" else 0)
         quality = validation.check_quality(self.checked(directory), reference)
         self.assertLessEqual(quality.perplexity_ratio, optimization.MAX_PERPLEXITY_RATIO[mode])
         self.assertGreater(quality.perplexity_ratio, 0.95)
