@@ -149,7 +149,9 @@ class Int4Settings:
 
 
 INT8_SETTINGS = Int8Settings(keep_modules=("mlp.down_proj", "self_attn.o_proj"), nbits_modules=("lm_head",))
-INT4_SETTINGS = Int4Settings(exact_offset_modules=("mlp.gate_proj", "mlp.up_proj"), eight_bit_modules=("lm_head",))
+INT4_SETTINGS = Int4Settings(
+    exact_offset_modules=("mlp.gate_proj", "mlp.up_proj"), eight_bit_modules=("lm_head",)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +338,9 @@ def transposed_weights_materialized(model: ir.Model, names: Container[str]) -> l
         copy = _initializer(model, f"{weight.name}.transposed", np.ascontiguousarray(weight.const_value.numpy().T))
         matmul = ir.node("MatMul", [node.inputs[0], copy], name=node.name, metadata_props=dict(node.metadata_props))
         transpose = node.inputs[1].producer() if node.op_type == "MatMul" else None
-        ir.convenience.replace_nodes_and_values(model.graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
+        ir.convenience.replace_nodes_and_values(
+            model.graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]]
+        )
         if transpose is not None and not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
             model.graph.remove(transpose, safe=True)
         done.append(node.name)
@@ -370,7 +374,9 @@ def block_offsets_apart(model: ir.Model, names: frozenset[str], block_size: int,
         new_nodes = []
         if id(x) not in sums:
             ones = np.kron(np.eye(rows // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32))
-            summed = ir.node("MatMul", [x, _initializer(model, f"{node.name}.block_ones", ones)], name=f"{node.name}_block_sums")
+            summed = ir.node(
+                "MatMul", [x, _initializer(model, f"{node.name}.block_ones", ones)], name=f"{node.name}_block_sums"
+            )
             new_nodes.append(summed)
             helpers.append(summed.name)
             sums[id(x)] = summed.outputs[0]
@@ -392,7 +398,10 @@ def block_offsets_apart(model: ir.Model, names: frozenset[str], block_size: int,
 
 def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array)
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array),
     )
     model.graph.register_initializer(value)
     return value

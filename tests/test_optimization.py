@@ -142,7 +142,9 @@ def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
 
 
 def _value(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(array))
+    return ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(array)
+    )
 
 
 class TestWeightLayouts(unittest.TestCase):
@@ -187,7 +189,8 @@ class TestWeightLayouts(unittest.TestCase):
         for fused in (False, True):
             x, table = self.input(), _value("embedding", embedding)
             if fused:
-                nodes = [ir.node("FusedMatMul", [x, table], attributes={"transB": 1}, domain="com.microsoft", name="lm_head")]
+                fused_node = ir.node("FusedMatMul", [x, table], attributes={"transB": 1}, domain="com.microsoft", name="lm_head")
+                nodes = [fused_node]
             else:
                 transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]})
                 nodes = [transpose, ir.node("MatMul", [x, transpose.outputs[0]], name="lm_head")]
