@@ -32,7 +32,7 @@ whose offset is not a multiple of the step; the embedding Q8_0). Perplexity on
 `validation.QUALITY_TEXT` as a ratio to the fp32 file's; latency ratios to optimum-onnx's fp32
 export, one decode step after 128 tokens and a prefill of 128, batch 1, runs alternating (the
 machine ran other jobs: load 8 to 11 on 2 cores, so decode ratios moved by up to 0.1 between runs;
-ranges are over runs). All after --optimize; 2026-12-05.
+ranges are over runs, benchmarks/bench_inference.py's included). All after --optimize; 2026-12-05.
 
 | int4 (`MatMulNBits` block 32, accuracy_level 4 unless said) | perplexity | decode |
 |---|---|---|
@@ -43,7 +43,7 @@ ranges are over runs). All after --optimize; 2026-12-05.
 | exact offsets for down_proj, lm_head 8-bit | 1.086x | 0.45x |
 | exact offsets for down_proj and o_proj, lm_head 8-bit | 1.115x | |
 | exact offsets for q/k/v/o_proj, lm_head 8-bit | 1.092x | |
-| **exact offsets for gate/up_proj, lm_head 8-bit** | **1.042x** | **0.47x** |
+| **exact offsets for gate/up_proj, lm_head 8-bit** | **1.042x** | **0.41x to 0.47x** |
 | exact offsets for gate/up/down_proj, lm_head 8-bit | 1.025x | 0.45x to 0.56x |
 | exact offsets everywhere, lm_head 8-bit | 1.007x | 0.48x to 0.55x |
 | exact offsets everywhere, lm_head 8-bit, accuracy_level 0 | 1.000x | 2.46x |
@@ -70,7 +70,7 @@ down_proj rows above are not ordered as their coverage is).
 | `quantize_dynamic` defaults (per-tensor, Gather too) | 2.16x | | |
 | per-channel | 1.94x | | |
 | per-channel, down_proj, o_proj (and lm_head, tied) fp32 (the previous default) | 1.014x | 0.65x to 0.69x | 0.62x to 0.75x |
-| **per-channel, down_proj, o_proj fp32, lm_head `MatMulNBits` 8-bit** | **1.011x** | **0.64x** | **0.64x** |
+| **per-channel, down_proj, o_proj fp32, lm_head `MatMulNBits` 8-bit** | **1.011x** | **0.64x** | **0.57x to 0.64x** |
 
 (Earlier measurements, lm_head fp32: per-channel with reduce_range 2.06x; down_proj fp32 1.09x;
 down_proj, gate/up_proj fp32 1.05x. int4 symmetric block 32 1.32x, asymmetric block 16 1.21x,
