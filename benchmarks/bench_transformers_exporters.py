@@ -46,6 +46,8 @@ import onnx
 import torch
 import transformers
 
+from measure import PEAK_RSS_CODE
+
 TASK = "text-generation-with-past"
 NEW_TOKENS = 8
 MODEL_TYPES = [
@@ -90,11 +92,9 @@ except Exception as error:
         chain.append(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
         error = error.__cause__ or error.__context__
     result = {"ok": False, "error": chain[0], "cause": chain[-1] if len(chain) > 1 else None}
-# VmHWM, this process's own peak: ru_maxrss would start from the parent's RSS at fork (Linux carries
-# the forked memory's high-water mark over exec), and the parent holds the earlier types' sessions.
-with open("/proc/self/status") as status:
-    hwm = next(line for line in status if line.startswith("VmHWM:"))
-result["peak_rss_mb"] = int(hwm.split()[1]) / 1024
+# This process's own peak (measure.PEAK_RSS_CODE): the parent holds the earlier types' sessions.
+""" + PEAK_RSS_CODE + """
+result["peak_rss_mb"] = peak_rss_mb
 print("RESULT " + json.dumps(result))
 """
 
