@@ -268,6 +268,17 @@ class TestCoverageTable(unittest.TestCase):
                 sweep.load_results(path, "real")
 
 
+def _worker_runtime_class_and_result(model_type: str, task: str) -> tuple[type, dict]:
+    """The runtime class the sweep's worker validates `model_type` with (its export mocked to a
+    (c) pass), and the result file it writes."""
+    with tempfile.TemporaryDirectory() as scratch, mock.patch.object(
+        sweep, "run_observer_path", return_value=_passed(Runtime.SHIM)
+    ) as observer_path:
+        result_file = Path(scratch) / "result.json"
+        sweep._worker_main([model_type, "--task", task, "--workdir", scratch, "--result", str(result_file)])
+        return observer_path.call_args.args[3], json.loads(result_file.read_text())
+
+
 VLM_TASK = "image-text-to-text"
 
 
@@ -309,13 +320,9 @@ class TestImageTextToTextSweep(unittest.TestCase):
     def test_the_worker_validates_through_legacy_shims_runtime_class(self):
         from legacy_shim.runtime import ORTModelForImageTextToText
 
-        with tempfile.TemporaryDirectory() as scratch, mock.patch.object(
-            sweep, "run_observer_path", return_value=_passed(Runtime.SHIM)
-        ) as observer_path:
-            result_file = Path(scratch) / "result.json"
-            sweep._worker_main(["llava", "--task", VLM_TASK, "--workdir", scratch, "--result", str(result_file)])
-            self.assertEqual(json.loads(result_file.read_text())["runtime"], Runtime.SHIM.value)
-        self.assertIs(observer_path.call_args.args[3], ORTModelForImageTextToText)
+        runtime_class, result = _worker_runtime_class_and_result("llava", VLM_TASK)
+        self.assertEqual(result["runtime"], Runtime.SHIM.value)
+        self.assertIs(runtime_class, ORTModelForImageTextToText)
 
     def test_the_table_counts_level_c_and_says_why_a_and_b_do_not_apply(self):
         failed = PathResult(Status.FAIL, SweepStage.CAPTURE, "the default run cannot build image-text inputs", VLM_TASK)
@@ -387,12 +394,9 @@ class TestSweepWhereOptimumOnnxCannotRun(unittest.TestCase):
     def test_the_worker_validates_through_legacy_shims_runtime_class(self):
         from legacy_shim.runtime import ORTModelForCausalLM
 
-        with tempfile.TemporaryDirectory() as scratch, mock.patch.object(
-            sweep, "run_observer_path", return_value=_passed(Runtime.SHIM)
-        ) as observer_path:
-            result_file = Path(scratch) / "result.json"
-            sweep._worker_main(["llama", "--task", TASK, "--workdir", scratch, "--result", str(result_file)])
-        self.assertIs(observer_path.call_args.args[3], ORTModelForCausalLM)
+        runtime_class, result = _worker_runtime_class_and_result("llama", TASK)
+        self.assertEqual(result["runtime"], Runtime.SHIM.value)
+        self.assertIs(runtime_class, ORTModelForCausalLM)
 
     def test_the_file_records_the_reason_and_the_document_titles_the_version(self):
         unsupported = PathResult(Status.UNSUPPORTED, error=sweep.optimum_onnx_absent(TASK), task=TASK)
