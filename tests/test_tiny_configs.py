@@ -92,6 +92,18 @@ class TestShrinkRules(unittest.TestCase):
         self.assertEqual(config.num_hidden_layers, tiny_configs.LAYERS)
         self.assertEqual(len(config.layer_types), tiny_configs.LAYERS)
 
+    def test_settings_by_layer_index_follow_the_kept_layers_and_keep_their_ratio(self):
+        # transformers 5's `per_layer_config` (gemma4: every sixth layer is full attention with
+        # twice the head_dim), written by to_dict() with zero-padded string keys. Its indices
+        # must follow the layers kept, or the config refuses them ("keys must be integer layer
+        # indices in the range [0, 2)").
+        kinds = ["sliding_attention"] * 5 + ["full_attention"]
+        config = {"num_hidden_layers": 12, "head_dim": 256, "layer_types": kinds * 2,
+                  "per_layer_config": {"05": {"head_dim": 512}, "11": {"head_dim": 512}}}  # fmt: skip
+        shrunk = tiny_configs._shrink(config)
+        self.assertEqual(shrunk["layer_types"], ["sliding_attention", "full_attention"])
+        self.assertEqual(shrunk["per_layer_config"], {1: {"head_dim": 2 * shrunk["head_dim"]}})
+
     def test_nested_configs_shrink(self):
         config = tiny_configs.tiny_config("gemma3", "AutoModelForCausalLM")
         self.assertEqual(config.text_config.hidden_size, tiny_configs.HIDDEN)

@@ -136,3 +136,14 @@ class TestTinyModelsForTheSweep(unittest.TestCase):
 
         model = build_tiny_model("codegen", "AutoModelForCausalLM")
         self.assertIsInstance(model.generation_config.pad_token_id, int)
+
+    def test_layers_with_their_own_settings_keep_them(self):
+        # gemma4's full-attention layers have twice the head_dim of its sliding ones
+        # (`per_layer_config`); the tiny model keeps one of each, with the same ratio.
+        from legacy_shim.tooling.tiny_configs import build_tiny_model
+
+        model = build_tiny_model("gemma4_text", "AutoModelForCausalLM")
+        head_dims = [layer.self_attn.head_dim for layer in model.model.layers]
+        # (config.head_dim itself raises on a config with per-layer values: read the stored one.)
+        head_dim = model.config.to_dict()["head_dim"]
+        self.assertEqual(head_dims, [head_dim, 2 * head_dim])

@@ -375,6 +375,47 @@ def _layers_kept(layer_kinds: list[Any] | tuple[Any, ...], shapes: str) -> list[
     return sorted((firsts + others)[:LAYERS])
 
 
+def _is_per_layer_dict(value: Any, layers: int | None) -> bool:
+    """A dict of settings keyed by layer index (ints below the config's layer count), when the
+    tiny model cuts the layers."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and bool(layers)
+        and layers > LAYERS
+        and all(_layer_index(k) is not None and _layer_index(k) < layers and isinstance(v, dict) for k, v in value.items())
+    )
+
+
+def _layer_index(key: Any) -> int | None:
+    """A layer index written as an int or as digits (`to_dict()` writes gemma4's as "05")."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    return int(key) if isinstance(key, str) and key.isdigit() else None
+
+
+def _scaled_like(settings: dict[str, Any], config: dict[str, Any], shrunk: dict[str, Any]) -> dict[str, Any]:
+    """One layer's overrides, each size in the same ratio to the shrunk config's value as to the
+    original's (512 where the config says 256 -> twice the tiny head_dim); other values as they are."""
+    scaled = {}
+    for key, value in settings.items():
+        before, after = config.get(key), shrunk.get(key)
+        sizes = (value, before, after)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in sizes) and before > 0:
+            value = max(1, round(value * after / before))
+        scaled[key] = value
+    return scaled
+
+
+def _layer_kinds(config: dict[str, Any], layers: int) -> list[Any]:
+    """The config's per-layer list of layer kinds (`layer_types`...), or one kind for every layer:
+    what :func:`_layers_kept` chooses the kept layers by, so per-layer dicts keep the same layers."""
+    for value in config.values():
+        if isinstance(value, (list, tuple)) and len(value) == layers and all(isinstance(v, str) for v in value):
+            return list(value)
+    return [None] * layers
+
+
 def _shrink(
     config: dict[str, Any],
     nested: bool = False,
@@ -392,8 +433,17 @@ def _shrink(
     original_layers = _layer_count(config)
     common = _common_defaults() if nested else {}
     shrunk: dict[str, Any] = {}
+    per_layer: dict[str, dict[int, dict[str, Any]]] = {}
     for key, value in config.items():
         if key in common and common[key] == value:
+            continue
+        if _is_per_layer_dict(value, original_layers):
+            # Settings by layer index (transformers 5's `per_layer_config`: gemma4's full-attention
+            # layers have twice the sliding layers' head_dim): the kept layers' entries at their new
+            # indices; sizes keep their ratio to the config's own (shrunk below, at the end).
+            kept = _layers_kept(_layer_kinds(config, original_layers), shapes)
+            by_index = {_layer_index(k): v for k, v in value.items()}
+            per_layer[key] = {new: by_index[old] for new, old in enumerate(kept) if old in by_index}
             continue
         if isinstance(value, dict) and key not in ("id2label", "label2id", "pruned_heads", "rope_scaling"):
             value = _shrink(value, nested=True, shapes=shapes, derived=derived, vision=vision)
@@ -413,6 +463,8 @@ def _shrink(
             # A per-layer list (layer_types, layers_block_type, ...).
             value = type(value)(value[index] for index in _layers_kept(value, shapes))
         shrunk[key] = value
+    for key, layers in per_layer.items():
+        shrunk[key] = {index: _scaled_like(settings, config, shrunk) for index, settings in layers.items()}
     if "qk_rope_head_dim" in shrunk:
         # MLA: head_dim is the rotary part of a key head (DeepSeek-V3: both 64), and every head
         # has its own keys and values, decompressed from the shared latent (DeepSeek-V3: 128
