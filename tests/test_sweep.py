@@ -414,6 +414,18 @@ class TestSweepWhereOptimumOnnxCannotRun(unittest.TestCase):
         self.assertNotIn("where optimum-observer is not installed (a)", document)
 
 
+    def test_a_table_of_another_version_is_not_held_to_the_installed_mapping(self):
+        # Regenerated into docs/coverage.md from the default venv, a transformers-5 table must not
+        # read as "partial" against transformers 4.57.6's causal-LM mapping.
+        unsupported = PathResult(Status.UNSUPPORTED, error=sweep.optimum_onnx_absent(TASK), task=TASK)
+        results = {"llama": TypeResult("llama", _passed(Runtime.SHIM), unsupported, 1.0)}
+        installed = sweep.versions()["transformers"]
+        other = sweep.markdown(TASK, results, {"transformers": "5.25.0"}, "real")
+        same = sweep.markdown(TASK, results, {"transformers": installed}, "real")
+        self.assertNotIn("**partial**", other)
+        self.assertIn("**partial**: 1 of the", same)
+
+
 class TestTaskForCacheArgument(unittest.TestCase):
     def test_a_forward_taking_cache_keeps_the_task_with_past(self):
         # transformers 5 names the cache argument `cache`; the sweep exported the tiny llama without past.

@@ -805,7 +805,7 @@ def markdown(
             if absent
             else _level_counts(task, results, how)
         ),
-        *_not_measured(task, results),
+        *_not_measured(task, results, measured_on),
         *(f"- caveat: {caveat}" for caveat in caveats),
         "",
         "| model type | observer | runtime | exported task | export s | ONNX size | legacy | legacy stage / reason |",
@@ -884,9 +884,13 @@ def _a_not_measured(results: dict[str, TypeResult], hook: list[str]) -> list[str
     ]
 
 
-def _not_measured(task: str, results: dict[str, TypeResult]) -> list[str]:
+def _not_measured(task: str, results: dict[str, TypeResult], measured_on: dict[str, str]) -> list[str]:
     """A line naming the types of the task's mapping this table has no result for (a sweep cut
-    short, or run on a subset), so a partial table never reads as the whole mapping."""
+    short, or run on a subset), so a partial table never reads as the whole mapping. The mapping
+    is the installed transformers': a table measured on another version (a transformers-5 table
+    regenerated into the document from the default venv) is compared with none."""
+    if measured_on.get("transformers", versions()["transformers"]) != versions()["transformers"]:
+        return []
     mapping = model_types_for(task)
     missing = [t for t in mapping if t not in results]
     if not missing:
