@@ -7,7 +7,7 @@ import os
 import subprocess
 import tempfile
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -205,12 +205,20 @@ def export_saved_vision_language(cls: type, name: str) -> None:
     """For a test class's `setUpClass`: saves `cls.model` and `cls.processor` into a temporary
     directory (`cls.tmp`, `cls.source`) and exports them for image-text-to-text through Optimum's
     entry point `legacy_shim.main_export` into `cls.output`; `cls.route` and `cls.result` (the
-    observer's result) hold what it gave."""
+    observer's result) hold what it gave. The directory is removed after the class (a class cleanup)."""
     from legacy_shim import main_export
 
     cls.tmp = tempfile.TemporaryDirectory()
+    cls.addClassCleanup(cls.tmp.cleanup)
     cls.source, cls.output = Path(cls.tmp.name) / name, Path(cls.tmp.name) / f"{name}-onnx"
     cls.model.save_pretrained(cls.source)
     cls.processor.save_pretrained(cls.source)
     cls.route = main_export(str(cls.source), str(cls.output), task="image-text-to-text")
     cls.result = cls.route.observer_result
+
+
+def random_images(sizes: Sequence[tuple[int, int]], channels: int = 3) -> list[np.ndarray]:
+    """Random uint8 images of the given (height, width) sizes, as image processors take them
+    (the same pixels on every call)."""
+    generator = np.random.default_rng(0)
+    return [generator.integers(0, 256, (h, w, channels), dtype=np.uint8) for h, w in sizes]

@@ -32,7 +32,7 @@ from legacy_shim import Exporter, ORTModelForImageTextToText, main_export
 from legacy_shim.tooling import tiny_configs, tiny_processors
 from optimum_observer import ObserverExportError, conversion, patches, vision_language
 from optimum_observer.errors import ErrorKind, Stage
-from shim_helpers import export_saved_vision_language, run_cli
+from shim_helpers import export_saved_vision_language, random_images, run_cli
 from tiny_models import build_tokenizer
 
 FILES = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
@@ -104,10 +104,6 @@ def tiny_llava(processor: transformers.LlavaProcessor) -> transformers.LlavaForC
     return model
 
 
-def images(sizes: tuple[tuple[int, int], ...], channels: int = 3) -> list[np.ndarray]:
-    generator = np.random.default_rng(0)
-    return [generator.integers(0, 256, (h, w, channels), dtype=np.uint8) for h, w in sizes]
-
 
 class TestLlavaExport(unittest.TestCase):
     @classmethod
@@ -115,10 +111,6 @@ class TestLlavaExport(unittest.TestCase):
         cls.processor = tiny_processor()
         cls.model = tiny_llava(cls.processor)
         export_saved_vision_language(cls, "llava")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
 
     def test_main_export_routes_the_task_to_the_observer(self):
         self.assertEqual(self.route.route, Exporter.OBSERVER)
@@ -164,7 +156,7 @@ class TestLlavaExport(unittest.TestCase):
         processor = transformers.AutoProcessor.from_pretrained(self.output)
         self.assertIsInstance(processor, transformers.LlavaProcessor)
         batch = processor(
-            images=images(((40, 30), (24, 50))), text=list(PROMPTS), padding=True, return_tensors="pt"
+            images=random_images(((40, 30), (24, 50))), text=list(PROMPTS), padding=True, return_tensors="pt"
         )
         lengths = batch["attention_mask"].sum(-1).tolist()
         self.assertNotEqual(lengths[0], lengths[1])
@@ -180,7 +172,7 @@ class TestLlavaExport(unittest.TestCase):
         # A second export (about 10 s), through the runtime class's own entry point.
         onnx_model = ORTModelForImageTextToText.from_pretrained(self.source, export=True)
         self.assertTrue((onnx_model.model_save_dir / "decoder_model_merged.onnx").is_file())
-        batch = self.processor(images=images(((30, 30), (24, 40))), text=list(PROMPTS), padding=True, return_tensors="pt")
+        batch = self.processor(images=random_images(((30, 30), (24, 40))), text=list(PROMPTS), padding=True, return_tensors="pt")
         settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         with torch.no_grad():
             expected = self.model.generate(**batch, **settings)
@@ -193,7 +185,7 @@ class TestLlavaExport(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
         for file in FILES:
             self.assertTrue((out / file).is_file(), file)
-        batch = self.processor(images=images(((30, 30), (24, 40))), text=list(PROMPTS), padding=True, return_tensors="pt")
+        batch = self.processor(images=random_images(((30, 30), (24, 40))), text=list(PROMPTS), padding=True, return_tensors="pt")
         settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         with torch.no_grad():
             expected = self.model.generate(**batch, **settings)
@@ -202,7 +194,7 @@ class TestLlavaExport(unittest.TestCase):
     def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
         # Three images for two prompts: the features go to the image tokens in order.
         text = ["<image><image>\nUSER: Compare these two.", PROMPTS[1]]
-        batch = self.processor(images=images(((30, 30), (24, 40), (50, 24))), text=text, padding=True, return_tensors="pt")
+        batch = self.processor(images=random_images(((30, 30), (24, 40), (50, 24))), text=text, padding=True, return_tensors="pt")
         self.assertEqual(tuple(batch["pixel_values"].shape), (3, 3, IMAGE_SIZE, IMAGE_SIZE))
         settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         with torch.no_grad():
@@ -211,7 +203,7 @@ class TestLlavaExport(unittest.TestCase):
         self.assertEqual(got.tolist(), expected.tolist())
 
     def test_runtime_refuses_text_without_the_image_placeholders(self):
-        batch = self.processor(images=images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
+        batch = self.processor(images=random_images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
         text_only = self.processor.tokenizer(["USER: What is this?"], return_tensors="pt")
         onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
         with self.assertRaisesRegex(ValueError, r"tokens: 0, features 9; build the prompt with the model's processor"):
@@ -225,7 +217,7 @@ class TestLlavaExport(unittest.TestCase):
         self.assertNotIn("forward", vars(self.model))
 
     def test_runtime_refuses_an_image_of_the_wrong_channel_count(self):
-        batch = self.processor(images=images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
+        batch = self.processor(images=random_images(((24, 24),)), text=[PROMPTS[0]], return_tensors="pt")
         onnx_model = ORTModelForImageTextToText.from_pretrained(self.output)
         with self.assertRaisesRegex(ValueError, r"pixel_values of shape \(1, 1, 24, 24\).*image processor"):
             onnx_model.generate(
@@ -285,10 +277,6 @@ class TestVariableTokensPerImage(unittest.TestCase):
         export_saved_vision_language(cls, "llava_next")
         cls.onnx_model = ORTModelForImageTextToText.from_pretrained(cls.output)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
     def generate_both(self, batch: transformers.BatchFeature) -> tuple[list, list]:
         settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         with torch.no_grad():
@@ -313,7 +301,7 @@ class TestVariableTokensPerImage(unittest.TestCase):
     def test_images_of_sizes_never_observed_generate_torchs_greedy_tokens(self):
         # Two prompts of different lengths; a tall image (two tiles stacked, unpadded on the sides)
         # and a wide one (unpadded at the top and bottom): different token counts.
-        pictures = images(((70, 30), (30, 55)))
+        pictures = random_images(((70, 30), (30, 55)))
         batch = self.processor(images=pictures, text=list(PROMPTS), padding=True, return_tensors="pt")
         tokens = (batch["input_ids"] == self.model.config.image_token_id).sum(-1).tolist()
         self.assertNotEqual(tokens[0], tokens[1])
@@ -323,18 +311,18 @@ class TestVariableTokensPerImage(unittest.TestCase):
 
     def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
         text = ["<image><image>\nUSER: Compare these two.", PROMPTS[1]]
-        pictures = images(((30, 30), (24, 60), (50, 40)))
+        pictures = random_images(((30, 30), (24, 60), (50, 40)))
         batch = self.processor(images=pictures, text=text, padding=True, return_tensors="pt")
         got, expected = self.generate_both(batch)
         self.assertEqual(got, expected)
 
     def test_runtime_names_a_missing_vision_input(self):
-        batch = self.processor(images=images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
+        batch = self.processor(images=random_images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
         with self.assertRaisesRegex(ValueError, r"takes 'image_sizes' beside pixel_values.*\*\*processor\("):
             self.onnx_model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=2)
 
     def test_runtime_refuses_images_of_the_wrong_rank(self):
-        batch = self.processor(images=images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
+        batch = self.processor(images=random_images(((30, 30),)), text=[PROMPTS[0]], return_tensors="pt")
         expected = (
             r"pixel_values of shape \(\d+, 3, 24, 24\).*"
             r"takes pixel_values of \[batch_size, pixel_values_dim_1, 3, 24, 24\]"
@@ -377,7 +365,7 @@ class TestImageSizePatches(unittest.TestCase):
         # The vision graph's module as the export builds it: keyword inputs pixel_values, image_sizes.
         graph = optimum_observer.tasks.get_task("image-text-to-text").graphs[0].with_observed_inputs(["image_sizes"])
         module = conversion.contract_module(model, graph, ["pixel_values", "image_sizes"])
-        seen = processor(images=images(exported_sizes), text=[image_token] * 2, padding=True, return_tensors="pt")
+        seen = processor(images=random_images(exported_sizes), text=[image_token] * 2, padding=True, return_tensors="pt")
         kwargs = {"pixel_values": seen["pixel_values"], "image_sizes": seen["image_sizes"]}
         pixel_axes = range(2) if seen["pixel_values"].dim() == 5 else (0, 2, 3)
         dynamic = {
@@ -389,7 +377,7 @@ class TestImageSizePatches(unittest.TestCase):
         (patch,) = [p for p in patches.PATCHES if p.name == name]
         with patches.applied([patch]), torch.no_grad():
             program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
-        new = processor(images=images(new_sizes), text=[image_token] * 3, padding=True, return_tensors="pt")
+        new = processor(images=random_images(new_sizes), text=[image_token] * 3, padding=True, return_tensors="pt")
         new_inputs = {"pixel_values": new["pixel_values"], "image_sizes": new["image_sizes"]}
         with torch.no_grad():
             (expected,) = module(**new_inputs)

@@ -31,6 +31,7 @@ from legacy_shim import ORTModelForImageTextToText
 from legacy_shim.vision_language import _rope_index
 from optimum_observer import patches, vision_language
 from tiny_models import build_tokenizer
+from shim_helpers import random_images
 
 FILES = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
 NEW_TOKENS = 8
@@ -108,10 +109,6 @@ def tiny_model(model_type: str, tokenizer: transformers.PreTrainedTokenizerBase)
     return model
 
 
-def images(sizes: tuple[tuple[int, int], ...]) -> list[np.ndarray]:
-    generator = np.random.default_rng(0)
-    return [generator.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
-
 
 def batch(tokenizer, image_processor, pictures: list[np.ndarray], prompts: list[str]) -> dict[str, torch.Tensor]:
     """What Qwen2VLProcessor returns: the image processor's pixel_values and image_grid_thw, and
@@ -172,7 +169,7 @@ class TestQwen2VLExport(unittest.TestCase):
         self.assertIn("qwen2_vl_vision_positions_from_grid", self.result.patches)
 
     def test_processor_batch_generates_torchs_greedy_tokens(self):
-        inputs = batch(self.tokenizer, self.image_processor, images(((40, 30), (24, 50))), list(PROMPTS))
+        inputs = batch(self.tokenizer, self.image_processor, random_images(((40, 30), (24, 50))), list(PROMPTS))
         lengths = inputs["attention_mask"].sum(-1).tolist()
         self.assertNotEqual(lengths[0], lengths[1])
         # Two image sizes, so two grids and two token counts.
@@ -182,13 +179,13 @@ class TestQwen2VLExport(unittest.TestCase):
 
     def test_two_images_in_one_prompt_generate_torchs_greedy_tokens(self):
         prompts = [f"{IMAGE}{IMAGE}Compare these two.", PROMPTS[1]]
-        inputs = batch(self.tokenizer, self.image_processor, images(((30, 30), (24, 40), (50, 24))), prompts)
+        inputs = batch(self.tokenizer, self.image_processor, random_images(((30, 30), (24, 40), (50, 24))), prompts)
         self.assertEqual(len(inputs["image_grid_thw"]), 3)
         got, expected = self.generate_both(inputs)
         self.assertEqual(got, expected)
 
     def test_runtime_asks_for_the_grid(self):
-        inputs = batch(self.tokenizer, self.image_processor, images(((24, 24),)), [PROMPTS[0]])
+        inputs = batch(self.tokenizer, self.image_processor, random_images(((24, 24),)), [PROMPTS[0]])
         with self.assertRaisesRegex(ValueError, r"takes 'image_grid_thw' beside pixel_values and none was given: pass everything the model's processor returns"):
             self.onnx_model.generate(
                 input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=2
@@ -201,7 +198,7 @@ class TestRopeIndex(unittest.TestCase):
         tokenizer = tiny_tokenizer()
         model = tiny_model(model_type, tokenizer)
         prompts = [f"Look {IMAGE} and {IMAGE}!", f"{IMAGE}Once upon a time, the capital of France was"]
-        inputs = batch(tokenizer, tiny_image_processor(model_type), images(((30, 30), (24, 40), (50, 24))), prompts)
+        inputs = batch(tokenizer, tiny_image_processor(model_type), random_images(((30, 30), (24, 40), (50, 24))), prompts)
         expected, deltas = model.model.get_rope_index(
             inputs["input_ids"], inputs["image_grid_thw"], None, inputs["attention_mask"]
         )
@@ -282,7 +279,7 @@ class TestOtherGridTypes(unittest.TestCase):
                 (((40, 30), (24, 50)), list(PROMPTS)),
                 (((30, 30), (24, 40), (50, 24)), [f"{IMAGE}{IMAGE}Compare these two.", PROMPTS[1]]),
             ):
-                inputs = batch(tokenizer, image_processor, images(sizes), prompts)
+                inputs = batch(tokenizer, image_processor, random_images(sizes), prompts)
                 with torch.no_grad():
                     expected = model.generate(**inputs, **settings)
                 self.assertEqual(onnx_model.generate(**inputs, **settings).tolist(), expected.tolist())

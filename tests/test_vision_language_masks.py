@@ -30,7 +30,7 @@ import transformers
 import optimum_observer
 from legacy_shim import Exporter, ORTModelForImageTextToText
 from optimum_observer import vision_language
-from shim_helpers import export_saved_vision_language
+from shim_helpers import export_saved_vision_language, random_images
 from tiny_models import build_tokenizer
 
 NEW_TOKENS = 8
@@ -59,19 +59,27 @@ def tiny_gemma3_processor() -> transformers.Gemma3Processor:
     )
 
 
-def tiny_gemma3(processor: transformers.Gemma3Processor) -> transformers.Gemma3ForConditionalGeneration:
-    tokenizer = processor.tokenizer
-    config = transformers.Gemma3Config(
+def gemma3_towers(**text_settings) -> dict[str, dict]:
+    """gemma3's tiny vision and text configs (a SigLIP tower; a text model with grouped-query
+    attention, an explicit head_dim and both attention kinds); `text_settings`: the vocabulary
+    and what else the caller's text config states."""
+    return dict(
         vision_config=dict(
             model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
         ),
         text_config=dict(
             model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=len(tokenizer) + 8,
-            max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"],
-            sliding_window=SLIDING_WINDOW, pad_token_id=tokenizer.pad_token_id,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+            layer_types=["sliding_attention", "full_attention"], **text_settings,
         ),
+    )  # fmt: skip
+
+
+def tiny_gemma3(processor: transformers.Gemma3Processor) -> transformers.Gemma3ForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    config = transformers.Gemma3Config(
+        **gemma3_towers(vocab_size=len(tokenizer) + 8, sliding_window=SLIDING_WINDOW, pad_token_id=tokenizer.pad_token_id),
         mm_tokens_per_image=TOKENS_PER_IMAGE,
         image_token_index=tokenizer.image_token_id,
         boi_token_index=tokenizer.convert_tokens_to_ids(tokenizer.boi_token),
@@ -84,9 +92,7 @@ def tiny_gemma3(processor: transformers.Gemma3Processor) -> transformers.Gemma3F
 
 
 def images(count: int) -> list[np.ndarray]:
-    generator = np.random.default_rng(0)
-    sizes = ((30, 40), (24, 50), (50, 24))[:count]
-    return [generator.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    return random_images(((30, 40), (24, 50), (50, 24))[:count])
 
 
 class TestGemma3Export(unittest.TestCase):
@@ -96,10 +102,6 @@ class TestGemma3Export(unittest.TestCase):
         cls.model = tiny_gemma3(cls.processor)
         export_saved_vision_language(cls, "gemma3")
         cls.onnx_model = ORTModelForImageTextToText.from_pretrained(cls.output)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
 
     def batch(self, prompts=PROMPTS, image_lists=None) -> transformers.BatchFeature:
         image_lists = image_lists or [[image] for image in images(len(prompts))]
@@ -265,10 +267,6 @@ class TestPaliGemmaExport(unittest.TestCase):
         cls.model = tiny_paligemma(cls.processor)
         export_saved_vision_language(cls, "paligemma")
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
     def test_exports_and_generates_torchs_greedy_tokens(self):
         self.assertTrue(self.result.validation.ok, self.result.validation.table())
         (generation,) = self.result.validation.generation
@@ -320,15 +318,7 @@ class TestShieldGemma2Export(unittest.TestCase):
 
     def test_exports_and_generates_torchs_greedy_tokens(self):
         config = transformers.ShieldGemma2Config(
-            vision_config=dict(
-                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-            ),
-            text_config=dict(
-                model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=300,
-                max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"],
-            ),
+            **gemma3_towers(vocab_size=300),
             mm_tokens_per_image=TOKENS_PER_IMAGE, image_token_index=290, boi_token_index=291, eoi_token_index=292,
         )  # fmt: skip
         torch.manual_seed(0)

@@ -29,7 +29,7 @@ from parameterized import parameterized
 import optimum_observer
 from legacy_shim import Exporter, ORTModelForImageTextToText
 from optimum_observer import patches, vision_language
-from shim_helpers import export_saved_vision_language
+from shim_helpers import export_saved_vision_language, random_images
 from tiny_models import build_tokenizer
 
 NEW_TOKENS = 8
@@ -85,10 +85,6 @@ def tiny_idefics3(processor: transformers.Idefics3Processor) -> transformers.Ide
     return model
 
 
-def images(sizes: tuple[tuple[int, int], ...]) -> list[np.ndarray]:
-    generator = np.random.default_rng(0)
-    return [generator.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
-
 
 SETTINGS = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
@@ -101,12 +97,8 @@ class TestIdefics3Export(unittest.TestCase):
         export_saved_vision_language(cls, "idefics3")
         cls.onnx_model = ORTModelForImageTextToText.from_pretrained(cls.output)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
     def batch(self, sizes_per_prompt: tuple[tuple[tuple[int, int], ...], ...], text: tuple[str, ...] = PROMPTS):
-        per_prompt = [images(sizes) for sizes in sizes_per_prompt]
+        per_prompt = [random_images(sizes) for sizes in sizes_per_prompt]
         return self.processor(images=per_prompt, text=list(text), padding=True, return_tensors="pt")
 
     def test_main_export_routes_the_task_to_the_observer(self):
