@@ -413,9 +413,9 @@ def _quantize_int4(model: ir.Model, settings: Int4Settings) -> tuple[ir.Model, t
     matmuls = {node.name for node in model.graph if node.op_type == "MatMul"}
     eight_bit = set(nodes_of_modules(model, settings.eight_bit_modules)) - set(kept)
     exact = set(nodes_of_modules(model, settings.exact_offset_modules)) - set(kept) - eight_bit
-    helpers = block_offsets_apart(model, frozenset(exact), settings.block_size, 4)
-    matmuls |= set(helpers)
-    rest = matmuls - eight_bit - exact - set(kept) - set(helpers)
+    # The added block-sum / offset MatMuls (returned) are not in `matmuls`: they stay fp32.
+    block_offsets_apart(model, frozenset(exact), settings.block_size, 4)
+    rest = matmuls - eight_bit - exact - set(kept)
     passes = [(8, False, eight_bit), (4, True, exact), (4, settings.is_symmetric, rest)]
     return _matmul_nbits(model, passes, settings.block_size, settings.accuracy_level), kept
 
