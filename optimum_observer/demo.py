@@ -44,12 +44,18 @@ DECODER_SIZES: dict[str, Any] = dict(
 _SHAPE_KEYS = ("num_key_value_heads", "head_dim")
 
 
-def build_tokenizer(directory: Path | None = None) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a few sentences, saved to `directory` if given."""
+def trained_bpe(vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """A byte-level BPE model trained on :data:`SENTENCES`, `special_tokens` at ids 0, 1, ..."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens)
     tokenizer.train_from_iterator(list(SENTENCES) * 4, trainer)
+    return tokenizer
+
+
+def build_tokenizer(directory: Path | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, saved to `directory` if given."""
+    tokenizer = trained_bpe(200, ["<pad>", "<s>", "</s>", "<unk>"])
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import transformers
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken
 
-from optimum_observer.demo import SENTENCES
+from optimum_observer.demo import trained_bpe
 
 Setting = Any  # a value, or a function of the config
 
@@ -172,9 +172,7 @@ def tiny_tokenizer(
     # Tokens below the trained vocabulary are the trainer's special tokens, in id order.
     low = max([i for i in by_id if i < TRAINED_VOCAB], default=len(_BASE_TOKENS) - 1) + 1
     specials = [_BASE_TOKENS[i] if i < len(_BASE_TOKENS) else by_id.get(i, f"<reserved_{i}>") for i in range(low)]
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(list(SENTENCES) * 4, trainers.BpeTrainer(vocab_size=TRAINED_VOCAB, special_tokens=specials))
+    backend = trained_bpe(TRAINED_VOCAB, specials)
     # Above it: the tokens at their ids, those without one in the first reserved slots (inside the
     # config's vocabulary where there is room), the other slots reserved.
     unplaced = [token for token, i in placed.items() if i is None]
