@@ -16,7 +16,7 @@ from pathlib import Path
 from .commands import Command, discover
 from .demo import DEMO_MODEL_TYPE, save_tiny_causal_lm
 from .errors import ObserverExportError
-from .optimization import MAX_PERPLEXITY_RATIO, QUANTIZE_MODES
+from .optimization import MAX_PERPLEXITY_RATIO, MIN_COSINE, QUANTIZE_MODES
 from .signals import Terminated, termination_raises
 from .tasks import supported_tasks
 
@@ -55,6 +55,13 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="fail when the quantized file's perplexity exceeds this multiple of the fp32 file's "
         f"(default per mode: {', '.join(f'{k} {v}' for k, v in MAX_PERPLEXITY_RATIO.items())})",
+    )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        help="encoder tasks: fail when a quantized file's outputs have a cosine to torch's below this "
+        f"(default per mode: {', '.join(f'{k} {v}' for k, v in MIN_COSINE.items())})",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
 
@@ -129,6 +136,7 @@ def _run_export(args: argparse.Namespace) -> int:
             optimize=args.optimize,
             quantize=args.quantize,
             max_perplexity_ratio=args.max_perplexity_ratio,
+            min_cosine=args.min_cosine,
         )
     print(f"exported {result.model_type} for {result.task} to {result.output_dir}: {', '.join(result.onnx_files)}")
     if result.validation is not None:

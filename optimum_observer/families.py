@@ -9,6 +9,8 @@ between decoder-only generation, encoder-decoder generation (text or speech) and
 * :meth:`TaskFamily.default_run`: how the model is run when the caller passes no `run`;
 * :meth:`TaskFamily.check_runtime`: the checks validation runs through the runtime class
   (greedy generation, or every output), built from :mod:`optimum_observer.validation`;
+* :meth:`TaskFamily.quality_reference` / :meth:`TaskFamily.check_quality`: how a quantized export
+  is measured (perplexity against the fp32 file's, or the outputs' cosine to torch's);
 * a few facts the stages ask about instead of branching on the family: the architecture it
   needs, whether it loads a feature extractor, whether one graph serves every step.
 
@@ -26,15 +28,18 @@ from typing import Any, ClassVar, ContextManager, NamedTuple
 
 import torch
 
-from . import greedy, reference_inputs, vision_language
+from . import greedy, optimization, reference_inputs, vision_language
 from .errors import ObserverExportError, Stage
-from .result import GenerationCheck, RuntimeCheck
+from .result import CosineCheck, GenerationCheck, QualityCheck, RuntimeCheck
 from .tasks import Family, TaskContract
 from .validation import (
     ValidationInputs,
     check_encoder_decoder_generation,
     check_generation,
+    check_output_cosines,
+    check_quality,
     check_runtime_outputs,
+    perplexity,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -77,8 +82,8 @@ class TaskFamily(abc.ABC):
     #: sequence axis at two lengths. (Every graph fed a cache on all steps, this one or a
     #: vision-language decoder, needs at least two cached steps: capture.check_observed_sizes.)
     one_graph_for_every_step: ClassVar[bool] = False
-    #: its files can be quantized (optimization.py measures quality on generated text).
-    quantizable: ClassVar[bool] = False
+    #: the quantize modes it offers and their settings (None: its exports are not quantized).
+    quantization: ClassVar[optimization.Quantization | None] = None
     #: its runtime class takes every graph input from its caller, computing none (encoders): an
     #: input its forward takes no argument for cannot be fed.
     runtime_fed_by_caller: ClassVar[bool] = False
@@ -114,6 +119,16 @@ class TaskFamily(abc.ABC):
         """What validation checks through the runtime class: greedy generation by default."""
         return RuntimeChecks(self.check_generation(inputs), [])
 
+    def quality_reference(self, inputs: ValidationInputs) -> float | None:
+        """What a quantized export is measured against, taken from the fp32 files before they are
+        quantized (None: torch is the reference). Only families with a :attr:`quantization`
+        are quantized."""
+        raise NotImplementedError(f"{self.family.value} exports are not quantized")
+
+    def check_quality(self, inputs: ValidationInputs, reference: float | None) -> QualityCheck | CosineCheck:
+        """A quantized export through the runtime class, against `reference`."""
+        raise NotImplementedError(f"{self.family.value} exports are not quantized")
+
 
 class DecoderFamily(TaskFamily):
     family = Family.DECODER
@@ -123,7 +138,7 @@ class DecoderFamily(TaskFamily):
     )
     encoder_decoder = False
     one_graph_for_every_step = True
-    quantizable = True
+    quantization = optimization.DECODER_QUANTIZATION
 
     def reference_inputs(
         self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
@@ -174,6 +189,14 @@ class DecoderFamily(TaskFamily):
             diff = ((got.float() - expected.float()).abs() * batch["attention_mask"][..., None]).max().item()
             checks.append(RuntimeCheck(index, "logits", diff, diff <= inputs.atol))
         return checks
+
+    def quality_reference(self, inputs: ValidationInputs) -> float:
+        """The fp32 file's perplexity on :data:`~optimum_observer.validation.QUALITY_TEXT`."""
+        return perplexity(inputs)
+
+    def check_quality(self, inputs: ValidationInputs, reference: float | None) -> QualityCheck:
+        assert reference is not None
+        return check_quality(inputs, reference)
 
 
 class EncoderDecoderFamily(TaskFamily):
@@ -265,6 +288,7 @@ class EncoderFamily(TaskFamily):
     )
     encoder_decoder = None
     runtime_fed_by_caller = True
+    quantization = optimization.ENCODER_QUANTIZATION
 
     def reference_inputs(
         self, model: Any, tokenizer: Any | None = None, feature_extractor: Any | None = None
@@ -289,6 +313,13 @@ class EncoderFamily(TaskFamily):
 
     def check_runtime(self, inputs: ValidationInputs) -> RuntimeChecks:
         return RuntimeChecks([], self.compare_outputs(inputs))
+
+    def quality_reference(self, inputs: ValidationInputs) -> None:
+        """None: a quantized encoder is measured against torch's outputs directly."""
+        return None
+
+    def check_quality(self, inputs: ValidationInputs, reference: float | None) -> CosineCheck:
+        return check_output_cosines(inputs)
 
 
 class VisionLanguageFamily(TaskFamily):

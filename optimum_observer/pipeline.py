@@ -120,6 +120,7 @@ def export(
     optimize: bool = False,
     quantize: str | None = None,
     max_perplexity_ratio: float | None = None,
+    min_cosine: float | None = None,
 ) -> ExportResult:
     """Exports `model` to ONNX in `output_dir` by observing a typical run of it.
 
@@ -148,11 +149,18 @@ def export(
             under left padding (:mod:`optimum_observer.optimization`); validated again like the
             fp32 files (replay within atol, exact greedy tokens).
         quantize: "int8" or "int4" weights (:mod:`optimum_observer.optimization`), after the
-            fusions; validation reports the perplexity ratio to the fp32 file and the greedy-token
-            agreement with torch, and fails when the ratio exceeds `max_perplexity_ratio`.
+            fusions; the modes each task family offers are its `quantization`
+            (:class:`optimization.Quantization`: decoders int8 and int4, encoders int8). For
+            decoders validation reports the perplexity ratio to the fp32 file and the
+            greedy-token agreement with torch, and fails when the ratio exceeds
+            `max_perplexity_ratio`; for encoders it reports the cosine of each output to torch's
+            and fails below `min_cosine`.
         max_perplexity_ratio: the largest perplexity of the quantized file, as a multiple of
             the fp32 file's, that validation accepts; by default
             :data:`optimization.MAX_PERPLEXITY_RATIO` of the mode (int8 1.05, int4 1.15).
+        min_cosine: the smallest cosine of a quantized encoder's outputs to torch's (each input's
+            output, padded positions left out) that validation accepts; by default
+            :data:`optimization.MIN_COSINE` of the mode (int8 0.99).
 
     Exports in one process run one at a time (:data:`EXPORT_LOCK`): a second thread waits.
     A caller's loaded model is given back in the training mode it had. In the main thread,
@@ -170,7 +178,7 @@ def export(
     torch.device(device)
     named = model.config.model_type if hasattr(model, "config") else os.fspath(model)
     conversion.check_opset(opset, named)
-    optimization.check_quantize(quantize, named)
+    optimization.check_quantize(quantize, named, family.family.value, family.quantization)
     packaging.check_destination(output_dir, named, [graph.file_name for graph in contract.graphs])
     with EXPORT_LOCK, signals.termination_raises(), loading.caller_model_restored(model):
         hub_kwargs = dict(
@@ -275,7 +283,8 @@ def export(
                         report = _validate(checking) if validate else None
                     if post_processing:
                         with progress.stage(Stage.OPTIMIZATION):
-                            post, report = _post_process(checking, optimize, quantize, max_perplexity_ratio, report)
+                            limits = {"max_perplexity_ratio": max_perplexity_ratio, "min_cosine": min_cosine}
+                            post, report = _post_process(checking, optimize, quantize, limits, report)
         finally:
             progress.close()
         return ExportResult(
@@ -309,19 +318,15 @@ def _post_process(
     checking: _Checking,
     optimize: bool,
     quantize: str | None,
-    max_perplexity_ratio: float | None,
+    limits: dict[str, float | None],
     report: ValidationReport | None,
 ) -> tuple[optimization.PostProcessing, ValidationReport | None]:
     """Fusions, then quantization, of every graph file; with a `report` (validation on), the
-    fused files are validated like the fp32 ones and the quantized ones for quality."""
+    fused files are validated like the fp32 ones and the quantized ones for quality (the family's
+    measure, bounded by its entry of `limits`, the `export()` arguments, or the mode's default)."""
     inputs, model_type = checking.inputs, checking.model_type
-    if quantize and not checking.family.quantizable:
-        raise ObserverExportError(
-            model_type,
-            Stage.OPTIMIZATION,
-            f"quantization is implemented for decoder tasks (text-generation), not {inputs.contract.name}",
-            "export without quantize, or quantize the files with onnxruntime.quantization yourself.",
-        )
+    family = checking.family
+    quantization = optimization.check_quantize(quantize, model_type, family.family.value, family.quantization)
     staging = inputs.directory
     files = [graph.capture.graph.file_name for graph in checking.graphs]
     fusions: dict[str, int] = {}
@@ -342,12 +347,14 @@ def _post_process(
                     report=error.report,
                 ) from error
     kept: tuple[str, ...] = ()
-    if quantize:
+    if quantize and quantization is not None:
         measure = report is not None and inputs.runtime_class is not None
-        reference = validation.perplexity(inputs) if measure else None
+        reference = family.quality_reference(inputs) if measure else None
         for name in files:
             try:
-                kept += optimization.post_process(staging, name, quantize=quantize).kept_fp32
+                kept += optimization.post_process(
+                    staging, name, quantize=quantize, int8=quantization.int8, int4=quantization.int4
+                ).kept_fp32
             except Exception as error:
                 raise ObserverExportError(
                     model_type,
@@ -357,18 +364,19 @@ def _post_process(
                     "try the other quantize mode, or export without quantize (the fp32 file validated).",
                 ) from error
         if measure:
-            quality = validation.check_quality(inputs, reference)
+            quality = family.check_quality(inputs, reference)
             report = dataclasses.replace(report, quality=quality)
-            if max_perplexity_ratio is None:
-                max_perplexity_ratio = optimization.MAX_PERPLEXITY_RATIO[quantize]
-            if quality.perplexity_ratio > max_perplexity_ratio:
+            limit = limits.get(quality.limit_name)
+            if limit is None:
+                limit = optimization.QUALITY_LIMITS[quality.limit_name][quantize]
+            if not quality.within(limit):
+                option = "--" + quality.limit_name.replace("_", "-")
                 raise ObserverExportError(
                     model_type,
                     Stage.OPTIMIZATION,
-                    f"{quantize} weights raise the perplexity to {quality.perplexity_ratio:.3f}x the fp32 "
-                    f"file's, above the accepted {max_perplexity_ratio}x:\n{report.table()}",
-                    "try the other quantize mode, raise max_perplexity_ratio (--max-perplexity-ratio) if "
-                    "that loss is acceptable, or export without quantize.",
+                    f"{quantize} weights {quality.shortfall(limit)}:\n{report.table()}",
+                    f"try the other quantize mode, change {quality.limit_name} ({option}) if that loss is "
+                    "acceptable, or export without quantize.",
                     report=report,
                 )
     return optimization.PostProcessing(optimize, quantize, fusions, kept), report

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from .optimization import PostProcessing
@@ -60,6 +61,9 @@ def nonfinite_text(sides: tuple[str, ...]) -> str:
 class QualityCheck:
     """A quantized export against the fp32 one: perplexity on a fixed text, greedy tokens."""
 
+    #: the `export()` argument bounding it (defaults: optimization.QUALITY_LIMITS).
+    limit_name: ClassVar[str] = "max_perplexity_ratio"
+
     reference_perplexity: float
     perplexity: float
     #: the quantized file's greedy generation against torch's (not required to match).
@@ -80,6 +84,51 @@ class QualityCheck:
         ]
         return sum(want == have for want, have in pairs) / len(pairs) if pairs else 1.0
 
+    def within(self, limit: float) -> bool:
+        return self.perplexity_ratio <= limit
+
+    def shortfall(self, limit: float) -> str:
+        return f"raise the perplexity to {self.perplexity_ratio:.3f}x the fp32 file's, above the accepted {limit}x"
+
+    def table_lines(self) -> list[str]:
+        return [
+            f"{'quantized: perplexity / fp32 file':<48} {self.perplexity_ratio:>11.4f}x  "
+            f"({self.perplexity:.4g} / {self.reference_perplexity:.4g})",
+            f"{'quantized: greedy tokens equal to torch':<48} {self.token_agreement:>12.2f}",
+        ]
+
+
+def _smallest(values: list[float] | tuple[float, ...]) -> float:
+    return math.nan if any(math.isnan(value) for value in values) else min(values, default=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineCheck:
+    """A quantized encoder export against torch: per output, the cosine similarity of each
+    input's output (its padded positions left out) to torch's, on the reference batches."""
+
+    limit_name: ClassVar[str] = "min_cosine"
+
+    #: output name -> one cosine per input, batch after batch.
+    cosines: dict[str, tuple[float, ...]]
+
+    @property
+    def min_cosine(self) -> float:
+        """The smallest cosine; NaN when any is (a NaN or inf output), which no limit accepts."""
+        return _smallest([value for per_output in self.cosines.values() for value in per_output])
+
+    def within(self, limit: float) -> bool:
+        return self.min_cosine >= limit
+
+    def shortfall(self, limit: float) -> str:
+        return f"lower the cosine of the outputs to torch's to {self.min_cosine:.4f}, below the accepted {limit}"
+
+    def table_lines(self) -> list[str]:
+        return [
+            f"{f'quantized: min cosine to torch, {name}':<48} {_smallest(values):>12.5f}  ({len(values)} inputs)"
+            for name, values in self.cosines.items()
+        ]
+
 
 @dataclasses.dataclass(frozen=True)
 class ValidationReport:
@@ -87,8 +136,9 @@ class ValidationReport:
     calls: list[CallCheck]
     generation: list[GenerationCheck]
     runtime: list[RuntimeCheck] = dataclasses.field(default_factory=list)
-    #: for a quantized export: its quality against the fp32 file (a threshold, not `ok`, decides).
-    quality: QualityCheck | None = None
+    #: for a quantized export: its quality against the fp32 file (decoders) or torch (encoders);
+    #: a threshold, not `ok`, decides.
+    quality: QualityCheck | CosineCheck | None = None
 
     @property
     def ok(self) -> bool:
@@ -132,12 +182,7 @@ class ValidationReport:
             lines.append(row)
             lines.extend(details)
         if self.quality is not None:
-            q = self.quality
-            lines.append(
-                f"{'quantized: perplexity / fp32 file':<48} {q.perplexity_ratio:>11.4f}x  "
-                f"({q.perplexity:.4g} / {q.reference_perplexity:.4g})"
-            )
-            lines.append(f"{'quantized: greedy tokens equal to torch':<48} {q.token_agreement:>12.2f}")
+            lines.extend(self.quality.table_lines())
         return "\n".join(lines)
 
 

@@ -16,8 +16,9 @@ Gives: a :class:`~optimum_observer.result.ValidationReport` with
   runtime, when it sees it (a generate that rewrites the prompt, or whose tokens change without
   its cache); for encoder tasks, every output on batches of 2 and 3 texts of different lengths
   against the torch model's, within atol;
-* for a quantized export (:func:`check_quality`): its perplexity as a ratio to the fp32 file's and
-  the share of torch's greedy tokens it reproduces.
+* for a quantized export: for decoders (:func:`check_quality`) its perplexity as a ratio to the
+  fp32 file's and the share of torch's greedy tokens it reproduces; for encoders
+  (:func:`check_output_cosines`) the cosine of each input's output to torch's.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch.utils._pytree as pytree
 from . import greedy, portable_cache
 from .cache_pytree import registered_caches
 from .reference_inputs import encoder_batches, generation_inputs, pad_token_id, random_token_batch
-from .result import CallCheck, GenerationCheck, QualityCheck, RuntimeCheck, nonfinite_text
+from .result import CallCheck, CosineCheck, GenerationCheck, QualityCheck, RuntimeCheck, nonfinite_text
 from .tasks import GraphContract, TaskContract
 
 if TYPE_CHECKING:
@@ -390,3 +391,31 @@ def check_quality(inputs: ValidationInputs, reference_perplexity: float) -> Qual
         perplexity=perplexity(inputs),
         generation=check_generation(inputs),
     )
+
+
+def check_output_cosines(
+    inputs: ValidationInputs, batches: list[dict[str, torch.Tensor]] | None = None
+) -> CosineCheck:
+    """A quantized encoder export through the runtime class against the torch model, on `batches`
+    (default: the encoder reference batches): per output, the cosine similarity of each input's
+    output, flattened, to torch's. Positions the attention mask pads are left out (what a padded
+    position holds is not an output anyone reads); a NaN or inf gives a NaN cosine."""
+    model = inputs.model
+    onnx_model = inputs.load()
+    (graph,) = inputs.contract.graphs
+    cosines: dict[str, list[float]] = {output.name: [] for output in graph.outputs}
+    for batch in encoder_batches(model, inputs.tokenizer) if batches is None else batches:
+        with torch.no_grad():
+            expected = model(**{k: v.to(model.device) for k, v in batch.items()})
+        got = onnx_model(**batch)
+        for output in graph.outputs:
+            # float64: the cosine of a 8-bit file's outputs differs from 1 below float32's resolution.
+            want = output.read(expected).double().cpu()
+            have = torch.as_tensor(getattr(got, output.name)).double()
+            visible = _visible(want.shape, batch.get("attention_mask"))
+            if visible is not None:
+                want, have = want * visible, have * visible
+            similarity = torch.nn.functional.cosine_similarity(want.flatten(1), have.flatten(1), dim=-1)
+            finite = torch.isfinite(want.flatten(1)).all(-1) & torch.isfinite(have.flatten(1)).all(-1)
+            cosines[output.name].extend(torch.where(finite, similarity, math.nan).tolist())
+    return CosineCheck({name: tuple(values) for name, values in cosines.items()})

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from legacy_shim.tooling import tiny_configs
+from optimum_observer import optimization
 from optimum_observer.families import FAMILIES, RuntimeChecks, family_of
 from optimum_observer.tasks import TASKS, Family, get_task
 from optimum_observer.validation import ValidationInputs
@@ -117,9 +118,9 @@ class TestDecoderFamily(unittest.TestCase):
 
     def test_the_stages_ask_it_instead_of_naming_it(self):
         self.assertTrue(self.family.one_graph_for_every_step)
-        self.assertTrue(self.family.quantizable)
+        self.assertIs(self.family.quantization, optimization.DECODER_QUANTIZATION)
         self.assertFalse(self.family.encoder_decoder)
-        self.assertFalse(family_of(get_task("text2text-generation-with-past")).quantizable)
+        self.assertIsNone(family_of(get_task("text2text-generation-with-past")).quantization)
         self.assertTrue(family_of(get_task("automatic-speech-recognition-with-past")).uses_feature_extractor)
 
 

@@ -27,8 +27,9 @@ import optimum_observer
 from legacy_shim.tooling import tiny_configs
 from optimum_observer import cli, optimization, validation
 from optimum_observer.errors import ObserverExportError, Stage
-from optimum_observer.result import ExportResult
+from optimum_observer.result import CosineCheck, ExportResult
 from optimum_observer.tasks import get_task
+from tiny_families import save_encoder
 from tiny_models import save_causal_lm
 
 MODEL_TYPE = "llama"
@@ -225,6 +226,32 @@ class TestExportStage(unittest.TestCase):
         self.assertIn("quantized: perplexity / fp32 file", str(error))
         self.assertFalse(output.exists())
 
+    def test_encoder_cosine_limit_fails_loudly(self):
+        # A tiny random BERT quantized with the encoder settings: its cosine is within 1e-6 of 1
+        # (small random weights), so only the limit 1.0, which no quantized file reaches, fails it.
+        source = save_encoder("bert", "AutoModel", self.scratch / "bert")
+        output = self.scratch / "onnx"
+        with self.assertRaises(ObserverExportError) as caught:
+            optimum_observer.export(source, output, task="feature-extraction", quantize="int8", min_cosine=1.0)
+        error = caught.exception
+        self.assertEqual(error.stage, Stage.OPTIMIZATION)
+        self.assertIn("--min-cosine", error.remedy)
+        self.assertTrue(error.report.ok, error.report.table())  # the fp32 file validated
+        self.assertIsInstance(error.report.quality, CosineCheck)
+        self.assertLess(error.report.quality.min_cosine, 1.0)
+        self.assertGreater(error.report.quality.min_cosine, 0.99)
+        self.assertIn("quantized: min cosine to torch, last_hidden_state", str(error))
+        self.assertFalse(output.exists())
+
+    @parameterized.expand(
+        [("feature-extraction", "int4", "minimum cosine of 0.95"), ("text2text-generation-with-past", "int8", "not implemented for encoder-decoder generation")]
+    )
+    def test_mode_a_task_family_does_not_offer_is_refused_before_any_work(self, task, mode, reason):
+        with self.assertRaises(ObserverExportError) as caught:
+            optimum_observer.export(self.scratch / "missing-model", self.scratch / "onnx", task=task, quantize=mode)
+        self.assertEqual(caught.exception.stage, Stage.OPTIMIZATION)
+        self.assertIn(reason, caught.exception.reason)
+
     def test_unknown_quantize_mode_is_refused_before_any_work(self):
         with self.assertRaises(ObserverExportError) as caught:
             optimum_observer.export(self.scratch / "missing-model", self.scratch / "onnx", quantize="int3")
@@ -236,11 +263,14 @@ class TestExportStage(unittest.TestCase):
         with mock.patch("optimum_observer.pipeline.export", return_value=result) as export:
             code = cli.main(
                 ["export", "-m", "some/model", str(self.scratch), "--optimize", "--quantize", "int4",
-                 "--max-perplexity-ratio", "1.2"]
+                 "--max-perplexity-ratio", "1.2", "--min-cosine", "0.98"]
             )
         self.assertEqual(code, 0)
         kwargs = export.call_args.kwargs
-        self.assertEqual((kwargs["optimize"], kwargs["quantize"], kwargs["max_perplexity_ratio"]), (True, "int4", 1.2))
+        self.assertEqual(
+            (kwargs["optimize"], kwargs["quantize"], kwargs["max_perplexity_ratio"], kwargs["min_cosine"]),
+            (True, "int4", 1.2, 0.98),
+        )
         with self.assertRaises(SystemExit):
             cli.main(["export", "-m", "some/model", str(self.scratch), "--quantize", "int3"])
 
