@@ -6,9 +6,11 @@ load, optimum-onnx's own ones failing at import. Deselected from the default run
 transformers 4.57.6 tests cover the same entry points beside the legacy exporter;
 `.ci/run` runs this file in its second, transformers-5 venv (README.md, "transformers 5").
 
-Not here because they cannot pass on transformers 5 yet (issue 16): mixtral-style MoE (transformers
-5's experts return a tuple where the sparse-MoE patch expects a tensor), state-space and hybrid types
-(their caches were replaced), and every comparison with optimum-onnx's exporter (it cannot run).
+State-space models keep their states in transformers 5's `DynamicCache` of linear-attention layers;
+mamba exports here with the graph names of transformers 4.57.6 (`past_key_values.{i}.value.conv_state`,
+`.ssm_state`), so legacy_shim's one state runtime feeds both.
+
+Not here because it cannot run on transformers 5: every comparison with optimum-onnx's exporter.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import onnx
 import pytest
 from parameterized import parameterized
 
@@ -63,6 +66,23 @@ class TestObserverExportOfEveryFamily(unittest.TestCase):
             source, self.scratch / "onnx", task=WITH_PAST, runtime_class=legacy_shim.ORTModelForCausalLM
         )
         self.assertValidatedThroughTheRuntimeClass(result)
+
+    def test_state_space_model(self):
+        # mamba (expand 2, 16 SSM states, 4-wide convolution, dt rank hidden / 16, as its
+        # checkpoints): one graph for prefill and decode, its states carried in value slots under
+        # the names the transformers-4.57 export has.
+        source = self.artifacts.causal_lm("mamba")
+        result = optimum_observer.export(
+            source, self.scratch / "onnx", task=WITH_PAST, runtime_class=legacy_shim.ORTModelForCausalLM
+        )
+        self.assertValidatedThroughTheRuntimeClass(result)
+        graph = onnx.load(self.scratch / "onnx" / "model.onnx", load_external_data=False).graph
+        states = [f"{layer}.value.{state}" for layer in range(2) for state in ("conv_state", "ssm_state")]
+        self.assertEqual(
+            [i.name for i in graph.input],
+            ["input_ids", "attention_mask", *(f"past_key_values.{name}" for name in states)],
+        )
+        self.assertEqual([o.name for o in graph.output], ["logits", *(f"present.{name}" for name in states)])
 
     @parameterized.expand([("t5",)])
     def test_text2text(self, model_type):
@@ -120,6 +140,17 @@ class TestLegacyShimEntryPoints(unittest.TestCase):
         ort_model = legacy_shim.ORTModelForCausalLM.from_pretrained(source, export=True)
         self.assertIsInstance(ort_model, legacy_shim.ORTModelForCausalLM)
         self.assertEqual(ort_greedy(ort_model, source), torch_greedy(source))
+
+    def test_state_space_model_through_both_entry_points(self):
+        source = self.artifacts.causal_lm("mamba")
+        output = self.scratch / "main_export_mamba"
+        result = legacy_shim.main_export(str(source), output, task=WITH_PAST)
+        if result.route is Exporter.OBSERVER:
+            self.assertTrue(result.observer_result.validation.ok, result.observer_result.validation.table())
+        expected = torch_greedy(source)
+        self.assertEqual(ort_greedy(legacy_shim.ORTModelForCausalLM.from_pretrained(output), source), expected)
+        exported = legacy_shim.ORTModelForCausalLM.from_pretrained(source, export=True)
+        self.assertEqual(ort_greedy(exported, source), expected)
 
     def test_explain_names_the_exporter_and_why(self):
         text = legacy_shim.explain("llama", WITH_PAST)

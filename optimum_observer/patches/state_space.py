@@ -28,6 +28,7 @@ The new states are written back into the cache object as the step's outputs
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -406,6 +407,133 @@ def _lightning_attention_forward(
     return self.out_proj(attn_output), state
 
 
+# transformers 5 runs every state-space and hybrid mixer through module-level functions that
+# read and update the mixer's states in a `DynamicCache` of linear-attention layers; the same
+# two programs, chosen by `seq_len == 1` and `has_previous_state`, and the prefill's scan
+# (`mamba_selective_scan`) starts from zeros whatever the cache holds. The replacements below
+# are the one program above, on that cache.
+
+
+def _previous_state(cache: Any, layer_idx: int, kind: str, state_idx: int = 0) -> torch.Tensor | None:
+    """A linear-attention layer's `kind` ("conv" or "recurrent") state, None before its first step."""
+    if cache is None:
+        return None
+    return getattr(cache, f"get_{kind}_state")(layer_idx, state_idx=state_idx)
+
+
+def _store_state(
+    cache: Any, layer_idx: int, kind: str, state: torch.Tensor, state_idx: int = 0, new_tokens: int = 0
+) -> None:
+    """Sets a linear-attention layer's state as a new tensor (upstream copies into the old one in
+    place), marks the layer as having stepped and counts the new tokens, as its `update_*_state`."""
+    layer = cache.layers[layer_idx]
+    getattr(layer, f"{kind}_states")[state_idx] = state
+    getattr(layer, f"is_{kind}_states_initialized")[state_idx] = True
+    layer.has_previous_state[state_idx] = True
+    if layer.device is None:
+        layer.dtype, layer.device = state.dtype, state.device
+    if kind == "conv":
+        layer.conv_kernel_size[state_idx] = state.shape[-1]
+        if state_idx == 0:
+            layer.cumulative_length_linear = layer.cumulative_length_linear + new_tokens
+
+
+def _new_tokens_padding_mask(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`apply_mask_to_padding_states` (transformers 5) with a mask over past and new tokens: the
+    new tokens' columns. Upstream multiplies by the whole mask, which the runtime's (past and new
+    tokens) does not fit."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return hidden_states
+    mask = _new_tokens_mask(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
+    return (hidden_states * mask[:, :, None]).to(hidden_states.dtype)
+
+
+def _mixers_read_a_dynamic_cache(function: Callable[..., Any]) -> bool:
+    """Whether `function`'s module runs its mixers through transformers 5's linear-attention
+    functions (`causal_conv1d_forward`...), reading a `DynamicCache`, rather than reading the
+    model's own state cache (transformers 4.57)."""
+    return hasattr(sys.modules[function.__module__], "causal_conv1d_forward")
+
+
+def _mask_kept_after_the_first_step(original: Callable[..., Any]) -> Callable[..., Any]:
+    if not _mixers_read_a_dynamic_cache(original):
+        # transformers 4.57: the first step's cache holds zero states, so that call has both.
+        return original
+
+    def prepare_inputs_for_generation(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        inputs = original(self, *args, **kwargs)
+        if inputs.get("attention_mask") is None and kwargs.get("attention_mask") is not None:
+            # generate's mask over past and new tokens, as the runtime feeds it: the mixers read
+            # its new tokens' columns (`_new_tokens_padding_mask`).
+            inputs["attention_mask"] = kwargs["attention_mask"]
+        return inputs
+
+    return prepare_inputs_for_generation
+
+
+_NO_CALL_WITH_MASK_AND_STATES = (
+    "transformers 5: RuntimeError: At least one call to the observed model must contain all the "
+    "named arguments (generate drops the attention mask after the first step, before which the "
+    "cache holds no states: no call has both)"
+)
+
+
+def _causal_conv1d_forward(
+    conv1d: torch.nn.Conv1d,
+    hidden_states: torch.Tensor,
+    cache: Any,
+    layer_idx: int,
+    activation: str | None = None,
+    state_idx: int = 0,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """`causal_conv1d_forward` (transformers 5) as one program: the convolution over the cached
+    window followed by the new inputs; the new window is the last `kernel` inputs."""
+    from transformers.activations import ACT2FN
+
+    batch_size, channels, seq_len = hidden_states.shape
+    kernel = conv1d.kernel_size[0]
+    conv_state = _previous_state(cache, layer_idx, "conv", state_idx)
+    if conv_state is None:
+        conv_state = hidden_states.new_zeros((batch_size, channels, kernel))
+    window = torch.cat([conv_state[..., 1:].to(hidden_states.dtype), hidden_states], dim=-1)
+    out = torch.nn.functional.conv1d(window.to(conv1d.weight.dtype), conv1d.weight, conv1d.bias, groups=channels)
+    if activation is not None:
+        out = ACT2FN[activation](out)
+    if cache is not None:
+        _store_state(cache, layer_idx, "conv", window[..., -kernel:], state_idx, new_tokens=seq_len)
+    return out.to(hidden_states.dtype)
+
+
+def _mamba_scan_forward(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    time_step: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    gate: torch.Tensor,
+    cache: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """`mamba_scan_forward` (transformers 5) as one program: the selective scan from the cached
+    state (zeros before the first step), its `D` skip and gate."""
+    dtype = hidden_states.dtype
+    batch_size, intermediate_size, _ = hidden_states.shape
+    ssm_state = _previous_state(cache, module.layer_idx, "recurrent")
+    if ssm_state is None:
+        ssm_state = hidden_states.new_zeros((batch_size, intermediate_size, module.ssm_state_size), dtype=torch.float32)
+    bias = module.dt_proj.bias
+    discrete_time_step = torch.nn.functional.softplus(time_step + bias[:, None] if bias is not None else time_step)
+    A = -torch.exp(module.A_log.float())
+    discrete_A = torch.exp(A[None, :, None, :] * discrete_time_step[:, :, :, None])
+    delta_b_u = discrete_time_step[:, :, :, None] * B[:, None, :, :].float() * hidden_states[:, :, :, None].float()
+    last_state, scan_output = _selective_scan(ssm_state, discrete_A, delta_b_u, C, dtype)
+    scan_output = (scan_output + hidden_states * module.D[None, :, None]) * torch.nn.functional.silu(gate)
+    if cache is not None:
+        _store_state(cache, module.layer_idx, "recurrent", last_state.to(ssm_state.dtype))
+    return scan_output.to(dtype)
+
+
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(
         self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any
@@ -514,6 +642,47 @@ _POSITIONS_FROM_ZERO = (
 )
 
 
+_STATES_REPLAYED_ONE_PHASE = (
+    "transformers 5: a graph right for one phase only, and wrong states after a multi-token call "
+    "on a filled cache: the linear-attention functions pick prefill or decode with `seq_len == 1` "
+    "and `has_previous_state`, and the prefill scan starts from zeros whatever the cache holds"
+)
+_WHOLE_MASK_ON_NEW_TOKENS = (
+    "transformers 5: RuntimeError: The size of tensor a (3) must match the size of tensor b (8) "
+    "(`apply_mask_to_padding_states` multiplies the new tokens by the runtime's mask over past and "
+    "new tokens)"
+)
+#: transformers 5 models whose generate passes no attention mask after the first step.
+_MASK_DROPPED_AFTER_THE_FIRST_STEP = (
+    ("mamba.modeling_mamba", "MambaForCausalLM"),
+    ("falcon_mamba.modeling_falcon_mamba", "FalconMambaForCausalLM"),
+    ("mamba2.modeling_mamba2", "Mamba2ForCausalLM"),
+)
+#: transformers 5's module-level functions of the state-space mixers, replaced in each model's
+#: module that defines them (a module of transformers 4.57 lacks them: skipped there):
+#: (function, its unified replacement, failure, modules).
+_LINEAR_CACHE_FUNCTIONS = (
+    ("apply_mask_to_padding_states", _new_tokens_padding_mask, _WHOLE_MASK_ON_NEW_TOKENS,
+     ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")),
+    ("causal_conv1d_forward", _causal_conv1d_forward, _STATES_REPLAYED_ONE_PHASE,
+     ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")),
+    ("mamba_scan_forward", _mamba_scan_forward, _STATES_REPLAYED_ONE_PHASE,
+     ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")),
+)  # fmt: skip
+
+
+def _where_the_mixer_reads_its_own_cache(unified: Callable[..., Any]) -> Callable[[Any], Any]:
+    """The unified mixer where the mixer reads its model's own state cache (transformers 4.57);
+    the mixer as it is where its module has transformers 5's `causal_conv1d_forward`, through
+    which the mixer reads a `DynamicCache` (those functions are replaced instead:
+    :data:`_LINEAR_CACHE_FUNCTIONS`)."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        return original if _mixers_read_a_dynamic_cache(original) else unified
+
+    return wrap
+
+
 def _target(module_name: str, attribute: str) -> str:
     return f"transformers.models.{module_name}:{attribute}"
 
@@ -524,7 +693,8 @@ def _short(module_name: str) -> str:
 
 PATCHES = (
     *(
-        Patch(f"{_short(module)}_unified_mixer", _target(module, f"{mixer}.forward"), _BRANCH_AND_LOOP, forward)
+        Patch(f"{_short(module)}_unified_mixer", _target(module, f"{mixer}.forward"), _BRANCH_AND_LOOP,
+              wrap=_where_the_mixer_reads_its_own_cache(forward))  # fmt: skip
         for module, mixer, forward, _ in _MIXERS
     ),
     *(
@@ -565,5 +735,17 @@ PATCHES = (
             wrap=_causal_mask_from_mask_width,
         )
         for module, model in _VALUE_SIZED_CAUSAL_MASKS
+    ),
+    *(
+        Patch(f"{_short(module)}_unified_{function}", _target(module, function), fixes, replacement,
+              model_runs=function == "apply_mask_to_padding_states")  # fmt: skip
+        for function, replacement, fixes, modules in _LINEAR_CACHE_FUNCTIONS
+        for module in modules
+    ),
+    *(
+        Patch(f"{_short(module)}_mask_kept_after_the_first_step",
+              _target(module, f"{model}.prepare_inputs_for_generation"), _NO_CALL_WITH_MASK_AND_STATES,
+              wrap=_mask_kept_after_the_first_step, model_runs=True)  # fmt: skip
+        for module, model in _MASK_DROPPED_AFTER_THE_FIRST_STEP
     ),
 )
