@@ -178,3 +178,69 @@ class TestTinyModelsForTheSweep(unittest.TestCase):
         # (config.head_dim itself raises on a config with per-layer values: read the stored one.)
         head_dim = model.config.to_dict()["head_dim"]
         self.assertEqual(head_dims, [head_dim, 2 * head_dim])
+
+
+class TestStateSpaceCaches(unittest.TestCase):
+    """transformers 5 keeps state-space states in a `DynamicCache` of linear-attention layers."""
+
+    @staticmethod
+    def filled_cache(model_type: str):
+        import torch
+
+        from legacy_shim.tooling.tiny_configs import build_tiny_model
+
+        model = build_tiny_model(model_type, "AutoModelForCausalLM").eval()
+        with torch.no_grad():
+            return model(torch.tensor([[5, 6, 7], [8, 9, 10]]), use_cache=True).cache
+
+    @parameterized.expand([("mamba", 2, ()), ("jamba", 1, (1,))])
+    def test_flattens_to_named_states_and_back(self, model_type, state_layers, attention_layers):
+        import torch
+        import torch.utils._pytree as pytree
+
+        from optimum_observer.cache_pytree import cache_leaf_names, registered_caches
+
+        cache = self.filled_cache(model_type)
+        with registered_caches():
+            leaves, spec = pytree.tree_flatten(cache)
+            names = cache_leaf_names("present", cache)
+            rebuilt = pytree.tree_unflatten(leaves, spec)
+        suffixes = [name.split(".", 2)[2] for name in names]
+        self.assertEqual(suffixes.count("conv_state"), state_layers)
+        self.assertEqual(suffixes.count("ssm_state"), state_layers)
+        self.assertEqual(sorted({int(n.split(".")[1]) for n in names if n.endswith(".key")}), list(attention_layers))
+        for index, layer in enumerate(cache.layers):
+            if cache.is_linear[index] or hasattr(layer, "conv_states"):
+                self.assertTrue(torch.equal(rebuilt.get_conv_state(index), layer.conv_states[0]))
+                self.assertTrue(torch.equal(rebuilt.get_recurrent_state(index), layer.recurrent_states[0]))
+            elif layer.keys is not None:
+                self.assertTrue(torch.equal(rebuilt.layers[index].keys, layer.keys))
+
+    @parameterized.expand([("mamba",), ("mamba2",), ("jamba",)])
+    def test_unified_functions_generate_as_upstream(self, model_type):
+        # One program for prefill and decode from the cached states (the graph's), equal to
+        # upstream's two at every step, left padding included.
+        import torch
+
+        from legacy_shim.tooling.tiny_configs import build_tiny_model
+        from optimum_observer.patches import PATCHES, applied, for_model
+        from optimum_observer.reference_inputs import random_token_batch
+
+        model = build_tiny_model(model_type, "AutoModelForCausalLM").eval()
+        inputs = random_token_batch(model, [7, 4], torch.Generator().manual_seed(0), left_padding=True)
+
+        def logits():
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0,
+                )  # fmt: skip
+            return torch.stack(out.logits)
+
+        expected = logits()
+        patches = [p for p in for_model(PATCHES, model, model_type) if p.transformers == 5]
+        self.assertIn(f"{model_type}_unified_causal_conv1d_forward", [p.name for p in patches])
+        with applied(patches) as done:
+            got = logits()
+        self.assertFalse(done.skipped)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

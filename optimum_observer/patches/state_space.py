@@ -28,7 +28,6 @@ The new states are written back into the cache object as the step's outputs
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -135,6 +134,42 @@ def _mamba_mixer_forward(
     return self.out_proj(scan_output.transpose(1, 2))
 
 
+def _mamba2_scan(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    dt: torch.Tensor,
+    ssm_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba2's decode recurrence scanned over the sequence from `ssm_state`: x (batch, seq_len,
+    heads * head_dim), B and C (batch, seq_len, groups * state), dt (batch, seq_len, heads) before
+    its bias; returns y with the `D` skip (batch, seq_len, heads * head_dim) and the last state."""
+    batch_size, seq_len, _ = x.shape
+    A = -torch.exp(module.A_log.float())  # [num_heads]
+    dt = torch.nn.functional.softplus(dt + module.dt_bias)
+    if module.time_step_limit is not None:  # zamba2 leaves it unset and does not clamp
+        dt = torch.clamp(dt, module.time_step_limit[0], module.time_step_limit[1])  # [batch, seq_len, num_heads]
+    x = x.reshape(batch_size, seq_len, module.num_heads, module.head_dim).float()
+    heads_per_group = module.num_heads // module.n_groups
+    B = B.reshape(batch_size, seq_len, module.n_groups, module.ssm_state_size).float()
+    C = C.reshape(batch_size, seq_len, module.n_groups, module.ssm_state_size).float()
+    B = B.repeat_interleave(heads_per_group, dim=2, output_size=module.num_heads)
+    C = C.repeat_interleave(heads_per_group, dim=2, output_size=module.num_heads)
+    decay = torch.exp(dt * A)  # [batch, seq_len, num_heads]
+    dBx = (dt[..., None] * x)[..., None] * B[:, :, :, None, :]  # [batch, seq_len, heads, head_dim, state]
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        decay_t, dBx_t, C_t = xs
+        state = (state * decay_t[..., None, None] + dBx_t).contiguous()
+        return state, torch.matmul(state, C_t[..., None])[..., 0]
+
+    xs = (decay.movedim(1, 0), dBx.movedim(1, 0), C.movedim(1, 0))
+    new_ssm_state, ys = scan(step, ssm_state.float().contiguous(), xs)
+    y = ys.movedim(0, 1) + x * module.D[:, None]  # [batch, seq_len, num_heads, head_dim]
+    return y.reshape(batch_size, seq_len, -1), new_ssm_state
+
+
 def _mamba2_mixer_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -176,28 +211,7 @@ def _mamba2_mixer_forward(
         hidden_states_B_C = (hidden_states_B_C * mask[:, :, None]).to(dtype)
     x, B, C = torch.split(hidden_states_B_C, [self.intermediate_size, groups_state, groups_state], dim=-1)
 
-    A = -torch.exp(self.A_log.float())  # [num_heads]
-    dt = torch.nn.functional.softplus(dt + self.dt_bias)
-    if self.time_step_limit is not None:  # zamba2 leaves it unset and does not clamp
-        dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])  # [batch, seq_len, num_heads]
-    x = x.reshape(batch_size, seq_len, self.num_heads, self.head_dim).float()
-    heads_per_group = self.num_heads // self.n_groups
-    B = B.reshape(batch_size, seq_len, self.n_groups, self.ssm_state_size).float()
-    C = C.reshape(batch_size, seq_len, self.n_groups, self.ssm_state_size).float()
-    B = B.repeat_interleave(heads_per_group, dim=2, output_size=self.num_heads)
-    C = C.repeat_interleave(heads_per_group, dim=2, output_size=self.num_heads)
-    decay = torch.exp(dt * A)  # [batch, seq_len, num_heads]
-    dBx = (dt[..., None] * x)[..., None] * B[:, :, :, None, :]  # [batch, seq_len, heads, head_dim, state]
-
-    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        decay_t, dBx_t, C_t = xs
-        state = (state * decay_t[..., None, None] + dBx_t).contiguous()
-        return state, torch.matmul(state, C_t[..., None])[..., 0]
-
-    xs = (decay.movedim(1, 0), dBx.movedim(1, 0), C.movedim(1, 0))
-    new_ssm_state, ys = scan(step, ssm_state.float().contiguous(), xs)
-    y = ys.movedim(0, 1) + x * self.D[:, None]  # [batch, seq_len, num_heads, head_dim]
-    y = y.reshape(batch_size, seq_len, -1)
+    y, new_ssm_state = _mamba2_scan(self, x, B, C, dt, ssm_state)
     if getattr(self, "mamba_rms_norm", True):
         scan_output = self.norm(y, gate)
     else:  # falcon_h1 without the gated norm
@@ -448,18 +462,7 @@ def _new_tokens_padding_mask(hidden_states: torch.Tensor, attention_mask: torch.
     return (hidden_states * mask[:, :, None]).to(hidden_states.dtype)
 
 
-def _mixers_read_a_dynamic_cache(function: Callable[..., Any]) -> bool:
-    """Whether `function`'s module runs its mixers through transformers 5's linear-attention
-    functions (`causal_conv1d_forward`...), reading a `DynamicCache`, rather than reading the
-    model's own state cache (transformers 4.57)."""
-    return hasattr(sys.modules[function.__module__], "causal_conv1d_forward")
-
-
 def _mask_kept_after_the_first_step(original: Callable[..., Any]) -> Callable[..., Any]:
-    if not _mixers_read_a_dynamic_cache(original):
-        # transformers 4.57: the first step's cache holds zero states, so that call has both.
-        return original
-
     def prepare_inputs_for_generation(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         inputs = original(self, *args, **kwargs)
         if inputs.get("attention_mask") is None and kwargs.get("attention_mask") is not None:
@@ -532,6 +535,27 @@ def _mamba_scan_forward(
     if cache is not None:
         _store_state(cache, module.layer_idx, "recurrent", last_state.to(ssm_state.dtype))
     return scan_output.to(dtype)
+
+
+def _mamba2_scan_forward(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    dt: torch.Tensor,
+    cache: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """`mamba2_scan_forward` (transformers 5) as one program: :func:`_mamba2_scan` from the cached
+    state (zeros before the first step; upstream's prefill computes the same in chunks)."""
+    ssm_state = _previous_state(cache, module.layer_idx, "recurrent")
+    if ssm_state is None:
+        shape = (hidden_states.shape[0], module.num_heads, module.head_dim, module.ssm_state_size)
+        ssm_state = hidden_states.new_zeros(shape, dtype=torch.float32)
+    y, new_ssm_state = _mamba2_scan(module, hidden_states, B, C, dt, ssm_state)
+    if cache is not None:
+        _store_state(cache, module.layer_idx, "recurrent", new_ssm_state.to(ssm_state.dtype))
+    return y.to(hidden_states.dtype)
 
 
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -658,29 +682,21 @@ _MASK_DROPPED_AFTER_THE_FIRST_STEP = (
     ("falcon_mamba.modeling_falcon_mamba", "FalconMambaForCausalLM"),
     ("mamba2.modeling_mamba2", "Mamba2ForCausalLM"),
 )
+_MAMBA_MODULES = ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")
+_MAMBA2_MODULES = (
+    "mamba2.modeling_mamba2", "bamba.modeling_bamba", "falcon_h1.modeling_falcon_h1", "zamba2.modeling_zamba2",
+    "granitemoehybrid.modeling_granitemoehybrid", "nemotron_h.modeling_nemotron_h",
+)  # fmt: skip
 #: transformers 5's module-level functions of the state-space mixers, replaced in each model's
 #: module that defines them (a module of transformers 4.57 lacks them: skipped there):
 #: (function, its unified replacement, failure, modules).
 _LINEAR_CACHE_FUNCTIONS = (
     ("apply_mask_to_padding_states", _new_tokens_padding_mask, _WHOLE_MASK_ON_NEW_TOKENS,
-     ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")),
-    ("causal_conv1d_forward", _causal_conv1d_forward, _STATES_REPLAYED_ONE_PHASE,
-     ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")),
-    ("mamba_scan_forward", _mamba_scan_forward, _STATES_REPLAYED_ONE_PHASE,
-     ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")),
+     _MAMBA_MODULES + _MAMBA2_MODULES),
+    ("causal_conv1d_forward", _causal_conv1d_forward, _STATES_REPLAYED_ONE_PHASE, _MAMBA_MODULES + _MAMBA2_MODULES),
+    ("mamba_scan_forward", _mamba_scan_forward, _STATES_REPLAYED_ONE_PHASE, _MAMBA_MODULES),
+    ("mamba2_scan_forward", _mamba2_scan_forward, _STATES_REPLAYED_ONE_PHASE, _MAMBA2_MODULES),
 )  # fmt: skip
-
-
-def _where_the_mixer_reads_its_own_cache(unified: Callable[..., Any]) -> Callable[[Any], Any]:
-    """The unified mixer where the mixer reads its model's own state cache (transformers 4.57);
-    the mixer as it is where its module has transformers 5's `causal_conv1d_forward`, through
-    which the mixer reads a `DynamicCache` (those functions are replaced instead:
-    :data:`_LINEAR_CACHE_FUNCTIONS`)."""
-
-    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        return original if _mixers_read_a_dynamic_cache(original) else unified
-
-    return wrap
 
 
 def _target(module_name: str, attribute: str) -> str:
@@ -694,7 +710,7 @@ def _short(module_name: str) -> str:
 PATCHES = (
     *(
         Patch(f"{_short(module)}_unified_mixer", _target(module, f"{mixer}.forward"), _BRANCH_AND_LOOP,
-              wrap=_where_the_mixer_reads_its_own_cache(forward))  # fmt: skip
+              forward, transformers=4)  # fmt: skip
         for module, mixer, forward, _ in _MIXERS
     ),
     *(
@@ -738,14 +754,14 @@ PATCHES = (
     ),
     *(
         Patch(f"{_short(module)}_unified_{function}", _target(module, function), fixes, replacement,
-              model_runs=function == "apply_mask_to_padding_states")  # fmt: skip
+              model_runs=function == "apply_mask_to_padding_states", transformers=5)  # fmt: skip
         for function, replacement, fixes, modules in _LINEAR_CACHE_FUNCTIONS
         for module in modules
     ),
     *(
         Patch(f"{_short(module)}_mask_kept_after_the_first_step",
               _target(module, f"{model}.prepare_inputs_for_generation"), _NO_CALL_WITH_MASK_AND_STATES,
-              wrap=_mask_kept_after_the_first_step, model_runs=True)  # fmt: skip
+              wrap=_mask_kept_after_the_first_step, model_runs=True, transformers=5)  # fmt: skip
         for module, model in _MASK_DROPPED_AFTER_THE_FIRST_STEP
     ),
 )
