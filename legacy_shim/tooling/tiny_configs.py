@@ -213,7 +213,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # One full-attention layer every 4 (full_attention_interval): none among the tiny layers.
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": LAYERS},
     # Its shared attention block reads [hidden, embeddings]: attention sizes derive from 2 x hidden.
-    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "mamba", "hybrid"],
+    # Two hybrid layers, as checkpoints have many: transformers 5 ties every hybrid layer's shared
+    # block to the first one's and refuses a model with one ("We found [...] to tie into []").
+    "zamba": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "mamba", "hybrid", "hybrid"],
               "attention_hidden_size": None, "attention_head_dim": None},
     # The default text config leaves rope_scaling unset, but the rotary embedding indexes it.
     "mllama": {"rope_scaling": {"rope_type": "default"}},

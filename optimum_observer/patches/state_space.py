@@ -134,42 +134,6 @@ def _mamba_mixer_forward(
     return self.out_proj(scan_output.transpose(1, 2))
 
 
-def _mamba2_scan(
-    module: torch.nn.Module,
-    x: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    dt: torch.Tensor,
-    ssm_state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba2's decode recurrence scanned over the sequence from `ssm_state`: x (batch, seq_len,
-    heads * head_dim), B and C (batch, seq_len, groups * state), dt (batch, seq_len, heads) before
-    its bias; returns y with the `D` skip (batch, seq_len, heads * head_dim) and the last state."""
-    batch_size, seq_len, _ = x.shape
-    A = -torch.exp(module.A_log.float())  # [num_heads]
-    dt = torch.nn.functional.softplus(dt + module.dt_bias)
-    if module.time_step_limit is not None:  # zamba2 leaves it unset and does not clamp
-        dt = torch.clamp(dt, module.time_step_limit[0], module.time_step_limit[1])  # [batch, seq_len, num_heads]
-    x = x.reshape(batch_size, seq_len, module.num_heads, module.head_dim).float()
-    heads_per_group = module.num_heads // module.n_groups
-    B = B.reshape(batch_size, seq_len, module.n_groups, module.ssm_state_size).float()
-    C = C.reshape(batch_size, seq_len, module.n_groups, module.ssm_state_size).float()
-    B = B.repeat_interleave(heads_per_group, dim=2, output_size=module.num_heads)
-    C = C.repeat_interleave(heads_per_group, dim=2, output_size=module.num_heads)
-    decay = torch.exp(dt * A)  # [batch, seq_len, num_heads]
-    dBx = (dt[..., None] * x)[..., None] * B[:, :, :, None, :]  # [batch, seq_len, heads, head_dim, state]
-
-    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        decay_t, dBx_t, C_t = xs
-        state = (state * decay_t[..., None, None] + dBx_t).contiguous()
-        return state, torch.matmul(state, C_t[..., None])[..., 0]
-
-    xs = (decay.movedim(1, 0), dBx.movedim(1, 0), C.movedim(1, 0))
-    new_ssm_state, ys = scan(step, ssm_state.float().contiguous(), xs)
-    y = ys.movedim(0, 1) + x * module.D[:, None]  # [batch, seq_len, num_heads, head_dim]
-    return y.reshape(batch_size, seq_len, -1), new_ssm_state
-
-
 def _mamba2_mixer_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -211,7 +175,28 @@ def _mamba2_mixer_forward(
         hidden_states_B_C = (hidden_states_B_C * mask[:, :, None]).to(dtype)
     x, B, C = torch.split(hidden_states_B_C, [self.intermediate_size, groups_state, groups_state], dim=-1)
 
-    y, new_ssm_state = _mamba2_scan(self, x, B, C, dt, ssm_state)
+    A = -torch.exp(self.A_log.float())  # [num_heads]
+    dt = torch.nn.functional.softplus(dt + self.dt_bias)
+    if self.time_step_limit is not None:  # zamba2 leaves it unset and does not clamp
+        dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])  # [batch, seq_len, num_heads]
+    x = x.reshape(batch_size, seq_len, self.num_heads, self.head_dim).float()
+    heads_per_group = self.num_heads // self.n_groups
+    B = B.reshape(batch_size, seq_len, self.n_groups, self.ssm_state_size).float()
+    C = C.reshape(batch_size, seq_len, self.n_groups, self.ssm_state_size).float()
+    B = B.repeat_interleave(heads_per_group, dim=2, output_size=self.num_heads)
+    C = C.repeat_interleave(heads_per_group, dim=2, output_size=self.num_heads)
+    decay = torch.exp(dt * A)  # [batch, seq_len, num_heads]
+    dBx = (dt[..., None] * x)[..., None] * B[:, :, :, None, :]  # [batch, seq_len, heads, head_dim, state]
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        decay_t, dBx_t, C_t = xs
+        state = (state * decay_t[..., None, None] + dBx_t).contiguous()
+        return state, torch.matmul(state, C_t[..., None])[..., 0]
+
+    xs = (decay.movedim(1, 0), dBx.movedim(1, 0), C.movedim(1, 0))
+    new_ssm_state, ys = scan(step, ssm_state.float().contiguous(), xs)
+    y = ys.movedim(0, 1) + x * self.D[:, None]  # [batch, seq_len, num_heads, head_dim]
+    y = y.reshape(batch_size, seq_len, -1)
     if getattr(self, "mamba_rms_norm", True):
         scan_output = self.norm(y, gate)
     else:  # falcon_h1 without the gated norm
@@ -221,6 +206,33 @@ def _mamba2_mixer_forward(
         cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
         cache_params.ssm_states[self.layer_idx] = new_ssm_state.to(ssm_state.dtype)
     return self.out_proj(scan_output.to(dtype))
+
+
+def _zamba_scan(
+    module: torch.nn.Module, hidden_states: torch.Tensor, ssm_state: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zamba's per-head selective scan from `ssm_state` (batch, heads, head_dim, state) over
+    hidden_states (heads, batch, head_dim, seq_len): the output with its `D` skip (same layout)
+    and the last state."""
+    ssm_parameters = (module.x_proj_weight[:, None, :, :] @ hidden_states).transpose(-1, -2)
+    time_step, B, C = torch.split(
+        ssm_parameters, [module.time_step_rank, module.ssm_state_size, module.ssm_state_size], dim=-1
+    )
+    discrete_time_step = torch.nn.functional.softplus(
+        (module.dt_proj_weight[:, None] @ time_step.transpose(-1, -2)) + module.dt_proj_bias[:, None, :, None]
+    )
+    A = -torch.exp(module.A_log.float())
+    discrete_A = torch.exp(A[:, None, :, None, :] * discrete_time_step[:, :, :, :, None])
+    delta_b_u = discrete_time_step[..., None] * B[:, :, None, :, :].float() * hidden_states[..., None].float()
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        a_t, b_u_t, c_t = xs  # [batch, heads, hd, N], same, [heads, batch, N]
+        state = (a_t * state + b_u_t).contiguous()
+        return state, torch.matmul(state.transpose(0, 1).to(dtype), c_t.unsqueeze(-1))[..., 0]
+
+    xs = (discrete_A.permute(3, 1, 0, 2, 4), delta_b_u.permute(3, 1, 0, 2, 4), C.permute(2, 0, 1, 3))
+    ssm_state, ys = scan(step, ssm_state.contiguous(), xs)
+    return ys.movedim(0, -1) + hidden_states * module.D[:, None, :, None], ssm_state
 
 
 def _zamba_mixer_forward(
@@ -255,28 +267,8 @@ def _zamba_mixer_forward(
     if mask is not None:
         hidden_states = hidden_states * mask.unsqueeze(1)
 
-    hidden_states = hidden_states.reshape(-1, heads, head_dim, seq_len).transpose(
-        0, 1
-    )  # [heads, batch, hd, L]
-    ssm_parameters = (self.x_proj_weight[:, None, :, :] @ hidden_states).transpose(-1, -2)
-    time_step, B, C = torch.split(
-        ssm_parameters, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
-    )
-    discrete_time_step = torch.nn.functional.softplus(
-        (self.dt_proj_weight[:, None] @ time_step.transpose(-1, -2)) + self.dt_proj_bias[:, None, :, None]
-    )
-    A = -torch.exp(self.A_log.float())
-    discrete_A = torch.exp(A[:, None, :, None, :] * discrete_time_step[:, :, :, :, None])
-    delta_b_u = discrete_time_step[..., None] * B[:, :, None, :, :].float() * hidden_states[..., None].float()
-
-    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        a_t, b_u_t, c_t = xs  # [batch, heads, hd, N], same, [heads, batch, N]
-        state = (a_t * state + b_u_t).contiguous()
-        return state, torch.matmul(state.transpose(0, 1).to(dtype), c_t.unsqueeze(-1))[..., 0]
-
-    xs = (discrete_A.permute(3, 1, 0, 2, 4), delta_b_u.permute(3, 1, 0, 2, 4), C.permute(2, 0, 1, 3))
-    ssm_state, ys = scan(step, ssm_state.contiguous(), xs)
-    scan_output = ys.movedim(0, -1) + hidden_states * self.D[:, None, :, None]
+    hidden_states = hidden_states.reshape(-1, heads, head_dim, seq_len).transpose(0, 1)  # [heads, batch, hd, L]
+    scan_output, ssm_state = _zamba_scan(self, hidden_states, ssm_state, dtype)
     scan_output = scan_output * self.act(gate)
     if cache_params is not None:
         cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
@@ -423,9 +415,10 @@ def _lightning_attention_forward(
 
 # transformers 5 runs every state-space and hybrid mixer through module-level functions that
 # read and update the mixer's states in a `DynamicCache` of linear-attention layers; the same
-# two programs, chosen by `seq_len == 1` and `has_previous_state`, and the prefill's scan
-# (`mamba_selective_scan`) starts from zeros whatever the cache holds. The replacements below
-# are the one program above, on that cache.
+# two programs, chosen by `seq_len == 1` and `has_previous_state`, and the multi-token scans
+# start from zeros (`mamba_selective_scan`) or are exported for one length, whatever the cache
+# holds. Their convolution (`causal_conv1d_forward`) is right for any length on a cache with
+# states. The replacements below are the one scan above, on that cache.
 
 
 def _previous_state(cache: Any, layer_idx: int, kind: str, state_idx: int = 0) -> torch.Tensor | None:
@@ -435,21 +428,13 @@ def _previous_state(cache: Any, layer_idx: int, kind: str, state_idx: int = 0) -
     return getattr(cache, f"get_{kind}_state")(layer_idx, state_idx=state_idx)
 
 
-def _store_state(
-    cache: Any, layer_idx: int, kind: str, state: torch.Tensor, state_idx: int = 0, new_tokens: int = 0
-) -> None:
-    """Sets a linear-attention layer's state as a new tensor (upstream copies into the old one in
-    place), marks the layer as having stepped and counts the new tokens, as its `update_*_state`."""
+def _store_recurrent_state(cache: Any, layer_idx: int, state: torch.Tensor) -> None:
+    """Sets a linear-attention layer's recurrent state as a new tensor, where upstream copies it
+    into the old one in place (the graph's output is the new tensor; the convolution before it,
+    upstream's, has marked the layer as having stepped)."""
     layer = cache.layers[layer_idx]
-    getattr(layer, f"{kind}_states")[state_idx] = state
-    getattr(layer, f"is_{kind}_states_initialized")[state_idx] = True
-    layer.has_previous_state[state_idx] = True
-    if layer.device is None:
-        layer.dtype, layer.device = state.dtype, state.device
-    if kind == "conv":
-        layer.conv_kernel_size[state_idx] = state.shape[-1]
-        if state_idx == 0:
-            layer.cumulative_length_linear = layer.cumulative_length_linear + new_tokens
+    layer.recurrent_states[0] = state
+    layer.is_recurrent_states_initialized[0] = True
 
 
 def _new_tokens_padding_mask(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -481,33 +466,6 @@ _NO_CALL_WITH_MASK_AND_STATES = (
 )
 
 
-def _causal_conv1d_forward(
-    conv1d: torch.nn.Conv1d,
-    hidden_states: torch.Tensor,
-    cache: Any,
-    layer_idx: int,
-    activation: str | None = None,
-    state_idx: int = 0,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """`causal_conv1d_forward` (transformers 5) as one program: the convolution over the cached
-    window followed by the new inputs; the new window is the last `kernel` inputs."""
-    from transformers.activations import ACT2FN
-
-    batch_size, channels, seq_len = hidden_states.shape
-    kernel = conv1d.kernel_size[0]
-    conv_state = _previous_state(cache, layer_idx, "conv", state_idx)
-    if conv_state is None:
-        conv_state = hidden_states.new_zeros((batch_size, channels, kernel))
-    window = torch.cat([conv_state[..., 1:].to(hidden_states.dtype), hidden_states], dim=-1)
-    out = torch.nn.functional.conv1d(window.to(conv1d.weight.dtype), conv1d.weight, conv1d.bias, groups=channels)
-    if activation is not None:
-        out = ACT2FN[activation](out)
-    if cache is not None:
-        _store_state(cache, layer_idx, "conv", window[..., -kernel:], state_idx, new_tokens=seq_len)
-    return out.to(hidden_states.dtype)
-
-
 def _mamba_scan_forward(
     module: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -533,29 +491,43 @@ def _mamba_scan_forward(
     last_state, scan_output = _selective_scan(ssm_state, discrete_A, delta_b_u, C, dtype)
     scan_output = (scan_output + hidden_states * module.D[None, :, None]) * torch.nn.functional.silu(gate)
     if cache is not None:
-        _store_state(cache, module.layer_idx, "recurrent", last_state.to(ssm_state.dtype))
+        _store_recurrent_state(cache, module.layer_idx, last_state.to(ssm_state.dtype))
     return scan_output.to(dtype)
 
 
-def _mamba2_scan_forward(
-    module: torch.nn.Module,
+def _zamba_mixer_forward_on_dynamic_cache(
+    self: torch.nn.Module,
     hidden_states: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    dt: torch.Tensor,
-    cache: Any,
+    cache: Any = None,
+    attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """`mamba2_scan_forward` (transformers 5) as one program: :func:`_mamba2_scan` from the cached
-    state (zeros before the first step; upstream's prefill computes the same in chunks)."""
-    ssm_state = _previous_state(cache, module.layer_idx, "recurrent")
+    """`ZambaMambaMixer.forward` (transformers 5) as one program for prefill and decode: upstream
+    picks a per-head decode update or per-head scans from zeros by `seq_len == 1`."""
+    # Upstream's convolution: on a cache with states it convolves the cached window and the new
+    # inputs whatever their number (its decode step computes the same).
+    from transformers.models.zamba.modeling_zamba import causal_conv1d_forward
+
+    batch_size, seq_len, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    heads, head_dim = self.n_mamba_heads, self.mamba_head_dim
+    hidden_states = _new_tokens_padding_mask(hidden_states, attention_mask)
+    projected_states = self.in_proj(hidden_states).transpose(1, 2)
+    hidden_states, gate = projected_states.view(batch_size, -1, 2, seq_len).chunk(2, dim=2)
+    gate = gate.reshape(batch_size, heads, head_dim, seq_len).transpose(0, 1)
+    hidden_states = causal_conv1d_forward(
+        self.conv1d, hidden_states.squeeze(2).contiguous(), cache, self.layer_idx, activation=self.activation
+    )
+    hidden_states = _new_tokens_padding_mask(hidden_states.transpose(1, 2), attention_mask).transpose(1, 2)
+    hidden_states = hidden_states.reshape(batch_size, heads, head_dim, seq_len).transpose(0, 1)
+    ssm_state = _previous_state(cache, self.layer_idx, "recurrent")
     if ssm_state is None:
-        shape = (hidden_states.shape[0], module.num_heads, module.head_dim, module.ssm_state_size)
-        ssm_state = hidden_states.new_zeros(shape, dtype=torch.float32)
-    y, new_ssm_state = _mamba2_scan(module, hidden_states, B, C, dt, ssm_state)
+        ssm_state = hidden_states.new_zeros((batch_size, heads, head_dim, self.ssm_state_size), dtype=torch.float32)
+    scan_output, last_state = _zamba_scan(self, hidden_states, ssm_state.float(), dtype)
+    scan_output = scan_output * torch.nn.functional.silu(gate)
     if cache is not None:
-        _store_state(cache, module.layer_idx, "recurrent", new_ssm_state.to(ssm_state.dtype))
-    return y.to(hidden_states.dtype)
+        _store_recurrent_state(cache, self.layer_idx, last_state.to(ssm_state.dtype))
+    return self.out_proj(scan_output.transpose(0, 1).reshape(batch_size, -1, seq_len).transpose(1, 2).to(dtype))
 
 
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -667,9 +639,9 @@ _POSITIONS_FROM_ZERO = (
 
 
 _STATES_REPLAYED_ONE_PHASE = (
-    "transformers 5: a graph right for one phase only, and wrong states after a multi-token call "
-    "on a filled cache: the linear-attention functions pick prefill or decode with `seq_len == 1` "
-    "and `has_previous_state`, and the prefill scan starts from zeros whatever the cache holds"
+    "transformers 5: wrong states and outputs after a multi-token call on a cache with states: the "
+    "Mamba (1) scan (`mamba_selective_scan`) starts from zeros whatever the cache holds, and the "
+    "decode update is picked by `seq_len == 1` (the graph replays only its example's phase)"
 )
 _WHOLE_MASK_ON_NEW_TOKENS = (
     "transformers 5: RuntimeError: The size of tensor a (3) must match the size of tensor b (8) "
@@ -683,19 +655,12 @@ _MASK_DROPPED_AFTER_THE_FIRST_STEP = (
     ("mamba2.modeling_mamba2", "Mamba2ForCausalLM"),
 )
 _MAMBA_MODULES = ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")
-_MAMBA2_MODULES = (
-    "mamba2.modeling_mamba2", "bamba.modeling_bamba", "falcon_h1.modeling_falcon_h1", "zamba2.modeling_zamba2",
-    "granitemoehybrid.modeling_granitemoehybrid", "nemotron_h.modeling_nemotron_h",
-)  # fmt: skip
 #: transformers 5's module-level functions of the state-space mixers, replaced in each model's
 #: module that defines them (a module of transformers 4.57 lacks them: skipped there):
 #: (function, its unified replacement, failure, modules).
 _LINEAR_CACHE_FUNCTIONS = (
-    ("apply_mask_to_padding_states", _new_tokens_padding_mask, _WHOLE_MASK_ON_NEW_TOKENS,
-     _MAMBA_MODULES + _MAMBA2_MODULES),
-    ("causal_conv1d_forward", _causal_conv1d_forward, _STATES_REPLAYED_ONE_PHASE, _MAMBA_MODULES + _MAMBA2_MODULES),
+    ("apply_mask_to_padding_states", _new_tokens_padding_mask, _WHOLE_MASK_ON_NEW_TOKENS, _MAMBA_MODULES),
     ("mamba_scan_forward", _mamba_scan_forward, _STATES_REPLAYED_ONE_PHASE, _MAMBA_MODULES),
-    ("mamba2_scan_forward", _mamba2_scan_forward, _STATES_REPLAYED_ONE_PHASE, _MAMBA2_MODULES),
 )  # fmt: skip
 
 
@@ -758,6 +723,9 @@ PATCHES = (
         for function, replacement, fixes, modules in _LINEAR_CACHE_FUNCTIONS
         for module in modules
     ),
+    Patch("zamba_unified_mixer_on_dynamic_cache",
+          _target("zamba.modeling_zamba", "ZambaMambaMixer.forward"), _STATES_REPLAYED_ONE_PHASE,
+          _zamba_mixer_forward_on_dynamic_cache, transformers=5),  # fmt: skip
     *(
         Patch(f"{_short(module)}_mask_kept_after_the_first_step",
               _target(module, f"{model}.prepare_inputs_for_generation"), _NO_CALL_WITH_MASK_AND_STATES,
