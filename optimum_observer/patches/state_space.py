@@ -413,19 +413,17 @@ def _lightning_attention_forward(
     return self.out_proj(attn_output), state
 
 
-# transformers 5 runs every state-space and hybrid mixer through module-level functions that
-# read and update the mixer's states in a `DynamicCache` of linear-attention layers; the same
-# two programs, chosen by `seq_len == 1` and `has_previous_state`, and the multi-token scans
-# start from zeros (`mamba_selective_scan`) or are exported for one length, whatever the cache
-# holds. Their convolution (`causal_conv1d_forward`) is right for any length on a cache with
-# states. The replacements below are the one scan above, on that cache.
+# transformers 5 runs the state-space and hybrid mixers through module-level functions that
+# read and update the mixer's states in a `DynamicCache` of linear-attention layers, picking a
+# decode update by `seq_len == 1`. On a cache with states their convolution
+# (`causal_conv1d_forward`) and Mamba2's chunked scan are right for any length; the Mamba (1)
+# scans (`mamba_selective_scan`, zamba's per-head ones) start from zeros whatever the cache holds.
+# The replacements below scan from the cached state instead.
 
 
-def _previous_state(cache: Any, layer_idx: int, kind: str, state_idx: int = 0) -> torch.Tensor | None:
-    """A linear-attention layer's `kind` ("conv" or "recurrent") state, None before its first step."""
-    if cache is None:
-        return None
-    return getattr(cache, f"get_{kind}_state")(layer_idx, state_idx=state_idx)
+def _previous_recurrent_state(cache: Any, layer_idx: int) -> torch.Tensor | None:
+    """A linear-attention layer's recurrent state, None before its first step."""
+    return None if cache is None else cache.get_recurrent_state(layer_idx, state_idx=0)
 
 
 def _store_recurrent_state(cache: Any, layer_idx: int, state: torch.Tensor) -> None:
@@ -480,7 +478,7 @@ def _mamba_scan_forward(
     state (zeros before the first step), its `D` skip and gate."""
     dtype = hidden_states.dtype
     batch_size, intermediate_size, _ = hidden_states.shape
-    ssm_state = _previous_state(cache, module.layer_idx, "recurrent")
+    ssm_state = _previous_recurrent_state(cache, module.layer_idx)
     if ssm_state is None:
         ssm_state = hidden_states.new_zeros((batch_size, intermediate_size, module.ssm_state_size), dtype=torch.float32)
     bias = module.dt_proj.bias
@@ -520,7 +518,7 @@ def _zamba_mixer_forward_on_dynamic_cache(
     )
     hidden_states = _new_tokens_padding_mask(hidden_states.transpose(1, 2), attention_mask).transpose(1, 2)
     hidden_states = hidden_states.reshape(batch_size, heads, head_dim, seq_len).transpose(0, 1)
-    ssm_state = _previous_state(cache, self.layer_idx, "recurrent")
+    ssm_state = _previous_recurrent_state(cache, self.layer_idx)
     if ssm_state is None:
         ssm_state = hidden_states.new_zeros((batch_size, heads, head_dim, self.ssm_state_size), dtype=torch.float32)
     scan_output, last_state = _zamba_scan(self, hidden_states, ssm_state.float(), dtype)
