@@ -60,6 +60,8 @@ class CacheCodec:
     #: The Optimum name suffix of each leaf of one layer, in flattened order; None where layers
     #: hold different tensors and the context's second item lists each layer's suffixes.
     leaf_suffixes: tuple[str, ...] | None
+    #: Where `leaf_suffixes` is None: each layer's suffixes, read from the context.
+    layers_of: Callable[[Any], tuple[tuple[str, ...], ...] | None] = lambda context: context[1]
 
     def flatten_with_keys(self, cache: Any) -> tuple[list[tuple[pytree.KeyEntry, torch.Tensor]], Any]:
         leaves, context = self.flatten(cache)
@@ -71,28 +73,90 @@ class CacheCodec:
     def relative_leaf_names(self, context: Any, count: int) -> list[str]:
         """`{layer}.{suffix}` of each of the `count` leaves flattened with `context`."""
         if self.leaf_suffixes is None:
-            layers = context[1] or ()
+            layers = self.layers_of(context) or ()
             return [f"{layer}.{suffix}" for layer, suffixes in enumerate(layers) for suffix in suffixes]
         return [leaf_name("", index, self.leaf_suffixes)[1:] for index in range(count)]
 
 
-def _flatten_dynamic_cache(cache: DynamicCache) -> tuple[list[torch.Tensor], int]:
-    leaves: list[torch.Tensor] = []
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", layer.keys is not None) and layer.keys is not None:
-            leaves.extend((layer.keys, layer.values))
-    return leaves, len(leaves) // 2
+def _linear_state_leaves(layer: Any) -> list[tuple[str, torch.Tensor]]:
+    """(suffix, tensor) of each state a transformers-5 linear-attention layer holds once it has
+    run a step: its convolution windows, then its recurrent (SSM) states, by state index."""
+    leaves = []
+    for kind, suffix in (("conv", "conv_state"), ("recurrent", "ssm_state")):
+        for index, tensor in getattr(layer, f"{kind}_states").items():
+            if getattr(layer, f"is_{kind}_states_initialized")[index] and layer.has_previous_state[index]:
+                leaves.append((suffix if index == 0 else f"{suffix}_{index}", tensor))
+    return leaves
 
 
-def _unflatten_dynamic_cache(leaves: Iterable[torch.Tensor], num_layers: int) -> DynamicCache:
+def _layer_leaves(layer: Any) -> list[tuple[str, torch.Tensor]]:
+    """(suffix, tensor) of what one `DynamicCache` layer holds: an initialised attention layer's
+    keys and values, a linear-attention layer's states (transformers 5), both for a hybrid layer."""
+    leaves = []
+    if getattr(layer, "keys", None) is not None and getattr(layer, "is_initialized", True):
+        leaves.extend(zip(_KEY_VALUE, (layer.keys, layer.values)))
+    if _is_linear_attention_layer(layer):
+        leaves.extend(_linear_state_leaves(layer))
+    return leaves
+
+
+def _is_linear_attention_layer(layer: Any) -> bool:
+    # transformers 5's LinearAttentionCacheLayerMixin (absent from 4.57): per-index state dicts.
+    return isinstance(getattr(layer, "conv_states", None), dict)
+
+
+def _flatten_dynamic_cache(cache: DynamicCache) -> tuple[list[torch.Tensor], Any]:
+    per_layer = [_layer_leaves(layer) for layer in cache.layers]
+    leaves = [tensor for layer in per_layer for _, tensor in layer]
+    if not any(_is_linear_attention_layer(layer) for layer in cache.layers):
+        # Keys and values only: the context is the number of filled layers.
+        return leaves, len(leaves) // 2
+    # transformers 5 keeps state-space and hybrid caches in a DynamicCache: per layer its class
+    # and what it holds.
+    layers = tuple((type(layer), tuple(suffix for suffix, _ in held)) for layer, held in zip(cache.layers, per_layer))
+    return leaves, (DynamicCache, tuple(suffixes for _, suffixes in layers), tuple(cls for cls, _ in layers))
+
+
+def _filled_linear_layer(cls: type, held: dict[str, torch.Tensor]) -> Any:
+    """A linear-attention layer of class `cls` holding the given states, as after a step."""
+    layer = cls()
+    for suffix, tensor in held.items():
+        kind, _, index = suffix.partition("_state")
+        index = int(index[1:]) if index else 0
+        kind = "recurrent" if kind == "ssm" else kind
+        getattr(layer, f"{kind}_states")[index] = tensor
+        getattr(layer, f"is_{kind}_states_initialized")[index] = True
+        layer.has_previous_state[index] = True
+        if kind == "conv":
+            layer.conv_kernel_size[index] = tensor.shape[-1]
+        layer.dtype, layer.device = tensor.dtype, tensor.device
+    return layer
+
+
+def _unflatten_dynamic_cache(leaves: Iterable[torch.Tensor], context: Any) -> DynamicCache:
     leaves = list(leaves)
     cache = DynamicCache()
-    for layer_idx in range(num_layers):
-        cache.update(leaves[2 * layer_idx], leaves[2 * layer_idx + 1], layer_idx)
+    if isinstance(context, int):
+        for layer_idx in range(context):
+            cache.update(leaves[2 * layer_idx], leaves[2 * layer_idx + 1], layer_idx)
+        return cache
+    _, layers, classes = context
+    position = iter(leaves)
+    for layer_idx, (suffixes, cls) in enumerate(zip(layers, classes)):
+        held = {suffix: next(position) for suffix in suffixes}
+        states = {k: v for k, v in held.items() if k not in _KEY_VALUE}
+        cache.layers.append(_filled_linear_layer(cls, states) if states else cls())
+        if "key" in held:
+            cache.update(held["key"], held["value"], layer_idx)
     return cache
 
 
-DYNAMIC_CACHE = CacheCodec(_flatten_dynamic_cache, _unflatten_dynamic_cache, _KEY_VALUE)
+DYNAMIC_CACHE = CacheCodec(
+    _flatten_dynamic_cache,
+    _unflatten_dynamic_cache,
+    None,
+    layers_of=lambda context: ((_KEY_VALUE,) * context) if isinstance(context, int) else context[1],
+)
 
 
 def _flatten_encoder_decoder_cache(cache: EncoderDecoderCache) -> tuple[list[torch.Tensor], int]:

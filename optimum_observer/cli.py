@@ -86,7 +86,10 @@ def _run_patches(args: argparse.Namespace) -> int:
     if args.model_type:
         listed = patches.for_model_type(listed, args.model_type)
     for patch in listed:
-        present = "present" if patch.exists() else "MISSING in this transformers (skipped)"
+        if not patch.for_this_transformers:
+            present = f"for transformers {patch.transformers} (skipped)"
+        else:
+            present = "present" if patch.exists() else "MISSING in this transformers (skipped)"
         print(f"{patch.name}  [{patches.mechanism_of(patch)}]  {present}")
         print(f"    target: {patch.target}")
         print(f"    fixes:  {patch.fixes}")

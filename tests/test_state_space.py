@@ -48,7 +48,7 @@ LAYERS = {
     "granitemoehybrid": (2, 1),
     "jamba": (2, 1),
     "falcon_h1": (4, 2),
-    "zamba": (6, 1),
+    "zamba": (8, 2),
     "zamba2": (4, 1),
     "lfm2": (1, 1),
     "qwen3_next": (2, 1),
@@ -160,6 +160,7 @@ _OTHER_STATE_SPACE_PATCHES = [
     if p.name.startswith(tuple(f"{t}_" for t in LAYERS))
     and not p.name.startswith("dense_")
     and p.name not in ("mamba_unified_mixer", "mamba_cache_position_optional")
+    and p.for_this_transformers  # transformers 5's: tests/test_transformers5.py
 ]
 
 

@@ -189,8 +189,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # The default leaves the vision and audio configs unset, but the model always builds both
     # towers; an empty dict gives their defaults, which the shrink then makes tiny.
     "phi4_multimodal": {"vision_config": {}, "audio_config": {}},
-    # The default leaves layers_block_type unset, but every decoder layer indexes it.
-    "granitemoehybrid": {"layers_block_type": ["mamba", "attention"]},
+    # The default leaves layers_block_type unset, but every decoder layer indexes it. (Per-layer
+    # lists come with their layer count: transformers 5 validates that they agree at build.)
+    "granitemoehybrid": {"layers_block_type": ["mamba", "attention"], "num_hidden_layers": LAYERS},
     # The default has no attention layer (attn_layer_indices unset), and then the hybrid cache
     # cannot tell a sequence length (IndexError in get_seq_length); checkpoints have some.
     "bamba": {"attn_layer_indices": [1]},
@@ -198,13 +199,23 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2},
     # Likewise the first hybrid (mamba + shared attention) layer is layer 6 (zamba2); zamba's
     # layout always starts mamba, mamba, hybrid.
-    "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"]},
+    # Its sizes derived from hidden_size are stored beside it, and transformers 5 sets the stored
+    # (default-sized) ones back after deriving them: given here as derived from the tiny hidden
+    # size (shared attention over [hidden, embeddings], 8 SSM heads).
+    "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"], "num_hidden_layers": LAYERS,
+               "attention_hidden_size": 2 * HIDDEN, "attention_head_dim": 2 * HIDDEN // HEADS,
+               "mamba_headdim": HIDDEN // 8},
     # Attention layers are listed by index (full_attn_idxs): the tiny model keeps one of each kind.
-    "lfm2": {"full_attn_idxs": [1], "layer_types": ["conv", "full_attention"]},
+    "lfm2": {"full_attn_idxs": [1], "layer_types": ["conv", "full_attention"], "num_hidden_layers": LAYERS},
+    # The default leaves layer_types unset (checkpoints list them) and makes the first 2 layers
+    # dense: one convolution and one attention layer, the second with experts as checkpoints'.
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": LAYERS, "num_dense_layers": 1},
     # One full-attention layer every 4 (full_attention_interval): none among the tiny layers.
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": LAYERS},
     # Its shared attention block reads [hidden, embeddings]: attention sizes derive from 2 x hidden.
-    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "mamba", "hybrid"],
+    # Two hybrid layers, as checkpoints have many: transformers 5 ties every hybrid layer's shared
+    # block to the first one's and refuses a model with one ("We found [...] to tie into []").
+    "zamba": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "mamba", "hybrid", "hybrid"],
               "attention_hidden_size": None, "attention_head_dim": None},
     # The default text config leaves rope_scaling unset, but the rotary embedding indexes it.
     "mllama": {"rope_scaling": {"rope_type": "default"}},

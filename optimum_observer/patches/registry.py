@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _INHERITED = object()
+_TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
 
 
 class MissingTarget(LookupError):
@@ -65,6 +67,10 @@ class Patch:
     #: reference), not only around torch.export: it fixes a transformers bug that makes those
     #: runs fail (:func:`for_model_runs`).
     model_runs: bool = False
+    #: The transformers major version whose code the patch replaces, where a target of the same
+    #: name holds other code in another one (transformers 5 rewrote the state-space mixers);
+    #: elsewhere the patch is skipped like a missing target. None: whatever version has the target.
+    transformers: int | None = None
 
     def __post_init__(self) -> None:
         if (self.replacement is None) == (self.wrap is None):
@@ -80,6 +86,8 @@ class Patch:
 
     def resolve(self) -> Target:
         """Imports the target's module and walks to its owner; raises :class:`MissingTarget`."""
+        if not self.for_this_transformers:
+            raise MissingTarget(f"{self.target}: patches transformers {self.transformers}'s code")
         path = self.target.partition(":")[2].split(".")
         try:
             owner = importlib.import_module(self.module)
@@ -95,6 +103,11 @@ class Patch:
             owner_name = getattr(owner, "__name__", owner)
             raise MissingTarget(f"{self.target}: {owner_name!r} has no attribute {path[-1]!r}")
         return Target(owner, path[-1])
+
+    @property
+    def for_this_transformers(self) -> bool:
+        """Whether the installed transformers is the version the patch is for (any when unset)."""
+        return self.transformers is None or self.transformers == _TRANSFORMERS_MAJOR
 
     def exists(self) -> bool:
         try:

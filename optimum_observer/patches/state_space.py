@@ -208,6 +208,33 @@ def _mamba2_mixer_forward(
     return self.out_proj(scan_output.to(dtype))
 
 
+def _zamba_scan(
+    module: torch.nn.Module, hidden_states: torch.Tensor, ssm_state: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zamba's per-head selective scan from `ssm_state` (batch, heads, head_dim, state) over
+    hidden_states (heads, batch, head_dim, seq_len): the output with its `D` skip (same layout)
+    and the last state."""
+    ssm_parameters = (module.x_proj_weight[:, None, :, :] @ hidden_states).transpose(-1, -2)
+    time_step, B, C = torch.split(
+        ssm_parameters, [module.time_step_rank, module.ssm_state_size, module.ssm_state_size], dim=-1
+    )
+    discrete_time_step = torch.nn.functional.softplus(
+        (module.dt_proj_weight[:, None] @ time_step.transpose(-1, -2)) + module.dt_proj_bias[:, None, :, None]
+    )
+    A = -torch.exp(module.A_log.float())
+    discrete_A = torch.exp(A[:, None, :, None, :] * discrete_time_step[:, :, :, :, None])
+    delta_b_u = discrete_time_step[..., None] * B[:, :, None, :, :].float() * hidden_states[..., None].float()
+
+    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        a_t, b_u_t, c_t = xs  # [batch, heads, hd, N], same, [heads, batch, N]
+        state = (a_t * state + b_u_t).contiguous()
+        return state, torch.matmul(state.transpose(0, 1).to(dtype), c_t.unsqueeze(-1))[..., 0]
+
+    xs = (discrete_A.permute(3, 1, 0, 2, 4), delta_b_u.permute(3, 1, 0, 2, 4), C.permute(2, 0, 1, 3))
+    ssm_state, ys = scan(step, ssm_state.contiguous(), xs)
+    return ys.movedim(0, -1) + hidden_states * module.D[:, None, :, None], ssm_state
+
+
 def _zamba_mixer_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -240,28 +267,8 @@ def _zamba_mixer_forward(
     if mask is not None:
         hidden_states = hidden_states * mask.unsqueeze(1)
 
-    hidden_states = hidden_states.reshape(-1, heads, head_dim, seq_len).transpose(
-        0, 1
-    )  # [heads, batch, hd, L]
-    ssm_parameters = (self.x_proj_weight[:, None, :, :] @ hidden_states).transpose(-1, -2)
-    time_step, B, C = torch.split(
-        ssm_parameters, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
-    )
-    discrete_time_step = torch.nn.functional.softplus(
-        (self.dt_proj_weight[:, None] @ time_step.transpose(-1, -2)) + self.dt_proj_bias[:, None, :, None]
-    )
-    A = -torch.exp(self.A_log.float())
-    discrete_A = torch.exp(A[:, None, :, None, :] * discrete_time_step[:, :, :, :, None])
-    delta_b_u = discrete_time_step[..., None] * B[:, :, None, :, :].float() * hidden_states[..., None].float()
-
-    def step(state: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        a_t, b_u_t, c_t = xs  # [batch, heads, hd, N], same, [heads, batch, N]
-        state = (a_t * state + b_u_t).contiguous()
-        return state, torch.matmul(state.transpose(0, 1).to(dtype), c_t.unsqueeze(-1))[..., 0]
-
-    xs = (discrete_A.permute(3, 1, 0, 2, 4), delta_b_u.permute(3, 1, 0, 2, 4), C.permute(2, 0, 1, 3))
-    ssm_state, ys = scan(step, ssm_state.contiguous(), xs)
-    scan_output = ys.movedim(0, -1) + hidden_states * self.D[:, None, :, None]
+    hidden_states = hidden_states.reshape(-1, heads, head_dim, seq_len).transpose(0, 1)  # [heads, batch, hd, L]
+    scan_output, ssm_state = _zamba_scan(self, hidden_states, ssm_state, dtype)
     scan_output = scan_output * self.act(gate)
     if cache_params is not None:
         cache_params.conv_states[self.layer_idx] = window[..., -self.conv_kernel_size :]
@@ -406,6 +413,121 @@ def _lightning_attention_forward(
     return self.out_proj(attn_output), state
 
 
+# transformers 5 runs the state-space and hybrid mixers through module-level functions that
+# read and update the mixer's states in a `DynamicCache` of linear-attention layers, picking a
+# decode update by `seq_len == 1`. On a cache with states their convolution
+# (`causal_conv1d_forward`) and Mamba2's chunked scan are right for any length; the Mamba (1)
+# scans (`mamba_selective_scan`, zamba's per-head ones) start from zeros whatever the cache holds.
+# The replacements below scan from the cached state instead.
+
+
+def _previous_recurrent_state(cache: Any, layer_idx: int) -> torch.Tensor | None:
+    """A linear-attention layer's recurrent state, None before its first step."""
+    return None if cache is None else cache.get_recurrent_state(layer_idx, state_idx=0)
+
+
+def _store_recurrent_state(cache: Any, layer_idx: int, state: torch.Tensor) -> None:
+    """Sets a linear-attention layer's recurrent state as a new tensor, where upstream copies it
+    into the old one in place (the graph's output is the new tensor; the convolution before it,
+    upstream's, has marked the layer as having stepped)."""
+    layer = cache.layers[layer_idx]
+    layer.recurrent_states[0] = state
+    layer.is_recurrent_states_initialized[0] = True
+
+
+def _new_tokens_padding_mask(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`apply_mask_to_padding_states` (transformers 5) with a mask over past and new tokens: the
+    new tokens' columns. Upstream multiplies by the whole mask, which the runtime's (past and new
+    tokens) does not fit."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return hidden_states
+    mask = _new_tokens_mask(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
+    return (hidden_states * mask[:, :, None]).to(hidden_states.dtype)
+
+
+def _mask_kept_after_the_first_step(original: Callable[..., Any]) -> Callable[..., Any]:
+    def prepare_inputs_for_generation(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        inputs = original(self, *args, **kwargs)
+        if inputs.get("attention_mask") is None and kwargs.get("attention_mask") is not None:
+            # generate's mask over past and new tokens, as the runtime feeds it: the mixers read
+            # its new tokens' columns (`_new_tokens_padding_mask`).
+            inputs["attention_mask"] = kwargs["attention_mask"]
+        return inputs
+
+    return prepare_inputs_for_generation
+
+
+_NO_CALL_WITH_MASK_AND_STATES = (
+    "transformers 5: RuntimeError: At least one call to the observed model must contain all the "
+    "named arguments (generate drops the attention mask after the first step, before which the "
+    "cache holds no states: no call has both)"
+)
+
+
+def _mamba_scan_forward(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    time_step: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    gate: torch.Tensor,
+    cache: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """`mamba_scan_forward` (transformers 5) as one program: the selective scan from the cached
+    state (zeros before the first step), its `D` skip and gate."""
+    dtype = hidden_states.dtype
+    batch_size, intermediate_size, _ = hidden_states.shape
+    ssm_state = _previous_recurrent_state(cache, module.layer_idx)
+    if ssm_state is None:
+        ssm_state = hidden_states.new_zeros((batch_size, intermediate_size, module.ssm_state_size), dtype=torch.float32)
+    bias = module.dt_proj.bias
+    discrete_time_step = torch.nn.functional.softplus(time_step + bias[:, None] if bias is not None else time_step)
+    A = -torch.exp(module.A_log.float())
+    discrete_A = torch.exp(A[None, :, None, :] * discrete_time_step[:, :, :, None])
+    delta_b_u = discrete_time_step[:, :, :, None] * B[:, None, :, :].float() * hidden_states[:, :, :, None].float()
+    last_state, scan_output = _selective_scan(ssm_state, discrete_A, delta_b_u, C, dtype)
+    scan_output = (scan_output + hidden_states * module.D[None, :, None]) * torch.nn.functional.silu(gate)
+    if cache is not None:
+        _store_recurrent_state(cache, module.layer_idx, last_state.to(ssm_state.dtype))
+    return scan_output.to(dtype)
+
+
+def _zamba_mixer_forward_on_dynamic_cache(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    cache: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """`ZambaMambaMixer.forward` (transformers 5) as one program for prefill and decode: upstream
+    picks a per-head decode update or per-head scans from zeros by `seq_len == 1`."""
+    # Upstream's convolution: on a cache with states it convolves the cached window and the new
+    # inputs whatever their number (its decode step computes the same).
+    from transformers.models.zamba.modeling_zamba import causal_conv1d_forward
+
+    batch_size, seq_len, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    heads, head_dim = self.n_mamba_heads, self.mamba_head_dim
+    hidden_states = _new_tokens_padding_mask(hidden_states, attention_mask)
+    projected_states = self.in_proj(hidden_states).transpose(1, 2)
+    hidden_states, gate = projected_states.view(batch_size, -1, 2, seq_len).chunk(2, dim=2)
+    gate = gate.reshape(batch_size, heads, head_dim, seq_len).transpose(0, 1)
+    hidden_states = causal_conv1d_forward(
+        self.conv1d, hidden_states.squeeze(2).contiguous(), cache, self.layer_idx, activation=self.activation
+    )
+    hidden_states = _new_tokens_padding_mask(hidden_states.transpose(1, 2), attention_mask).transpose(1, 2)
+    hidden_states = hidden_states.reshape(batch_size, heads, head_dim, seq_len).transpose(0, 1)
+    ssm_state = _previous_recurrent_state(cache, self.layer_idx)
+    if ssm_state is None:
+        ssm_state = hidden_states.new_zeros((batch_size, heads, head_dim, self.ssm_state_size), dtype=torch.float32)
+    scan_output, last_state = _zamba_scan(self, hidden_states, ssm_state.float(), dtype)
+    scan_output = scan_output * torch.nn.functional.silu(gate)
+    if cache is not None:
+        _store_recurrent_state(cache, self.layer_idx, last_state.to(ssm_state.dtype))
+    return self.out_proj(scan_output.transpose(0, 1).reshape(batch_size, -1, seq_len).transpose(1, 2).to(dtype))
+
+
 def _without_cache_position_check(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(
         self: torch.nn.Module, *args: Any, cache_position: torch.Tensor | None = None, **kwargs: Any
@@ -514,6 +636,32 @@ _POSITIONS_FROM_ZERO = (
 )
 
 
+_STATES_REPLAYED_ONE_PHASE = (
+    "transformers 5: wrong states and outputs after a multi-token call on a cache with states: the "
+    "Mamba (1) scan (`mamba_selective_scan`) starts from zeros whatever the cache holds, and the "
+    "decode update is picked by `seq_len == 1` (the graph replays only its example's phase)"
+)
+_WHOLE_MASK_ON_NEW_TOKENS = (
+    "transformers 5: RuntimeError: The size of tensor a (3) must match the size of tensor b (8) "
+    "(`apply_mask_to_padding_states` multiplies the new tokens by the runtime's mask over past and "
+    "new tokens)"
+)
+#: transformers 5 models whose generate passes no attention mask after the first step.
+_MASK_DROPPED_AFTER_THE_FIRST_STEP = (
+    ("mamba.modeling_mamba", "MambaForCausalLM"),
+    ("falcon_mamba.modeling_falcon_mamba", "FalconMambaForCausalLM"),
+    ("mamba2.modeling_mamba2", "Mamba2ForCausalLM"),
+)
+_MAMBA_MODULES = ("mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "jamba.modeling_jamba")
+#: transformers 5's module-level functions of the state-space mixers, replaced in each model's
+#: module that defines them (a module of transformers 4.57 lacks them: skipped there):
+#: (function, its unified replacement, failure, modules).
+_LINEAR_CACHE_FUNCTIONS = (
+    ("apply_mask_to_padding_states", _new_tokens_padding_mask, _WHOLE_MASK_ON_NEW_TOKENS, _MAMBA_MODULES),
+    ("mamba_scan_forward", _mamba_scan_forward, _STATES_REPLAYED_ONE_PHASE, _MAMBA_MODULES),
+)  # fmt: skip
+
+
 def _target(module_name: str, attribute: str) -> str:
     return f"transformers.models.{module_name}:{attribute}"
 
@@ -524,7 +672,8 @@ def _short(module_name: str) -> str:
 
 PATCHES = (
     *(
-        Patch(f"{_short(module)}_unified_mixer", _target(module, f"{mixer}.forward"), _BRANCH_AND_LOOP, forward)
+        Patch(f"{_short(module)}_unified_mixer", _target(module, f"{mixer}.forward"), _BRANCH_AND_LOOP,
+              forward, transformers=4)  # fmt: skip
         for module, mixer, forward, _ in _MIXERS
     ),
     *(
@@ -565,5 +714,20 @@ PATCHES = (
             wrap=_causal_mask_from_mask_width,
         )
         for module, model in _VALUE_SIZED_CAUSAL_MASKS
+    ),
+    *(
+        Patch(f"{_short(module)}_unified_{function}", _target(module, function), fixes, replacement,
+              model_runs=function == "apply_mask_to_padding_states", transformers=5)  # fmt: skip
+        for function, replacement, fixes, modules in _LINEAR_CACHE_FUNCTIONS
+        for module in modules
+    ),
+    Patch("zamba_unified_mixer_on_dynamic_cache",
+          _target("zamba.modeling_zamba", "ZambaMambaMixer.forward"), _STATES_REPLAYED_ONE_PHASE,
+          _zamba_mixer_forward_on_dynamic_cache, transformers=5),  # fmt: skip
+    *(
+        Patch(f"{_short(module)}_mask_kept_after_the_first_step",
+              _target(module, f"{model}.prepare_inputs_for_generation"), _NO_CALL_WITH_MASK_AND_STATES,
+              wrap=_mask_kept_after_the_first_step, model_runs=True, transformers=5)  # fmt: skip
+        for module, model in _MASK_DROPPED_AFTER_THE_FIRST_STEP
     ),
 )
