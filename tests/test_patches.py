@@ -24,10 +24,12 @@ from optimum_observer.patches import (
     Patch,
     applied,
     exact_no_op_constants,
+    fewer_garbage_collections,
     for_model,
     for_model_type,
     no_op_rule_constants,
     split_to_sequence_folding_guard,
+    unbounded_sympy_cache,
 )
 from legacy_shim.tooling.tiny_configs import build_tiny_model
 from stages import conversion_error, load, load_tiny, observe
@@ -249,6 +251,96 @@ class TestExactNoOpConstants(unittest.TestCase):
                 self.assertTrue(all(t == (0.0, 0.0) for t in tolerances()))
                 raise KeyError("boom")
         self.assertEqual(tolerances(), before)
+
+
+def _assoc_op_cache():
+    """sympy's cache of `AssocOp.__new__` (every `Mul` and `Add` built)."""
+    from sympy.core.cache import CACHE
+
+    return next(cached for cached in CACHE if cached.__qualname__ == "AssocOp.__new__")
+
+
+class TestUnboundedSympyCache(unittest.TestCase):
+    """An export builds more distinct symbolic expressions than sympy's 1,000-entry caches hold,
+    each layer the same ones again: with the block's caches none is built twice."""
+
+    def rebuild_misses(self, context) -> int:
+        """Cache misses of `AssocOp.__new__` rebuilding 2 x 1,600 distinct expressions."""
+        import sympy
+
+        sizes = sympy.symbols("size0:40", positive=True, integer=True)
+
+        def build():
+            return [a * b + 1 for a in sizes for b in sizes]
+
+        with context:
+            build()
+            before = _assoc_op_cache().cache_info().misses
+            build()
+            return _assoc_op_cache().cache_info().misses - before
+
+    def test_without_it_every_expression_is_built_again(self):
+        self.assertGreaterEqual(self.rebuild_misses(contextlib.nullcontext()), 1600)
+
+    def test_with_it_none_is(self):
+        self.assertEqual(self.rebuild_misses(unbounded_sympy_cache()), 0)
+
+    def test_sympys_caches_and_their_entries_are_back_after_an_exception(self):
+        import sympy
+
+        x = sympy.Symbol("x_restored")
+        expression = 3 * x
+        cache = _assoc_op_cache()
+        info = cache.cache_info()
+        with self.assertRaises(KeyError):
+            with unbounded_sympy_cache():
+                self.assertIsNone(_assoc_op_cache().cache_info().maxsize)
+                raise KeyError("boom")
+        self.assertEqual(cache.cache_info().maxsize, info.maxsize)
+        self.assertEqual(cache.cache_info().currsize, info.currsize)
+        hits = cache.cache_info().hits
+        self.assertEqual(3 * x, expression)
+        self.assertEqual(cache.cache_info().hits, hits + 1)
+
+
+class TestFewerGarbageCollections(unittest.TestCase):
+    """An export allocates millions of objects that stay alive; in the block the collector
+    starts a young collection every 50,000 allocations, not every 700."""
+
+    def young_collections(self, context) -> int:
+        """Collections started while 70,000 long-lived containers are allocated."""
+        import gc
+
+        collections = [0]
+
+        def count(phase, info):
+            if phase == "start":
+                collections[0] += 1
+
+        gc.callbacks.append(count)
+        try:
+            with context:
+                alive = [[index] for index in range(70_000)]
+        finally:
+            gc.callbacks.remove(count)
+        self.assertEqual(len(alive), 70_000)
+        return collections[0]
+
+    def test_without_it_the_collector_runs_every_700_allocations(self):
+        self.assertGreaterEqual(self.young_collections(contextlib.nullcontext()), 70_000 // 700 - 1)
+
+    def test_with_it_once_or_twice(self):
+        self.assertLessEqual(self.young_collections(fewer_garbage_collections()), 2)
+
+    def test_thresholds_restored_after_an_exception(self):
+        import gc
+
+        before = gc.get_threshold()
+        with self.assertRaises(KeyError):
+            with fewer_garbage_collections():
+                self.assertNotEqual(gc.get_threshold(), before)
+                raise KeyError("boom")
+        self.assertEqual(gc.get_threshold(), before)
 
 
 class _ThreeChunks(torch.nn.Module):
