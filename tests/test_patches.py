@@ -126,6 +126,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "dynamic_layer_lazy_initialization",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "type_promotion_recorded_values",
             ],
         )
 
@@ -143,6 +144,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "jamba_causal_mask_width",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "type_promotion_recorded_values",
             ],
         )
         # Known without a model too (what `optimum-observer patches --model-type jamba` lists).
@@ -341,6 +343,54 @@ class TestFewerGarbageCollections(unittest.TestCase):
                 self.assertNotEqual(gc.get_threshold(), before)
                 raise KeyError("boom")
         self.assertEqual(gc.get_threshold(), before)
+
+
+class _MaskedHeads(torch.nn.Module):
+    """Views and a transpose (no promotion rule) and a float times an integer mask (promoted)."""
+
+    def forward(self, hidden, mask):
+        heads = hidden.reshape(hidden.shape[0], hidden.shape[1], 2, -1).transpose(1, 2).contiguous()
+        return heads.sum(-1) * mask.unsqueeze(1)
+
+
+class TestTypePromotionRecordedValues(unittest.TestCase):
+    """torch.onnx's type-promotion pass traces every node of the decomposed graph again; with the
+    patch only the nodes a promotion rule applies to are, and the ONNX file is the same."""
+
+    @staticmethod
+    def export(patches_applied) -> tuple[bytes, list[str], int]:
+        """The ONNX model's bytes, its operators and the nodes the pass ran."""
+        from torch.onnx._internal.fx.passes.type_promotion import _TypePromotionInterpreter
+
+        ran, run_node = [0], torch.fx.Interpreter.run_node
+
+        def counted(interpreter, node):
+            if isinstance(interpreter, _TypePromotionInterpreter):
+                ran[0] += 1
+            return run_node(interpreter, node)
+
+        inputs = (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.int64))
+        dims = ({0: "batch", 1: "length"}, {0: "batch", 1: "length"})
+        with applied(patches_applied), unittest.mock.patch.object(torch.fx.Interpreter, "run_node", counted):
+            program = torch.onnx.export(_MaskedHeads(), inputs, dynamic_shapes=dims, dynamo=True, optimize=False)
+        return program.model_proto.SerializeToString(), [n.op_type for n in program.model.graph], ran[0]
+
+    @classmethod
+    def setUpClass(cls):
+        patch = next(p for p in PATCHES if p.name == "type_promotion_recorded_values")
+        cls.patched = cls.export([patch])
+        cls.upstream = cls.export([])
+
+    def test_without_it_every_node_runs_again(self):
+        self.assertGreaterEqual(self.upstream[2], 25)  # 30 on torch 2.13
+
+    def test_with_it_only_the_promoted_nodes_inputs_and_output_do(self):
+        self.assertLessEqual(self.patched[2], 10)  # 9 on torch 2.13
+        self.assertLess(3 * self.patched[2], self.upstream[2])
+
+    def test_the_promotion_and_the_file_are_the_same(self):
+        self.assertIn("Cast", self.upstream[1])
+        self.assertEqual(self.patched[0], self.upstream[0])
 
 
 class _ThreeChunks(torch.nn.Module):

@@ -238,6 +238,30 @@ def _first_output_node_checked_first(match: Callable[..., Any]) -> Callable[...,
     return checked
 
 
+def _nodes_without_a_rule_not_rerun(run_node: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.onnx's type-promotion pass (`InsertTypePromotion`, after the decompositions) runs
+    every node of the decomposed graph again on fake tensors, to have its inputs' dtypes when it
+    reaches a node a promotion rule applies to. A node no rule applies to is never changed by the
+    pass, and what running it gives is the fake value the decompositions' trace recorded for it
+    (`node.meta["val"]`, of the same fake mode, which the pass itself writes for every node it
+    creates or changes): this returns that value instead of tracing the node once more. Nodes
+    with a rule, and nodes without a recorded value, run as before."""
+
+    @functools.wraps(run_node)
+    def run(self: Any, node: Any) -> Any:
+        from torch.onnx._internal.fx.passes.type_promotion import get_type_promotion_rule
+
+        if (
+            node.op == "call_function"
+            and "val" in node.meta
+            and get_type_promotion_rule(node, self.type_promotion_table) is None
+        ):
+            return node.meta["val"]
+        return run_node(self, node)
+
+    return run
+
+
 PATCHES = (
     Patch(
         name="type_promotion_number_operands",
@@ -257,6 +281,16 @@ PATCHES = (
         "two-output SlicesSplit rule, one per node, in onnxscript 0.7.2's "
         "SimplePatternMatcher.match): a node that cannot be the pattern's first output fails "
         "before the scan; the rewrites made are the same",
+        everywhere=True,
+    ),
+    Patch(
+        name="type_promotion_recorded_values",
+        target="torch.onnx._internal.fx.passes.type_promotion:_TypePromotionInterpreter.run_node",
+        wrap=_nodes_without_a_rule_not_rerun,
+        fixes="torch.onnx.export re-tracing the whole decomposed graph on fake tensors in its "
+        "type-promotion pass (torch 2.13's InsertTypePromotion runs every node again: on SmolLM2-135M "
+        "3.4 to 4.3 s of CPU time, 0.8 s with the patch): a node no promotion rule applies to gets the "
+        "value the decompositions recorded for it; the promotions made and the file are the same",
         everywhere=True,
     ),
 )
