@@ -148,7 +148,11 @@ def main() -> None:
     collections_started: collections.Counter = collections.Counter()
     with tempfile.TemporaryDirectory() as scratch:
         source = write_source(Path(scratch), args.layers)
-        with timed_phases(wall, cpu), counted_collections(collections_started), profiled_conversion(args.cprofile):
+        measured = contextlib.ExitStack()
+        measured.enter_context(timed_phases(wall, cpu))
+        measured.enter_context(counted_collections(collections_started))
+        measured.enter_context(profiled_conversion(args.cprofile))
+        with measured:
             start, start_cpu = time.perf_counter(), time.process_time()
             result = optimum_observer.export(source, Path(scratch) / "onnx", validate=args.validate)
             total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
