@@ -289,7 +289,7 @@ PATCHES = (
         wrap=_nodes_without_a_rule_not_rerun,
         fixes="torch.onnx.export re-tracing the whole decomposed graph on fake tensors in its "
         "type-promotion pass (torch 2.13's InsertTypePromotion runs every node again: on SmolLM2-135M "
-        "3.4 to 4.3 s of CPU time, 0.8 s with the patch): a node no promotion rule applies to gets the "
+        "4.4 s, 0.7 to 0.8 s with the patch): a node no promotion rule applies to gets the "
         "value the decompositions recorded for it; the promotions made and the file are the same",
         everywhere=True,
     ),
