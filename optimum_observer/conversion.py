@@ -31,9 +31,11 @@ from .patches import (
     Patch,
     applied,
     exact_no_op_constants,
+    fewer_garbage_collections,
     for_model,
     plain_tensor_buffers,
     split_to_sequence_folding_guard,
+    unbounded_sympy_cache,
 )
 from .capture import observed_module
 from .experts_implementation import batched_experts, superseded_patches
@@ -147,7 +149,8 @@ def convert(
     module = contract_module(model, graph, list(example.kwargs), position_offset)
     try:
         with applied(patches), batched_experts(model), plain_tensor_buffers(module), exact_no_op_constants(), \
-                split_to_sequence_folding_guard(), torch.no_grad():
+                split_to_sequence_folding_guard(), unbounded_sympy_cache(), fewer_garbage_collections(), \
+                torch.no_grad():
             program = torch.onnx.export(
                 module,
                 (),

@@ -99,6 +99,7 @@ class TestPatchesCommand(unittest.TestCase):
                 "dense_aria_text_moe",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "type_promotion_recorded_values",
             ],
         )
 

@@ -24,10 +24,12 @@ from optimum_observer.patches import (
     Patch,
     applied,
     exact_no_op_constants,
+    fewer_garbage_collections,
     for_model,
     for_model_type,
     no_op_rule_constants,
     split_to_sequence_folding_guard,
+    unbounded_sympy_cache,
 )
 from legacy_shim.tooling.tiny_configs import build_tiny_model
 from stages import conversion_error, load, load_tiny, observe
@@ -124,6 +126,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "dynamic_layer_lazy_initialization",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "type_promotion_recorded_values",
             ],
         )
 
@@ -141,6 +144,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "jamba_causal_mask_width",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "type_promotion_recorded_values",
             ],
         )
         # Known without a model too (what `optimum-observer patches --model-type jamba` lists).
@@ -249,6 +253,144 @@ class TestExactNoOpConstants(unittest.TestCase):
                 self.assertTrue(all(t == (0.0, 0.0) for t in tolerances()))
                 raise KeyError("boom")
         self.assertEqual(tolerances(), before)
+
+
+def _assoc_op_cache():
+    """sympy's cache of `AssocOp.__new__` (every `Mul` and `Add` built)."""
+    from sympy.core.cache import CACHE
+
+    return next(cached for cached in CACHE if cached.__qualname__ == "AssocOp.__new__")
+
+
+class TestUnboundedSympyCache(unittest.TestCase):
+    """An export builds more distinct symbolic expressions than sympy's 1,000-entry caches hold,
+    each layer the same ones again: with the block's caches none is built twice."""
+
+    def rebuild_misses(self, context) -> int:
+        """Cache misses of `AssocOp.__new__` rebuilding 2 x 1,600 distinct expressions."""
+        import sympy
+
+        sizes = sympy.symbols("size0:40", positive=True, integer=True)
+
+        def build():
+            return [a * b + 1 for a in sizes for b in sizes]
+
+        with context:
+            build()
+            before = _assoc_op_cache().cache_info().misses
+            build()
+            return _assoc_op_cache().cache_info().misses - before
+
+    def test_without_it_every_expression_is_built_again(self):
+        self.assertGreaterEqual(self.rebuild_misses(contextlib.nullcontext()), 1600)
+
+    def test_with_it_none_is(self):
+        self.assertEqual(self.rebuild_misses(unbounded_sympy_cache()), 0)
+
+    def test_sympys_caches_and_their_entries_are_back_after_an_exception(self):
+        import sympy
+
+        x = sympy.Symbol("x_restored")
+        expression = 3 * x
+        cache = _assoc_op_cache()
+        info = cache.cache_info()
+        with self.assertRaises(KeyError):
+            with unbounded_sympy_cache():
+                self.assertIsNone(_assoc_op_cache().cache_info().maxsize)
+                raise KeyError("boom")
+        self.assertEqual(cache.cache_info().maxsize, info.maxsize)
+        self.assertEqual(cache.cache_info().currsize, info.currsize)
+        hits = cache.cache_info().hits
+        self.assertEqual(3 * x, expression)
+        self.assertEqual(cache.cache_info().hits, hits + 1)
+
+
+class TestFewerGarbageCollections(unittest.TestCase):
+    """An export allocates millions of objects that stay alive; in the block the collector
+    starts a young collection every 50,000 allocations, not every 700."""
+
+    def young_collections(self, context) -> int:
+        """Collections started while 70,000 long-lived containers are allocated."""
+        import gc
+
+        collections = [0]
+
+        def count(phase, info):
+            if phase == "start":
+                collections[0] += 1
+
+        gc.callbacks.append(count)
+        try:
+            with context:
+                alive = [[index] for index in range(70_000)]
+        finally:
+            gc.callbacks.remove(count)
+        self.assertEqual(len(alive), 70_000)
+        return collections[0]
+
+    def test_without_it_the_collector_runs_every_700_allocations(self):
+        self.assertGreaterEqual(self.young_collections(contextlib.nullcontext()), 70_000 // 700 - 1)
+
+    def test_with_it_once_or_twice(self):
+        self.assertLessEqual(self.young_collections(fewer_garbage_collections()), 2)
+
+    def test_thresholds_restored_after_an_exception(self):
+        import gc
+
+        before = gc.get_threshold()
+        with self.assertRaises(KeyError):
+            with fewer_garbage_collections():
+                self.assertNotEqual(gc.get_threshold(), before)
+                raise KeyError("boom")
+        self.assertEqual(gc.get_threshold(), before)
+
+
+class _MaskedHeads(torch.nn.Module):
+    """Views and a transpose (no promotion rule) and a float times an integer mask (promoted)."""
+
+    def forward(self, hidden, mask):
+        heads = hidden.reshape(hidden.shape[0], hidden.shape[1], 2, -1).transpose(1, 2).contiguous()
+        return heads.sum(-1) * mask.unsqueeze(1)
+
+
+class TestTypePromotionRecordedValues(unittest.TestCase):
+    """torch.onnx's type-promotion pass traces every node of the decomposed graph again; with the
+    patch only the nodes a promotion rule applies to are, and the ONNX file is the same."""
+
+    @staticmethod
+    def export(patches_applied) -> tuple[bytes, list[str], int]:
+        """The ONNX model's bytes, its operators and the nodes the pass ran."""
+        from torch.onnx._internal.fx.passes.type_promotion import _TypePromotionInterpreter
+
+        ran, run_node = [0], torch.fx.Interpreter.run_node
+
+        def counted(interpreter, node):
+            if isinstance(interpreter, _TypePromotionInterpreter):
+                ran[0] += 1
+            return run_node(interpreter, node)
+
+        inputs = (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.int64))
+        dims = ({0: "batch", 1: "length"}, {0: "batch", 1: "length"})
+        with applied(patches_applied), unittest.mock.patch.object(torch.fx.Interpreter, "run_node", counted):
+            program = torch.onnx.export(_MaskedHeads(), inputs, dynamic_shapes=dims, dynamo=True, optimize=False)
+        return program.model_proto.SerializeToString(), [n.op_type for n in program.model.graph], ran[0]
+
+    @classmethod
+    def setUpClass(cls):
+        patch = next(p for p in PATCHES if p.name == "type_promotion_recorded_values")
+        cls.patched = cls.export([patch])
+        cls.upstream = cls.export([])
+
+    def test_without_it_every_node_runs_again(self):
+        self.assertGreaterEqual(self.upstream[2], 25)  # 30 on torch 2.13
+
+    def test_with_it_only_the_promoted_nodes_inputs_and_output_do(self):
+        self.assertLessEqual(self.patched[2], 10)  # 9 on torch 2.13
+        self.assertLess(3 * self.patched[2], self.upstream[2])
+
+    def test_the_promotion_and_the_file_are_the_same(self):
+        self.assertIn("Cast", self.upstream[1])
+        self.assertEqual(self.patched[0], self.upstream[0])
 
 
 class _ThreeChunks(torch.nn.Module):

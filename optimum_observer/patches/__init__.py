@@ -28,9 +28,11 @@ from . import (
 )
 from .environment import (
     exact_no_op_constants,
+    fewer_garbage_collections,
     no_op_rule_constants,
     plain_tensor_buffers,
     split_to_sequence_folding_guard,
+    unbounded_sympy_cache,
 )
 from .registry import (
     Applied,
@@ -78,6 +80,7 @@ __all__ = [
     "Target",
     "applied",
     "exact_no_op_constants",
+    "fewer_garbage_collections",
     "for_model",
     "for_model_runs",
     "for_model_type",
@@ -87,4 +90,5 @@ __all__ = [
     "no_op_rule_constants",
     "plain_tensor_buffers",
     "split_to_sequence_folding_guard",
+    "unbounded_sympy_cache",
 ]
