@@ -167,9 +167,14 @@ def modules_used(model: Any) -> set[str]:
 
 def for_model(patches: Iterable[Patch], model: Any, model_type: str) -> list[Patch]:
     """The patches an export of `model` needs: the exporter environment's, those whose target
-    module defines a class the model is built from, and those declared for its model type."""
+    module defines a class the model is built from, and those declared for its model type; of
+    those, the ones for this transformers version (:attr:`Patch.transformers`)."""
     used = modules_used(model)
-    return [p for p in patches if p.everywhere or p.module in used or model_type in p.model_types]
+    return [
+        p
+        for p in patches
+        if p.for_this_transformers and (p.everywhere or p.module in used or model_type in p.model_types)
+    ]
 
 
 def for_model_runs(patches: Iterable[Patch], model: Any, model_type: str) -> list[Patch]:
@@ -182,12 +187,16 @@ def for_model_type(patches: Iterable[Patch], model_type: str) -> list[Patch]:
     """The patches that would serve `model_type`, known without building a model: the
     environment's, those declared for it, and those whose target lives in its modeling package
     (`transformers.models.<package>.`, aria_text -> aria). An export selects by the classes its
-    model is built from (:func:`for_model`), which also covers classes borrowed from another package."""
+    model is built from (:func:`for_model`), which also covers classes borrowed from another package.
+    Patches of another transformers version's code are left out, as :func:`for_model` leaves them."""
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
     package = f"transformers.models.{model_type_to_module_name(model_type)}."
     return [
-        p for p in patches if p.everywhere or model_type in p.model_types or p.module.startswith(package)
+        p
+        for p in patches
+        if p.for_this_transformers
+        and (p.everywhere or model_type in p.model_types or p.module.startswith(package))
     ]
 
 
