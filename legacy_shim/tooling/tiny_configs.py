@@ -246,6 +246,9 @@ def _chameleon_code_name(code: int) -> str:
 
 #: Per-type values of image-text-to-text heads (`AutoModelForImageTextToText`), only where the
 #: vision shrink alone cannot work; merged into the shrunk config, sub-config by sub-config.
+#: Types of OVERRIDES that transformers 4.57.6 does not have (added in transformers 5).
+TRANSFORMERS_5_TYPES = frozenset({"lfm2_moe"})
+
 VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     # Multimodal rotary sections (temporal, height, width) of each head's rotary half: checkpoints
     # state them ("type": "mrope", [16, 24, 24] for 128-wide heads); the default config has none
