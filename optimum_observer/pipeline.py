@@ -178,7 +178,7 @@ def export(
     torch.device(device)
     named = model.config.model_type if hasattr(model, "config") else os.fspath(model)
     conversion.check_opset(opset, named)
-    optimization.check_quantize(quantize, named, family.family.value, family.quantization)
+    quantization = optimization.check_quantize(quantize, named, family.family.value, family.quantization)
     packaging.check_destination(output_dir, named, [graph.file_name for graph in contract.graphs])
     with EXPORT_LOCK, signals.termination_raises(), loading.caller_model_restored(model):
         hub_kwargs = dict(
@@ -284,7 +284,7 @@ def export(
                     if post_processing:
                         with progress.stage(Stage.OPTIMIZATION):
                             limits = {"max_perplexity_ratio": max_perplexity_ratio, "min_cosine": min_cosine}
-                            post, report = _post_process(checking, optimize, quantize, limits, report)
+                            post, report = _post_process(checking, optimize, quantize, quantization, limits, report)
         finally:
             progress.close()
         return ExportResult(
@@ -318,15 +318,16 @@ def _post_process(
     checking: _Checking,
     optimize: bool,
     quantize: str | None,
+    quantization: optimization.Quantization | None,
     limits: dict[str, float | None],
     report: ValidationReport | None,
 ) -> tuple[optimization.PostProcessing, ValidationReport | None]:
     """Fusions, then quantization, of every graph file; with a `report` (validation on), the
     fused files are validated like the fp32 ones and the quantized ones for quality (the family's
-    measure, bounded by its entry of `limits`, the `export()` arguments, or the mode's default)."""
+    measure, bounded by its entry of `limits`, the `export()` arguments, or the mode's default).
+    `quantization`: the family's settings, as `export()` checked them before any work."""
     inputs, model_type = checking.inputs, checking.model_type
     family = checking.family
-    quantization = optimization.check_quantize(quantize, model_type, family.family.value, family.quantization)
     staging = inputs.directory
     files = [graph.capture.graph.file_name for graph in checking.graphs]
     fusions: dict[str, int] = {}
