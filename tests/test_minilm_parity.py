@@ -143,7 +143,10 @@ class TestAllMiniLML6V2Int8(unittest.TestCase):
         self.assertEqual(self.result.post_processing.quantized, "int8")
         nodes = list(ir.load(self.output / "model.onnx").graph.all_nodes())
         nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
-        self.assertEqual(len(nbits), 6 * 6)  # 6 layers: query, key, value, attention output, MLP in and out
+        # 6 layers: query/key/value merged into one weight (optimization.sibling_matmuls_merged),
+        # attention output, MLP in and out.
+        self.assertEqual(len(nbits), 6 * 4)
+        self.assertEqual(sum(n.op_type == "Split" and n.name.endswith("_split") for n in nodes), 6)
         self.assertEqual({n.attributes["bits"].value for n in nbits}, {8})
         self.assertEqual({n.attributes["block_size"].value for n in nbits}, {32})
         # The MatMuls left are the attention's (activations by activations): no fp32 weight.

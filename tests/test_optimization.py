@@ -25,7 +25,7 @@ from parameterized import parameterized
 
 import optimum_observer
 from legacy_shim.tooling import tiny_configs
-from optimum_observer import cli, optimization, validation
+from optimum_observer import cli, optimization, ort_fusions, validation
 from optimum_observer.errors import ObserverExportError, Stage
 from optimum_observer.result import CosineCheck, ExportResult
 from optimum_observer.tasks import get_task
@@ -75,21 +75,23 @@ class TestPostProcessing(unittest.TestCase):
 
         for fusion in ("rms_normalization", "skip_rms_normalization", "rotary_embedding", "sdpa"):
             self.assertGreater(done.fusions.get(fusion, 0), 0, done.fusions)
-        self.assertNotIn("gqa", done.fusions)
+        # Every layer's attention as GroupQueryAttention with the model's mask and positions
+        # (ort_fusions.GroupQueryAttentionKeepingMask), none left as MultiHeadAttention.
+        self.assertEqual(done.fusions.get("gqa"), tiny_configs.LAYERS, done.fusions)
         ops = _ops(directory)
-        self.assertIn("MultiHeadAttention", ops)
+        self.assertIn("GroupQueryAttention", ops)
+        self.assertNotIn("MultiHeadAttention", ops)
         self.assertIn("SimplifiedLayerNormalization", ops)
-        self.assertNotIn("GroupQueryAttention", ops)
         self.assertEqual(_names(directory), _names(self.fp32))
         checks = self.generation(directory)
         self.assertEqual(len(set(checks[0].prompt_lengths)), 2)  # a left-padded batch
         for check in checks:
             self.assertEqual(check.onnx_tokens, check.torch_tokens)
 
-    def test_ungated_group_query_attention_is_wrong_on_left_padded_rows(self):
-        # Why optimization.GATED_FUSIONS holds "gqa": when onnxscript's rewrite honours the mask,
-        # this test fails and the gate can go.
-        directory = self.copy("ungated")
+    def test_onnxscripts_own_group_query_attention_is_wrong_on_left_padded_rows(self):
+        # Why ort_fusions.REPLACEMENTS replaces onnxscript's "gqa": when its rewrite honours the
+        # mask, this test fails and the replacement can go.
+        directory = self.copy("onnxscript-gqa")
         model, counts = optimize_for_ort(ir.load(directory / "model.onnx"))
         ir.save(model, directory / "model.onnx")
 
@@ -98,14 +100,31 @@ class TestPostProcessing(unittest.TestCase):
         self.assertNotEqual(padded.onnx_tokens, padded.torch_tokens)
         self.assertEqual(single.onnx_tokens, single.torch_tokens)
 
-    def test_gate_is_restored(self):
+    def test_replacement_is_restored(self):
         original = _core.fuse_gqa
-        with optimization.gated_fusions():
+        with ort_fusions.fusions_replaced():
             self.assertIsNot(_core.fuse_gqa, original)
         self.assertIs(_core.fuse_gqa, original)
-        with self.assertRaises(KeyError), optimization.gated_fusions():
+        with self.assertRaises(KeyError), ort_fusions.fusions_replaced():
             raise KeyError("inside")
         self.assertIs(_core.fuse_gqa, original)
+
+    def test_optimized_int8_leaves_the_rotary_frequency_product_in_fp32(self):
+        # onnxscript's cos/sin-cache fusion leaves positions x inverse frequencies as a MatMul
+        # with a one-row constant; quantize_dynamic would round the positions
+        # (optimization.short_weight_matmuls).
+        directory = self.copy("optimized-int8")
+        optimization.post_process(directory, "model.onnx", optimize=True, quantize="int8")
+
+        graph = ir.load(directory / "model.onnx").graph
+        short = [n for n in graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+                 and n.inputs[1].const_value.shape[0] < optimization.MIN_QUANTIZED_ROWS]
+        self.assertEqual(len(short), 1, [n.name for n in short])
+        quantized = [n for n in graph if n.op_type == "MatMulInteger"]
+        # q/k/v and gate/up of each layer, each merged into one MatMul (sibling_matmuls_merged)
+        self.assertEqual(len(quantized), 2 * tiny_configs.LAYERS)
+        for node in quantized:
+            self.assertGreaterEqual(node.inputs[1].shape[0], optimization.MIN_QUANTIZED_ROWS, node.name)
 
     @parameterized.expand([("int8", {"MatMulInteger", "DynamicQuantizeLinear"}), ("int4", {"MatMulNBits"})])
     def test_quantized_file_loads_in_the_unchanged_class_and_keeps_quality(self, mode, quantized_ops):
@@ -122,8 +141,12 @@ class TestPostProcessing(unittest.TestCase):
         bits = [n.attributes["bits"].value for n in nodes if n.op_type == "MatMulNBits"]
         # lm_head at 8 bits in both modes; int4: gate_proj and up_proj with exact block offsets
         self.assertEqual(bits.count(8), 1)
+        # int4: gate_proj and up_proj merged into one MatMul per layer, with exact block offsets;
+        # q/k/v merged too (sibling_matmuls_merged): qkv, o_proj, gate/up, down_proj per layer.
         offsets = [n for n in nodes if n.name.endswith("_plus_offsets")]
-        self.assertEqual(len(offsets), 2 * tiny_configs.LAYERS if mode == "int4" else 0)
+        self.assertEqual(len(offsets), tiny_configs.LAYERS if mode == "int4" else 0)
+        if mode == "int4":
+            self.assertEqual(len(bits), 4 * tiny_configs.LAYERS + 1)
         quality = validation.check_quality(self.checked(directory), reference)
         self.assertLessEqual(quality.perplexity_ratio, optimization.MAX_PERPLEXITY_RATIO[mode])
         self.assertGreater(quality.perplexity_ratio, 0.95)
@@ -204,6 +227,68 @@ class TestWeightLayouts(unittest.TestCase):
             np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), embedding.T)
             np.testing.assert_allclose(_run(model, inputs), expected, rtol=1e-5, atol=1e-5)
             self.assertEqual(optimization.transposed_weights_materialized(model, {"lm_head"}), [])
+
+
+    def sibling_model(self) -> ir.Model:
+        """q/k/v/o projections of one input, concatenated (a graph output per layout)."""
+        rng = np.random.default_rng(3)
+        x = self.input()
+        weights = {name: _value(name, rng.standard_normal((self.K, n)).astype(np.float32)) for name, n in
+                   (("q", 48), ("k", 16), ("v", 16), ("o", 40))}
+        nodes = [ir.node("MatMul", [x, w], name=name) for name, w in weights.items()]
+        joined = ir.node("Concat", [n.outputs[0] for n in nodes], attributes={"axis": -1})
+        graph = ir.Graph([x], [joined.outputs[0]], nodes=[*nodes, joined], opset_imports={"": 21, "com.microsoft": 1})
+        for value in weights.values():
+            graph.register_initializer(value)
+        return ir.Model(graph, ir_version=10)
+
+    def test_sibling_matmuls_merge_into_one_weight_with_the_same_results(self):
+        inputs = np.random.default_rng(4).standard_normal((3, self.K)).astype(np.float32)
+        model = self.sibling_model()
+        expected = _run(model, inputs)
+        classes = [{"q", "k", "v"}, {"o"}]  # o quantized otherwise: not merged with them
+
+        self.assertEqual(optimization.sibling_matmuls_merged(model, classes), {"q": ["q", "k", "v"]})
+        self.assertEqual(classes, [{"q"}, {"o"}])
+        ops = [n.op_type for n in model.graph]
+        self.assertEqual((ops.count("MatMul"), ops.count("Split")), (2, 1))
+        np.testing.assert_allclose(_run(model, inputs), expected, rtol=1e-5, atol=1e-5)
+        # Blocks and scales are per output column: quantized merged = quantized apart
+        # (accuracy_level 0: fp32 arithmetic).
+        merged = optimization._matmul_nbits(model, [(4, False, {"q", "o"})], self.BLOCK, accuracy_level=0)
+        apart = optimization._matmul_nbits(self.sibling_model(), [(4, False, {"q", "k", "v", "o"})], self.BLOCK, 0)
+        self.assertEqual(sum(n.op_type == "MatMulNBits" for n in merged.graph), 2)
+        np.testing.assert_allclose(_run(merged, inputs), _run(apart, inputs), rtol=1e-5, atol=1e-5)
+        self.assertGreater(np.abs(_run(merged, inputs) - expected).max(), 1e-3)  # it was quantized
+
+    def test_short_weight_matmuls_are_the_rotary_product_not_projections(self):
+        x = ir.Value(name="x", shape=ir.Shape([7, 1]), type=ir.TensorType(ir.DataType.FLOAT))
+        rotary = ir.node("MatMul", [x, _value("inv_freq", np.ones((1, 32), np.float32))], name="freqs")
+        projection = ir.node("MatMul", [rotary.outputs[0], _value("w", np.ones((32, 8), np.float32))], name="proj")
+        model = _graph([rotary, projection], x, {})
+        model.graph.register_initializer(rotary.inputs[1])
+        model.graph.register_initializer(projection.inputs[1])
+        self.assertEqual(optimization.short_weight_matmuls(model), {"freqs"})
+
+
+class TestSymbolicDims(unittest.TestCase):
+    def test_equal_lengths_written_differently_become_one_string(self):
+        shapes = {
+            "a": ["batch", "past_sequence_length + sequence_length", 64],
+            "b": ["batch", "sequence_length + past_sequence_length", 64],
+            "c": ["Min(sequence_length + past_sequence_length, past_sequence_length + sequence_length)", "E + N"],
+        }
+        values = [ir.Value(name=n, shape=ir.Shape(s), type=ir.TensorType(ir.DataType.FLOAT)) for n, s in shapes.items()]
+        graph = ir.Graph(values, values, nodes=[], opset_imports={"": 21})
+        model = ir.Model(graph, ir_version=10)
+
+        self.assertEqual(ort_fusions.symbolic_dims_canonical(model), 2)  # b[1] and c[0]
+        a, b, c = (list(v.shape) for v in values)
+        self.assertEqual(str(a[1]), str(b[1]))
+        self.assertEqual(a[0], b[0])  # plain names untouched
+        self.assertEqual(str(c[0]), str(a[1]))  # Min of two equal lengths
+        self.assertEqual(str(c[1]), "E + N")  # names are symbols, not sympy's constants
+        self.assertEqual(ort_fusions.symbolic_dims_canonical(model), 0)
 
 
 class TestExportStage(unittest.TestCase):
