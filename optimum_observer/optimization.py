@@ -59,6 +59,12 @@ ranges are over runs, benchmarks/bench_inference.py's included). All after --opt
 | exact offsets everywhere, lm_head 4-bit with exact offsets | 1.061x | |
 | every MatMul 8-bit (`MatMulNBits` bits=8) | 0.997x | 0.52x (prefill 0.79x) |
 
+The rows above were measured with attention fused as ``MultiHeadAttention`` (24 of 30 layers)
+and separate q/k/v and gate/up weights. With ``GroupQueryAttention`` on every layer and merged
+projections (:func:`sibling_matmuls_merged`; benchmarks/bench_inference.py at 350bd26, load about
+2): the chosen settings decode at 0.31x (perplexity 1.028x), asymmetric with lm_head 8-bit 0.34x
+(1.141x).
+
 Why: `MatMulNBits`' asymmetric form rounds each block's offset to an integer zero point, which
 moves every weight of a Q4_1 block by up to half a step (as much noise again as the checkpoint's
 own quantization); the exact offsets (:attr:`Int4Settings.exact_offset_modules`) keep the grid,
