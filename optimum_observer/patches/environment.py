@@ -2,7 +2,8 @@
 
 Takes: the module being exported. Gives: :func:`plain_tensor_buffers`,
 :func:`exact_no_op_constants`, :func:`split_to_sequence_folding_guard`,
-:func:`unbounded_sympy_cache` and :func:`fewer_garbage_collections`, context managers that
+:func:`unbounded_sympy_cache`, :func:`fewer_garbage_collections` and
+:func:`untraced_no_op_mode_switches`, context managers that
 restore what they changed on exit, also when the block raises (they are not
 :class:`~optimum_observer.patches.registry.Patch` records: what they change is per model
 instance, per rewrite rule, per cache or interpreter-wide, not one attribute), and
@@ -114,6 +115,66 @@ def fewer_garbage_collections(thresholds: tuple[int, int, int] = EXPORT_GC_THRES
         yield
     finally:
         gc.set_threshold(*saved)
+
+
+def _grad_mode_switch_traced_on_change(torch_function: Callable[..., Any]) -> Callable[..., Any]:
+    set_grad_enabled = torch._C._set_grad_enabled
+
+    @functools.wraps(torch_function)
+    def handle(self: Any, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if func is set_grad_enabled and not kwargs and len(args) == 1 and args[0] == torch.is_grad_enabled():
+            return None  # the mode it sets is the mode it is in: nothing to run, nothing to record
+        return torch_function(self, func, types, args, kwargs)
+
+    return handle
+
+
+def _autocast_switch_traced_on_change(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def switch(self: Any, *args: Any) -> Any:
+        # `prev` is the state on entry: read before __enter__ sets it, kept by it for __exit__.
+        previous = getattr(self, "prev", None) if method.__name__ == "__exit__" else torch.is_autocast_enabled(self.device)
+        if self._enabled or previous:
+            return method(self, *args)
+        # Disabled inside disabled: the state changes nothing; torch function modes off, so
+        # torch.export's pre-dispatch mode is not told of it and records no autocast node.
+        with torch._C.DisableTorchFunction():
+            return method(self, *args)
+
+    return switch
+
+
+@contextlib.contextmanager
+def untraced_no_op_mode_switches() -> Iterator[None]:
+    """`torch.no_grad()` / `torch.set_grad_enabled(mode)` when grad is already in that mode, and
+    `torch.autocast(..., enabled=False)` when autocast is already off for the device, leave no
+    node in torch.export's graph for the block.
+
+    Fixes: time, not a failure. torch.export's pre-dispatch trace records every grad-mode and
+    autocast switch of forward (`torch._C._set_grad_enabled`, `_enter_autocast` / `_exit_autocast`
+    nodes), then splits the whole graph at each one and inlines the pieces again
+    (`replace_set_grad_with_hop_pass`, `replace_autocast_with_hop_pass`), whether or not the switch
+    changed anything. The export runs under `torch.no_grad()` without autocast, so a rotary
+    embedding's `@torch.no_grad()` and `torch.autocast(device_type, enabled=False)` (llama and
+    most decoders, once per layer) change nothing, and those passes only inline them back: on
+    SmolLM2-135M, 60 switches and 1.6 s of splitting. A switch that changes the mode (an
+    `enable_grad` in forward, autocast turned on) is recorded as before. torch.export's
+    `PreDispatchTorchFunctionMode.__torch_function__` and `torch.autocast`'s `__enter__` /
+    `__exit__` are put back on exit.
+    """
+    from torch.fx.experimental.proxy_tensor import PreDispatchTorchFunctionMode
+
+    autocast = torch.amp.autocast_mode.autocast
+    saved = [(PreDispatchTorchFunctionMode, "__torch_function__", vars(PreDispatchTorchFunctionMode)["__torch_function__"])]
+    saved += [(autocast, name, vars(autocast)[name]) for name in ("__enter__", "__exit__")]
+    try:
+        PreDispatchTorchFunctionMode.__torch_function__ = _grad_mode_switch_traced_on_change(saved[0][2])
+        for _, name, method in saved[1:]:
+            setattr(autocast, name, _autocast_switch_traced_on_change(method))
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def no_op_rule_constants() -> list[Any]:
