@@ -134,6 +134,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "dynamic_layer_lazy_initialization",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "rewrite_rule_root_operator_first",
                 "type_promotion_recorded_values",
             ],
         )
@@ -152,6 +153,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "jamba_causal_mask_width",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "rewrite_rule_root_operator_first",
                 "type_promotion_recorded_values",
             ],
         )
@@ -628,6 +630,46 @@ class TestMultiOutputPatternFirstNode(unittest.TestCase):
         ops = [[(n.op_type, [v.name for v in n.inputs]) for n in m.graph] for m in (patched, upstream)]
         self.assertEqual(ops[0], ops[1])
         self.assertIn("Split", [n.op_type for n in patched.graph])
+
+
+class TestRewriteRuleRootOperatorFirst(unittest.TestCase):
+    """onnxscript's rewriter takes every rule through its whole matcher on every node; with the
+    patch a node of another operator than the pattern's root fails at once, with the same rewrites."""
+
+    LENGTH = 200
+
+    def rewrite(self, patches_applied):
+        """The rewritten model (torch.onnx.export's default rules) and the matcher runs."""
+        from onnxscript import rewriter
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+        model = _relu_chain_with_two_slices(self.LENGTH)
+        runs, match = [0], SimplePatternMatcher.match
+
+        def counted(matcher, *args, **kwargs):
+            runs[0] += 1
+            return match(matcher, *args, **kwargs)
+
+        with unittest.mock.patch.object(SimplePatternMatcher, "match", counted), applied(patches_applied):
+            rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES)(model)
+        return model, runs[0]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.patch = next(p for p in PATCHES if p.name == "rewrite_rule_root_operator_first")
+        cls.upstream, cls.upstream_runs = cls.rewrite(cls, [])
+        cls.patched, cls.patched_runs = cls.rewrite(cls, [cls.patch])
+
+    def test_without_it_every_rule_runs_the_matcher_on_every_node(self):
+        self.assertGreater(self.upstream_runs, 10 * self.LENGTH)
+
+    def test_with_it_only_the_nodes_of_a_rules_root_operator_do(self):
+        self.assertLess(5 * self.patched_runs, self.upstream_runs)
+
+    def test_the_rewrites_are_the_same(self):
+        ops = [[(n.op_type, [v.name for v in n.inputs]) for n in m.graph] for m in (self.patched, self.upstream)]
+        self.assertEqual(ops[0], ops[1])
+        self.assertIn("Split", [n.op_type for n in self.patched.graph])
 
 
 class TestXmodLanguageAdapterPerRow(unittest.TestCase):
