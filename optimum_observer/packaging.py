@@ -347,7 +347,7 @@ def _save_in_pieces(model: ir.Model, path: Path) -> None:
     field is merged), so ONNX Runtime and `onnx.load` read the same ModelProto as from
     `ir.save`'s file; `onnx.load(...).SerializeToString()` gives `ir.save`'s bytes."""
     proto = ir.serde.serialize_model(model)
-    pieces = [onnx.ModelProto(graph=onnx.GraphProto(initializer=[tensor])) for tensor in proto.graph.initializer]
+    pieces = [onnx.ModelProto(graph=onnx.GraphProto(initializer=[t])) for t in proto.graph.initializer]
     del proto.graph.initializer[:]
     with open(path, "wb") as file:
         file.write(proto.SerializeToString())
