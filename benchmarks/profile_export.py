@@ -7,7 +7,10 @@ collections, then runs `optimum_observer.export` once (validation off unless `--
 - torch.export (`torch.export.export`, the exporter's capture strategy),
 - the decompositions (`ExportedProgram.run_decompositions`: AOT autograd's metadata pass, then its
   trace to the ATen opset),
-- torch.onnx's type-promotion pass, the translation to ONNX, onnxscript's optimisation.
+- torch.onnx's type-promotion pass, the translation to ONNX, onnxscript's optimisation,
+
+and, within them, torch.export's grad-mode / autocast higher-order-op passes and onnxscript's
+rewrite passes.
 
 `--layers N` exports a random SmolLM2-135M-shaped llama (the checkpoint's config with N layers:
 GQA 9 / 3 heads, head_dim 64, tied embeddings) instead of the checkpoint, for the scaling check
@@ -44,10 +47,15 @@ from optimum_observer import conversion
 PHASES: list[tuple[str, str, str]] = [
     ("torch.onnx", "export", "torch.onnx.export"),
     ("torch.export", "export", "  torch.export"),
+    ("torch._export.passes.replace_set_grad_with_hop_pass", "replace_set_grad_with_hop_pass",
+     "    grad / autocast op passes"),
+    ("torch._export.passes.replace_autocast_with_hop_pass", "replace_autocast_with_hop_pass",
+     "    grad / autocast op passes"),
     ("torch.export:ExportedProgram", "run_decompositions", "  run_decompositions"),
     ("torch.onnx._internal.exporter._fx_passes", "insert_type_promotion_nodes", "  type promotion"),
     ("torch.onnx._internal.exporter._core", "_exported_program_to_onnx_program", "  translation"),
     ("torch.onnx._internal.exporter._onnx_program:ONNXProgram", "optimize", "  onnxscript optimisation"),
+    ("onnxscript.rewriter:RewritePass", "call", "    rewrite passes"),
 ]
 
 
@@ -161,7 +169,7 @@ def main() -> None:
     print(f"{'export':28s} wall {total:8.2f} s  cpu {total_cpu:8.2f} s")
     for name, seconds in result.timings.items():
         print(f"  stage {name:30s} wall {seconds:8.2f} s")
-    for _, _, label in PHASES:
+    for label in dict.fromkeys(label for _, _, label in PHASES):
         print(f"{label:28s} wall {wall[label]:8.2f} s  cpu {cpu[label]:8.2f} s")
     print(f"garbage collections by generation: {dict(sorted(collections_started.items()))}; "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")

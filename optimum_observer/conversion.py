@@ -36,6 +36,7 @@ from .patches import (
     plain_tensor_buffers,
     split_to_sequence_folding_guard,
     unbounded_sympy_cache,
+    untraced_no_op_mode_switches,
 )
 from .capture import observed_module
 from .experts_implementation import batched_experts, superseded_patches
@@ -150,7 +151,7 @@ def convert(
     try:
         with applied(patches), batched_experts(model), plain_tensor_buffers(module), exact_no_op_constants(), \
                 split_to_sequence_folding_guard(), unbounded_sympy_cache(), fewer_garbage_collections(), \
-                torch.no_grad():
+                untraced_no_op_mode_switches(), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 (),

@@ -333,8 +333,26 @@ def write_model(program: torch.onnx.ONNXProgram, directory: Path, file_name: str
         external = f"{file_name}_data"
         ir.save(program.model, directory / file_name, external_data=external)
         return [file_name, external]
-    ir.save(program.model, directory / file_name)
+    _save_in_pieces(program.model, directory / file_name)
     return [file_name]
+
+
+def _save_in_pieces(model: ir.Model, path: Path) -> None:
+    """`ir.save(model, path)`'s file (one ModelProto, weights inside), serialized in pieces: the
+    model without its initializers, then one ModelProto per initializer holding only it.
+
+    Why: protobuf (upb) serializes one message of SmolLM2-135M's 544 MB in 1.1 to 2.2 s, its 293
+    initializers one by one in 0.2 s. A parser merges a message's concatenated serializations
+    (protobuf's encoding rules: a repeated field's elements are appended, a singular message
+    field is merged), so ONNX Runtime and `onnx.load` read the same ModelProto as from
+    `ir.save`'s file; `onnx.load(...).SerializeToString()` gives `ir.save`'s bytes."""
+    proto = ir.serde.serialize_model(model)
+    pieces = [onnx.ModelProto(graph=onnx.GraphProto(initializer=[t])) for t in proto.graph.initializer]
+    del proto.graph.initializer[:]
+    with open(path, "wb") as file:
+        file.write(proto.SerializeToString())
+        for piece in pieces:
+            file.write(piece.SerializeToString())
 
 
 def exported_by_observer(path: str | os.PathLike) -> bool:

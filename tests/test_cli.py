@@ -28,7 +28,7 @@ class TestCommandLine(unittest.TestCase):
             # A dense decoder: only the patches every export applies, no model type's.
             self.assertIn(
                 "patches applied: dynamic_layer_lazy_initialization, type_promotion_number_operands, "
-                "multi_output_pattern_first_node, type_promotion_recorded_values\n",
+                "multi_output_pattern_first_node, rewrite_rule_root_operator_first, type_promotion_recorded_values\n",
                 done.stdout,
             )
             self.assertTrue((output / "model.onnx").is_file())

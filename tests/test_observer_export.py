@@ -93,6 +93,7 @@ class TestObserverExport(unittest.TestCase):
                     "dynamic_layer_lazy_initialization",
                     "type_promotion_number_operands",
                     "multi_output_pattern_first_node",
+                    "rewrite_rule_root_operator_first",
                     "type_promotion_recorded_values",
                 ),
             )

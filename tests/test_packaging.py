@@ -49,6 +49,24 @@ class TestWriteModel(unittest.TestCase):
             self.assertEqual(packaging.write_model(_program(), Path(scratch)), ["model.onnx"])
             self.assertFalse((Path(scratch) / "model.onnx_data").exists())
 
+    def test_model_onnx_written_in_pieces_reads_as_ir_saves_file(self):
+        import onnx
+        import onnx_ir as ir
+
+        program = _program()
+        with tempfile.TemporaryDirectory() as scratch:
+            packaging.write_model(program, Path(scratch))
+            ir.save(program.model, Path(scratch) / "whole.onnx")
+            whole = (Path(scratch) / "whole.onnx").read_bytes()
+            written = (Path(scratch) / "model.onnx").read_bytes()
+            self.assertNotEqual(written, whole)  # pieces: the initializers come last
+            self.assertEqual(onnx.load(Path(scratch) / "model.onnx").SerializeToString(), whole)
+            self.assertEqual(len(onnx.load(Path(scratch) / "model.onnx").graph.initializer), 2)
+            session = ort.InferenceSession(str(Path(scratch) / "model.onnx"))
+            x = np.ones((2, 64), dtype=np.float32)
+            expected = program(torch.from_numpy(x))[0].numpy()
+            np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], expected, atol=1e-6)
+
 
 class TestStagedOutput(unittest.TestCase):
     def test_a_new_directory_appears_only_when_the_block_succeeds(self):

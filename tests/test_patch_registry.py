@@ -99,6 +99,7 @@ class TestPatchesCommand(unittest.TestCase):
                 "dense_aria_text_moe",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "rewrite_rule_root_operator_first",
                 "type_promotion_recorded_values",
             ],
         )

@@ -30,6 +30,7 @@ from optimum_observer.patches import (
     no_op_rule_constants,
     split_to_sequence_folding_guard,
     unbounded_sympy_cache,
+    untraced_no_op_mode_switches,
 )
 from legacy_shim.tooling.tiny_configs import build_tiny_model
 from stages import conversion_error, load, load_tiny, observe
@@ -133,6 +134,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "dynamic_layer_lazy_initialization",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "rewrite_rule_root_operator_first",
                 "type_promotion_recorded_values",
             ],
         )
@@ -151,6 +153,7 @@ class TestPerModelSelection(unittest.TestCase):
                 "jamba_causal_mask_width",
                 "type_promotion_number_operands",
                 "multi_output_pattern_first_node",
+                "rewrite_rule_root_operator_first",
                 "type_promotion_recorded_values",
             ],
         )
@@ -352,6 +355,88 @@ class TestFewerGarbageCollections(unittest.TestCase):
         self.assertEqual(gc.get_threshold(), before)
 
 
+class _RotaryLike(torch.nn.Module):
+    """A rotary embedding's mode switches (llama's `LlamaRotaryEmbedding.forward`), then a real one."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    @torch.no_grad()
+    def rotary(self, x):
+        with torch.autocast(device_type="cpu", enabled=False):
+            return (x.float() * 2).cos()
+
+    def forward(self, x):
+        y = self.linear(x) + self.rotary(x)
+        with torch.enable_grad():  # a switch the export's no_grad does not make: kept
+            return y * 3
+
+
+class TestUntracedNoOpModeSwitches(unittest.TestCase):
+    """Under the export's `no_grad`, a forward's `no_grad` / `autocast(enabled=False)` changes
+    nothing; torch.export records it and splits the graph at it, unless the block keeps it out."""
+
+    @staticmethod
+    def export(context) -> tuple[torch.export.ExportedProgram, int]:
+        """The exported program and how many times the higher-order-op passes split a graph."""
+        from torch._export.passes import replace_autocast_with_hop_pass, replace_set_grad_with_hop_pass
+
+        splits = [0]
+
+        def counting(split):
+            def counted(*args, **kwargs):
+                splits[0] += 1
+                return split(*args, **kwargs)
+
+            return counted
+
+        with contextlib.ExitStack() as stack:
+            for module in (replace_set_grad_with_hop_pass, replace_autocast_with_hop_pass):
+                stack.enter_context(
+                    unittest.mock.patch.object(module, "sequential_split", counting(module.sequential_split))
+                )
+            torch.manual_seed(0)
+            with torch.no_grad(), context:
+                program = torch.export.export(_RotaryLike(), (torch.randn(2, 4),))
+        return program, splits[0]
+
+    @staticmethod
+    def higher_order_ops(program) -> list[str]:
+        return [n.target.name() for n in program.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.upstream, cls.upstream_splits = cls.export(contextlib.nullcontext())
+        cls.patched, cls.patched_splits = cls.export(untraced_no_op_mode_switches())
+
+    def test_without_it_the_no_op_switches_split_the_graph(self):
+        self.assertEqual(self.upstream_splits, 2)
+        self.assertIn("wrap_with_autocast", self.higher_order_ops(self.upstream))
+
+    def test_with_it_only_the_real_switch_does(self):
+        self.assertEqual(self.patched_splits, 1)
+        self.assertEqual(self.higher_order_ops(self.patched), ["wrap_with_set_grad_enabled"])
+
+    def test_the_program_computes_the_same(self):
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(self.patched.module()(x), self.upstream.module()(x), rtol=0, atol=0)
+
+    def test_torch_is_restored_after_an_exception(self):
+        from torch.fx.experimental.proxy_tensor import PreDispatchTorchFunctionMode
+
+        autocast = torch.amp.autocast_mode.autocast
+        before = [vars(PreDispatchTorchFunctionMode)["__torch_function__"], vars(autocast)["__enter__"],
+                  vars(autocast)["__exit__"]]  # fmt: skip
+        with self.assertRaises(KeyError):
+            with untraced_no_op_mode_switches():
+                self.assertIsNot(vars(autocast)["__enter__"], before[1])
+                raise KeyError("boom")
+        after = [vars(PreDispatchTorchFunctionMode)["__torch_function__"], vars(autocast)["__enter__"],
+                 vars(autocast)["__exit__"]]  # fmt: skip
+        self.assertEqual([a is b for a, b in zip(after, before)], [True, True, True])
+
+
 class _MaskedHeads(torch.nn.Module):
     """Views and a transpose (no promotion rule) and a float times an integer mask (promoted)."""
 
@@ -545,6 +630,46 @@ class TestMultiOutputPatternFirstNode(unittest.TestCase):
         ops = [[(n.op_type, [v.name for v in n.inputs]) for n in m.graph] for m in (patched, upstream)]
         self.assertEqual(ops[0], ops[1])
         self.assertIn("Split", [n.op_type for n in patched.graph])
+
+
+class TestRewriteRuleRootOperatorFirst(unittest.TestCase):
+    """onnxscript's rewriter takes every rule through its whole matcher on every node; with the
+    patch a node of another operator than the pattern's root fails at once, with the same rewrites."""
+
+    LENGTH = 200
+
+    def rewrite(self, patches_applied):
+        """The rewritten model (torch.onnx.export's default rules) and the matcher runs."""
+        from onnxscript import rewriter
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+        model = _relu_chain_with_two_slices(self.LENGTH)
+        runs, match = [0], SimplePatternMatcher.match
+
+        def counted(matcher, *args, **kwargs):
+            runs[0] += 1
+            return match(matcher, *args, **kwargs)
+
+        with unittest.mock.patch.object(SimplePatternMatcher, "match", counted), applied(patches_applied):
+            rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES)(model)
+        return model, runs[0]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.patch = next(p for p in PATCHES if p.name == "rewrite_rule_root_operator_first")
+        cls.upstream, cls.upstream_runs = cls.rewrite(cls, [])
+        cls.patched, cls.patched_runs = cls.rewrite(cls, [cls.patch])
+
+    def test_without_it_every_rule_runs_the_matcher_on_every_node(self):
+        self.assertGreater(self.upstream_runs, 10 * self.LENGTH)
+
+    def test_with_it_only_the_nodes_of_a_rules_root_operator_do(self):
+        self.assertLess(5 * self.patched_runs, self.upstream_runs)
+
+    def test_the_rewrites_are_the_same(self):
+        ops = [[(n.op_type, [v.name for v in n.inputs]) for n in m.graph] for m in (self.patched, self.upstream)]
+        self.assertEqual(ops[0], ops[1])
+        self.assertIn("Split", [n.op_type for n in self.patched.graph])
 
 
 class TestXmodLanguageAdapterPerRow(unittest.TestCase):

@@ -33,6 +33,7 @@ from .environment import (
     plain_tensor_buffers,
     split_to_sequence_folding_guard,
     unbounded_sympy_cache,
+    untraced_no_op_mode_switches,
 )
 from .registry import (
     Applied,
@@ -91,4 +92,5 @@ __all__ = [
     "plain_tensor_buffers",
     "split_to_sequence_folding_guard",
     "unbounded_sympy_cache",
+    "untraced_no_op_mode_switches",
 ]
