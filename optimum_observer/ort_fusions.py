@@ -31,8 +31,9 @@ import re
 from collections.abc import Iterator
 
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
+from onnxscript.rewriter import _fusion_utils, pattern
 from onnxscript.rewriter.ort_fusions import gqa
+
 
 class _MaskKeepingBuilder:
     """The rewrite's op builder, except that ``GroupQueryAttention`` gets the model's mask, its
@@ -78,11 +79,10 @@ class GroupQueryAttentionKeepingMask(gqa.GroupQueryAttention):
         return super().rewrite(_MaskKeepingBuilder(op, bindings), **bindings)
 
 
-#: fusion name -> the function `fuse_xformers` calls instead of onnxscript's.
+#: fusion name -> the function `fuse_xformers` calls instead of onnxscript's (made as onnxscript
+#: makes its own).
 REPLACEMENTS = {
-    "gqa": lambda model, debug=False, **kwargs: pattern.RewriteRuleSet(
-        [GroupQueryAttentionKeepingMask.rule()]
-    ).apply_to_model(model, **kwargs),
+    "gqa": _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([GroupQueryAttentionKeepingMask.rule()])),
 }
 
 
@@ -103,15 +103,16 @@ def fusions_replaced() -> Iterator[None]:
 
 
 def symbolic_dims_canonical(model: ir.Model) -> int:
-    """Rewrites every symbolic dimension of `model`'s values that is an expression
+    """Rewrites every symbolic dimension of `model`'s intermediate values that is an expression
     (``a + b``, ``Min(...)``) in sympy's canonical form, so that equal lengths are equal strings;
-    returns how many dimensions changed."""
+    the graph's inputs and outputs keep the names the naming stage gave them. Returns how many
+    dimensions changed."""
     import sympy
 
     canonical: dict[str, str] = {}
     changed = 0
-    values = [*model.graph.inputs, *model.graph.outputs]
-    values += [output for node in model.graph.all_nodes() for output in node.outputs]
+    outputs = {id(value) for value in model.graph.outputs}
+    values = [output for node in model.graph.all_nodes() for output in node.outputs if id(output) not in outputs]
     for value in values:
         shape = value.shape
         if shape is None:

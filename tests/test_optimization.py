@@ -278,8 +278,15 @@ class TestSymbolicDims(unittest.TestCase):
             "b": ["batch", "sequence_length + past_sequence_length", 64],
             "c": ["Min(sequence_length + past_sequence_length, past_sequence_length + sequence_length)", "E + N"],
         }
-        values = [ir.Value(name=n, shape=ir.Shape(s), type=ir.TensorType(ir.DataType.FLOAT)) for n, s in shapes.items()]
-        graph = ir.Graph(values, values, nodes=[], opset_imports={"": 21})
+        x = ir.Value(name="x", shape=ir.Shape(["batch", "sequence_length + past_sequence_length"]),
+                     type=ir.TensorType(ir.DataType.FLOAT))
+        nodes = [ir.node("Identity", [x], name=name) for name in shapes]
+        values = [node.outputs[0] for node in nodes]
+        for value, shape in zip(values, shapes.values()):
+            value.shape = ir.Shape(shape)
+        out = ir.node("Identity", [values[0]])
+        out.outputs[0].shape = ir.Shape(["sequence_length + past_sequence_length"])
+        graph = ir.Graph([x], [out.outputs[0]], nodes=[*nodes, out], opset_imports={"": 21})
         model = ir.Model(graph, ir_version=10)
 
         self.assertEqual(ort_fusions.symbolic_dims_canonical(model), 2)  # b[1] and c[0]
@@ -288,6 +295,9 @@ class TestSymbolicDims(unittest.TestCase):
         self.assertEqual(a[0], b[0])  # plain names untouched
         self.assertEqual(str(c[0]), str(a[1]))  # Min of two equal lengths
         self.assertEqual(str(c[1]), "E + N")  # names are symbols, not sympy's constants
+        # The graph's inputs and outputs keep their dimension names.
+        self.assertEqual(str(list(x.shape)[1]), "sequence_length + past_sequence_length")
+        self.assertEqual(str(list(out.outputs[0].shape)[0]), "sequence_length + past_sequence_length")
         self.assertEqual(ort_fusions.symbolic_dims_canonical(model), 0)
 
 
