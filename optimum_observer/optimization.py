@@ -15,8 +15,8 @@ and what was done (:class:`PostProcessing`).
   row are positions ``[0, seqlens_k]``": right padding or none. Optimum's runtime left-pads a
   batch (positions ``1, 1, 0, 1, 2...``), so a padded row attended to its padding and missed its
   last tokens: wrong tokens from the first step (issue 15).
-* ``quantize="int8"``: ``onnxruntime.quantization.quantize_dynamic`` with :data:`INT8_SETTINGS`,
-  the vocabulary projection as ``MatMulNBits`` 8-bit; for encoders (:data:`ENCODER_INT8_SETTINGS`)
+* ``quantize="int8"``: ``onnxruntime.quantization.quantize_dynamic`` with :data:`INT8_SETTINGS`
+  (a tied vocabulary projection through its own transposed copy); for encoders (:data:`ENCODER_INT8_SETTINGS`)
   every weight MatMul as ``MatMulNBits`` 8-bit and no ``quantize_dynamic``.
 * ``quantize="int4"``: ``onnxruntime.quantization.matmul_nbits_quantizer`` (``MatMulNBits``)
   with :data:`INT4_SETTINGS` (decoders only).
@@ -84,8 +84,19 @@ down_proj rows above are not ordered as their coverage is).
 |---|---|---|---|
 | `quantize_dynamic` defaults (per-tensor, Gather too) | 2.16x | | |
 | per-channel | 1.94x | | |
-| per-channel, down_proj, o_proj (and lm_head, tied) fp32 (the previous default) | 1.014x | 0.65x to 0.69x | 0.62x to 0.75x |
-| **per-channel, down_proj, o_proj fp32, lm_head `MatMulNBits` 8-bit** | **1.011x** | **0.64x** | **0.57x to 0.64x** |
+| per-channel, down_proj, o_proj (and lm_head, tied) fp32 (the default before) | 1.014x | 0.65x to 0.69x | 0.62x to 0.75x |
+| per-channel, down_proj, o_proj fp32, lm_head `MatMulNBits` 8-bit (the previous default) | 1.011x | 0.64x | 0.57x to 0.64x |
+| **per-channel, down_proj, o_proj fp32, lm_head per-channel int8 too** (GroupQueryAttention form, below) | **0.979x** | **0.62x** | **0.57x** |
+
+The last two settings with GroupQueryAttention and merged projections, --optimize, one run on an
+idle machine (2026-12-05 09:27 UTC): lm_head `MatMulNBits` 8-bit perplexity 0.968x, prefill 0.694x,
+decode 0.498x; lm_head `quantize_dynamic` 0.979x, 0.618x, 0.573x. At a prefill of 128 tokens the
+vocabulary projection (576 x 49152) is a fifth of the multiply-adds, and `MatMulNBits` 8-bit ran it
+barely faster than fp32 (27.5 ms of a 137 ms step, ONNX Runtime's profile) where
+`DynamicQuantizeMatMul` runs the other projections about 3x faster than fp32; at decode (one row)
+`MatMulNBits` is the faster one. `--quantize int8` is the prefill mode (issue 15's int8 goal is
+prefill), `--quantize int4` the decode one: lm_head goes with `quantize_dynamic` in int8 and stays
+`MatMulNBits` 8-bit in int4.
 
 (Earlier measurements, lm_head fp32: per-channel with reduce_range 2.06x; down_proj fp32 1.09x;
 down_proj, gate/up_proj fp32 1.05x. int4 symmetric block 32 1.32x, asymmetric block 16 1.21x,
@@ -156,6 +167,7 @@ MIN_COSINE = {"int8": 0.99}
 #: The defaults of each quality limit (an `export()` argument) per mode.
 QUALITY_LIMITS = {"max_perplexity_ratio": MAX_PERPLEXITY_RATIO, "min_cosine": MIN_COSINE}
 
+
 @dataclasses.dataclass(frozen=True)
 class Int8Settings:
     """`quantize_dynamic` arguments (see :data:`INT8_SETTINGS`)."""
@@ -166,7 +178,7 @@ class Int8Settings:
     op_types: tuple[str, ...] | None = ("MatMul",)
     #: MatMuls of the modules whose names end so stay fp32 (see :func:`nodes_of_modules`): the
     #: projections whose inputs carry the activation outliers that per-tensor activation scales
-    #: lose (attention output, the MLP's gated product), and the vocabulary projection.
+    #: lose (attention output, the MLP's gated product).
     keep_modules: tuple[str, ...] = ("lm_head", "mlp.down_proj", "self_attn.o_proj")
     #: MatMuls of the modules whose names end so (taken out of `keep_modules`) get `MatMulNBits`
     #: 8-bit weights (blocks of 32, asymmetric, accuracy_level 4) instead: int8 weights with
@@ -195,7 +207,7 @@ class Int4Settings:
     eight_bit_modules: tuple[str, ...] = ()
 
 
-INT8_SETTINGS = Int8Settings(keep_modules=("mlp.down_proj", "self_attn.o_proj"), nbits_modules=("lm_head",))
+INT8_SETTINGS = Int8Settings(keep_modules=("mlp.down_proj", "self_attn.o_proj"))
 INT4_SETTINGS = Int4Settings(
     exact_offset_modules=("mlp.gate_proj", "mlp.up_proj"), eight_bit_modules=("lm_head",)
 )
@@ -346,6 +358,9 @@ def _quantize_int8(path: Path, external: bool, settings: Int8Settings) -> tuple[
     model = ir.load(path)
     nbits = set(nodes_of_modules(model, settings.nbits_modules))
     kept = {name for name in nodes_of_modules(model, settings.keep_modules) if name not in nbits}
+    # A tied vocabulary projection reads the embedding transposed: its own copy, so that
+    # quantize_dynamic sees a weight.
+    transposed_weights_materialized(model, {node.name for node in model.graph} - kept - nbits)
     dynamic_names = {node.name for node in model.graph if node.op_type == "MatMul"} - kept - nbits
     sibling_matmuls_merged(model, [nbits, kept, dynamic_names])
     kept = tuple(sorted(kept))

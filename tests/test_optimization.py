@@ -121,8 +121,9 @@ class TestPostProcessing(unittest.TestCase):
                  and n.inputs[1].const_value.shape[0] < optimization.MIN_QUANTIZED_ROWS]
         self.assertEqual(len(short), 1, [n.name for n in short])
         quantized = [n for n in graph if n.op_type == "MatMulInteger"]
-        # q/k/v and gate/up of each layer, each merged into one MatMul (sibling_matmuls_merged)
-        self.assertEqual(len(quantized), 2 * tiny_configs.LAYERS)
+        # q/k/v and gate/up of each layer, each merged into one MatMul (sibling_matmuls_merged),
+        # and lm_head
+        self.assertEqual(len(quantized), 2 * tiny_configs.LAYERS + 1)
         for node in quantized:
             self.assertGreaterEqual(node.inputs[1].shape[0], optimization.MIN_QUANTIZED_ROWS, node.name)
 
@@ -139,8 +140,14 @@ class TestPostProcessing(unittest.TestCase):
             self.assertEqual(len(done.kept_fp32), 2 * tiny_configs.LAYERS)  # down_proj, o_proj
         nodes = list(ir.load(directory / "model.onnx").graph.all_nodes())
         bits = [n.attributes["bits"].value for n in nodes if n.op_type == "MatMulNBits"]
-        # lm_head at 8 bits in both modes; int4: gate_proj and up_proj with exact block offsets
-        self.assertEqual(bits.count(8), 1)
+        # lm_head: int4 mode 8-bit MatMulNBits; int8 mode quantize_dynamic (a tied one through
+        # its own transposed copy: TestWeightLayouts).
+        self.assertEqual(bits.count(8), 1 if mode == "int4" else 0)
+        if mode == "int8":
+            integer = [n for n in nodes if n.op_type == "MatMulInteger"]
+            self.assertEqual(len(integer), 2 * tiny_configs.LAYERS + 1)  # qkv, gate/up per layer; lm_head
+            self.assertNotIn("Transpose", {p.op_type for n in integer for i in n.inputs if i is not None
+                                           for p in [i.producer()] if p is not None})
         # int4: gate_proj and up_proj merged into one MatMul per layer, with exact block offsets;
         # q/k/v merged too (sibling_matmuls_merged): qkv, o_proj, gate/up, down_proj per layer.
         offsets = [n for n in nodes if n.name.endswith("_plus_offsets")]
@@ -260,6 +267,23 @@ class TestWeightLayouts(unittest.TestCase):
         self.assertEqual(sum(n.op_type == "MatMulNBits" for n in merged.graph), 2)
         np.testing.assert_allclose(_run(merged, inputs), _run(apart, inputs), rtol=1e-5, atol=1e-5)
         self.assertGreater(np.abs(_run(merged, inputs) - expected).max(), 1e-3)  # it was quantized
+
+    def test_int8_quantizes_a_tied_vocabulary_projection(self):
+        # SmolLM2 ties lm_head to the embedding: MatMul(x, Transpose(embedding)), which
+        # quantize_dynamic does not see as a weight without its own transposed copy.
+        rng = np.random.default_rng(5)
+        x, table = self.input(), _value("embedding", rng.standard_normal((self.N, self.K)).astype(np.float32))
+        transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]})
+        lm_head = ir.node("MatMul", [x, transpose.outputs[0]], name="lm_head",
+                          metadata_props={optimization.NAME_SCOPES: "['', 'lm_head']"})
+        lm_head.outputs[0].shape, lm_head.outputs[0].type = ir.Shape([3, self.N]), ir.TensorType(ir.DataType.FLOAT)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "model.onnx"
+            ir.save(_graph([transpose, lm_head], x, {"embedding": table}), path)
+            optimization._quantize_int8(path, False, optimization.INT8_SETTINGS)
+            ops = [n.op_type for n in ir.load(path).graph]
+        self.assertIn("MatMulInteger", ops)
+        self.assertNotIn("Transpose", ops)
 
     def test_short_weight_matmuls_are_the_rotary_product_not_projections(self):
         x = ir.Value(name="x", shape=ir.Shape([7, 1]), type=ir.TensorType(ir.DataType.FLOAT))
