@@ -112,7 +112,9 @@ def build_parser(commands: Mapping[str, Command] | None = None) -> argparse.Argu
 def configure_logging(verbose: bool) -> None:
     """INFO (DEBUG with `verbose`) for this project; the exporter libraries only from WARNING."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch"):
+    # onnxruntime: its quantizers log every node they quantize or skip at INFO (hundreds of lines
+    # for one `--quantize int4`).
+    for noisy in ("onnx_ir", "onnxscript", "torch", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 

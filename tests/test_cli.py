@@ -48,3 +48,19 @@ class TestCommandLine(unittest.TestCase):
         done = run_cli("export", "--demo", "out", "--task", "no-such-task")
         self.assertEqual(done.returncode, 2)
         self.assertIn("invalid choice", done.stderr)
+
+
+class TestLogging(unittest.TestCase):
+    def test_libraries_log_from_warning_unless_verbose(self):
+        import logging
+
+        from optimum_observer import cli
+
+        names = ("onnx_ir", "onnxscript", "torch", "onnxruntime")
+        saved = {name: logging.getLogger(name).level for name in names}
+        self.addCleanup(lambda: [logging.getLogger(n).setLevel(level) for n, level in saved.items()])
+        quantizer = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        cli.configure_logging(verbose=False)
+        self.assertFalse(quantizer.isEnabledFor(logging.INFO))  # "skip to quantize node_..." lines
+        cli.configure_logging(verbose=True)
+        self.assertTrue(quantizer.isEnabledFor(logging.DEBUG))
