@@ -361,10 +361,11 @@ def _quantize_int8(path: Path, external: bool, settings: Int8Settings) -> tuple[
     # A tied vocabulary projection reads the embedding transposed: its own copy, so that
     # quantize_dynamic sees a weight.
     transposed_weights_materialized(model, {node.name for node in model.graph} - kept - nbits)
-    dynamic_names = {node.name for node in model.graph if node.op_type == "MatMul"} - kept - nbits
+    short = short_weight_matmuls(model)
+    dynamic_names = {node.name for node in model.graph if node.op_type == "MatMul"} - kept - nbits - short
     sibling_matmuls_merged(model, [nbits, kept, dynamic_names])
     kept = tuple(sorted(kept))
-    excluded = {*kept, *nbits, *short_weight_matmuls(model)}
+    excluded = {*kept, *nbits, *short}
     # quantize_dynamic runs when a node of its op types is left to it (not so for encoders).
     dynamic = settings.op_types is None or any(
         node.op_type in settings.op_types and node.name not in excluded for node in model.graph.all_nodes()
@@ -468,7 +469,7 @@ def short_weight_matmuls(model: ir.Model) -> set[str]:
     for node in model.graph.all_nodes():
         if node.op_type == "MatMul" and len(node.inputs) == 2 and (weight := node.inputs[1]) is not None:
             shape = weight.const_value.shape if weight.const_value is not None else None
-            if shape is not None and len(shape) >= 1 and shape[-2 if len(shape) > 1 else 0] < MIN_QUANTIZED_ROWS:
+            if shape and (shape[0] if len(shape) == 1 else shape[-2]) < MIN_QUANTIZED_ROWS:
                 found.add(node.name)
     return found
 

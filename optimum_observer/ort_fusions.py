@@ -133,7 +133,8 @@ def symbolic_dims_canonical(model: ir.Model) -> int:
                 except (sympy.SympifyError, SyntaxError, TypeError, ValueError):
                     canonical[text] = text
             new.append(ir.SymbolicDim(canonical[text]) if canonical[text] != text else dim)
-        if any(a is not b for a, b in zip(new, dims)):
+        moved = sum(a is not b for a, b in zip(new, dims))
+        if moved:
             value.shape = ir.Shape(new)
-            changed += sum(a is not b for a, b in zip(new, dims))
+            changed += moved
     return changed
