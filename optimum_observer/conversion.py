@@ -36,6 +36,7 @@ from .patches import (
     plain_tensor_buffers,
     split_to_sequence_folding_guard,
     unbounded_sympy_cache,
+    uncached_fake_tensor_dispatch,
     untraced_no_op_mode_switches,
 )
 from .capture import observed_module
@@ -151,7 +152,7 @@ def convert(
     try:
         with applied(patches), batched_experts(model), plain_tensor_buffers(module), exact_no_op_constants(), \
                 split_to_sequence_folding_guard(), unbounded_sympy_cache(), fewer_garbage_collections(), \
-                untraced_no_op_mode_switches(), torch.no_grad():
+                untraced_no_op_mode_switches(), uncached_fake_tensor_dispatch(), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 (),

@@ -30,6 +30,7 @@ from optimum_observer.patches import (
     no_op_rule_constants,
     split_to_sequence_folding_guard,
     unbounded_sympy_cache,
+    uncached_fake_tensor_dispatch,
     untraced_no_op_mode_switches,
 )
 from legacy_shim.tooling.tiny_configs import build_tiny_model
@@ -435,6 +436,56 @@ class TestUntracedNoOpModeSwitches(unittest.TestCase):
         after = [vars(PreDispatchTorchFunctionMode)["__torch_function__"], vars(autocast)["__enter__"],
                  vars(autocast)["__exit__"]]  # fmt: skip
         self.assertEqual([a is b for a, b in zip(after, before)], [True, True, True])
+
+
+class TestUncachedFakeTensorDispatch(unittest.TestCase):
+    """With dynamic axes the fake-tensor cache rebuilds each output's symbolic metadata the meta
+    kernel computes anyway; in the block torch.export's trace dispatches without it, and the
+    ONNX file is the same."""
+
+    @staticmethod
+    def export(context) -> tuple[int, bytes]:
+        """Fake-tensor cache lookups (hits + misses) during the export, and the ONNX bytes
+        (less the stack traces, which name torch's generated code by a process-wide count)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        batch = torch.export.Dim("batch")
+        before = FakeTensorMode.cache_hits + FakeTensorMode.cache_misses
+        with context:
+            program = torch.onnx.export(
+                _RotaryLike(), (torch.randn(3, 4),), dynamic_shapes=({0: batch},), dynamo=True, verbose=False
+            )
+        lookups = FakeTensorMode.cache_hits + FakeTensorMode.cache_misses - before
+        model = program.model_proto
+        for node in model.graph.node:  # the traced code's file names count torch's traces so far
+            kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        return lookups, model.SerializeToString()
+
+    @classmethod
+    def setUpClass(cls):
+        torch.manual_seed(0)
+        cls.upstream_lookups, cls.upstream_bytes = cls.export(contextlib.nullcontext())
+        torch.manual_seed(0)
+        cls.patched_lookups, cls.patched_bytes = cls.export(uncached_fake_tensor_dispatch())
+
+    def test_without_it_the_trace_looks_up_the_cache(self):
+        self.assertGreater(self.upstream_lookups, 0)
+
+    def test_with_it_the_trace_does_not(self):
+        self.assertEqual(self.patched_lookups, 0)
+
+    def test_the_onnx_file_is_the_same(self):
+        self.assertEqual(self.patched_bytes, self.upstream_bytes)
+
+    def test_the_setting_is_back_after_an_exception(self):
+        before = torch._dynamo.config.fake_tensor_cache_enabled
+        with self.assertRaises(KeyError):
+            with uncached_fake_tensor_dispatch():
+                self.assertFalse(torch._dynamo.config.fake_tensor_cache_enabled)
+                raise KeyError("boom")
+        self.assertEqual(torch._dynamo.config.fake_tensor_cache_enabled, before)
 
 
 class _MaskedHeads(torch.nn.Module):

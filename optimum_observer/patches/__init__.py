@@ -33,6 +33,7 @@ from .environment import (
     plain_tensor_buffers,
     split_to_sequence_folding_guard,
     unbounded_sympy_cache,
+    uncached_fake_tensor_dispatch,
     untraced_no_op_mode_switches,
 )
 from .registry import (
@@ -92,5 +93,6 @@ __all__ = [
     "plain_tensor_buffers",
     "split_to_sequence_folding_guard",
     "unbounded_sympy_cache",
+    "uncached_fake_tensor_dispatch",
     "untraced_no_op_mode_switches",
 ]
