@@ -578,11 +578,12 @@ def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
 
 def _quantize_int4(model: ir.Model, settings: Int4Settings) -> tuple[ir.Model, tuple[str, ...]]:
     kept = tuple(nodes_of_modules(model, settings.keep_modules))
-    transposed_weights_materialized(model, {node.name for node in model.graph} - set(kept))
+    fp32 = set(kept)
+    transposed_weights_materialized(model, {node.name for node in model.graph} - fp32)
     matmuls = {node.name for node in model.graph if node.op_type == "MatMul"}
-    eight_bit = set(nodes_of_modules(model, settings.eight_bit_modules)) - set(kept)
-    exact = set(nodes_of_modules(model, settings.exact_offset_modules)) - set(kept) - eight_bit
-    rest = matmuls - eight_bit - exact - set(kept) - short_weight_matmuls(model)
+    eight_bit = set(nodes_of_modules(model, settings.eight_bit_modules)) - fp32
+    exact = set(nodes_of_modules(model, settings.exact_offset_modules)) - fp32 - eight_bit
+    rest = matmuls - eight_bit - exact - fp32 - short_weight_matmuls(model)
     sibling_matmuls_merged(model, [eight_bit, exact, rest])
     # The added block-sum / offset MatMuls (returned) are not in `matmuls`: they stay fp32.
     block_offsets_apart(model, frozenset(exact), settings.block_size, 4)
