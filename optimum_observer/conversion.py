@@ -18,6 +18,7 @@ translation at the opset). A failure names the one that failed, from the exporte
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from .patches import (
     PATCHES,
     Patch,
     applied,
+    decoder_layer_regions,
     exact_no_op_constants,
     fewer_garbage_collections,
     for_model,
@@ -44,6 +46,7 @@ from .experts_implementation import batched_experts, superseded_patches
 from .synthesis import ExportExample
 from .tasks import GraphContract
 
+logger = logging.getLogger(__name__)
 
 
 def supported_opsets() -> range:
@@ -149,20 +152,38 @@ def convert(
     if patches is None:
         patches = patches_for(model, model_type)
     module = contract_module(model, graph, list(example.kwargs), position_offset)
+
+    def export() -> torch.onnx.ONNXProgram:
+        return torch.onnx.export(
+            module,
+            (),
+            kwargs=example.kwargs,
+            dynamic_shapes=example.dynamic_shapes,
+            dynamo=True,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+
     try:
         with applied(patches), batched_experts(model), plain_tensor_buffers(module), exact_no_op_constants(), \
                 split_to_sequence_folding_guard(), unbounded_sympy_cache(), fewer_garbage_collections(), \
                 untraced_no_op_mode_switches(), uncached_fake_tensor_dispatch(), torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                (),
-                kwargs=example.kwargs,
-                dynamic_shapes=example.dynamic_shapes,
-                dynamo=True,
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
+            program = None
+            with decoder_layer_regions(model) as regions:
+                try:
+                    program = export()
+                except Exception as error:
+                    # Regions only save time: when torch rejects one, the export runs as before.
+                    if regions is None or not regions.calls:
+                        raise
+                    cause = error
+                    while cause.__cause__ is not None:
+                        cause = cause.__cause__
+                    logger.info("%s: exporting without decoder-layer regions (%s: %s)", model_type,
+                                type(cause).__name__, (str(cause).strip().splitlines() or [""])[0])
+            if program is None:
+                program = export()
     except Exception as error:
         raise _export_error(error, model_type) from error
     produced = program.model.opset_imports.get("")

@@ -58,6 +58,7 @@ class TestGroupModules(unittest.TestCase):
             )
         self.assertEqual(found.pop("registry"), [])
         self.assertEqual(found.pop("environment"), ["registry"])  # its records; its context managers need none
+        self.assertEqual(found.pop("layer_regions"), [])  # context managers only, no records
         self.assertEqual(set(found), {"kv_cache", "moe", "rotary", "positions", "masks", "cache_branches",
                                       "sliding_window", "state_space", "recurrent", "vision",
                                       "adapters", "constants"})  # fmt: skip

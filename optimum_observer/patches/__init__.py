@@ -17,6 +17,7 @@ from . import (
     constants,
     environment,
     kv_cache,
+    layer_regions,
     masks,
     moe,
     positions,
@@ -36,6 +37,7 @@ from .environment import (
     uncached_fake_tensor_dispatch,
     untraced_no_op_mode_switches,
 )
+from .layer_regions import decoder_layer_regions, memoized_region_fake_impl
 from .registry import (
     Applied,
     MissingTarget,
@@ -81,6 +83,7 @@ __all__ = [
     "Patch",
     "Target",
     "applied",
+    "decoder_layer_regions",
     "exact_no_op_constants",
     "fewer_garbage_collections",
     "for_model",
@@ -88,6 +91,7 @@ __all__ = [
     "for_model_type",
     "markdown_table",
     "mechanism_of",
+    "memoized_region_fake_impl",
     "modules_used",
     "no_op_rule_constants",
     "plain_tensor_buffers",
