@@ -64,7 +64,8 @@ class _StandInLayerCache:
         self.keys, self.values, self.layer_idx = keys, values, layer_idx
         self.updated: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # The rest (4.57's `cache_kwargs`, 5.x's `kwargs=`) is what DynamicLayer.update ignores.
         if layer_idx != self.layer_idx or self.updated is not None:
             raise RegionRejected(f"the layer updated cache layer {layer_idx} in a region of layer {self.layer_idx}")
         keys = torch.cat([self.keys, key_states], dim=-2)
@@ -82,38 +83,43 @@ def _constant_key(value: Any) -> Any:
     raise RegionRejected(f"a {type(value).__name__} argument")
 
 
-def _value_key(value: Any) -> Any:
-    """A layer attribute by value when it is a constant, a tuple or list of them, or a
-    `functools.partial` of them (activations hold one per instance); otherwise by identity."""
+def _value_key(value: Any, depth: int = 0) -> Any:
+    """A layer attribute by value when it is a constant, a tuple, list or dict of them, a
+    `functools.partial` of them (activations hold one per instance) or a module without tensors
+    held outside the module tree (transformers 5's `kernels` wrappers, one per attention module);
+    otherwise by identity."""
     if isinstance(value, _CONSTANTS):
         return _constant_key(value)
+    if depth > 4:
+        return ("id", id(value))
     if isinstance(value, (tuple, list)):
-        return (type(value), tuple(map(_value_key, value)))
+        return (type(value), tuple(_value_key(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((_value_key(k, depth + 1), _value_key(v, depth + 1)) for k, v in value.items()))
     if isinstance(value, functools.partial):
-        keywords = tuple(sorted((k, _value_key(v)) for k, v in value.keywords.items()))
-        return ("partial", _value_key(value.func), tuple(map(_value_key, value.args)), keywords)
+        keywords = tuple(sorted((k, _value_key(v, depth + 1)) for k, v in value.keywords.items()))
+        return ("partial", _value_key(value.func, depth + 1), tuple(_value_key(v, depth + 1) for v in value.args), keywords)
+    if isinstance(value, torch.nn.Module) and not value._parameters and not value._buffers and not value._modules:
+        return ("module", type(value), _module_state(value, depth + 1))
     return ("id", id(value))
+
+
+def _module_state(module: torch.nn.Module, depth: int = 0) -> tuple:
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise RegionRejected(f"a {type(module).__name__} has forward hooks")
+    return tuple((key, _value_key(value, depth)) for key, value in sorted(vars(module).items()) if key not in _PER_LAYER)
 
 
 def _state_signature(layer: torch.nn.Module) -> tuple:
     """The layer's non-tensor state, apart from :data:`_PER_LAYER`, by :func:`_value_key` (a
-    config all layers share is one object); parameters and buffers by
-    name, shape and dtype. Two layers with the same signature run the same code on their tensors
-    (hooks make a layer ineligible)."""
-    entries = []
-    for name, module in layer.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            raise RegionRejected(f"{name or 'the layer'} has forward hooks")
-        state = []
-        for key, value in sorted(vars(module).items()):
-            if key in _PER_LAYER:
-                continue
-            state.append((key, _value_key(value)))
-        entries.append((name, type(module), tuple(state)))
+    config all layers share is one object); parameters and buffers by name, shape and dtype.
+    Two layers with the same signature run the same code on their tensors (hooks make a layer
+    ineligible)."""
+    entries = tuple((name, type(module), _module_state(module)) for name, module in layer.named_modules())
     tensors = tuple(
         (name, tuple(t.shape), t.dtype) for name, t in (*layer.named_parameters(), *layer.named_buffers())
     )
-    return (tuple(entries), tensors)
+    return (entries, tensors)
 
 
 def _layer_stacks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
