@@ -197,3 +197,58 @@ class TestMemoizedFakeImpl(unittest.TestCase):
                 self.assertIsNot(registered_hop_fake_fns[hop], upstream)
                 raise RuntimeError("inside the block")
         self.assertIs(registered_hop_fake_fns[hop], upstream)
+
+
+def _tiny_llama(layers: int = 3) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+class TestRegionsEagerly(unittest.TestCase):
+    """The regions' plumbing run eagerly (`invoke_subgraph` calls its body; torch.export reported
+    as tracing): the cache goes in and out as tensors, and a layer whose code reads its
+    `layer_idx` is refused instead of being given layer 0's index."""
+
+    def step(self, model, past):
+        ids = torch.tensor([[5, 6], [7, 8]])
+        with torch.no_grad(), unittest.mock.patch.object(torch.compiler, "is_exporting", lambda: True), \
+                layer_regions.decoder_layer_regions(model) as regions:
+            logits = model(ids, past_key_values=past).logits
+        return logits, regions
+
+    def prefix(self, model):
+        with torch.no_grad():
+            return model(torch.tensor([[1, 2, 3], [4, 3, 2]]), use_cache=True).past_key_values
+
+    def test_same_logits_and_cache_as_the_layers_themselves(self):
+        model = _tiny_llama()
+        past, reference_past = self.prefix(model), self.prefix(model)
+        with torch.no_grad():
+            reference = model(torch.tensor([[5, 6], [7, 8]]), past_key_values=reference_past).logits
+        logits, regions = self.step(model, past)
+        self.assertEqual((regions.calls, len(regions._bodies)), (3, 1))
+        torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+        for ours, theirs in zip(past.layers, reference_past.layers):
+            self.assertEqual(ours.keys.shape[-2], 5)
+            torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=0)
+            torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=0)
+
+    def test_a_layer_reading_its_layer_idx_is_refused(self):
+        from transformers.models.llama import modeling_llama
+
+        upstream = modeling_llama.LlamaAttention.forward
+
+        def forward(self, *args, **kwargs):
+            if self.layer_idx >= 2:  # what qwen2_moe does with max_window_layers
+                raise AssertionError("not reached")
+            return upstream(self, *args, **kwargs)
+
+        model = _tiny_llama()
+        past = self.prefix(model)
+        with unittest.mock.patch.object(modeling_llama.LlamaAttention, "forward", forward), \
+                self.assertRaisesRegex(layer_regions.RegionRejected, "reads its layer_idx"):
+            self.step(model, past)

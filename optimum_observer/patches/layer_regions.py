@@ -55,6 +55,42 @@ class RegionRejected(RuntimeError):
     """A layer call a region cannot hold; the layer runs as before."""
 
 
+class _WatchedIndex:
+    """A layer's `layer_idx` while its region's body is traced: any use of it other than being
+    passed along (a comparison, arithmetic, indexing, hashing, formatting) raises
+    :class:`RegionRejected`, because the body then does something that differs per layer (qwen2_moe
+    compares it with `max_window_layers` when sliding windows are on) and cannot serve all
+    layers. Not an int: a list indexed by an int subclass never calls `__index__`."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def _used(self, *args: Any, **kwargs: Any) -> Any:
+        raise RegionRejected(f"the layer's code reads its layer_idx ({self.index}) in forward")
+
+    for _name in (
+        "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__index__", "__bool__",
+        "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__mod__", "__rmod__",
+        "__floordiv__", "__rfloordiv__", "__truediv__", "__rtruediv__", "__format__", "__str__",
+        "__repr__", "__int__", "__float__", "__neg__",
+    ):
+        locals()[_name] = _used
+    del _name
+
+
+@contextlib.contextmanager
+def _watched_indices(layer: torch.nn.Module) -> Iterator[None]:
+    """`layer_idx` of the layer and its submodules as :class:`_WatchedIndex` for the block."""
+    saved = [(m, m.layer_idx) for m in layer.modules() if isinstance(vars(m).get("layer_idx"), int)]
+    try:
+        for module, index in saved:
+            module.layer_idx = _WatchedIndex(index)
+        yield
+    finally:
+        for module, index in saved:
+            module.layer_idx = index
+
+
 class _StandInLayerCache:
     """The cache one layer sees inside its region: `update` concatenates the past keys and values
     the region received with the new ones and returns them (what `DynamicLayer.update` does);
@@ -66,8 +102,9 @@ class _StandInLayerCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # The rest (4.57's `cache_kwargs`, 5.x's `kwargs=`) is what DynamicLayer.update ignores.
-        if layer_idx != self.layer_idx or self.updated is not None:
-            raise RegionRejected(f"the layer updated cache layer {layer_idx} in a region of layer {self.layer_idx}")
+        index = layer_idx.index if isinstance(layer_idx, _WatchedIndex) else layer_idx
+        if not isinstance(index, int) or index != self.layer_idx or self.updated is not None:
+            raise RegionRejected(f"the layer updated another cache layer in a region of layer {self.layer_idx}")
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.updated = (keys, values)
@@ -229,7 +266,8 @@ class LayerRegions:
             stand_in = _StandInLayerCache(keys, values, index)
             arguments[cache_name] = stand_in
             bound = inspect.BoundArguments(signature, arguments)
-            with torch.nn.utils.stateless._reparametrize_module(template, dict(zip(names, state))):
+            with torch.nn.utils.stateless._reparametrize_module(template, dict(zip(names, state))), \
+                    _watched_indices(template):
                 output = original(*bound.args, **bound.kwargs)
             if stand_in.updated is None:
                 raise RegionRejected("the layer did not update its cache")
