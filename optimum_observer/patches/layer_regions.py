@@ -237,7 +237,11 @@ class LayerRegions:
         names = [name for name, _ in layer.named_parameters()] + [name for name, _ in layer.named_buffers()]
         state = [t for _, t in layer.named_parameters()] + [t for _, t in layer.named_buffers()]
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        key = (self._signatures[id(layer)], str(spec), slots, cache_name)
+        # torch reuses a region's traced graph by identifier alone: calls whose tensors differ in
+        # dtype or static sizes get their own body.
+        operands = (*tensors, cache_layer.keys, cache_layer.values)
+        metadata = tuple((t.dtype, tuple(d if isinstance(d, int) else None for d in t.shape)) for t in operands)
+        key = (self._signatures[id(layer)], str(spec), slots, cache_name, metadata)
         body = self._bodies.get(key)
         if body is None:
             body = self._body(layer, index, original, signature, names, spec, slots, cache_name)
