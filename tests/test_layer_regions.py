@@ -252,3 +252,36 @@ class TestRegionsEagerly(unittest.TestCase):
         with unittest.mock.patch.object(modeling_llama.LlamaAttention, "forward", forward), \
                 self.assertRaisesRegex(layer_regions.RegionRejected, "reads its layer_idx"):
             self.step(model, past)
+
+
+class TestDataDependentSizes(unittest.TestCase):
+    """flex_olmo's experts pick their tokens with `nonzero`: inside one region body every layer's
+    count would be one size name (`u18`) in the ONNX file, which ONNX Runtime takes as one size
+    and fails on ("Shape mismatch attempting to re-use buffer {1,3} != {1,11}"). Such a layer is
+    refused and the export runs without regions."""
+
+    @classmethod
+    def setUpClass(cls):
+        from legacy_shim.tooling.tiny_configs import build_tiny_model
+        from optimum_observer.demo import build_tokenizer
+
+        cls.scratch = tempfile.TemporaryDirectory()
+        cls.source = Path(cls.scratch.name) / "model"
+        build_tiny_model("flex_olmo", "AutoModelForCausalLM").save_pretrained(cls.source)
+        build_tokenizer(cls.source)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.scratch.cleanup()
+
+    def test_refused_then_exported_without_regions(self):
+        with self.assertLogs(conversion.logger, "INFO") as logs:
+            result = optimum_observer.export(self.source, Path(self.scratch.name) / "out")
+        self.assertIn("data-dependent sizes", "\n".join(logs.output))
+        self.assertTrue(all(call.ok for call in result.validation.calls))
+        self.assertTrue(result.validation.generation and all(g.ok for g in result.validation.generation))
+
+    def test_without_the_refusal_onnx_runtime_fails(self):
+        with unittest.mock.patch.object(layer_regions, "_unbacked_symbols", lambda operands: 0), \
+                self.assertRaisesRegex(Exception, "Shape mismatch"):
+            optimum_observer.export(self.source, Path(self.scratch.name) / "unrefused")

@@ -270,9 +270,14 @@ class LayerRegions:
             stand_in = _StandInLayerCache(keys, values, index)
             arguments[cache_name] = stand_in
             bound = inspect.BoundArguments(signature, arguments)
+            unbacked = _unbacked_symbols(operands)
             with torch.nn.utils.stateless._reparametrize_module(template, dict(zip(names, state))), \
                     _watched_indices(template):
                 output = original(*bound.args, **bound.kwargs)
+            if _unbacked_symbols(operands) != unbacked:
+                # Every copy of the body would share the sizes' names (`u18`), which ONNX Runtime
+                # takes as equal sizes: a MoE's per-layer nonzero counts are not.
+                raise RegionRejected("the layer has data-dependent sizes (nonzero, ...)")
             if stand_in.updated is None:
                 raise RegionRejected("the layer did not update its cache")
             out_leaves, body.out_spec = pytree.tree_flatten(output)
@@ -327,6 +332,18 @@ def decoder_layer_regions(model: torch.nn.Module) -> Iterator[LayerRegions | Non
             del layer.forward
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _unbacked_symbols(operands: tuple[Any, ...]) -> int:
+    """How many data-dependent size symbols the operands' shape environment holds (0 outside a
+    trace)."""
+    from torch._guards import detect_fake_mode
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    mode = detect_fake_mode(operands)
+    if mode is None or mode.shape_env is None:
+        return 0
+    return sum(symbol_is_type(s, (SymT.UNBACKED_INT, SymT.UNBACKED_FLOAT)) for s in mode.shape_env.var_to_range)
 
 
 def _symbolic_key(value: Any) -> Any:
