@@ -27,8 +27,10 @@ traces with a `transformers` cache whose layer at that index is exactly a `Dynam
 holds keys; every other argument a tensor or a hashable constant. Layers share a body when their
 non-tensor state is the same apart from `layer_idx` (so sliding-window and full-attention layers
 get separate bodies) and their calls have the same constants. Any other call runs the layer as
-before. If torch rejects a region (a layer that asks the cache for more than `update`, an output
-that aliases an input), :func:`optimum_observer.conversion.convert` exports again without them.
+before. A body that cannot serve every layer is refused while torch traces it (a layer that asks
+the cache for more than `update`, reads its `layer_idx` in forward, or has data-dependent sizes);
+then, or when torch rejects a region, :func:`optimum_observer.conversion.convert` exports again
+without regions.
 """
 
 from __future__ import annotations
@@ -168,23 +170,26 @@ def _layer_stacks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
             continue
         if len({type(layer) for layer in module}) != 1:
             continue
-        positions = [{getattr(m, "layer_idx") for m in layer.modules() if hasattr(m, "layer_idx")} for layer in module]
+        positions = [{m.layer_idx for m in layer.modules() if hasattr(m, "layer_idx")} for layer in module]
         if all(found == {index} for index, found in enumerate(positions)):
             stacks.append(module)
     return stacks
 
 
+#: Marks a tensor's place among a body's output leaves.
+_TENSOR = object()
+
+
 @dataclasses.dataclass
 class _Body:
-    """One region body: the layer it runs (`template`, parameters swapped in per call) and the
-    shape of its outputs, known after torch traced it once."""
+    """One region body: its identifier, the function torch traces, and the layer's output
+    structure, known after torch traced it once (`out_leaves`: the non-tensor leaves, with
+    :data:`_TENSOR` where a tensor goes)."""
 
     identifier: str
-    template: torch.nn.Module
-    call: Callable[..., Any]
+    call: Callable[..., Any] | None = None
     out_spec: Any = None
-    out_slots: list[str | None] = dataclasses.field(default_factory=list)
-    out_constants: list[Any] = dataclasses.field(default_factory=list)
+    out_leaves: list[Any] = dataclasses.field(default_factory=list)
 
 
 class LayerRegions:
@@ -253,13 +258,12 @@ class LayerRegions:
         *flat, keys, values = outputs
         cache_layer.keys, cache_layer.values = keys, values
         found = iter(flat)
-        constants = iter(body.out_constants)
-        out_leaves = [next(found) if slot is None else next(constants) for slot in body.out_slots]
+        out_leaves = [next(found) if leaf is _TENSOR else leaf for leaf in body.out_leaves]
         return pytree.tree_unflatten(out_leaves, body.out_spec)
 
     def _body(self, template, index, original, signature, names, spec, slots, cache_name) -> _Body:
         count = len(names)
-        body = _Body(f"observer_layer_region_{len(self._bodies)}", template, None)  # type: ignore[arg-type]
+        body = _Body(f"observer_layer_region_{len(self._bodies)}")
 
         def call(*operands: Any) -> tuple[torch.Tensor, ...]:
             state, rest = operands[:count], list(operands[count:])
@@ -281,8 +285,7 @@ class LayerRegions:
             if stand_in.updated is None:
                 raise RegionRejected("the layer did not update its cache")
             out_leaves, body.out_spec = pytree.tree_flatten(output)
-            body.out_slots = [None if isinstance(leaf, torch.Tensor) else "constant" for leaf in out_leaves]
-            body.out_constants = [leaf for leaf in out_leaves if not isinstance(leaf, torch.Tensor)]
+            body.out_leaves = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in out_leaves]
             return (*(leaf for leaf in out_leaves if isinstance(leaf, torch.Tensor)), *stand_in.updated)
 
         body.call = call
@@ -409,6 +412,7 @@ def memoized_region_fake_impl() -> Iterator[RegionFakeStats]:
         seen = entries.setdefault((id(graph), type(subgraph), identifier), [])
         key = tuple(map(_operand_key, operands))
         for earlier, output in seen:
+            # Keyed again on each lookup: replacements made since the entry simplify its sizes.
             if tuple(map(_operand_key, earlier)) == key:
                 stats.reused += 1
                 return type(output)(map(fresh, output)) if isinstance(output, (tuple, list)) else fresh(output)
